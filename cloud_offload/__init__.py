@@ -1,0 +1,1 @@
+"""Offload protocol (topics, frames), the edge-side client and the cloud worker service."""

@@ -1,0 +1,1 @@
+"""Planners: map an observation to a partition plan. Knows nothing of MQTT."""

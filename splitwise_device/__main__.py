@@ -1,0 +1,5 @@
+import sys
+
+from splitwise_device.cli import main
+
+sys.exit(main())

@@ -1,0 +1,57 @@
+"""The one exception hierarchy of Splitwise.
+
+The Rust core raises these classes by name (see ``rust/src/py/errors.rs``), so every error a
+caller can see, from Python or from the extension, is a :class:`SplitwiseError`. Each class also
+subclasses the builtin that fits (``ValueError`` or ``TypeError``), so generic handlers keep
+working.
+"""
+
+from __future__ import annotations
+
+
+class SplitwiseError(Exception):
+    """Base class of every Splitwise error."""
+
+
+class InvalidArgumentError(SplitwiseError, ValueError):
+    """An argument has a value outside its documented domain."""
+
+
+class ShapeMismatchError(SplitwiseError, ValueError):
+    """Array shapes or lengths do not fit together."""
+
+
+class SnapshotError(SplitwiseError, ValueError):
+    """A persisted state snapshot is corrupt, truncated or of another kind or version."""
+
+
+class CodecError(SplitwiseError):
+    """Base class of activation codec errors."""
+
+
+class UnknownCodecError(CodecError, ValueError):
+    """The codec name is not one of ``f32``, ``f16``, ``q8_0``, ``q4_0``."""
+
+
+class NonFiniteInputError(CodecError, ValueError):
+    """The tensor to encode holds NaN or infinity."""
+
+
+class CodecRangeError(CodecError, ValueError):
+    """A value is too large for the codec (its float16 scale would overflow)."""
+
+
+class BufferSizeError(CodecError, ValueError):
+    """An encoded buffer does not have the size its codec and shape require."""
+
+
+class CorruptDataError(CodecError, ValueError):
+    """An encoded buffer decodes to NaN or infinity (e.g. a non-finite block scale)."""
+
+
+class DTypeError(CodecError, TypeError):
+    """The input has the wrong type or dtype (encode wants float32, decode a bytes-like object)."""
+
+
+class LayoutError(CodecError, ValueError):
+    """The input is not C-contiguous (or is locked for writing by another borrower)."""
