@@ -1,6 +1,7 @@
 //! Splitwise's numeric core. Everything outside `py` is plain Rust with no Python in it;
 //! `py` holds the thin bindings and this file only registers them.
 
+pub mod engine;
 pub mod error;
 pub mod lyapunov;
 pub mod quant;

@@ -1,0 +1,1 @@
+//! GGML tensor types, dequantization and quantized matmul.

@@ -1,0 +1,1 @@
+//! The llama model and its sub-block API.
