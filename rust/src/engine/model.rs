@@ -1,1 +1,0 @@
-//! The llama model and its sub-block API.
