@@ -1,0 +1,762 @@
+//! The llama model and its sub-block API.
+//!
+//! Every sub-block (embedding, the two RMSNorms, any subset of attention heads, the two FFN
+//! parts, the LM head) is one call, so a plan can run each on either side of a split.
+//! `layer_fused` runs a whole layer with the same helpers in one call for the all-local case.
+//!
+//! Math follows llama.cpp's LLAMA architecture: RMSNorm (`x / sqrt(mean(x²) + eps) * w`), RoPE
+//! in llama.cpp's "normal" mode (rotating pairs `(2i, 2i+1)` of each head by
+//! `pos · theta^(-2i/head_dim)`; the GGUF converter permutes Q/K rows to match), grouped-query
+//! attention with causal mask and `1/sqrt(head_dim)` scale, SwiGLU FFN, and an LM head that is
+//! either `output.weight` or the tied `token_embd.weight`.
+
+mod session;
+mod source;
+#[cfg(test)]
+mod tests;
+
+pub use session::Session;
+pub use source::{MemorySource, TensorSource, TensorView};
+
+use crate::engine::gguf::{GgufFile, MetaValue};
+use crate::engine::kernels::{dequantize_row, QMatrix};
+use crate::error::{CoreError, CoreResult};
+use rayon::prelude::*;
+use session::Append;
+use std::sync::Arc;
+
+/// Hyper-parameters of a llama model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_ff: usize,
+    pub n_vocab: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f32,
+    pub context_length: usize,
+    pub tied_output: bool,
+}
+
+fn file_error(origin: &str, problem: impl Into<String>) -> CoreError {
+    CoreError::ModelFile {
+        path: origin.to_string(),
+        problem: problem.into(),
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> CoreError {
+    CoreError::InvalidArgument(msg.into())
+}
+
+fn optional_u32(f: &GgufFile, key: &str) -> CoreResult<Option<usize>> {
+    if f.metadata(key).is_some() {
+        Ok(Some(f.meta_u32(key)? as usize))
+    } else {
+        Ok(None)
+    }
+}
+
+impl ModelConfig {
+    /// Reads the `llama.*` metadata. Errors (`ModelFile`) for another architecture, missing
+    /// keys, or features this engine does not implement (partial RoPE, RoPE scaling).
+    pub fn from_gguf(f: &GgufFile) -> CoreResult<Self> {
+        let origin = f.path().display().to_string();
+        let arch = f.meta_str("general.architecture")?;
+        if arch != "llama" {
+            return Err(file_error(
+                &origin,
+                format!("architecture {arch:?} is not supported; only \"llama\" is"),
+            ));
+        }
+        let u = |k: &str| f.meta_u32(&format!("llama.{k}")).map(|v| v as usize);
+        let n_embd = u("embedding_length")?;
+        let n_head = u("attention.head_count")?;
+        let n_head_kv = optional_u32(f, "llama.attention.head_count_kv")?.unwrap_or(n_head);
+        let head_dim = match optional_u32(f, "llama.attention.key_length")? {
+            Some(v) => v,
+            None if n_head > 0 && n_embd % n_head == 0 => n_embd / n_head,
+            None => {
+                return Err(file_error(
+                    &origin,
+                    format!("embedding length {n_embd} is not a multiple of {n_head} heads"),
+                ))
+            }
+        };
+        if let Some(vl) = optional_u32(f, "llama.attention.value_length")? {
+            if vl != head_dim {
+                return Err(file_error(
+                    &origin,
+                    format!("value length {vl} differs from key length {head_dim}; not supported"),
+                ));
+            }
+        }
+        if let Some(rot) = optional_u32(f, "llama.rope.dimension_count")? {
+            if rot != head_dim {
+                return Err(file_error(
+                    &origin,
+                    format!("partial RoPE ({rot} of {head_dim} dims) is not supported"),
+                ));
+            }
+        }
+        if let Some(MetaValue::Str(s)) = f.metadata("llama.rope.scaling.type") {
+            if s != "none" {
+                return Err(file_error(
+                    &origin,
+                    format!("RoPE scaling {s:?} is not supported"),
+                ));
+            }
+        }
+        if f.tensor("rope_freqs.weight").is_some() {
+            return Err(file_error(
+                &origin,
+                "rope_freqs.weight (llama-3 RoPE frequency factors) is not supported",
+            ));
+        }
+        let n_vocab = match optional_u32(f, "llama.vocab_size")? {
+            Some(v) => v,
+            None => match f.tensor("token_embd.weight") {
+                Some(t) if t.dims.len() == 2 => t.dims[1] as usize,
+                _ => return Err(file_error(&origin, "token_embd.weight missing or not 2-D")),
+            },
+        };
+        let rope_theta = if f.metadata("llama.rope.freq_base").is_some() {
+            f.meta_f32("llama.rope.freq_base")?
+        } else {
+            10000.0
+        };
+        let cfg = ModelConfig {
+            n_layer: u("block_count")?,
+            n_embd,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_ff: u("feed_forward_length")?,
+            n_vocab,
+            rope_theta,
+            rms_eps: f.meta_f32("llama.attention.layer_norm_rms_epsilon")?,
+            context_length: u("context_length")?,
+            tied_output: f.tensor("output.weight").is_none(),
+        };
+        cfg.validate()
+            .map_err(|e| file_error(&origin, e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// Consistency of the numbers themselves (nonzero sizes, whole GQA groups, even head_dim).
+    pub fn validate(&self) -> CoreResult<()> {
+        let sizes = [
+            ("n_layer", self.n_layer),
+            ("n_embd", self.n_embd),
+            ("n_head", self.n_head),
+            ("n_head_kv", self.n_head_kv),
+            ("head_dim", self.head_dim),
+            ("n_ff", self.n_ff),
+            ("n_vocab", self.n_vocab),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(invalid(format!("model config: {name} is 0")));
+        }
+        if self.n_head % self.n_head_kv != 0 {
+            return Err(invalid(format!(
+                "model config: {} query heads are not a multiple of {} KV heads",
+                self.n_head, self.n_head_kv
+            )));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(invalid(format!(
+                "model config: head_dim {} is odd; RoPE needs pairs",
+                self.head_dim
+            )));
+        }
+        if !(self.rope_theta > 0.0 && self.rms_eps >= 0.0) {
+            return Err(invalid(format!(
+                "model config: rope_theta {} / rms_eps {} out of range",
+                self.rope_theta, self.rms_eps
+            )));
+        }
+        Ok(())
+    }
+
+    /// KV group (KV head) that query head `head` reads.
+    pub fn kv_group_of_head(&self, head: usize) -> usize {
+        head / (self.n_head / self.n_head_kv)
+    }
+
+    /// Query heads reading KV group `group`.
+    pub fn heads_of_kv_group(&self, group: usize) -> std::ops::Range<usize> {
+        let per = self.n_head / self.n_head_kv;
+        group * per..(group + 1) * per
+    }
+}
+
+/// Which part of a SwiGLU FFN to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FfnPart {
+    /// x_norm (T×d) -> T×d.
+    Full,
+    /// x_norm (T×d) -> silu(gate)·up (T×n_ff).
+    GateUp,
+    /// T×n_ff -> T×d.
+    Down,
+}
+
+struct LayerNames {
+    attn_norm: String,
+    attn_q: String,
+    attn_k: String,
+    attn_v: String,
+    attn_output: String,
+    ffn_norm: String,
+    ffn_gate: String,
+    ffn_up: String,
+    ffn_down: String,
+}
+
+impl LayerNames {
+    fn new(l: usize) -> LayerNames {
+        let n = |s: &str| format!("blk.{l}.{s}.weight");
+        LayerNames {
+            attn_norm: n("attn_norm"),
+            attn_q: n("attn_q"),
+            attn_k: n("attn_k"),
+            attn_v: n("attn_v"),
+            attn_output: n("attn_output"),
+            ffn_norm: n("ffn_norm"),
+            ffn_gate: n("ffn_gate"),
+            ffn_up: n("ffn_up"),
+            ffn_down: n("ffn_down"),
+        }
+    }
+}
+
+/// A llama model computed on its stored (possibly quantized) weights.
+pub struct Model {
+    cfg: ModelConfig,
+    source: Arc<dyn TensorSource>,
+    origin: String,
+    layers: Vec<LayerNames>,
+    lm_head: &'static str,
+    pool: rayon::ThreadPool,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("cfg", &self.cfg)
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Model {
+    /// Opens a llama GGUF model: reads the config, checks that every tensor is present with
+    /// the right shape and byte size. `threads` = 0 lets rayon pick.
+    pub fn from_gguf(file: Arc<GgufFile>, threads: usize) -> CoreResult<Model> {
+        let cfg = ModelConfig::from_gguf(&file)?;
+        Model::from_source(cfg, file, threads)
+    }
+
+    /// A model whose weights come from `source` (GGUF tensor names). `threads` = 0 lets rayon
+    /// pick.
+    pub fn from_source(
+        cfg: ModelConfig,
+        source: Arc<dyn TensorSource>,
+        threads: usize,
+    ) -> CoreResult<Model> {
+        cfg.validate()?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| invalid(format!("cannot build a thread pool of {threads}: {e}")))?;
+        let model = Model {
+            origin: source.origin(),
+            layers: (0..cfg.n_layer).map(LayerNames::new).collect(),
+            lm_head: if cfg.tied_output {
+                "token_embd.weight"
+            } else {
+                "output.weight"
+            },
+            cfg,
+            source,
+            pool,
+        };
+        model.check_tensors()?;
+        Ok(model)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Checks presence, shape and size of every tensor the model reads.
+    fn check_tensors(&self) -> CoreResult<()> {
+        let c = &self.cfg;
+        let (d, q, kv) = (c.n_embd, c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
+        self.matrix("token_embd.weight", c.n_vocab, d)?;
+        self.check_vector("output_norm.weight", d)?;
+        self.matrix(self.lm_head, c.n_vocab, d)?;
+        for names in &self.layers {
+            self.check_vector(&names.attn_norm, d)?;
+            self.check_vector(&names.ffn_norm, d)?;
+            self.matrix(&names.attn_q, q, d)?;
+            self.matrix(&names.attn_k, kv, d)?;
+            self.matrix(&names.attn_v, kv, d)?;
+            self.matrix(&names.attn_output, d, q)?;
+            self.matrix(&names.ffn_gate, c.n_ff, d)?;
+            self.matrix(&names.ffn_up, c.n_ff, d)?;
+            self.matrix(&names.ffn_down, d, c.n_ff)?;
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, name: &str) -> CoreResult<TensorView<'_>> {
+        self.source
+            .tensor(name)
+            .ok_or_else(|| file_error(&self.origin, format!("tensor {name} is missing")))
+    }
+
+    /// The weight `name` as a rows × cols matrix (GGUF dims `[cols, rows]`).
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> CoreResult<QMatrix<'_>> {
+        let t = self.lookup(name)?;
+        if t.dims != [cols as u64, rows as u64] {
+            return Err(file_error(
+                &self.origin,
+                format!(
+                    "tensor {name} has dims {:?}, expected [{cols}, {rows}]",
+                    t.dims
+                ),
+            ));
+        }
+        QMatrix::new(t.ty, rows, cols, t.data)
+            .map_err(|e| file_error(&self.origin, format!("tensor {name}: {e}")))
+    }
+
+    fn check_vector(&self, name: &str, n: usize) -> CoreResult<()> {
+        self.vector(name, n).map(|_| ())
+    }
+
+    /// A 1-D weight (norm scales) as f32.
+    fn vector(&self, name: &str, n: usize) -> CoreResult<Vec<f32>> {
+        let t = self.lookup(name)?;
+        let n_stored: u64 = t.dims.iter().product();
+        if n_stored != n as u64 || t.dims.iter().filter(|&&x| x != 1).count() > 1 {
+            return Err(file_error(
+                &self.origin,
+                format!("tensor {name} has dims {:?}, expected [{n}]", t.dims),
+            ));
+        }
+        let mut out = vec![0.0; n];
+        dequantize_row(t.ty, t.data, &mut out)
+            .map_err(|e| file_error(&self.origin, format!("tensor {name}: {e}")))?;
+        Ok(out)
+    }
+
+    fn check_layer(&self, layer: usize) -> CoreResult<&LayerNames> {
+        self.layers.get(layer).ok_or_else(|| {
+            invalid(format!(
+                "layer {layer} out of range (model has {})",
+                self.cfg.n_layer
+            ))
+        })
+    }
+
+    fn tokens_of(&self, what: &str, len: usize, width: usize) -> CoreResult<usize> {
+        if len % width != 0 {
+            return Err(invalid(format!(
+                "{what}: length {len} is not a multiple of {width}"
+            )));
+        }
+        Ok(len / width)
+    }
+
+    /// Token embeddings: `out` is T × d.
+    pub fn embed(&self, tokens: &[u32], out: &mut [f32]) -> CoreResult<()> {
+        let d = self.cfg.n_embd;
+        check_len("embed output", out.len(), tokens.len() * d)?;
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.cfg.n_vocab) {
+            return Err(invalid(format!(
+                "token id {t} out of range (vocabulary has {})",
+                self.cfg.n_vocab
+            )));
+        }
+        let m = self.matrix("token_embd.weight", self.cfg.n_vocab, d)?;
+        for (&t, o) in tokens.iter().zip(out.chunks_exact_mut(d)) {
+            m.row(t as usize, o);
+        }
+        Ok(())
+    }
+
+    /// RMSNorm of T tokens (x is T × d) with the layer's attention-norm weight.
+    pub fn attn_norm(&self, layer: usize, x: &[f32], out: &mut [f32]) -> CoreResult<()> {
+        let names = self.check_layer(layer)?;
+        self.norm(&names.attn_norm, x, out)
+    }
+
+    /// RMSNorm of T tokens (x is T × d) with the layer's FFN-norm weight.
+    pub fn ffn_norm(&self, layer: usize, x: &[f32], out: &mut [f32]) -> CoreResult<()> {
+        let names = self.check_layer(layer)?;
+        self.norm(&names.ffn_norm, x, out)
+    }
+
+    fn norm(&self, weight: &str, x: &[f32], out: &mut [f32]) -> CoreResult<()> {
+        let d = self.cfg.n_embd;
+        self.tokens_of("norm input", x.len(), d)?;
+        check_len("norm output", out.len(), x.len())?;
+        let w = self.vector(weight, d)?;
+        rms_norm(x, &w, self.cfg.rms_eps, out);
+        Ok(())
+    }
+
+    /// Contribution of query heads `heads` of `layer` to the attention output, after their
+    /// slice of W_o: `out` (T × d) is overwritten. Partials of disjoint head sets add up to the
+    /// full attention output. K/V of the KV groups these heads read are computed from `x_norm`
+    /// and appended to `session` at `positions` (T strictly increasing positions, after those
+    /// already cached) — unless that group's cache already ends with exactly `positions`,
+    /// which happens when another head subset of the same group ran this step; then they are
+    /// reused. Queries attend causally to cached positions `<=` their own.
+    pub fn attention(
+        &self,
+        session: &mut Session,
+        layer: usize,
+        heads: &[usize],
+        x_norm: &[f32],
+        positions: &[u32],
+        out: &mut [f32],
+    ) -> CoreResult<()> {
+        self.check_layer(layer)?;
+        session.check_matches(&self.cfg)?;
+        let d = self.cfg.n_embd;
+        check_positions(positions)?;
+        check_len("attention input", x_norm.len(), positions.len() * d)?;
+        check_len("attention output", out.len(), positions.len() * d)?;
+        let mut sorted = heads.to_vec();
+        sorted.sort_unstable();
+        if let Some(&h) = sorted.iter().find(|&&h| h >= self.cfg.n_head) {
+            return Err(invalid(format!(
+                "head {h} out of range (model has {} query heads)",
+                self.cfg.n_head
+            )));
+        }
+        if sorted.windows(2).any(|w| w[0] == w[1]) {
+            return Err(invalid(format!("heads {heads:?} contain duplicates")));
+        }
+        self.attention_inner(session, layer, &sorted, x_norm, positions, out)
+    }
+
+    /// `heads` sorted, unique and in range; lengths checked.
+    fn attention_inner(
+        &self,
+        session: &mut Session,
+        layer: usize,
+        heads: &[usize],
+        x_norm: &[f32],
+        positions: &[u32],
+        out: &mut [f32],
+    ) -> CoreResult<()> {
+        let c = &self.cfg;
+        let names = &self.layers[layer];
+        let (hd, n_tok) = (c.head_dim, positions.len());
+        let nq = c.n_head * hd;
+        let kv_rows = c.n_head_kv * hd;
+        let wq = self.matrix(&names.attn_q, nq, c.n_embd)?;
+        let wk = self.matrix(&names.attn_k, kv_rows, c.n_embd)?;
+        let wv = self.matrix(&names.attn_v, kv_rows, c.n_embd)?;
+        let wo = self.matrix(&names.attn_output, c.n_embd, nq)?;
+
+        let mut groups: Vec<usize> = heads.iter().map(|&h| c.kv_group_of_head(h)).collect();
+        groups.dedup(); // heads are sorted, so groups are too
+        let plans = groups
+            .iter()
+            .map(|&g| session.plan_append(layer, g, positions))
+            .collect::<CoreResult<Vec<_>>>()?;
+        let rope = rope_table(positions, hd, c.rope_theta);
+
+        // K/V of the groups not cached yet.
+        let mut k = vec![0.0; n_tok * hd];
+        let mut v = vec![0.0; n_tok * hd];
+        for (&g, plan) in groups.iter().zip(&plans) {
+            if *plan == Append::Reuse {
+                continue;
+            }
+            let rows = g * hd..(g + 1) * hd;
+            wk.matmul_rows(rows.clone(), x_norm, n_tok, &mut k, &self.pool);
+            wv.matmul_rows(rows, x_norm, n_tok, &mut v, &self.pool);
+            for (kt, rt) in k.chunks_exact_mut(hd).zip(rope.chunks_exact(hd / 2)) {
+                apply_rope(kt, rt);
+            }
+            session.append(layer, g, positions, &k, &v);
+        }
+
+        // Q of the selected heads (one matmul per run of consecutive heads), laid out T × nq
+        // with zeros in the other heads' columns.
+        let mut q = vec![0.0; n_tok * nq];
+        let mut run_start = 0;
+        while run_start < heads.len() {
+            let mut run_end = run_start + 1;
+            while run_end < heads.len() && heads[run_end] == heads[run_end - 1] + 1 {
+                run_end += 1;
+            }
+            let rows = heads[run_start] * hd..(heads[run_end - 1] + 1) * hd;
+            let mut qr = vec![0.0; n_tok * rows.len()];
+            wq.matmul_rows(rows.clone(), x_norm, n_tok, &mut qr, &self.pool);
+            for (t, src) in qr.chunks_exact(rows.len()).enumerate() {
+                q[t * nq + rows.start..t * nq + rows.end].copy_from_slice(src);
+            }
+            run_start = run_end;
+        }
+
+        // Per token: RoPE on its query heads, causal softmax attention over the cache.
+        let caches: Vec<_> = (0..c.n_head_kv).map(|g| session.cache(layer, g)).collect();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut attn = vec![0.0f32; n_tok * nq];
+        self.pool.install(|| {
+            attn.par_chunks_mut(nq)
+                .zip(q.par_chunks_mut(nq))
+                .enumerate()
+                .for_each(|(t, (a_t, q_t))| {
+                    let rt = &rope[t * hd / 2..(t + 1) * hd / 2];
+                    let mut scores = Vec::new();
+                    for &h in heads {
+                        let cache = caches[c.kv_group_of_head(h)].expect("group computed above");
+                        let qh = &mut q_t[h * hd..(h + 1) * hd];
+                        apply_rope(qh, rt);
+                        let n_vis = cache.pos.partition_point(|&p| p <= positions[t]);
+                        scores.clear();
+                        scores.extend(
+                            cache.k[..n_vis * hd]
+                                .chunks_exact(hd)
+                                .map(|kj| dot(qh, kj) * scale),
+                        );
+                        softmax(&mut scores);
+                        let ah = &mut a_t[h * hd..(h + 1) * hd];
+                        for (&p, vj) in scores.iter().zip(cache.v.chunks_exact(hd)) {
+                            for (o, &vv) in ah.iter_mut().zip(vj) {
+                                *o += p * vv;
+                            }
+                        }
+                    }
+                });
+        });
+        wo.matmul(&attn, n_tok, out, &self.pool);
+        Ok(())
+    }
+
+    /// One SwiGLU FFN part of `layer` on `n_tokens` tokens (see [`FfnPart`] for shapes).
+    pub fn ffn(
+        &self,
+        layer: usize,
+        part: FfnPart,
+        input: &[f32],
+        n_tokens: usize,
+        out: &mut [f32],
+    ) -> CoreResult<()> {
+        self.check_layer(layer)?;
+        let (d, f) = (self.cfg.n_embd, self.cfg.n_ff);
+        let (in_w, out_w) = match part {
+            FfnPart::Full => (d, d),
+            FfnPart::GateUp => (d, f),
+            FfnPart::Down => (f, d),
+        };
+        check_len("ffn input", input.len(), n_tokens * in_w)?;
+        check_len("ffn output", out.len(), n_tokens * out_w)?;
+        match part {
+            FfnPart::Full => self.ffn_full(layer, input, n_tokens, out),
+            FfnPart::GateUp => self.ffn_gate_up(layer, input, n_tokens, out),
+            FfnPart::Down => self.ffn_down(layer, input, n_tokens, out),
+        }
+    }
+
+    fn ffn_full(&self, layer: usize, x: &[f32], n_tok: usize, out: &mut [f32]) -> CoreResult<()> {
+        let mut hidden = vec![0.0; n_tok * self.cfg.n_ff];
+        self.ffn_gate_up(layer, x, n_tok, &mut hidden)?;
+        self.ffn_down(layer, &hidden, n_tok, out)
+    }
+
+    fn ffn_gate_up(
+        &self,
+        layer: usize,
+        x: &[f32],
+        n_tok: usize,
+        out: &mut [f32],
+    ) -> CoreResult<()> {
+        let (d, f) = (self.cfg.n_embd, self.cfg.n_ff);
+        let names = &self.layers[layer];
+        let gate = self.matrix(&names.ffn_gate, f, d)?;
+        let up = self.matrix(&names.ffn_up, f, d)?;
+        let mut u = vec![0.0; n_tok * f];
+        gate.matmul(x, n_tok, out, &self.pool);
+        up.matmul(x, n_tok, &mut u, &self.pool);
+        for (g, &u) in out.iter_mut().zip(&u) {
+            *g = silu(*g) * u;
+        }
+        Ok(())
+    }
+
+    fn ffn_down(&self, layer: usize, h: &[f32], n_tok: usize, out: &mut [f32]) -> CoreResult<()> {
+        let (d, f) = (self.cfg.n_embd, self.cfg.n_ff);
+        let down = self.matrix(&self.layers[layer].ffn_down, d, f)?;
+        down.matmul(h, n_tok, out, &self.pool);
+        Ok(())
+    }
+
+    /// Final RMSNorm and LM head: x (T × d) -> logits (T × vocab).
+    pub fn output_logits(&self, x: &[f32], n_tokens: usize, out: &mut [f32]) -> CoreResult<()> {
+        let (d, nv) = (self.cfg.n_embd, self.cfg.n_vocab);
+        check_len("output_logits input", x.len(), n_tokens * d)?;
+        check_len("output_logits output", out.len(), n_tokens * nv)?;
+        let mut xn = vec![0.0; x.len()];
+        self.norm("output_norm.weight", x, &mut xn)?;
+        let head = self.matrix(self.lm_head, nv, d)?;
+        head.matmul(&xn, n_tokens, out, &self.pool);
+        Ok(())
+    }
+
+    /// One whole layer in place on x (T × d) for the all-local case: attn_norm, all heads,
+    /// residual add, ffn_norm, FFN, residual add. Same helpers and order as the sub-block
+    /// calls.
+    pub fn layer_fused(
+        &self,
+        session: &mut Session,
+        layer: usize,
+        x: &mut [f32],
+        positions: &[u32],
+    ) -> CoreResult<()> {
+        let names = self.check_layer(layer)?;
+        session.check_matches(&self.cfg)?;
+        check_positions(positions)?;
+        let d = self.cfg.n_embd;
+        let n_tok = positions.len();
+        check_len("layer input", x.len(), n_tok * d)?;
+        let all_heads: Vec<usize> = (0..self.cfg.n_head).collect();
+        let mut xn = vec![0.0; x.len()];
+        let mut delta = vec![0.0; x.len()];
+        self.norm(&names.attn_norm, x, &mut xn)?;
+        self.attention_inner(session, layer, &all_heads, &xn, positions, &mut delta)?;
+        add_in_place(x, &delta);
+        self.norm(&names.ffn_norm, x, &mut xn)?;
+        self.ffn_full(layer, &xn, n_tok, &mut delta)?;
+        add_in_place(x, &delta);
+        Ok(())
+    }
+
+    /// Whole forward: `tokens` at `positions` through every layer; returns the logits of the
+    /// last token (vocab values), or of every token (T × vocab) if `all_logits`.
+    pub fn forward(
+        &self,
+        session: &mut Session,
+        tokens: &[u32],
+        positions: &[u32],
+        all_logits: bool,
+    ) -> CoreResult<Vec<f32>> {
+        if tokens.len() != positions.len() {
+            return Err(invalid(format!(
+                "{} tokens but {} positions",
+                tokens.len(),
+                positions.len()
+            )));
+        }
+        check_positions(positions)?;
+        let d = self.cfg.n_embd;
+        let mut x = vec![0.0; tokens.len() * d];
+        self.embed(tokens, &mut x)?;
+        for layer in 0..self.cfg.n_layer {
+            self.layer_fused(session, layer, &mut x, positions)?;
+        }
+        let rows = if all_logits {
+            &x[..]
+        } else {
+            &x[x.len() - d..]
+        };
+        let n = rows.len() / d;
+        let mut logits = vec![0.0; n * self.cfg.n_vocab];
+        self.output_logits(rows, n, &mut logits)?;
+        Ok(logits)
+    }
+}
+
+fn check_len(what: &str, actual: usize, expected: usize) -> CoreResult<()> {
+    if actual != expected {
+        return Err(invalid(format!(
+            "{what}: length {actual}, expected {expected}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_positions(positions: &[u32]) -> CoreResult<()> {
+    if positions.is_empty() {
+        return Err(invalid("no positions given"));
+    }
+    if positions.windows(2).any(|w| w[1] <= w[0]) {
+        return Err(invalid(format!(
+            "positions must be strictly increasing, got {positions:?}"
+        )));
+    }
+    Ok(())
+}
+
+fn add_in_place(x: &mut [f32], d: &[f32]) {
+    x.iter_mut().zip(d).for_each(|(a, b)| *a += b);
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+fn softmax(s: &mut [f32]) {
+    let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in s.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    s.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// RMSNorm of each row of length `w.len()`: `x / sqrt(mean(x²) + eps) * w` (sum in f64 as
+/// ggml does).
+pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let scale = 1.0 / ((ss / d as f64) as f32 + eps).sqrt();
+        for ((o, &v), &wi) in or.iter_mut().zip(xr).zip(w) {
+            *o = v * scale * wi;
+        }
+    }
+}
+
+/// (cos, sin) for every token and pair i: angle `pos · theta^(-2i/head_dim)`; T × head_dim/2.
+pub(crate) fn rope_table(positions: &[u32], head_dim: usize, theta: f32) -> Vec<(f32, f32)> {
+    let half = head_dim / 2;
+    let freqs: Vec<f64> = (0..half)
+        .map(|i| (theta as f64).powf(-2.0 * i as f64 / head_dim as f64))
+        .collect();
+    positions
+        .iter()
+        .flat_map(|&p| {
+            freqs.iter().map(move |&f| {
+                let (s, c) = (p as f64 * f).sin_cos();
+                (c as f32, s as f32)
+            })
+        })
+        .collect()
+}
+
+/// Rotates pairs `(2i, 2i+1)` of one head by the table row (llama.cpp "normal" RoPE).
+pub(crate) fn apply_rope(v: &mut [f32], table: &[(f32, f32)]) {
+    for (pair, &(c, s)) in v.chunks_exact_mut(2).zip(table) {
+        let (x0, x1) = (pair[0], pair[1]);
+        pair[0] = x0 * c - x1 * s;
+        pair[1] = x0 * s + x1 * c;
+    }
+}
