@@ -1,10 +1,22 @@
 # Hand-written stub of the Rust extension; tests/unit/test_stub.py checks it with mypy's stubtest.
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, final
 
 import numpy as np
 import numpy.typing as npt
 from typing_extensions import Buffer
+
+__all__ = [
+    "BLOCK_LEN",
+    "CODECS",
+    "Ewma",
+    "QuantileTracker",
+    "QueueBank",
+    "codec_size",
+    "crc32c",
+    "decode",
+    "encode",
+]
 
 CODECS: Final[list[str]]
 BLOCK_LEN: Final[int]
@@ -14,6 +26,7 @@ def decode(buf: Buffer, codec: str, shape: int | Sequence[int]) -> npt.NDArray[n
 def codec_size(codec: str, n: int) -> int: ...
 def crc32c(data: Buffer) -> int: ...
 
+@final
 class QueueBank:
     def __new__(cls, names: Sequence[str]) -> QueueBank: ...
     @property
@@ -21,7 +34,7 @@ class QueueBank:
     @property
     def backlog(self) -> npt.NDArray[np.float64]: ...
     def set_backlog(self, values: Sequence[float]) -> None: ...
-    def __getitem__(self, name: str) -> float: ...
+    def __getitem__(self, key: str, /) -> float: ...
     def __len__(self) -> int: ...
     def lyapunov(self) -> float: ...
     def step(self, arrivals: Sequence[float], service: Sequence[float]) -> float: ...
@@ -36,6 +49,7 @@ class QueueBank:
     @staticmethod
     def from_bytes(data: bytes) -> QueueBank: ...
 
+@final
 class Ewma:
     def __new__(cls, half_life: float) -> Ewma: ...
     def update(self, sample: float, weight: float = 1.0) -> float: ...
@@ -50,6 +64,7 @@ class Ewma:
     @staticmethod
     def from_bytes(data: bytes) -> Ewma: ...
 
+@final
 class QuantileTracker:
     def __new__(cls, relative_accuracy: float = 0.01) -> QuantileTracker: ...
     def add(self, sample: float) -> None: ...

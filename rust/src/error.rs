@@ -6,18 +6,9 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq)]
 pub enum CoreError {
     UnknownCodec(String),
-    NonFiniteInput {
-        index: usize,
-    },
-    OutOfRange {
-        index: usize,
-        value: f32,
-        limit: f32,
-    },
-    BufferSize {
-        expected: usize,
-        actual: usize,
-    },
+    NonFiniteInput { index: usize },
+    OutOfRange { index: usize, value: f32, limit: f32 },
+    BufferSize { expected: usize, actual: usize },
     ShapeMismatch(String),
     CorruptData(String),
     InvalidArgument(String),

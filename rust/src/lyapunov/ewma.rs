@@ -43,9 +43,7 @@ impl Ewma {
 
     pub fn update(&mut self, sample: f64, weight: f64) -> CoreResult<f64> {
         if !sample.is_finite() {
-            return Err(CoreError::InvalidArgument(format!(
-                "sample = {sample} must be finite"
-            )));
+            return Err(CoreError::InvalidArgument(format!("sample = {sample} must be finite")));
         }
         if !weight.is_finite() || weight <= 0.0 {
             return Err(CoreError::InvalidArgument(format!(
@@ -81,19 +79,14 @@ impl Ewma {
         let mut r = Reader::new(data, SNAPSHOT_KIND, "EWMA")?;
         let (half_life, count, value) = (r.f64()?, r.u64()?, r.f64()?);
         r.finish()?;
-        let mut ewma = Ewma::new(half_life)
-            .map_err(|e| CoreError::BadSnapshot(format!("EWMA snapshot: {e}")))?;
+        let mut ewma = Ewma::new(half_life).map_err(|e| CoreError::BadSnapshot(format!("EWMA snapshot: {e}")))?;
         match (count, value.is_finite()) {
             (0, false) => {}
             (c, true) if c > 0 => {
                 ewma.value = Some(value);
                 ewma.count = c;
             }
-            _ => {
-                return Err(CoreError::BadSnapshot(
-                    "EWMA snapshot: count and value disagree".into(),
-                ))
-            }
+            _ => return Err(CoreError::BadSnapshot("EWMA snapshot: count and value disagree".into())),
         }
         Ok(ewma)
     }

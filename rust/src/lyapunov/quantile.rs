@@ -91,11 +91,7 @@ impl QuantileTracker {
 
     /// Adds all samples, or none if any is invalid.
     pub fn add_many(&mut self, xs: &[f64]) -> CoreResult<()> {
-        if let Some((i, &x)) = xs
-            .iter()
-            .enumerate()
-            .find(|(_, x)| Self::check_sample(**x).is_err())
-        {
+        if let Some((i, &x)) = xs.iter().enumerate().find(|(_, x)| Self::check_sample(**x).is_err()) {
             return Err(CoreError::InvalidArgument(format!(
                 "sample [{i}] = {x} must be finite and >= 0"
             )));
@@ -128,8 +124,7 @@ impl QuantileTracker {
             self.counts.splice(0..0, std::iter::repeat_n(0, grow));
             self.first_index = index;
         } else if index >= self.first_index + self.counts.len() as i64 {
-            self.counts
-                .resize((index - self.first_index) as usize + 1, 0);
+            self.counts.resize((index - self.first_index) as usize + 1, 0);
         }
         self.counts[(index - self.first_index) as usize] += by;
     }
@@ -206,10 +201,7 @@ impl QuantileTracker {
         t.first_index = r.i64()?;
         let n = r.len(8)?;
         t.counts = (0..n).map(|_| r.u64()).collect::<CoreResult<_>>()?;
-        let bucketed = t
-            .counts
-            .iter()
-            .try_fold(t.zero_count, |acc, &c| acc.checked_add(c));
+        let bucketed = t.counts.iter().try_fold(t.zero_count, |acc, &c| acc.checked_add(c));
         if bucketed != Some(t.count) {
             return Err(r.invalid("bucket counts do not add up to the sample count"));
         }

@@ -16,14 +16,8 @@ pub struct QueueBank {
 fn check_values(what: &str, values: &[f64], non_negative: bool) -> CoreResult<()> {
     for (i, &v) in values.iter().enumerate() {
         if !v.is_finite() || (non_negative && v < 0.0) {
-            let need = if non_negative {
-                "finite and >= 0"
-            } else {
-                "finite"
-            };
-            return Err(CoreError::InvalidArgument(format!(
-                "{what}[{i}] = {v} must be {need}"
-            )));
+            let need = if non_negative { "finite and >= 0" } else { "finite" };
+            return Err(CoreError::InvalidArgument(format!("{what}[{i}] = {v} must be {need}")));
         }
     }
     Ok(())
@@ -38,14 +32,10 @@ impl QueueBank {
         }
         for (i, name) in names.iter().enumerate() {
             if name.is_empty() {
-                return Err(CoreError::InvalidArgument(format!(
-                    "queue name {i} is empty"
-                )));
+                return Err(CoreError::InvalidArgument(format!("queue name {i} is empty")));
             }
             if names[..i].contains(name) {
-                return Err(CoreError::InvalidArgument(format!(
-                    "queue name {name:?} appears twice"
-                )));
+                return Err(CoreError::InvalidArgument(format!("queue name {name:?} appears twice")));
             }
         }
         let backlog = vec![0.0; names.len()];
@@ -69,12 +59,10 @@ impl QueueBank {
     }
 
     pub fn index_of(&self, name: &str) -> CoreResult<usize> {
-        self.names.iter().position(|n| n == name).ok_or_else(|| {
-            CoreError::InvalidArgument(format!(
-                "no queue named {name:?} (queues: {:?})",
-                self.names
-            ))
-        })
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| CoreError::InvalidArgument(format!("no queue named {name:?} (queues: {:?})", self.names)))
     }
 
     pub fn set_backlog(&mut self, values: &[f64]) -> CoreResult<()> {
@@ -112,9 +100,7 @@ impl QueueBank {
         service: &[f64],
     ) -> CoreResult<Vec<f64>> {
         if !v.is_finite() || v < 0.0 {
-            return Err(CoreError::InvalidArgument(format!(
-                "V = {v} must be finite and >= 0"
-            )));
+            return Err(CoreError::InvalidArgument(format!("V = {v} must be finite and >= 0")));
         }
         let k = self.len();
         let n = penalty.len();
@@ -134,13 +120,7 @@ impl QueueBank {
             .zip(arrivals.chunks_exact(k.max(1)))
             .zip(service.chunks_exact(k.max(1)))
             .map(|((p, a), b)| {
-                let drift: f64 = self
-                    .backlog
-                    .iter()
-                    .zip(a)
-                    .zip(b)
-                    .map(|((q, a), b)| q * (a - b))
-                    .sum();
+                let drift: f64 = self.backlog.iter().zip(a).zip(b).map(|((q, a), b)| q * (a - b)).sum();
                 v * p + drift
             })
             .collect();
@@ -177,8 +157,8 @@ impl QueueBank {
             backlog.push(r.f64()?);
         }
         r.finish()?;
-        let mut bank = QueueBank::new(names)
-            .map_err(|e| CoreError::BadSnapshot(format!("queue bank snapshot: {e}")))?;
+        let mut bank =
+            QueueBank::new(names).map_err(|e| CoreError::BadSnapshot(format!("queue bank snapshot: {e}")))?;
         bank.set_backlog(&backlog)
             .map_err(|e| CoreError::BadSnapshot(format!("queue bank snapshot: {e}")))?;
         Ok(bank)
@@ -209,12 +189,7 @@ mod tests {
         let mut b = bank();
         b.set_backlog(&[2.0, 10.0]).unwrap();
         let scores = b
-            .drift_plus_penalty(
-                0.5,
-                &[1.0, 4.0],
-                &[1.0, 0.0, 0.0, 0.0],
-                &[0.0, 1.0, 1.0, 0.5],
-            )
+            .drift_plus_penalty(0.5, &[1.0, 4.0], &[1.0, 0.0, 0.0, 0.0], &[0.0, 1.0, 1.0, 0.5])
             .unwrap();
         assert_eq!(scores, vec![0.5 + 2.0 - 10.0, 2.0 - 2.0 - 5.0]);
     }
@@ -222,10 +197,7 @@ mod tests {
     #[test]
     fn bad_shapes_and_values_are_rejected() {
         let mut b = bank();
-        assert!(matches!(
-            b.step(&[1.0], &[1.0, 1.0]),
-            Err(CoreError::ShapeMismatch(_))
-        ));
+        assert!(matches!(b.step(&[1.0], &[1.0, 1.0]), Err(CoreError::ShapeMismatch(_))));
         assert!(matches!(
             b.step(&[-1.0, 0.0], &[0.0, 0.0]),
             Err(CoreError::InvalidArgument(_))
@@ -245,10 +217,7 @@ mod tests {
         assert_eq!(QueueBank::from_bytes(&bytes).unwrap(), b);
         let mut bad = bytes.clone();
         bad[10] ^= 1;
-        assert!(matches!(
-            QueueBank::from_bytes(&bad),
-            Err(CoreError::BadSnapshot(_))
-        ));
+        assert!(matches!(QueueBank::from_bytes(&bad), Err(CoreError::BadSnapshot(_))));
         assert!(QueueBank::from_bytes(&bytes[..bytes.len() - 1]).is_err());
     }
 }

@@ -57,10 +57,7 @@ impl<'a> Reader<'a> {
             return Err(bad("wrong magic; not a Splitwise snapshot".into()));
         }
         if content[4] != kind {
-            return Err(bad(format!(
-                "holds kind {} but kind {kind} was expected",
-                content[4]
-            )));
+            return Err(bad(format!("holds kind {} but kind {kind} was expected", content[4])));
         }
         if content[5] != VERSION {
             return Err(bad(format!(
@@ -90,19 +87,13 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
     pub fn u64(&mut self) -> CoreResult<u64> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
     pub fn i64(&mut self) -> CoreResult<i64> {
-        Ok(i64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
+        Ok(i64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
     pub fn f64(&mut self) -> CoreResult<f64> {
-        Ok(f64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
+        Ok(f64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
     /// A length that must fit in what is left of the body, `unit` bytes per element.
     pub fn len(&mut self, unit: usize) -> CoreResult<usize> {
@@ -117,9 +108,8 @@ impl<'a> Reader<'a> {
     }
     pub fn str(&mut self) -> CoreResult<String> {
         let n = self.len(1)?;
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| {
-            CoreError::BadSnapshot(format!("{} snapshot: name is not UTF-8", self.what))
-        })
+        String::from_utf8(self.take(n)?.to_vec())
+            .map_err(|_| CoreError::BadSnapshot(format!("{} snapshot: name is not UTF-8", self.what)))
     }
     pub fn finish(self) -> CoreResult<()> {
         if self.body.is_empty() {

@@ -1,3 +1,4 @@
+use super::c_contiguous_slice;
 use super::errors::raise;
 use crate::quant::Codec;
 use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
@@ -11,11 +12,7 @@ fn parse_codec(name: &str) -> PyResult<Codec> {
 
 /// Encodes a C-contiguous float32 array (any shape) with `codec`.
 #[pyfunction]
-pub fn encode<'py>(
-    py: Python<'py>,
-    x: &Bound<'py, PyAny>,
-    codec: &str,
-) -> PyResult<Bound<'py, PyBytes>> {
+pub fn encode<'py>(py: Python<'py>, x: &Bound<'py, PyAny>, codec: &str) -> PyResult<Bound<'py, PyBytes>> {
     let codec = parse_codec(codec)?;
     let untyped = x.cast::<PyUntypedArray>().map_err(|_| {
         raise(
@@ -27,15 +24,8 @@ pub fn encode<'py>(
     let array = untyped
         .cast::<PyArrayDyn<f32>>()
         .map_err(|_| raise("DTypeError", format!("expected dtype float32, got {dtype}")))?;
-    let readonly = array
-        .try_readonly()
-        .map_err(|e| raise("LayoutError", e.to_string()))?;
-    let values = readonly.as_slice().map_err(|_| {
-        raise(
-            "LayoutError",
-            "array is not C-contiguous; pass numpy.ascontiguousarray(x)".to_string(),
-        )
-    })?;
+    let readonly = array.try_readonly().map_err(|e| raise("LayoutError", e.to_string()))?;
+    let values = c_contiguous_slice("x", &readonly)?;
     PyBytes::new_with(py, codec.encoded_size(values.len()), |out| {
         py.detach(|| codec.encode(values, out)).map_err(PyErr::from)
     })
@@ -62,10 +52,7 @@ pub fn decode<'py>(
         )
     })?;
     if !buffer.is_c_contiguous() {
-        return Err(raise(
-            "LayoutError",
-            "buffer is not C-contiguous".to_string(),
-        ));
+        return Err(raise("LayoutError", "buffer is not C-contiguous".to_string()));
     }
     let expected = codec.encoded_size(n);
     if buffer.len_bytes() != expected {
@@ -80,8 +67,7 @@ pub fn decode<'py>(
     }
     // SAFETY: the buffer is C-contiguous and `buffer` keeps it exported (and alive) until the
     // end of this function; we only read it.
-    let bytes: &[u8] =
-        unsafe { std::slice::from_raw_parts(buffer.buf_ptr() as *const u8, buffer.len_bytes()) };
+    let bytes: &[u8] = unsafe { std::slice::from_raw_parts(buffer.buf_ptr() as *const u8, buffer.len_bytes()) };
     let mut out = vec![0f32; n];
     py.detach(|| codec.decode(bytes, &mut out))?;
     PyArray1::from_vec(py, out).reshape(dims)
@@ -91,8 +77,7 @@ pub fn decode<'py>(
 #[pyfunction]
 pub fn codec_size(codec: &str, n: i64) -> PyResult<usize> {
     let codec = parse_codec(codec)?;
-    let n = usize::try_from(n)
-        .map_err(|_| raise("InvalidArgumentError", format!("n = {n} must be >= 0")))?;
+    let n = usize::try_from(n).map_err(|_| raise("InvalidArgumentError", format!("n = {n} must be >= 0")))?;
     Ok(codec.encoded_size(n))
 }
 
@@ -106,14 +91,10 @@ pub fn crc32c(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<u32> {
         )
     })?;
     if !buffer.is_c_contiguous() {
-        return Err(raise(
-            "LayoutError",
-            "buffer is not C-contiguous".to_string(),
-        ));
+        return Err(raise("LayoutError", "buffer is not C-contiguous".to_string()));
     }
     // SAFETY: as in `decode`.
-    let bytes: &[u8] =
-        unsafe { std::slice::from_raw_parts(buffer.buf_ptr() as *const u8, buffer.len_bytes()) };
+    let bytes: &[u8] = unsafe { std::slice::from_raw_parts(buffer.buf_ptr() as *const u8, buffer.len_bytes()) };
     Ok(py.detach(|| crate::quant::crc32c(bytes)))
 }
 
@@ -124,21 +105,14 @@ fn parse_shape(shape: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
         shape.extract::<Vec<i64>>().map_err(|_| {
             raise(
                 "ShapeMismatchError",
-                format!(
-                    "shape must be an int or a sequence of ints, got {}",
-                    type_name(shape)
-                ),
+                format!("shape must be an int or a sequence of ints, got {}", type_name(shape)),
             )
         })?
     };
     dims.iter()
         .map(|&d| {
-            usize::try_from(d).map_err(|_| {
-                raise(
-                    "ShapeMismatchError",
-                    format!("shape {dims:?} has a negative dimension"),
-                )
-            })
+            usize::try_from(d)
+                .map_err(|_| raise("ShapeMismatchError", format!("shape {dims:?} has a negative dimension")))
         })
         .collect()
 }

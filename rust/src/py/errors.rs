@@ -11,9 +11,7 @@ static ERRORS_MODULE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
 /// An exception of class `class_name` from `splitwise_device.errors`.
 pub fn raise(class_name: &str, message: String) -> PyErr {
     Python::attach(|py| {
-        let module = ERRORS_MODULE.get_or_try_init(py, || {
-            py.import("splitwise_device.errors").map(Bound::unbind)
-        });
+        let module = ERRORS_MODULE.get_or_try_init(py, || py.import("splitwise_device.errors").map(Bound::unbind));
         let class = module
             .and_then(|m| m.bind(py).getattr(class_name))
             .and_then(|c| c.cast_into::<PyType>().map_err(PyErr::from));

@@ -1,19 +1,8 @@
+use super::c_contiguous_slice;
 use crate::lyapunov as core;
 use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-
-fn contiguous<'a>(
-    what: &str,
-    slice: Result<&'a [f64], numpy::AsSliceError>,
-) -> PyResult<&'a [f64]> {
-    slice.map_err(|_| {
-        super::errors::raise(
-            "LayoutError",
-            format!("{what} must be a C-contiguous float64 array"),
-        )
-    })
-}
 
 /// Named virtual queues with drift and drift-plus-penalty.
 #[pyclass(module = "splitwise_device._core", from_py_object)]
@@ -70,9 +59,9 @@ impl QueueBank {
         service: PyReadonlyArray2<'py, f64>,
     ) -> PyResult<Bound<'py, PyArray1<f64>>> {
         let (p, a, s) = (
-            contiguous("penalty", penalty.as_slice())?,
-            contiguous("arrivals", arrivals.as_slice())?,
-            contiguous("service", service.as_slice())?,
+            c_contiguous_slice("penalty", &penalty)?,
+            c_contiguous_slice("arrivals", &arrivals)?,
+            c_contiguous_slice("service", &service)?,
         );
         let scores = py.detach(|| self.inner.drift_plus_penalty(v, p, a, s))?;
         Ok(PyArray1::from_vec(py, scores))
@@ -184,7 +173,7 @@ impl QuantileTracker {
     }
 
     fn add_many(&mut self, py: Python<'_>, samples: PyReadonlyArray1<'_, f64>) -> PyResult<()> {
-        let xs = contiguous("samples", samples.as_slice())?;
+        let xs = c_contiguous_slice("samples", &samples)?;
         let inner = &mut self.inner;
         Ok(py.detach(|| inner.add_many(xs))?)
     }

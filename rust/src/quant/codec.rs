@@ -37,8 +37,8 @@ impl Codec {
         match self {
             Codec::F32 => 4 * n,
             Codec::F16 => 2 * n,
-            Codec::Q8_0 => blocks * block::Q8_0_BLOCK_BYTES,
-            Codec::Q4_0 => blocks * block::Q4_0_BLOCK_BYTES,
+            Codec::Q8_0 => blocks * <block::Q8_0 as block::BlockFormat>::BLOCK_BYTES,
+            Codec::Q4_0 => blocks * <block::Q4_0 as block::BlockFormat>::BLOCK_BYTES,
         }
     }
 
@@ -48,12 +48,8 @@ impl Codec {
         match self {
             Codec::F32 => encode_f32(x, out),
             Codec::F16 => half_float::encode(x, out),
-            Codec::Q8_0 => {
-                block::encode_blocks(x, out, block::Q8_0_BLOCK_BYTES, block::encode_q8_0)
-            }
-            Codec::Q4_0 => {
-                block::encode_blocks(x, out, block::Q4_0_BLOCK_BYTES, block::encode_q4_0)
-            }
+            Codec::Q8_0 => block::encode_blocks::<block::Q8_0>(x, out),
+            Codec::Q4_0 => block::encode_blocks::<block::Q4_0>(x, out),
         }
     }
 
@@ -63,12 +59,8 @@ impl Codec {
         match self {
             Codec::F32 => decode_f32(buf, out),
             Codec::F16 => half_float::decode(buf, out),
-            Codec::Q8_0 => {
-                block::decode_blocks(buf, out, block::Q8_0_BLOCK_BYTES, block::decode_q8_0)
-            }
-            Codec::Q4_0 => {
-                block::decode_blocks(buf, out, block::Q4_0_BLOCK_BYTES, block::decode_q4_0)
-            }
+            Codec::Q8_0 => block::decode_blocks::<block::Q8_0>(buf, out),
+            Codec::Q4_0 => block::decode_blocks::<block::Q4_0>(buf, out),
         }
     }
 
@@ -134,10 +126,7 @@ mod tests {
 
     #[test]
     fn unknown_codec_is_rejected() {
-        assert!(matches!(
-            Codec::parse("q5_k"),
-            Err(CoreError::UnknownCodec(_))
-        ));
+        assert!(matches!(Codec::parse("q5_k"), Err(CoreError::UnknownCodec(_))));
     }
 
     #[test]
@@ -151,11 +140,7 @@ mod tests {
         ] {
             let buf = codec.encode_to_vec(&x).unwrap();
             let y = codec.decode_to_vec(&buf, x.len()).unwrap();
-            let worst = x
-                .iter()
-                .zip(&y)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let worst = x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(worst <= tol, "{codec:?}: worst error {worst}");
         }
     }
