@@ -13,10 +13,7 @@ pub enum CoreError {
     CorruptData(String),
     InvalidArgument(String),
     BadSnapshot(String),
-    ModelFile {
-        path: String,
-        problem: String,
-    },
+    ModelFile { path: String, problem: String },
 }
 
 pub type CoreResult<T> = Result<T, CoreError>;

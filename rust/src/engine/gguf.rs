@@ -136,8 +136,8 @@ impl GgufFile {
                 dims.push(c.u64()?);
             }
             let tid = c.u32()?;
-            let ty = GgmlType::from_id(tid)
-                .ok_or_else(|| bad(path, format!("tensor {name}: unsupported type {tid}")))?;
+            let ty =
+                GgmlType::from_id(tid).ok_or_else(|| bad(path, format!("tensor {name}: unsupported type {tid}")))?;
             let offset = c.u64()?;
             let n: u64 = dims.iter().product();
             let size = (n as usize / ty.block_elems()) * ty.block_bytes();
@@ -156,10 +156,7 @@ impl GgufFile {
         let data_start = c.pos.div_ceil(align) * align;
         for t in &tensors {
             if data_start + t.offset as usize + t.size > map.len() {
-                return Err(bad(
-                    path,
-                    format!("tensor {} extends past end of file", t.name),
-                ));
+                return Err(bad(path, format!("tensor {} extends past end of file", t.name)));
             }
         }
         Ok(GgufFile {
@@ -184,10 +181,7 @@ impl GgufFile {
             Some(MetaValue::U32(v)) => Ok(*v),
             Some(MetaValue::I32(v)) if *v >= 0 => Ok(*v as u32),
             Some(MetaValue::U64(v)) if *v <= u32::MAX as u64 => Ok(*v as u32),
-            _ => Err(bad(
-                &self.path,
-                format!("missing or non-integer metadata {key}"),
-            )),
+            _ => Err(bad(&self.path, format!("missing or non-integer metadata {key}"))),
         }
     }
 
@@ -195,20 +189,14 @@ impl GgufFile {
         match self.meta.get(key) {
             Some(MetaValue::F32(v)) => Ok(*v),
             Some(MetaValue::F64(v)) => Ok(*v as f32),
-            _ => Err(bad(
-                &self.path,
-                format!("missing or non-float metadata {key}"),
-            )),
+            _ => Err(bad(&self.path, format!("missing or non-float metadata {key}"))),
         }
     }
 
     pub fn meta_str(&self, key: &str) -> CoreResult<&str> {
         match self.meta.get(key) {
             Some(MetaValue::Str(v)) => Ok(v),
-            _ => Err(bad(
-                &self.path,
-                format!("missing or non-string metadata {key}"),
-            )),
+            _ => Err(bad(&self.path, format!("missing or non-string metadata {key}"))),
         }
     }
 

@@ -136,20 +136,13 @@ pub struct QMatrix<'a> {
 
 impl<'a> QMatrix<'a> {
     pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> CoreResult<Self> {
-        if cols % ty.block_elems() != 0
-            || data.len() != rows * cols / ty.block_elems() * ty.block_bytes()
-        {
+        if cols % ty.block_elems() != 0 || data.len() != rows * cols / ty.block_elems() * ty.block_bytes() {
             return Err(CoreError::InvalidArgument(format!(
                 "QMatrix: {} bytes for {rows}x{cols} {ty:?}",
                 data.len()
             )));
         }
-        Ok(QMatrix {
-            ty,
-            rows,
-            cols,
-            data,
-        })
+        Ok(QMatrix { ty, rows, cols, data })
     }
 
     fn row_bytes(&self) -> usize {

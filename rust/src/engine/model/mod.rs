@@ -104,10 +104,7 @@ impl ModelConfig {
         }
         if let Some(MetaValue::Str(s)) = f.metadata("llama.rope.scaling.type") {
             if s != "none" {
-                return Err(file_error(
-                    &origin,
-                    format!("RoPE scaling {s:?} is not supported"),
-                ));
+                return Err(file_error(&origin, format!("RoPE scaling {s:?} is not supported")));
             }
         }
         if f.tensor("rope_freqs.weight").is_some() {
@@ -141,8 +138,7 @@ impl ModelConfig {
             context_length: u("context_length")?,
             tied_output: f.tensor("output.weight").is_none(),
         };
-        cfg.validate()
-            .map_err(|e| file_error(&origin, e.to_string()))?;
+        cfg.validate().map_err(|e| file_error(&origin, e.to_string()))?;
         Ok(cfg)
     }
 
@@ -262,11 +258,7 @@ impl Model {
 
     /// A model whose weights come from `source` (GGUF tensor names). `threads` = 0 lets rayon
     /// pick.
-    pub fn from_source(
-        cfg: ModelConfig,
-        source: Arc<dyn TensorSource>,
-        threads: usize,
-    ) -> CoreResult<Model> {
+    pub fn from_source(cfg: ModelConfig, source: Arc<dyn TensorSource>, threads: usize) -> CoreResult<Model> {
         cfg.validate()?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -325,14 +317,10 @@ impl Model {
         if t.dims != [cols as u64, rows as u64] {
             return Err(file_error(
                 &self.origin,
-                format!(
-                    "tensor {name} has dims {:?}, expected [{cols}, {rows}]",
-                    t.dims
-                ),
+                format!("tensor {name} has dims {:?}, expected [{cols}, {rows}]", t.dims),
             ));
         }
-        QMatrix::new(t.ty, rows, cols, t.data)
-            .map_err(|e| file_error(&self.origin, format!("tensor {name}: {e}")))
+        QMatrix::new(t.ty, rows, cols, t.data).map_err(|e| file_error(&self.origin, format!("tensor {name}: {e}")))
     }
 
     fn check_vector(&self, name: &str, n: usize) -> CoreResult<()> {
@@ -350,25 +338,19 @@ impl Model {
             ));
         }
         let mut out = vec![0.0; n];
-        dequantize_row(t.ty, t.data, &mut out)
-            .map_err(|e| file_error(&self.origin, format!("tensor {name}: {e}")))?;
+        dequantize_row(t.ty, t.data, &mut out).map_err(|e| file_error(&self.origin, format!("tensor {name}: {e}")))?;
         Ok(out)
     }
 
     fn check_layer(&self, layer: usize) -> CoreResult<&LayerNames> {
-        self.layers.get(layer).ok_or_else(|| {
-            invalid(format!(
-                "layer {layer} out of range (model has {})",
-                self.cfg.n_layer
-            ))
-        })
+        self.layers
+            .get(layer)
+            .ok_or_else(|| invalid(format!("layer {layer} out of range (model has {})", self.cfg.n_layer)))
     }
 
     fn tokens_of(&self, what: &str, len: usize, width: usize) -> CoreResult<usize> {
         if len % width != 0 {
-            return Err(invalid(format!(
-                "{what}: length {len} is not a multiple of {width}"
-            )));
+            return Err(invalid(format!("{what}: length {len} is not a multiple of {width}")));
         }
         Ok(len / width)
     }
@@ -526,11 +508,7 @@ impl Model {
                         apply_rope(qh, rt);
                         let n_vis = cache.pos.partition_point(|&p| p <= positions[t]);
                         scores.clear();
-                        scores.extend(
-                            cache.k[..n_vis * hd]
-                                .chunks_exact(hd)
-                                .map(|kj| dot(qh, kj) * scale),
-                        );
+                        scores.extend(cache.k[..n_vis * hd].chunks_exact(hd).map(|kj| dot(qh, kj) * scale));
                         softmax(&mut scores);
                         let ah = &mut a_t[h * hd..(h + 1) * hd];
                         for (&p, vj) in scores.iter().zip(cache.v.chunks_exact(hd)) {
@@ -546,14 +524,7 @@ impl Model {
     }
 
     /// One SwiGLU FFN part of `layer` on `n_tokens` tokens (see [`FfnPart`] for shapes).
-    pub fn ffn(
-        &self,
-        layer: usize,
-        part: FfnPart,
-        input: &[f32],
-        n_tokens: usize,
-        out: &mut [f32],
-    ) -> CoreResult<()> {
+    pub fn ffn(&self, layer: usize, part: FfnPart, input: &[f32], n_tokens: usize, out: &mut [f32]) -> CoreResult<()> {
         self.check_layer(layer)?;
         let (d, f) = (self.cfg.n_embd, self.cfg.n_ff);
         let (in_w, out_w) = match part {
@@ -576,13 +547,7 @@ impl Model {
         self.ffn_down(layer, &hidden, n_tok, out)
     }
 
-    fn ffn_gate_up(
-        &self,
-        layer: usize,
-        x: &[f32],
-        n_tok: usize,
-        out: &mut [f32],
-    ) -> CoreResult<()> {
+    fn ffn_gate_up(&self, layer: usize, x: &[f32], n_tok: usize, out: &mut [f32]) -> CoreResult<()> {
         let (d, f) = (self.cfg.n_embd, self.cfg.n_ff);
         let names = &self.layers[layer];
         let gate = self.matrix(&names.ffn_gate, f, d)?;
@@ -618,13 +583,7 @@ impl Model {
     /// One whole layer in place on x (T × d) for the all-local case: attn_norm, all heads,
     /// residual add, ffn_norm, FFN, residual add. Same helpers and order as the sub-block
     /// calls.
-    pub fn layer_fused(
-        &self,
-        session: &mut Session,
-        layer: usize,
-        x: &mut [f32],
-        positions: &[u32],
-    ) -> CoreResult<()> {
+    pub fn layer_fused(&self, session: &mut Session, layer: usize, x: &mut [f32], positions: &[u32]) -> CoreResult<()> {
         let names = self.check_layer(layer)?;
         session.check_matches(&self.cfg)?;
         check_positions(positions)?;
@@ -666,11 +625,7 @@ impl Model {
         for layer in 0..self.cfg.n_layer {
             self.layer_fused(session, layer, &mut x, positions)?;
         }
-        let rows = if all_logits {
-            &x[..]
-        } else {
-            &x[x.len() - d..]
-        };
+        let rows = if all_logits { &x[..] } else { &x[x.len() - d..] };
         let n = rows.len() / d;
         let mut logits = vec![0.0; n * self.cfg.n_vocab];
         self.output_logits(rows, n, &mut logits)?;
@@ -680,9 +635,7 @@ impl Model {
 
 fn check_len(what: &str, actual: usize, expected: usize) -> CoreResult<()> {
     if actual != expected {
-        return Err(invalid(format!(
-            "{what}: length {actual}, expected {expected}"
-        )));
+        return Err(invalid(format!("{what}: length {actual}, expected {expected}")));
     }
     Ok(())
 }

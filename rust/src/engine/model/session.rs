@@ -84,18 +84,10 @@ impl Session {
     }
 
     pub(super) fn check_matches(&self, cfg: &ModelConfig) -> CoreResult<()> {
-        if self.n_layer != cfg.n_layer
-            || self.n_head_kv != cfg.n_head_kv
-            || self.head_dim != cfg.head_dim
-        {
+        if self.n_layer != cfg.n_layer || self.n_head_kv != cfg.n_head_kv || self.head_dim != cfg.head_dim {
             return Err(CoreError::InvalidArgument(format!(
                 "session was made for {} layers x {} KV groups x head_dim {}, model has {} x {} x {}",
-                self.n_layer,
-                self.n_head_kv,
-                self.head_dim,
-                cfg.n_layer,
-                cfg.n_head_kv,
-                cfg.head_dim
+                self.n_layer, self.n_head_kv, self.head_dim, cfg.n_layer, cfg.n_head_kv, cfg.head_dim
             )));
         }
         Ok(())
@@ -103,12 +95,7 @@ impl Session {
 
     /// Decides, without changing anything, how `positions` (strictly increasing) go into
     /// (layer, group).
-    pub(super) fn plan_append(
-        &self,
-        layer: usize,
-        group: usize,
-        positions: &[u32],
-    ) -> CoreResult<Append> {
+    pub(super) fn plan_append(&self, layer: usize, group: usize, positions: &[u32]) -> CoreResult<Append> {
         let Some(c) = &self.caches[layer * self.n_head_kv + group] else {
             return Ok(Append::Compute);
         };
@@ -126,14 +113,7 @@ impl Session {
         }
     }
 
-    pub(super) fn append(
-        &mut self,
-        layer: usize,
-        group: usize,
-        positions: &[u32],
-        k: &[f32],
-        v: &[f32],
-    ) {
+    pub(super) fn append(&mut self, layer: usize, group: usize, positions: &[u32], k: &[f32], v: &[f32]) {
         let c = self.caches[layer * self.n_head_kv + group].get_or_insert_with(KvCache::default);
         c.pos.extend_from_slice(positions);
         c.k.extend_from_slice(k);

@@ -62,11 +62,9 @@ impl MemorySource {
 
 impl TensorSource for MemorySource {
     fn tensor(&self, name: &str) -> Option<TensorView<'_>> {
-        self.tensors.get(name).map(|(ty, dims, data)| TensorView {
-            ty: *ty,
-            dims,
-            data,
-        })
+        self.tensors
+            .get(name)
+            .map(|(ty, dims, data)| TensorView { ty: *ty, dims, data })
     }
 
     fn origin(&self) -> String {

@@ -1,3 +1,7 @@
+//! Tests of the model math on tiny synthetic models. Reference code here indexes plainly on
+//! purpose, so it reads like the formulas.
+#![allow(clippy::needless_range_loop)]
+
 use super::*;
 use crate::engine::gguf::GgufFile;
 use std::path::PathBuf;
@@ -174,10 +178,7 @@ fn rope_matches_complex_rotation_reference() {
             let re = v[2 * i] as f64 * c - v[2 * i + 1] as f64 * s;
             let im = v[2 * i] as f64 * s + v[2 * i + 1] as f64 * c;
             assert!((ours[2 * i] as f64 - re).abs() < 1e-5, "pos {pos} pair {i}");
-            assert!(
-                (ours[2 * i + 1] as f64 - im).abs() < 1e-5,
-                "pos {pos} pair {i}"
-            );
+            assert!((ours[2 * i + 1] as f64 - im).abs() < 1e-5, "pos {pos} pair {i}");
         }
         // a rotation keeps each pair's norm and at position 0 is the identity
         if pos == 0 {
@@ -214,11 +215,7 @@ fn attention_matches_reference_prefill_and_decode() {
             )
             .unwrap();
         }
-        assert!(
-            rel_err(&got, &want) < 1e-5,
-            "{nh}:{nkv} {}",
-            rel_err(&got, &want)
-        );
+        assert!(rel_err(&got, &want) < 1e-5, "{nh}:{nkv} {}", rel_err(&got, &want));
         assert_eq!(s.len(1, 0), t_n);
         assert_eq!(s.len(0, 0), 0);
     }
@@ -227,11 +224,7 @@ fn attention_matches_reference_prefill_and_decode() {
 #[test]
 fn disjoint_head_partials_sum_to_full_attention() {
     // GQA 3:1 with 9 heads (not a power of two), GQA 2:1, and no GQA with 5 heads.
-    for &(nh, nkv, split) in &[
-        (9, 3, &[0usize, 4, 8, 5][..]),
-        (6, 3, &[1, 2][..]),
-        (5, 5, &[0, 3][..]),
-    ] {
+    for &(nh, nkv, split) in &[(9, 3, &[0usize, 4, 8, 5][..]), (6, 3, &[1, 2][..]), (5, 5, &[0, 3][..])] {
         let m = tiny_model(nh, nkv, false);
         let c = m.config().clone();
         let d = c.n_embd;
@@ -250,16 +243,11 @@ fn disjoint_head_partials_sum_to_full_attention() {
             let mut full = vec![0.0; t_n * d];
             let mut pa = vec![0.0; t_n * d];
             let mut pb = vec![0.0; t_n * d];
-            m.attention(&mut s_full, 0, &all, &x, &pos, &mut full)
-                .unwrap();
+            m.attention(&mut s_full, 0, &all, &x, &pos, &mut full).unwrap();
             m.attention(&mut s_a, 0, &a, &x, &pos, &mut pa).unwrap();
             m.attention(&mut s_b, 0, &b, &x, &pos, &mut pb).unwrap();
             let sum: Vec<f32> = pa.iter().zip(&pb).map(|(x, y)| x + y).collect();
-            assert!(
-                rel_err(&sum, &full) < 1e-5,
-                "{nh}:{nkv} {}",
-                rel_err(&sum, &full)
-            );
+            assert!(rel_err(&sum, &full) < 1e-5, "{nh}:{nkv} {}", rel_err(&sum, &full));
             // each partial is a real share, not the whole
             assert!(rel_err(&pa, &full) > 1e-3);
         }
@@ -286,8 +274,7 @@ fn head_subsets_on_one_session_reuse_shared_groups() {
         let x = r.vec(d, 1.0);
         let pos = [step];
         let mut full = vec![0.0; d];
-        m.attention(&mut s_full, 0, &all, &x, &pos, &mut full)
-            .unwrap();
+        m.attention(&mut s_full, 0, &all, &x, &pos, &mut full).unwrap();
         let mut sum = vec![0.0; d];
         for h in [4usize, 0, 8, 1, 2, 3, 5, 6, 7] {
             let mut p = vec![0.0; d];
@@ -347,8 +334,7 @@ fn layer_by_sub_blocks(
     let mut pa = vec![0.0; x.len()];
     let mut pb = vec![0.0; x.len()];
     m.attention(s_a, layer, heads_a, &xn, pos, &mut pa).unwrap();
-    m.attention(s_b, layer, &heads_b, &xn, pos, &mut pb)
-        .unwrap();
+    m.attention(s_b, layer, &heads_b, &xn, pos, &mut pb).unwrap();
     for i in 0..x.len() {
         x[i] += pa[i] + pb[i];
     }
@@ -403,9 +389,7 @@ fn forward_prefill_then_decode_equals_one_prefill() {
     let last4 = m.forward(&mut s2, &tokens[..4], &pos[..4], false).unwrap();
     assert!(rel_err(&last4, &all[3 * c.n_vocab..4 * c.n_vocab]) < 1e-5);
     for t in 4..tokens.len() {
-        let l = m
-            .forward(&mut s2, &tokens[t..t + 1], &pos[t..t + 1], false)
-            .unwrap();
+        let l = m.forward(&mut s2, &tokens[t..t + 1], &pos[t..t + 1], false).unwrap();
         assert!(rel_err(&l, &all[t * c.n_vocab..(t + 1) * c.n_vocab]) < 1e-5);
     }
 }
@@ -476,9 +460,7 @@ fn missing_or_misshapen_tensors_are_model_file_errors() {
     // untied config but no output.weight
     let src = tiny_source(&tiny_config(6, 2, true), 1);
     let err = Model::from_source(cfg, Arc::new(src), 1).unwrap_err();
-    assert!(
-        matches!(&err, CoreError::ModelFile { problem, .. } if problem.contains("output.weight"))
-    );
+    assert!(matches!(&err, CoreError::ModelFile { problem, .. } if problem.contains("output.weight")));
 }
 
 // ---- a tiny GGUF writer, to test `from_gguf` --------------------------------------------
@@ -565,17 +547,11 @@ fn tiny_gguf(arch: &str, cfg: &ModelConfig, src: &MemorySource, tag: &str) -> Pa
         ("llama.attention.head_count", u(cfg.n_head)),
         ("llama.attention.head_count_kv", u(cfg.n_head_kv)),
         ("llama.rope.freq_base", MetaValue::F32(cfg.rope_theta)),
-        (
-            "llama.attention.layer_norm_rms_epsilon",
-            MetaValue::F32(cfg.rms_eps),
-        ),
+        ("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(cfg.rms_eps)),
         ("llama.rope.dimension_count", u(cfg.head_dim)),
         ("llama.attention.key_length", u(cfg.head_dim)),
     ];
-    let path = std::env::temp_dir().join(format!(
-        "splitwise-model-test-{}-{tag}.gguf",
-        std::process::id()
-    ));
+    let path = std::env::temp_dir().join(format!("splitwise-model-test-{}-{tag}.gguf", std::process::id()));
     std::fs::write(&path, gguf_bytes(&meta, src, &names)).unwrap();
     path
 }
@@ -590,12 +566,8 @@ fn from_gguf_reads_config_and_matches_in_memory_model() {
     assert_eq!(m.config(), &cfg);
     let mem = Model::from_source(cfg.clone(), Arc::new(src.clone()), 1).unwrap();
     let pos = [0u32, 1, 2];
-    let a = m
-        .forward(&mut Session::new(&cfg), &[4, 5, 6], &pos, true)
-        .unwrap();
-    let b = mem
-        .forward(&mut Session::new(&cfg), &[4, 5, 6], &pos, true)
-        .unwrap();
+    let a = m.forward(&mut Session::new(&cfg), &[4, 5, 6], &pos, true).unwrap();
+    let b = mem.forward(&mut Session::new(&cfg), &[4, 5, 6], &pos, true).unwrap();
     assert_eq!(a, b);
     std::fs::remove_file(&path).unwrap();
 
@@ -617,10 +589,7 @@ fn from_gguf_reads_config_and_matches_in_memory_model() {
 #[test]
 #[ignore]
 fn compare_with_llama_cpp_logits() {
-    let (Ok(model), Ok(dir)) = (
-        std::env::var("SPLITWISE_GGUF"),
-        std::env::var("SPLITWISE_REF"),
-    ) else {
+    let (Ok(model), Ok(dir)) = (std::env::var("SPLITWISE_GGUF"), std::env::var("SPLITWISE_REF")) else {
         panic!("set SPLITWISE_GGUF and SPLITWISE_REF");
     };
     let dir = PathBuf::from(dir);
@@ -641,14 +610,9 @@ fn compare_with_llama_cpp_logits() {
     let start = std::time::Instant::now();
     // prefill half, decode the rest one by one: exercises the cache path too
     let half = tokens.len() / 2;
-    let mut ours = m
-        .forward(&mut s, &tokens[..half], &pos[..half], true)
-        .unwrap();
+    let mut ours = m.forward(&mut s, &tokens[..half], &pos[..half], true).unwrap();
     for t in half..tokens.len() {
-        ours.extend(
-            m.forward(&mut s, &tokens[t..t + 1], &pos[t..t + 1], false)
-                .unwrap(),
-        );
+        ours.extend(m.forward(&mut s, &tokens[t..t + 1], &pos[t..t + 1], false).unwrap());
     }
     let secs = start.elapsed().as_secs_f64();
     let log_softmax = |l: &[f32]| -> Vec<f64> {
@@ -656,25 +620,12 @@ fn compare_with_llama_cpp_logits() {
         let z: f64 = l.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln() + mx;
         l.iter().map(|&v| v as f64 - z).collect()
     };
-    let argmax = |l: &[f32]| {
-        l.iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap()
-            .0
-    };
+    let argmax = |l: &[f32]| l.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
     let (mut kl_sum, mut agree) = (0.0, 0);
     for t in 0..tokens.len() {
-        let (r, o) = (
-            &reference[t * nv..(t + 1) * nv],
-            &ours[t * nv..(t + 1) * nv],
-        );
+        let (r, o) = (&reference[t * nv..(t + 1) * nv], &ours[t * nv..(t + 1) * nv]);
         let (lr, lo) = (log_softmax(r), log_softmax(o));
-        kl_sum += lr
-            .iter()
-            .zip(&lo)
-            .map(|(a, b)| a.exp() * (a - b))
-            .sum::<f64>();
+        kl_sum += lr.iter().zip(&lo).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
         agree += usize::from(argmax(r) == argmax(o));
     }
     let n = tokens.len() as f64;
