@@ -22,6 +22,11 @@ pub enum CoreError {
     CorruptData(String),
     InvalidArgument(String),
     BadSnapshot(String),
+    /// A GGUF file that cannot be used; `problem` says why.
+    ModelFile {
+        path: String,
+        problem: String,
+    },
 }
 
 pub type CoreResult<T> = Result<T, CoreError>;
@@ -38,6 +43,7 @@ impl CoreError {
             CoreError::CorruptData(_) => "CorruptDataError",
             CoreError::InvalidArgument(_) => "InvalidArgumentError",
             CoreError::BadSnapshot(_) => "SnapshotError",
+            CoreError::ModelFile { .. } => "ModelFileError",
         }
     }
 }
@@ -64,6 +70,7 @@ impl fmt::Display for CoreError {
             | CoreError::CorruptData(msg)
             | CoreError::InvalidArgument(msg)
             | CoreError::BadSnapshot(msg) => f.write_str(msg),
+            CoreError::ModelFile { path, problem } => write!(f, "model file {path}: {problem}"),
         }
     }
 }
