@@ -6,14 +6,27 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq)]
 pub enum CoreError {
     UnknownCodec(String),
-    NonFiniteInput { index: usize },
-    OutOfRange { index: usize, value: f32, limit: f32 },
-    BufferSize { expected: usize, actual: usize },
+    NonFiniteInput {
+        index: usize,
+    },
+    OutOfRange {
+        index: usize,
+        value: f32,
+        limit: f32,
+    },
+    BufferSize {
+        expected: usize,
+        actual: usize,
+    },
     ShapeMismatch(String),
     CorruptData(String),
     InvalidArgument(String),
     BadSnapshot(String),
-    ModelFile { path: String, problem: String },
+    /// A GGUF file that cannot be used; `problem` says why.
+    ModelFile {
+        path: String,
+        problem: String,
+    },
 }
 
 pub type CoreResult<T> = Result<T, CoreError>;

@@ -136,11 +136,11 @@ impl GgufFile {
                 dims.push(c.u64()?);
             }
             let tid = c.u32()?;
-            let ty =
-                GgmlType::from_id(tid).ok_or_else(|| bad(path, format!("tensor {name}: unsupported type {tid}")))?;
+            let ty = GgmlType::from_ggml_id(tid)
+                .ok_or_else(|| bad(path, format!("tensor {name}: unsupported type {tid}")))?;
             let offset = c.u64()?;
             let n: u64 = dims.iter().product();
-            let size = (n as usize / ty.block_elems()) * ty.block_bytes();
+            let size = (n as usize / ty.block_len()) * ty.block_bytes();
             tensors.push(TensorInfo {
                 name,
                 dims,
