@@ -638,3 +638,52 @@ fn compare_with_llama_cpp_logits() {
     );
     assert!(kl_sum / n <= 0.01 && agree as f64 / n >= 0.93);
 }
+
+#[test]
+fn norms_embedding_and_lm_head_match_reference() {
+    for tied in [true, false] {
+        let m = tiny_model(6, 2, tied);
+        let c = m.config().clone();
+        let d = c.n_embd;
+        let mut r = Rng(17);
+        let x: Vec<f32> = r.vec(2 * d, 3.0);
+        let rms = |row: &[f32], w: &[f32]| -> Vec<f32> {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            row.iter()
+                .zip(w)
+                .map(|(v, w)| v / (ms + c.rms_eps).sqrt() * w)
+                .collect()
+        };
+        let w_attn = m.vector("blk.1.attn_norm.weight", d).unwrap();
+        let w_ffn = m.vector("blk.1.ffn_norm.weight", d).unwrap();
+        let w_out = m.vector("output_norm.weight", d).unwrap();
+        let mut got = vec![0.0; 2 * d];
+        m.attn_norm(1, &x, &mut got).unwrap();
+        let want: Vec<f32> = x.chunks(d).flat_map(|row| rms(row, &w_attn)).collect();
+        assert!(rel_err(&got, &want) < 1e-6);
+        m.ffn_norm(1, &x, &mut got).unwrap();
+        let want: Vec<f32> = x.chunks(d).flat_map(|row| rms(row, &w_ffn)).collect();
+        assert!(rel_err(&got, &want) < 1e-6);
+
+        let mut logits = vec![0.0; 2 * c.n_vocab];
+        m.output_logits(&x, 2, &mut logits).unwrap();
+        let head = m
+            .matrix(if tied { "token_embd.weight" } else { "output.weight" }, c.n_vocab, d)
+            .unwrap();
+        let mut row = vec![0.0; d];
+        for (t, xt) in x.chunks(d).enumerate() {
+            let xn = rms(xt, &w_out);
+            for v in [0, 13, c.n_vocab - 1] {
+                head.row(v, &mut row);
+                let want = dot(&row, &xn);
+                assert!((logits[t * c.n_vocab + v] - want).abs() < 1e-4 * want.abs().max(1.0));
+            }
+        }
+
+        let mut e = vec![0.0; 2 * d];
+        m.embed(&[13, 0], &mut e).unwrap();
+        let emb = m.matrix("token_embd.weight", c.n_vocab, d).unwrap();
+        emb.row(13, &mut row);
+        assert_eq!(&e[..d], &row[..]);
+    }
+}
