@@ -491,35 +491,71 @@ impl Model {
             run_start = run_end;
         }
 
-        // Per token: RoPE on its query heads, causal softmax attention over the cache.
+        // Per (token, selected head): RoPE on the query, causal softmax attention over the cache.
         let caches: Vec<_> = (0..c.n_head_kv).map(|g| session.cache(layer, g)).collect();
+        let mut selected = vec![false; c.n_head];
+        heads.iter().for_each(|&h| selected[h] = true);
         let scale = 1.0 / (hd as f32).sqrt();
         let mut attn = vec![0.0f32; n_tok * nq];
         self.pool.install(|| {
-            attn.par_chunks_mut(nq)
-                .zip(q.par_chunks_mut(nq))
+            attn.par_chunks_mut(hd)
+                .zip(q.par_chunks_mut(hd))
                 .enumerate()
-                .for_each(|(t, (a_t, q_t))| {
-                    let rt = &rope[t * hd / 2..(t + 1) * hd / 2];
-                    let mut scores = Vec::new();
-                    for &h in heads {
-                        let cache = caches[c.kv_group_of_head(h)].expect("group computed above");
-                        let qh = &mut q_t[h * hd..(h + 1) * hd];
-                        apply_rope(qh, rt);
-                        let n_vis = cache.pos.partition_point(|&p| p <= positions[t]);
-                        scores.clear();
-                        scores.extend(cache.k[..n_vis * hd].chunks_exact(hd).map(|kj| dot(qh, kj) * scale));
-                        softmax(&mut scores);
-                        let ah = &mut a_t[h * hd..(h + 1) * hd];
-                        for (&p, vj) in scores.iter().zip(cache.v.chunks_exact(hd)) {
-                            for (o, &vv) in ah.iter_mut().zip(vj) {
-                                *o += p * vv;
-                            }
+                .filter(|(i, _)| selected[i % c.n_head])
+                .for_each(|(i, (ah, qh))| {
+                    let (t, h) = (i / c.n_head, i % c.n_head);
+                    let cache = caches[c.kv_group_of_head(h)].expect("group computed above");
+                    apply_rope(qh, &rope[t * hd / 2..(t + 1) * hd / 2]);
+                    let n_vis = cache.pos.partition_point(|&p| p <= positions[t]);
+                    let mut scores: Vec<f32> = cache.k[..n_vis * hd]
+                        .chunks_exact(hd)
+                        .map(|kj| dot(qh, kj) * scale)
+                        .collect();
+                    softmax(&mut scores);
+                    for (&p, vj) in scores.iter().zip(cache.v.chunks_exact(hd)) {
+                        for (o, &vv) in ah.iter_mut().zip(vj) {
+                            *o += p * vv;
                         }
                     }
                 });
         });
-        wo.matmul(&attn, n_tok, out, &self.pool);
+        self.output_projection(&wo, heads, &attn, n_tok, out)
+    }
+
+    /// `out = W_o · attn` where `attn` (T × n_head·head_dim) is zero outside `heads`. For a
+    /// strict subset of heads whose column blocks align with the weight's quantization blocks,
+    /// only those columns of W_o are gathered and multiplied (same block dot products, minus
+    /// exact zeros); otherwise the whole W_o multiplies the zero-padded input.
+    fn output_projection(
+        &self,
+        wo: &QMatrix<'_>,
+        heads: &[usize],
+        attn: &[f32],
+        n_tok: usize,
+        out: &mut [f32],
+    ) -> CoreResult<()> {
+        let (hd, nq) = (self.cfg.head_dim, self.cfg.n_head * self.cfg.head_dim);
+        let (bl, bb) = (wo.ty.block_len(), wo.ty.block_bytes());
+        if heads.len() == self.cfg.n_head || hd % bl != 0 {
+            wo.matmul(attn, n_tok, out, &self.pool);
+            return Ok(());
+        }
+        let cols = heads.len() * hd;
+        let (head_bytes, row_bytes) = (hd / bl * bb, nq / bl * bb);
+        let mut w = Vec::with_capacity(wo.rows * heads.len() * head_bytes);
+        for r in 0..wo.rows {
+            let row = &wo.data[r * row_bytes..(r + 1) * row_bytes];
+            for &h in heads {
+                w.extend_from_slice(&row[h * head_bytes..(h + 1) * head_bytes]);
+            }
+        }
+        let mut x = Vec::with_capacity(n_tok * cols);
+        for a_t in attn.chunks_exact(nq) {
+            for &h in heads {
+                x.extend_from_slice(&a_t[h * hd..(h + 1) * hd]);
+            }
+        }
+        QMatrix::new(wo.ty, wo.rows, cols, &w)?.matmul(&x, n_tok, out, &self.pool);
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::engine::gguf::GgufFile;
+use crate::engine::kernels::GgmlType;
 use std::path::PathBuf;
 
 /// Deterministic pseudo-random values in [-scale, scale).
@@ -685,5 +686,101 @@ fn norms_embedding_and_lm_head_match_reference() {
         let emb = m.matrix("token_embd.weight", c.n_vocab, d).unwrap();
         emb.row(13, &mut row);
         assert_eq!(&e[..d], &row[..]);
+    }
+}
+
+/// ggml's Q8_0 quantization of rows of 32-multiples.
+fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() / 32 * 34);
+    for block in values.chunks_exact(32) {
+        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+        out.extend(half::f16::from_f32(d).to_le_bytes());
+        out.extend(block.iter().map(|v| (v * id).round() as i8 as u8));
+    }
+    out
+}
+
+/// A Q8_0 model with head_dim 32, so W_o column blocks align with heads.
+fn tiny_q8_model() -> Model {
+    let cfg = ModelConfig {
+        n_embd: 64,
+        head_dim: 32,
+        n_ff: 96,
+        ..tiny_config(6, 2, true)
+    };
+    let f32_src = tiny_source(&cfg, 99);
+    let mut src = MemorySource::new();
+    let mut names = vec!["token_embd.weight".to_string(), "output_norm.weight".to_string()];
+    for l in 0..cfg.n_layer {
+        for t in [
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ] {
+            names.push(format!("blk.{l}.{t}.weight"));
+        }
+    }
+    for n in names {
+        let t = f32_src.tensor(&n).unwrap();
+        let vals: Vec<f32> = t
+            .data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        if t.dims.len() == 1 {
+            src.insert_f32(&n, t.dims.to_vec(), &vals);
+        } else {
+            src.insert(&n, GgmlType::Q8_0, t.dims.to_vec(), quantize_q8_0(&vals));
+        }
+    }
+    Model::from_source(cfg, Arc::new(src), 2).unwrap()
+}
+
+#[test]
+fn quantized_model_partials_gathered_w_o_and_fused_path_agree() {
+    let m = tiny_q8_model();
+    let c = m.config().clone();
+    let d = c.n_embd;
+    let nq = c.n_head * c.head_dim;
+    let mut r = Rng(23);
+    // the gathered-columns W_o equals the full W_o on a zero-padded input
+    let heads = [1usize, 2, 5];
+    let mut attn = r.vec(3 * nq, 1.0);
+    for (i, v) in attn.iter_mut().enumerate() {
+        if !heads.contains(&((i % nq) / c.head_dim)) {
+            *v = 0.0;
+        }
+    }
+    let wo = m.matrix("blk.0.attn_output.weight", d, nq).unwrap();
+    let mut full = vec![0.0; 3 * d];
+    let mut gathered = vec![0.0; 3 * d];
+    wo.matmul(&attn, 3, &mut full, &m.pool);
+    m.output_projection(&wo, &heads, &attn, 3, &mut gathered).unwrap();
+    assert!(rel_err(&gathered, &full) < 1e-6, "{}", rel_err(&gathered, &full));
+
+    // disjoint partials and the fused layer, over a prefill and decode steps
+    let mut s_fused = Session::new(&c);
+    let (mut s_a, mut s_b) = (Session::new(&c), Session::new(&c));
+    let tokens: Vec<u32> = vec![3, 17, 42, 5, 0, 49];
+    let mut p = 0usize;
+    for step_len in [3usize, 1, 1, 1] {
+        let pos: Vec<u32> = (p as u32..(p + step_len) as u32).collect();
+        let mut xf = vec![0.0; step_len * d];
+        m.embed(&tokens[p..p + step_len], &mut xf).unwrap();
+        p += step_len;
+        let mut xs = xf.clone();
+        for layer in 0..c.n_layer {
+            m.layer_fused(&mut s_fused, layer, &mut xf, &pos).unwrap();
+            layer_by_sub_blocks(&m, &mut s_a, &mut s_b, layer, &mut xs, &pos, &[0, 4]);
+        }
+        assert!(rel_err(&xs, &xf) < 1e-5, "{}", rel_err(&xs, &xf));
     }
 }
