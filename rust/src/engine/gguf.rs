@@ -1023,9 +1023,11 @@ mod tests {
             .unwrap()
     }
 
+    type Corruption = Box<dyn FnOnce(&mut Vec<u8>)>;
+
     #[test]
     fn corrupted_files_give_model_file_errors_naming_the_file() {
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut Vec<u8>)>, &str)> = vec![
+        let cases: Vec<(&str, Corruption, &str)> = vec![
             (
                 "truncated-data",
                 Box::new(|b: &mut Vec<u8>| b.truncate(b.len() - 10)),
