@@ -8,8 +8,9 @@
 use std::arch::x86_64::*;
 
 use super::activation::TokenActivation;
+use super::dequant::k_scales_mins;
 use super::dot::{self, DotFn};
-use super::{GgmlType, QK};
+use super::{GgmlType, QK, QK_K};
 
 pub(super) fn select(ty: GgmlType) -> Option<DotFn> {
     if !(is_x86_feature_detected!("avx2")
@@ -53,18 +54,8 @@ unsafe fn bf16_row(w: &[u8], a: &TokenActivation<'_>) -> f32 {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_k(w: &[u8], a: &TokenActivation<'_>) -> f32 {
-    dot::q4_k(w, a)
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_k(w: &[u8], a: &TokenActivation<'_>) -> f32 {
     dot::q5_k(w, a)
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6_k(w: &[u8], a: &TokenActivation<'_>) -> f32 {
-    dot::q6_k(w, a)
 }
 
 /// The f16 at `p` and the one after it, as floats in lanes 0 and 1.
@@ -130,16 +121,31 @@ unsafe fn offset_blocks_dot(
     block: impl Fn(usize) -> (__m256i, f32, f32),
 ) -> f32 {
     let y = a.qs.as_ptr();
-    let mut acc = [_mm256_setzero_ps(); 2];
-    let mut offsets = 0.0f32;
-    for b in 0..n_blocks {
+    let scaled_block = |b: usize, offsets: &mut f32| {
         let (q, d, m) = block(b);
-        let scale = _mm256_set1_ps(d * *a.scales.get_unchecked(b));
-        let lane = b % 2;
-        acc[lane] = _mm256_fmadd_ps(unsigned_dot(q, y.add(b * QK)), scale, acc[lane]);
-        offsets += m * *a.scaled_sums.get_unchecked(b);
+        *offsets += m * *a.scaled_sums.get_unchecked(b);
+        (
+            unsigned_dot(q, y.add(b * QK)),
+            _mm256_set1_ps(d * *a.scales.get_unchecked(b)),
+        )
+    };
+    // Two accumulators so consecutive blocks' FMAs do not wait on each other.
+    let mut acc0 = _mm256_setzero_ps();
+    let mut acc1 = _mm256_setzero_ps();
+    let mut offsets = 0.0f32;
+    let mut b = 0;
+    while b + 1 < n_blocks {
+        let (sums, scale) = scaled_block(b, &mut offsets);
+        acc0 = _mm256_fmadd_ps(sums, scale, acc0);
+        let (sums, scale) = scaled_block(b + 1, &mut offsets);
+        acc1 = _mm256_fmadd_ps(sums, scale, acc1);
+        b += 2;
     }
-    horizontal_sum(_mm256_add_ps(acc[0], acc[1])) + offsets
+    if b < n_blocks {
+        let (sums, scale) = scaled_block(b, &mut offsets);
+        acc0 = _mm256_fmadd_ps(sums, scale, acc0);
+    }
+    horizontal_sum(_mm256_add_ps(acc0, acc1)) + offsets
 }
 
 /// Checks the slice lengths the unchecked loops rely on.
@@ -201,18 +207,138 @@ unsafe fn q8_0(w: &[u8], a: &TokenActivation<'_>) -> f32 {
     let n = n_blocks(w, 34, a);
     let p = w.as_ptr();
     let y = a.qs.as_ptr();
-    let mut acc = [_mm256_setzero_ps(); 2];
-    for b in 0..n {
+    let scaled_block = |b: usize| {
         let blk = p.add(b * 34);
-        let d = f16_one(blk);
         let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
         let ys = _mm256_loadu_si256(y.add(b * QK) as *const __m256i);
         // maddubs needs an unsigned operand: move the weights' signs onto the activation.
         let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(ys, q));
         let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-        let scale = _mm256_set1_ps(d * *a.scales.get_unchecked(b));
-        let lane = b % 2;
-        acc[lane] = _mm256_fmadd_ps(sums, scale, acc[lane]);
+        (
+            sums,
+            _mm256_set1_ps(f16_one(blk) * *a.scales.get_unchecked(b)),
+        )
+    };
+    let mut acc0 = _mm256_setzero_ps();
+    let mut acc1 = _mm256_setzero_ps();
+    let mut b = 0;
+    while b + 1 < n {
+        let (sums, scale) = scaled_block(b);
+        acc0 = _mm256_fmadd_ps(sums, scale, acc0);
+        let (sums, scale) = scaled_block(b + 1);
+        acc1 = _mm256_fmadd_ps(sums, scale, acc1);
+        b += 2;
     }
-    horizontal_sum(_mm256_add_ps(acc[0], acc[1]))
+    if b < n {
+        let (sums, scale) = scaled_block(b);
+        acc0 = _mm256_fmadd_ps(sums, scale, acc0);
+    }
+    horizontal_sum(_mm256_add_ps(acc0, acc1))
+}
+
+/// Checks the slice lengths the unchecked K-quant loops rely on.
+#[inline(always)]
+fn n_super_blocks(w: &[u8], block_bytes: usize, a: &TokenActivation<'_>) -> usize {
+    let n = w.len() / block_bytes;
+    assert!(a.qs.len() >= n * QK_K && a.scales.len() >= n && a.group_sums.len() >= n * 16);
+    n
+}
+
+/// Q4_K: per pair of sub-blocks one 32-byte load of nibbles, two `maddubs` against the
+/// activation, and the 6-bit scales applied in i16 → i32 via `madd`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k(w: &[u8], a: &TokenActivation<'_>) -> f32 {
+    let n = n_super_blocks(w, 144, a);
+    let low_mask = _mm256_set1_epi8(0x0F);
+    let mut acc = _mm256_setzero_ps();
+    let mut min_total = 0.0f32;
+    for b in 0..n {
+        let blk = w.as_ptr().add(b * 144);
+        let d_dmin = f16_pair(blk);
+        let dy = *a.scales.get_unchecked(b);
+        let d = _mm_cvtss_f32(d_dmin) * dy;
+        let dmin = _mm_cvtss_f32(_mm_movehdup_ps(d_dmin)) * dy;
+        let (scales, mins) = k_scales_mins(std::slice::from_raw_parts(blk.add(4), 12));
+        let group_sums = a.group_sums.as_ptr().add(b * 16);
+        let mut min_sum = 0i32;
+        for (sub, &m) in mins.iter().enumerate() {
+            let y_sum =
+                i32::from(*group_sums.add(2 * sub)) + i32::from(*group_sums.add(2 * sub + 1));
+            min_sum += i32::from(m) * y_sum;
+        }
+        let qs = blk.add(16);
+        let y = a.qs.as_ptr().add(b * QK_K);
+        let mut sums = _mm256_setzero_si256();
+        for pair in 0..4 {
+            let q = _mm256_loadu_si256(qs.add(32 * pair) as *const __m256i);
+            let low = _mm256_and_si256(q, low_mask);
+            let high = _mm256_and_si256(_mm256_srli_epi16(q, 4), low_mask);
+            let y_low = _mm256_loadu_si256(y.add(64 * pair) as *const __m256i);
+            let y_high = _mm256_loadu_si256(y.add(64 * pair + 32) as *const __m256i);
+            let low = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(low, y_low),
+                _mm256_set1_epi16(i16::from(scales[2 * pair])),
+            );
+            let high = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(high, y_high),
+                _mm256_set1_epi16(i16::from(scales[2 * pair + 1])),
+            );
+            sums = _mm256_add_epi32(sums, _mm256_add_epi32(low, high));
+        }
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d), acc);
+        min_total += dmin * min_sum as f32;
+    }
+    horizontal_sum(acc) - min_total
+}
+
+/// Q6_K: each quarter of a half super-block is one 32-byte vector of 6-bit values (nibble
+/// plus two high bits), covering two 16-element scale groups; the offset of 32 is removed
+/// once per super-block from the activation's group sums.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k(w: &[u8], a: &TokenActivation<'_>) -> f32 {
+    let n = n_super_blocks(w, 210, a);
+    let low_mask = _mm256_set1_epi8(0x0F);
+    let high_mask = _mm256_set1_epi8(0x30);
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..n {
+        let blk = w.as_ptr().add(b * 210);
+        let d = f16_one(blk.add(208)) * *a.scales.get_unchecked(b);
+        let scales = std::slice::from_raw_parts(blk.add(192) as *const i8, 16);
+        let y = a.qs.as_ptr().add(b * QK_K);
+        let group_sums = _mm256_loadu_si256(a.group_sums.as_ptr().add(b * 16) as *const __m256i);
+        let scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(scales.as_ptr() as *const __m128i));
+        // Σ_g sc_g·32·Σy_g, subtracted from the Σ_g sc_g·Σq·y below.
+        let offset = _mm256_slli_epi32(_mm256_madd_epi16(group_sums, scales16), 5);
+        let mut sums = _mm256_sub_epi32(_mm256_setzero_si256(), offset);
+        for half in 0..2 {
+            let ql = blk.add(64 * half);
+            let ql0 = _mm256_loadu_si256(ql as *const __m256i);
+            let ql1 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+            let qh = _mm256_loadu_si256(blk.add(128 + 32 * half) as *const __m256i);
+            // Bits 2k..2k+2 of qh moved to bits 4..6; bits shifted in from the neighbouring
+            // byte of each 16-bit lane land outside the mask.
+            let quarters = [
+                (_mm256_and_si256(ql0, low_mask), _mm256_slli_epi16(qh, 4)),
+                (_mm256_and_si256(ql1, low_mask), _mm256_slli_epi16(qh, 2)),
+                (_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low_mask), qh),
+                (
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low_mask),
+                    _mm256_srli_epi16(qh, 2),
+                ),
+            ];
+            for (quarter, (low, high)) in quarters.into_iter().enumerate() {
+                let q = _mm256_or_si256(low, _mm256_and_si256(high, high_mask));
+                let ys = _mm256_loadu_si256(y.add(128 * half + 32 * quarter) as *const __m256i);
+                let group = 8 * half + 2 * quarter;
+                let scale = _mm256_set_m128i(
+                    _mm_set1_epi16(i16::from(scales[group + 1])),
+                    _mm_set1_epi16(i16::from(scales[group])),
+                );
+                let products = _mm256_madd_epi16(_mm256_maddubs_epi16(q, ys), scale);
+                sums = _mm256_add_epi32(sums, products);
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d), acc);
+    }
+    horizontal_sum(acc)
 }

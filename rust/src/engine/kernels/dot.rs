@@ -45,8 +45,8 @@ fn float_dot(n: usize, weight: impl Fn(usize) -> f32, x: &[f32]) -> f32 {
         }
     }
     let mut sum: f32 = partial.iter().sum();
-    for i in whole..n {
-        sum += weight(i) * x[i];
+    for (i, &xi) in x.iter().enumerate().take(n).skip(whole) {
+        sum += weight(i) * xi;
     }
     sum
 }

@@ -3,7 +3,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::*;
-use crate::engine::gguf::GgufFile;
+use crate::engine::gguf::{GgufFile, GgufWriter};
 use crate::engine::kernels::GgmlType;
 use std::path::PathBuf;
 
@@ -475,59 +475,7 @@ fn missing_or_misshapen_tensors_are_model_file_errors() {
     assert!(matches!(&err, CoreError::ModelFile { problem, .. } if problem.contains("output.weight")));
 }
 
-// ---- a tiny GGUF writer, to test `from_gguf` --------------------------------------------
-
-fn gguf_bytes(meta: &[(&str, MetaValue)], src: &MemorySource, names: &[String]) -> Vec<u8> {
-    fn s(out: &mut Vec<u8>, v: &str) {
-        out.extend((v.len() as u64).to_le_bytes());
-        out.extend(v.as_bytes());
-    }
-    let mut out = b"GGUF".to_vec();
-    out.extend(3u32.to_le_bytes());
-    out.extend((names.len() as u64).to_le_bytes());
-    out.extend((meta.len() as u64).to_le_bytes());
-    for (k, v) in meta {
-        s(&mut out, k);
-        match v {
-            MetaValue::U32(x) => {
-                out.extend(4u32.to_le_bytes());
-                out.extend(x.to_le_bytes());
-            }
-            MetaValue::F32(x) => {
-                out.extend(6u32.to_le_bytes());
-                out.extend(x.to_le_bytes());
-            }
-            MetaValue::Str(x) => {
-                out.extend(8u32.to_le_bytes());
-                s(&mut out, x);
-            }
-            _ => unreachable!(),
-        }
-    }
-    let mut offset = 0u64;
-    let mut blobs = vec![];
-    for n in names {
-        let t = src.tensor(n).unwrap();
-        s(&mut out, n);
-        out.extend((t.dims.len() as u32).to_le_bytes());
-        for d in t.dims {
-            out.extend(d.to_le_bytes());
-        }
-        out.extend(0u32.to_le_bytes()); // F32
-        out.extend(offset.to_le_bytes());
-        offset += (t.data.len() as u64).div_ceil(32) * 32;
-        blobs.push(t.data.to_vec());
-    }
-    while out.len() % 32 != 0 {
-        out.push(0);
-    }
-    for b in blobs {
-        let n = b.len();
-        out.extend(b);
-        out.extend(vec![0u8; n.div_ceil(32) * 32 - n]);
-    }
-    out
-}
+// ---- tiny GGUF files, to test `from_gguf` ----------------------------------------------
 
 fn tiny_gguf(arch: &str, cfg: &ModelConfig, src: &MemorySource, tag: &str) -> PathBuf {
     let mut names: Vec<String> = vec!["token_embd.weight".into(), "output_norm.weight".into()];
@@ -564,7 +512,15 @@ fn tiny_gguf(arch: &str, cfg: &ModelConfig, src: &MemorySource, tag: &str) -> Pa
         ("llama.attention.key_length", u(cfg.head_dim)),
     ];
     let path = std::env::temp_dir().join(format!("splitwise-model-test-{}-{tag}.gguf", std::process::id()));
-    std::fs::write(&path, gguf_bytes(&meta, src, &names)).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in meta {
+        w.add_metadata(k, v).unwrap();
+    }
+    for n in &names {
+        let t = src.tensor(n).unwrap();
+        w.add_tensor(n.as_str(), t.dims, t.ty, t.data).unwrap();
+    }
+    w.write(&path).unwrap();
     path
 }
 
