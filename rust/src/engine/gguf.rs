@@ -203,10 +203,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn array<const N: usize>(&mut self, what: &str) -> ParseResult<[u8; N]> {
-        Ok(self
-            .take(N, what)?
-            .try_into()
-            .expect("take returned N bytes"))
+        Ok(self.take(N, what)?.try_into().expect("take returned N bytes"))
     }
 
     fn u32(&mut self, what: &str) -> ParseResult<u32> {
@@ -260,9 +257,7 @@ impl<'a> Cursor<'a> {
             TYPE_STRING => MetaValue::Str(self.string(what)?),
             TYPE_ARRAY => {
                 if depth >= MAX_ARRAY_NESTING {
-                    return Err(format!(
-                        "{what} nests arrays deeper than {MAX_ARRAY_NESTING}"
-                    ));
+                    return Err(format!("{what} nests arrays deeper than {MAX_ARRAY_NESTING}"));
                 }
                 let item_type = self.u32(what)?;
                 let min_item_bytes = min_value_bytes(item_type)
@@ -302,15 +297,11 @@ fn parse(bytes: &[u8]) -> ParseResult<ParsedHeader> {
     let mut cur = Cursor { bytes, pos: 0 };
     let magic = cur.take(4, "magic")?;
     if magic != MAGIC {
-        return Err(format!(
-            "not a GGUF file: magic is {magic:02x?}, expected \"GGUF\""
-        ));
+        return Err(format!("not a GGUF file: magic is {magic:02x?}, expected \"GGUF\""));
     }
     let version = cur.u32("version")?;
     if version != 2 && version != 3 {
-        return Err(format!(
-            "unsupported GGUF version {version} (supported: 2, 3)"
-        ));
+        return Err(format!("unsupported GGUF version {version} (supported: 2, 3)"));
     }
     // Smallest tensor entry: empty name, one dimension, type, offset.
     let tensor_count = cur.count(8 + 4 + 8 + 4 + 8, "tensor count")?;
@@ -385,11 +376,7 @@ fn parse(bytes: &[u8]) -> ParseResult<ParsedHeader> {
         }
         let offset = data_start
             .checked_add(raw.relative_offset)
-            .filter(|&start| {
-                start
-                    .checked_add(size as u64)
-                    .is_some_and(|end| end <= file_len)
-            })
+            .filter(|&start| start.checked_add(size as u64).is_some_and(|end| end <= file_len))
             .ok_or_else(|| {
                 format!(
                     "tensor {name:?} data ({size} bytes at data offset {}) lies beyond the end \
@@ -433,8 +420,7 @@ fn tensor_bytes(dims: &[u64], ty: GgmlType) -> CoreResult<usize> {
 
 impl GgufFile {
     pub fn open(path: &Path) -> CoreResult<GgufFile> {
-        let file =
-            File::open(path).map_err(|e| model_file_error(path, format!("cannot open: {e}")))?;
+        let file = File::open(path).map_err(|e| model_file_error(path, format!("cannot open: {e}")))?;
         let len = file
             .metadata()
             .map_err(|e| model_file_error(path, format!("cannot stat: {e}")))?
@@ -447,8 +433,7 @@ impl GgufFile {
         }
         // SAFETY: the map is read-only and private to this process. Like every mmap-based
         // model loader we rely on the file not being truncated or rewritten while open.
-        let mmap = unsafe { Mmap::map(&file) }
-            .map_err(|e| model_file_error(path, format!("cannot map: {e}")))?;
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| model_file_error(path, format!("cannot map: {e}")))?;
         let header = parse(&mmap).map_err(|problem| model_file_error(path, problem))?;
         let metadata_index = header
             .metadata
@@ -508,11 +493,9 @@ impl GgufFile {
     pub fn meta_u32(&self, key: &str) -> CoreResult<u32> {
         let value = self.required(key)?;
         match value.as_i128() {
-            Some(v) => u32::try_from(v).map_err(|_| {
-                self.error(format!(
-                    "metadata key {key:?} is {v}, outside the u32 range"
-                ))
-            }),
+            Some(v) => {
+                u32::try_from(v).map_err(|_| self.error(format!("metadata key {key:?} is {v}, outside the u32 range")))
+            }
             None => Err(self.error(format!(
                 "metadata key {key:?} holds a {}, not an integer",
                 value.type_name()
@@ -559,13 +542,9 @@ impl GgufFile {
     /// the ones from `tensors()` were validated at open.
     pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
         let start = info.offset as usize;
-        self.mmap.get(start..start + info.size).unwrap_or_else(|| {
-            panic!(
-                "tensor {:?} lies outside {}",
-                info.name,
-                self.path.display()
-            )
-        })
+        self.mmap
+            .get(start..start + info.size)
+            .unwrap_or_else(|| panic!("tensor {:?} lies outside {}", info.name, self.path.display()))
     }
 }
 
@@ -659,9 +638,7 @@ impl<'a> GgufWriter<'a> {
             )));
         }
         if self.tensors.iter().any(|t| t.name == name) {
-            return Err(CoreError::InvalidArgument(format!(
-                "tensor {name:?} added twice"
-            )));
+            return Err(CoreError::InvalidArgument(format!("tensor {name:?} added twice")));
         }
         let expected = tensor_bytes(dims, ty)?;
         if data.len() != expected {
@@ -698,16 +675,9 @@ impl<'a> GgufWriter<'a> {
     fn write_to<W: Write>(&self, out: &mut CountingWriter<W>) -> std::io::Result<()> {
         let mut metadata: Vec<(&str, Cow<'_, MetaValue>)> = Vec::new();
         if self.alignment != DEFAULT_ALIGNMENT {
-            metadata.push((
-                ALIGNMENT_KEY,
-                Cow::Owned(MetaValue::U32(self.alignment as u32)),
-            ));
+            metadata.push((ALIGNMENT_KEY, Cow::Owned(MetaValue::U32(self.alignment as u32))));
         }
-        metadata.extend(
-            self.metadata
-                .iter()
-                .map(|(k, v)| (k.as_str(), Cow::Borrowed(v))),
-        );
+        metadata.extend(self.metadata.iter().map(|(k, v)| (k.as_str(), Cow::Borrowed(v))));
 
         out.put(MAGIC)?;
         out.put(&WRITTEN_VERSION.to_le_bytes())?;
@@ -801,10 +771,7 @@ mod tests {
         if path.exists() {
             Some(path)
         } else {
-            eprintln!(
-                "skipping: {} not found (set SPLITWISE_TEST_GGUF)",
-                path.display()
-            );
+            eprintln!("skipping: {} not found (set SPLITWISE_TEST_GGUF)", path.display());
             None
         }
     }
@@ -844,37 +811,20 @@ mod tests {
         assert_eq!(file.meta_str("general.architecture").unwrap(), "llama");
         assert_eq!(file.meta_u32("llama.block_count").unwrap(), 30);
         assert_eq!(file.meta_u32("llama.embedding_length").unwrap(), 576);
-        assert!(
-            file.meta_f32("llama.attention.layer_norm_rms_epsilon")
-                .unwrap()
-                > 0.0
-        );
-        let tokens = file
-            .metadata("tokenizer.ggml.tokens")
-            .unwrap()
-            .as_array()
-            .unwrap();
+        assert!(file.meta_f32("llama.attention.layer_norm_rms_epsilon").unwrap() > 0.0);
+        let tokens = file.metadata("tokenizer.ggml.tokens").unwrap().as_array().unwrap();
         assert_eq!(tokens.len(), 49152);
         assert!(file.metadata_keys().any(|k| k == "tokenizer.ggml.model"));
 
         let q = file.tensor("blk.0.attn_q.weight").unwrap();
-        assert_eq!(
-            (q.dims.as_slice(), q.ty),
-            (&[576u64, 576][..], GgmlType::Q4_1)
-        );
+        assert_eq!((q.dims.as_slice(), q.ty), (&[576u64, 576][..], GgmlType::Q4_1));
         let embedding = file.tensor("token_embd.weight").unwrap();
         assert_eq!(embedding.dims, [576, 49152]);
         assert_eq!(embedding.ty, GgmlType::Q8_0);
         let norm = file.tensor("blk.29.ffn_norm.weight").unwrap();
+        assert_eq!((norm.dims.as_slice(), norm.ty), (&[576u64][..], GgmlType::F32));
         assert_eq!(
-            (norm.dims.as_slice(), norm.ty),
-            (&[576u64][..], GgmlType::F32)
-        );
-        assert_eq!(
-            file.tensors()
-                .iter()
-                .filter(|t| t.name.starts_with("blk."))
-                .count(),
+            file.tensors().iter().filter(|t| t.name.starts_with("blk.")).count(),
             30 * 9
         );
 
@@ -901,19 +851,13 @@ mod tests {
         writer
             .add_metadata("general.architecture", MetaValue::Str("llama".into()))
             .unwrap();
-        writer
-            .add_metadata("llama.block_count", MetaValue::U32(2))
-            .unwrap();
+        writer.add_metadata("llama.block_count", MetaValue::U32(2)).unwrap();
         writer.add_metadata("x.i8", MetaValue::I8(-5)).unwrap();
         writer.add_metadata("x.u16", MetaValue::U16(65535)).unwrap();
-        writer
-            .add_metadata("x.i64", MetaValue::I64(-1 << 40))
-            .unwrap();
+        writer.add_metadata("x.i64", MetaValue::I64(-1 << 40)).unwrap();
         writer.add_metadata("x.f64", MetaValue::F64(0.1)).unwrap();
         writer.add_metadata("x.f32", MetaValue::F32(1e-5)).unwrap();
-        writer
-            .add_metadata("x.bool", MetaValue::Bool(true))
-            .unwrap();
+        writer.add_metadata("x.bool", MetaValue::Bool(true)).unwrap();
         writer
             .add_metadata(
                 "x.strings",
@@ -932,9 +876,7 @@ mod tests {
         writer
             .add_tensor("w.q8", &[32, 3], GgmlType::Q8_0, &data[..3 * 34])
             .unwrap();
-        writer
-            .add_tensor("w.f32", &[5], GgmlType::F32, &data[..20])
-            .unwrap();
+        writer.add_tensor("w.f32", &[5], GgmlType::F32, &data[..20]).unwrap();
         writer
             .add_tensor("w.q4k", &[256, 1, 1], GgmlType::Q4K, &data[..144])
             .unwrap();
@@ -979,26 +921,14 @@ mod tests {
     fn writer_rejects_inconsistent_input() {
         let data = sample_bytes();
         let mut writer = GgufWriter::new();
-        assert!(writer
-            .add_tensor("t", &[32], GgmlType::Q8_0, &data[..33])
-            .is_err());
-        assert!(writer
-            .add_tensor("t", &[30], GgmlType::Q8_0, &data[..34])
-            .is_err());
-        assert!(writer
-            .add_tensor("t", &[], GgmlType::F32, &data[..0])
-            .is_err());
-        writer
-            .add_tensor("t", &[32], GgmlType::Q8_0, &data[..34])
-            .unwrap();
-        assert!(writer
-            .add_tensor("t", &[32], GgmlType::Q8_0, &data[..34])
-            .is_err());
+        assert!(writer.add_tensor("t", &[32], GgmlType::Q8_0, &data[..33]).is_err());
+        assert!(writer.add_tensor("t", &[30], GgmlType::Q8_0, &data[..34]).is_err());
+        assert!(writer.add_tensor("t", &[], GgmlType::F32, &data[..0]).is_err());
+        writer.add_tensor("t", &[32], GgmlType::Q8_0, &data[..34]).unwrap();
+        assert!(writer.add_tensor("t", &[32], GgmlType::Q8_0, &data[..34]).is_err());
         let mixed = MetaValue::Array(vec![MetaValue::U8(1), MetaValue::I8(1)]);
         assert!(writer.add_metadata("mixed", mixed).is_err());
-        assert!(writer
-            .add_metadata(ALIGNMENT_KEY, MetaValue::U32(64))
-            .is_err());
+        assert!(writer.add_metadata(ALIGNMENT_KEY, MetaValue::U32(64)).is_err());
         assert!(writer.set_alignment(48).is_err());
     }
 
@@ -1017,10 +947,7 @@ mod tests {
     fn tensor_entry(bytes: &[u8], name: &str) -> usize {
         let mut needle = (name.len() as u64).to_le_bytes().to_vec();
         needle.extend_from_slice(name.as_bytes());
-        bytes
-            .windows(needle.len())
-            .position(|w| w == needle)
-            .unwrap()
+        bytes.windows(needle.len()).position(|w| w == needle).unwrap()
     }
 
     type Corruption = Box<dyn FnOnce(&mut Vec<u8>)>;
@@ -1038,11 +965,7 @@ mod tests {
                 Box::new(|b: &mut Vec<u8>| b.truncate(60)),
                 "truncated",
             ),
-            (
-                "tiny",
-                Box::new(|b: &mut Vec<u8>| b.truncate(5)),
-                "truncated",
-            ),
+            ("tiny", Box::new(|b: &mut Vec<u8>| b.truncate(5)), "truncated"),
             (
                 "magic",
                 Box::new(|b: &mut Vec<u8>| b[..4].copy_from_slice(b"GGML")),
@@ -1129,10 +1052,7 @@ mod tests {
                 }
             }
         }
-        assert!(
-            opened > 0,
-            "some corruptions (e.g. in tensor data) leave a valid file"
-        );
+        assert!(opened > 0, "some corruptions (e.g. in tensor data) leave a valid file");
     }
 
     /// Leaves a sample at /tmp for checking with gguf-py:
@@ -1143,8 +1063,6 @@ mod tests {
         let data = sample_bytes();
         let mut writer = sample_writer(&data);
         writer.set_alignment(64).unwrap();
-        writer
-            .write(Path::new("/tmp/splitwise_writer_sample.gguf"))
-            .unwrap();
+        writer.write(Path::new("/tmp/splitwise_writer_sample.gguf")).unwrap();
     }
 }

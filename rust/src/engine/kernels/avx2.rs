@@ -13,10 +13,7 @@ use super::dot::{self, DotFn};
 use super::{GgmlType, QK, QK_K};
 
 pub(super) fn select(ty: GgmlType) -> Option<DotFn> {
-    if !(is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c"))
-    {
+    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")) {
         return None;
     }
     // SAFETY (every wrapper below): reached only when the features above are present.
@@ -95,8 +92,7 @@ unsafe fn high_bits_to_bytes(p: *const u8) -> __m256i {
     let spread = _mm256_shuffle_epi8(
         _mm256_set1_epi32(bits as i32),
         _mm256_setr_epi8(
-            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
-            3, 3, 3,
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
         ),
     );
     let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
@@ -214,10 +210,7 @@ unsafe fn q8_0(w: &[u8], a: &TokenActivation<'_>) -> f32 {
         // maddubs needs an unsigned operand: move the weights' signs onto the activation.
         let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(ys, q));
         let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-        (
-            sums,
-            _mm256_set1_ps(f16_one(blk) * *a.scales.get_unchecked(b)),
-        )
+        (sums, _mm256_set1_ps(f16_one(blk) * *a.scales.get_unchecked(b)))
     };
     let mut acc0 = _mm256_setzero_ps();
     let mut acc1 = _mm256_setzero_ps();
@@ -262,8 +255,7 @@ unsafe fn q4_k(w: &[u8], a: &TokenActivation<'_>) -> f32 {
         let group_sums = a.group_sums.as_ptr().add(b * 16);
         let mut min_sum = 0i32;
         for (sub, &m) in mins.iter().enumerate() {
-            let y_sum =
-                i32::from(*group_sums.add(2 * sub)) + i32::from(*group_sums.add(2 * sub + 1));
+            let y_sum = i32::from(*group_sums.add(2 * sub)) + i32::from(*group_sums.add(2 * sub + 1));
             min_sum += i32::from(m) * y_sum;
         }
         let qs = blk.add(16);

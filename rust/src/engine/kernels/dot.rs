@@ -119,10 +119,7 @@ pub(super) fn q4_1(w: &[u8], a: &TokenActivation<'_>) -> f32 {
 
 #[inline(always)]
 fn unsigned_block_dot(q: &[u8; 32], y: &[i8; 32]) -> i32 {
-    q.iter()
-        .zip(y)
-        .map(|(&q, &y)| i32::from(q) * i32::from(y))
-        .sum()
+    q.iter().zip(y).map(|(&q, &y)| i32::from(q) * i32::from(y)).sum()
 }
 
 pub(super) fn q5_0(w: &[u8], a: &TokenActivation<'_>) -> f32 {
@@ -260,8 +257,7 @@ pub(super) fn q6_k(w: &[u8], a: &TokenActivation<'_>) -> f32 {
                 for g in 0..2 {
                     let mut group_dot = 0i32;
                     for l in 16 * g..16 * g + 16 {
-                        let q = ((low_bytes[l] >> low_shift) & 0x0F)
-                            | (((qh[l] >> high_shift) & 0x03) << 4);
+                        let q = ((low_bytes[l] >> low_shift) & 0x0F) | (((qh[l] >> high_shift) & 0x03) << 4);
                         group_dot += i32::from(q) * i32::from(y[l]);
                     }
                     let group = 8 * half + 2 * quarter + g;

@@ -92,9 +92,7 @@ impl GgmlType {
     pub fn block_len(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
-                QK
-            }
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => QK,
             GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => QK_K,
         }
     }
@@ -126,12 +124,7 @@ impl GgmlType {
         }
         (n / block_len)
             .checked_mul(self.block_bytes())
-            .ok_or_else(|| {
-                CoreError::InvalidArgument(format!(
-                    "a {} row of {n} elements overflows",
-                    self.name()
-                ))
-            })
+            .ok_or_else(|| CoreError::InvalidArgument(format!("a {} row of {n} elements overflows", self.name())))
     }
 
     fn activation_kind(self) -> ActivationKind {
@@ -213,12 +206,7 @@ impl<'a> QMatrix<'a> {
                 actual: data.len(),
             });
         }
-        Ok(QMatrix {
-            ty,
-            rows,
-            cols,
-            data,
-        })
+        Ok(QMatrix { ty, rows, cols, data })
     }
 
     fn row_bytes(&self) -> usize {
@@ -263,11 +251,7 @@ impl<'a> QMatrix<'a> {
         );
         assert_eq!(x.len(), n_tokens * self.cols, "x must be n_tokens × cols");
         let n_rows = rows.len();
-        assert_eq!(
-            out.len(),
-            n_tokens * n_rows,
-            "out must be n_tokens × rows.len()"
-        );
+        assert_eq!(out.len(), n_tokens * n_rows, "out must be n_tokens × rows.len()");
         if n_rows == 0 || n_tokens == 0 {
             return;
         }
@@ -300,12 +284,10 @@ impl<'a> QMatrix<'a> {
             let rows_per_task = n_rows.div_ceil(tasks);
             pool.install(|| {
                 use rayon::prelude::*;
-                (0..n_rows.div_ceil(rows_per_task))
-                    .into_par_iter()
-                    .for_each(|task| {
-                        let start = task * rows_per_task;
-                        run_rows(start..(start + rows_per_task).min(n_rows));
-                    });
+                (0..n_rows.div_ceil(rows_per_task)).into_par_iter().for_each(|task| {
+                    let start = task * rows_per_task;
+                    run_rows(start..(start + rows_per_task).min(n_rows));
+                });
             });
         }
         ACTIVATION_SCRATCH.with(|cell| cell.set(activation));

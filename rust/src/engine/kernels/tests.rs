@@ -45,11 +45,7 @@ fn fixture_records() -> Vec<FixtureRecord> {
 fn dequantize_matches_gguf_py_bit_for_bit() {
     let records = fixture_records();
     for ty in GgmlType::ALL.into_iter().filter(|&t| t != GgmlType::F32) {
-        assert!(
-            records.iter().any(|r| r.ty == ty),
-            "no fixture for {}",
-            ty.name()
-        );
+        assert!(records.iter().any(|r| r.ty == ty), "no fixture for {}", ty.name());
     }
     for record in &records {
         let mut out = vec![f32::NAN; record.expected.len()];
@@ -170,11 +166,7 @@ fn dequantize_matrix(m: &QMatrix<'_>) -> Vec<f32> {
 
 /// ‖got − want‖ / ‖want‖ over one token's outputs.
 fn relative_error(got: &[f32], want: &[f64]) -> f64 {
-    let diff: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w).powi(2))
-        .sum();
+    let diff: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).powi(2)).sum();
     let norm: f64 = want.iter().map(|w| w * w).sum();
     (diff / norm).sqrt()
 }
@@ -192,10 +184,7 @@ fn max_activation_error_norm(x: &[f32], block: usize) -> f64 {
 }
 
 fn pool(threads: usize) -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap()
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap()
 }
 
 /// Activation quantization to 8 bits rounds each x to within amax/254 of its block, ~0.6% RMS
@@ -254,19 +243,11 @@ fn matmul_matches_float64_reference_for_every_type() {
                             };
                             for (i, r) in range.clone().enumerate() {
                                 let w = &dense[r * cols..(r + 1) * cols];
-                                let w_norm =
-                                    w.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
-                                let magnitude: f64 = w
-                                    .iter()
-                                    .zip(xt)
-                                    .map(|(&w, &x)| (w as f64 * x as f64).abs())
-                                    .sum();
+                                let w_norm = w.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+                                let magnitude: f64 = w.iter().zip(xt).map(|(&w, &x)| (w as f64 * x as f64).abs()).sum();
                                 let bound = w_norm * activation_error * 1.001 + 1e-5 * magnitude;
                                 let err = (got[i] as f64 - want[i]).abs();
-                                assert!(
-                                    err <= bound,
-                                    "{context} row {r}: error {err:e} > bound {bound:e}"
-                                );
+                                assert!(err <= bound, "{context} row {r}: error {err:e} > bound {bound:e}");
                             }
                             if range.len() >= 50 {
                                 let err = relative_error(got, &want);
@@ -342,11 +323,7 @@ fn kernel_benchmark() {
     let mut rng = Rng(5);
     for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K] {
         for (rows, cols) in [(576, 576), (1536, 576), (576, 1536)] {
-            let cols = if ty.block_len() == 256 {
-                cols / 256 * 256
-            } else {
-                cols
-            };
+            let cols = if ty.block_len() == 256 { cols / 256 * 256 } else { cols };
             let data = random_weights(ty, rows, cols, &mut rng);
             let matrix = QMatrix::new(ty, rows, cols, &data).unwrap();
             let x: Vec<f32> = (0..cols).map(|_| rng.normal()).collect();
