@@ -50,5 +50,5 @@ def test_missing_or_bad_model_file(tmp_path) -> None:  # type: ignore[no-untyped
         Tokenizer(tmp_path / "absent.gguf")
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"NOTAGGUF" * 100)
-    with pytest.raises(errors.ModelFileError, match="junk.gguf"):
+    with pytest.raises(errors.ModelFileError, match=r"junk\.gguf"):
         Tokenizer(junk)
