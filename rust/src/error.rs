@@ -13,6 +13,11 @@ pub enum CoreError {
     CorruptData(String),
     InvalidArgument(String),
     BadSnapshot(String),
+    /// A GGUF file that cannot be used; `problem` says why.
+    ModelFile {
+        path: String,
+        problem: String,
+    },
 }
 
 pub type CoreResult<T> = Result<T, CoreError>;
@@ -29,6 +34,7 @@ impl CoreError {
             CoreError::CorruptData(_) => "CorruptDataError",
             CoreError::InvalidArgument(_) => "InvalidArgumentError",
             CoreError::BadSnapshot(_) => "SnapshotError",
+            CoreError::ModelFile { .. } => "ModelFileError",
         }
     }
 }
@@ -55,6 +61,7 @@ impl fmt::Display for CoreError {
             | CoreError::CorruptData(msg)
             | CoreError::InvalidArgument(msg)
             | CoreError::BadSnapshot(msg) => f.write_str(msg),
+            CoreError::ModelFile { path, problem } => write!(f, "model file {path}: {problem}"),
         }
     }
 }

@@ -1,1 +1,0 @@
-//! GGML tensor types, dequantization and quantized matmul.

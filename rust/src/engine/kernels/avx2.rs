@@ -1,0 +1,344 @@
+//! x86_64 kernels, chosen at run time when the CPU has AVX2, FMA and F16C.
+//!
+//! The 32-element formats use ggml's scheme: expand a block's weights to 32 bytes, multiply
+//! with the Q8 activation bytes via `maddubs` (unsigned × signed pairs to i16), widen pairs to
+//! i32 with `madd`, and accumulate the scaled float sums. Offset formats keep their weights
+//! unsigned and add `m·dy·Σy` afterwards, so every block needs a single `maddubs`.
+
+use std::arch::x86_64::*;
+
+use super::activation::TokenActivation;
+use super::dequant::k_scales_mins;
+use super::dot::{self, DotFn};
+use super::{GgmlType, QK, QK_K};
+
+pub(super) fn select(ty: GgmlType) -> Option<DotFn> {
+    if !(is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c"))
+    {
+        return None;
+    }
+    // SAFETY (every wrapper below): reached only when the features above are present.
+    let dot: DotFn = match ty {
+        GgmlType::F32 => |w, a| unsafe { f32_row(w, a) },
+        GgmlType::F16 => |w, a| unsafe { f16_row(w, a) },
+        GgmlType::BF16 => |w, a| unsafe { bf16_row(w, a) },
+        GgmlType::Q4_0 => |w, a| unsafe { q4_0(w, a) },
+        GgmlType::Q4_1 => |w, a| unsafe { q4_1(w, a) },
+        GgmlType::Q5_0 => |w, a| unsafe { q5_0(w, a) },
+        GgmlType::Q5_1 => |w, a| unsafe { q5_1(w, a) },
+        GgmlType::Q8_0 => |w, a| unsafe { q8_0(w, a) },
+        GgmlType::Q4K => |w, a| unsafe { q4_k(w, a) },
+        GgmlType::Q5K => |w, a| unsafe { q5_k(w, a) },
+        GgmlType::Q6K => |w, a| unsafe { q6_k(w, a) },
+    };
+    Some(dot)
+}
+
+// The portable kernels, recompiled so LLVM may use 256-bit vectors.
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f32_row(w: &[u8], a: &TokenActivation<'_>) -> f32 {
+    dot::f32_row(w, a)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_row(w: &[u8], a: &TokenActivation<'_>) -> f32 {
+    dot::f16_row(w, a)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bf16_row(w: &[u8], a: &TokenActivation<'_>) -> f32 {
+    dot::bf16_row(w, a)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_k(w: &[u8], a: &TokenActivation<'_>) -> f32 {
+    dot::q5_k(w, a)
+}
+
+/// The f16 at `p` and the one after it, as floats in lanes 0 and 1.
+#[inline(always)]
+unsafe fn f16_pair(p: *const u8) -> __m128 {
+    let bits = (p as *const u32).read_unaligned();
+    _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))
+}
+
+#[inline(always)]
+unsafe fn f16_one(p: *const u8) -> f32 {
+    let bits = (p as *const u16).read_unaligned();
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+}
+
+#[inline(always)]
+unsafe fn horizontal_sum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// 16 bytes of nibbles as 32 bytes: low nibbles in bytes 0..16, high nibbles in 16..32.
+#[inline(always)]
+unsafe fn nibbles_to_bytes(p: *const u8) -> __m256i {
+    let packed = _mm_loadu_si128(p as *const __m128i);
+    let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+}
+
+/// Byte j of the result is 0x10 when bit j of the little-endian u32 at `p` is set.
+#[inline(always)]
+unsafe fn high_bits_to_bytes(p: *const u8) -> __m256i {
+    let bits = (p as *const u32).read_unaligned();
+    // Broadcast byte j/8 of `bits` to byte j, then test bit j%8 of it.
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+            3, 3, 3,
+        ),
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+/// Σ q·y for 32 unsigned weight bytes (< 128) and 32 activation bytes, as 8 float lanes.
+#[inline(always)]
+unsafe fn unsigned_dot(q: __m256i, y: *const i8) -> __m256 {
+    let y = _mm256_loadu_si256(y as *const __m256i);
+    let pairs = _mm256_maddubs_epi16(q, y);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+}
+
+/// Shared loop of the 32-element formats: `block(b)` returns the block's weight bytes (as
+/// unsigned values), its scale d and its offset m (0 for Q8_0).
+#[inline(always)]
+unsafe fn offset_blocks_dot(
+    n_blocks: usize,
+    a: &TokenActivation<'_>,
+    block: impl Fn(usize) -> (__m256i, f32, f32),
+) -> f32 {
+    let y = a.qs.as_ptr();
+    let scaled_block = |b: usize, offsets: &mut f32| {
+        let (q, d, m) = block(b);
+        *offsets += m * *a.scaled_sums.get_unchecked(b);
+        (
+            unsigned_dot(q, y.add(b * QK)),
+            _mm256_set1_ps(d * *a.scales.get_unchecked(b)),
+        )
+    };
+    // Two accumulators so consecutive blocks' FMAs do not wait on each other.
+    let mut acc0 = _mm256_setzero_ps();
+    let mut acc1 = _mm256_setzero_ps();
+    let mut offsets = 0.0f32;
+    let mut b = 0;
+    while b + 1 < n_blocks {
+        let (sums, scale) = scaled_block(b, &mut offsets);
+        acc0 = _mm256_fmadd_ps(sums, scale, acc0);
+        let (sums, scale) = scaled_block(b + 1, &mut offsets);
+        acc1 = _mm256_fmadd_ps(sums, scale, acc1);
+        b += 2;
+    }
+    if b < n_blocks {
+        let (sums, scale) = scaled_block(b, &mut offsets);
+        acc0 = _mm256_fmadd_ps(sums, scale, acc0);
+    }
+    horizontal_sum(_mm256_add_ps(acc0, acc1)) + offsets
+}
+
+/// Checks the slice lengths the unchecked loops rely on.
+#[inline(always)]
+fn n_blocks(w: &[u8], block_bytes: usize, a: &TokenActivation<'_>) -> usize {
+    let n = w.len() / block_bytes;
+    assert!(a.qs.len() >= n * QK && a.scales.len() >= n && a.scaled_sums.len() >= n);
+    n
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0(w: &[u8], a: &TokenActivation<'_>) -> f32 {
+    let p = w.as_ptr();
+    offset_blocks_dot(n_blocks(w, 18, a), a, |b| {
+        let blk = p.add(b * 18);
+        let d = f16_one(blk);
+        (nibbles_to_bytes(blk.add(2)), d, -8.0 * d)
+    })
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_1(w: &[u8], a: &TokenActivation<'_>) -> f32 {
+    let p = w.as_ptr();
+    offset_blocks_dot(n_blocks(w, 20, a), a, |b| {
+        let blk = p.add(b * 20);
+        let dm = f16_pair(blk);
+        let d = _mm_cvtss_f32(dm);
+        let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        (nibbles_to_bytes(blk.add(4)), d, m)
+    })
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_0(w: &[u8], a: &TokenActivation<'_>) -> f32 {
+    let p = w.as_ptr();
+    offset_blocks_dot(n_blocks(w, 22, a), a, |b| {
+        let blk = p.add(b * 22);
+        let d = f16_one(blk);
+        let q = _mm256_or_si256(nibbles_to_bytes(blk.add(6)), high_bits_to_bytes(blk.add(2)));
+        (q, d, -16.0 * d)
+    })
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_1(w: &[u8], a: &TokenActivation<'_>) -> f32 {
+    let p = w.as_ptr();
+    offset_blocks_dot(n_blocks(w, 24, a), a, |b| {
+        let blk = p.add(b * 24);
+        let dm = f16_pair(blk);
+        let d = _mm_cvtss_f32(dm);
+        let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        let q = _mm256_or_si256(nibbles_to_bytes(blk.add(8)), high_bits_to_bytes(blk.add(4)));
+        (q, d, m)
+    })
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0(w: &[u8], a: &TokenActivation<'_>) -> f32 {
+    let n = n_blocks(w, 34, a);
+    let p = w.as_ptr();
+    let y = a.qs.as_ptr();
+    let scaled_block = |b: usize| {
+        let blk = p.add(b * 34);
+        let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+        let ys = _mm256_loadu_si256(y.add(b * QK) as *const __m256i);
+        // maddubs needs an unsigned operand: move the weights' signs onto the activation.
+        let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(ys, q));
+        let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+        (
+            sums,
+            _mm256_set1_ps(f16_one(blk) * *a.scales.get_unchecked(b)),
+        )
+    };
+    let mut acc0 = _mm256_setzero_ps();
+    let mut acc1 = _mm256_setzero_ps();
+    let mut b = 0;
+    while b + 1 < n {
+        let (sums, scale) = scaled_block(b);
+        acc0 = _mm256_fmadd_ps(sums, scale, acc0);
+        let (sums, scale) = scaled_block(b + 1);
+        acc1 = _mm256_fmadd_ps(sums, scale, acc1);
+        b += 2;
+    }
+    if b < n {
+        let (sums, scale) = scaled_block(b);
+        acc0 = _mm256_fmadd_ps(sums, scale, acc0);
+    }
+    horizontal_sum(_mm256_add_ps(acc0, acc1))
+}
+
+/// Checks the slice lengths the unchecked K-quant loops rely on.
+#[inline(always)]
+fn n_super_blocks(w: &[u8], block_bytes: usize, a: &TokenActivation<'_>) -> usize {
+    let n = w.len() / block_bytes;
+    assert!(a.qs.len() >= n * QK_K && a.scales.len() >= n && a.group_sums.len() >= n * 16);
+    n
+}
+
+/// Q4_K: per pair of sub-blocks one 32-byte load of nibbles, two `maddubs` against the
+/// activation, and the 6-bit scales applied in i16 → i32 via `madd`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k(w: &[u8], a: &TokenActivation<'_>) -> f32 {
+    let n = n_super_blocks(w, 144, a);
+    let low_mask = _mm256_set1_epi8(0x0F);
+    let mut acc = _mm256_setzero_ps();
+    let mut min_total = 0.0f32;
+    for b in 0..n {
+        let blk = w.as_ptr().add(b * 144);
+        let d_dmin = f16_pair(blk);
+        let dy = *a.scales.get_unchecked(b);
+        let d = _mm_cvtss_f32(d_dmin) * dy;
+        let dmin = _mm_cvtss_f32(_mm_movehdup_ps(d_dmin)) * dy;
+        let (scales, mins) = k_scales_mins(std::slice::from_raw_parts(blk.add(4), 12));
+        let group_sums = a.group_sums.as_ptr().add(b * 16);
+        let mut min_sum = 0i32;
+        for (sub, &m) in mins.iter().enumerate() {
+            let y_sum =
+                i32::from(*group_sums.add(2 * sub)) + i32::from(*group_sums.add(2 * sub + 1));
+            min_sum += i32::from(m) * y_sum;
+        }
+        let qs = blk.add(16);
+        let y = a.qs.as_ptr().add(b * QK_K);
+        let mut sums = _mm256_setzero_si256();
+        for pair in 0..4 {
+            let q = _mm256_loadu_si256(qs.add(32 * pair) as *const __m256i);
+            let low = _mm256_and_si256(q, low_mask);
+            let high = _mm256_and_si256(_mm256_srli_epi16(q, 4), low_mask);
+            let y_low = _mm256_loadu_si256(y.add(64 * pair) as *const __m256i);
+            let y_high = _mm256_loadu_si256(y.add(64 * pair + 32) as *const __m256i);
+            let low = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(low, y_low),
+                _mm256_set1_epi16(i16::from(scales[2 * pair])),
+            );
+            let high = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(high, y_high),
+                _mm256_set1_epi16(i16::from(scales[2 * pair + 1])),
+            );
+            sums = _mm256_add_epi32(sums, _mm256_add_epi32(low, high));
+        }
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d), acc);
+        min_total += dmin * min_sum as f32;
+    }
+    horizontal_sum(acc) - min_total
+}
+
+/// Q6_K: each quarter of a half super-block is one 32-byte vector of 6-bit values (nibble
+/// plus two high bits), covering two 16-element scale groups; the offset of 32 is removed
+/// once per super-block from the activation's group sums.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k(w: &[u8], a: &TokenActivation<'_>) -> f32 {
+    let n = n_super_blocks(w, 210, a);
+    let low_mask = _mm256_set1_epi8(0x0F);
+    let high_mask = _mm256_set1_epi8(0x30);
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..n {
+        let blk = w.as_ptr().add(b * 210);
+        let d = f16_one(blk.add(208)) * *a.scales.get_unchecked(b);
+        let scales = std::slice::from_raw_parts(blk.add(192) as *const i8, 16);
+        let y = a.qs.as_ptr().add(b * QK_K);
+        let group_sums = _mm256_loadu_si256(a.group_sums.as_ptr().add(b * 16) as *const __m256i);
+        let scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(scales.as_ptr() as *const __m128i));
+        // Σ_g sc_g·32·Σy_g, subtracted from the Σ_g sc_g·Σq·y below.
+        let offset = _mm256_slli_epi32(_mm256_madd_epi16(group_sums, scales16), 5);
+        let mut sums = _mm256_sub_epi32(_mm256_setzero_si256(), offset);
+        for half in 0..2 {
+            let ql = blk.add(64 * half);
+            let ql0 = _mm256_loadu_si256(ql as *const __m256i);
+            let ql1 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+            let qh = _mm256_loadu_si256(blk.add(128 + 32 * half) as *const __m256i);
+            // Bits 2k..2k+2 of qh moved to bits 4..6; bits shifted in from the neighbouring
+            // byte of each 16-bit lane land outside the mask.
+            let quarters = [
+                (_mm256_and_si256(ql0, low_mask), _mm256_slli_epi16(qh, 4)),
+                (_mm256_and_si256(ql1, low_mask), _mm256_slli_epi16(qh, 2)),
+                (_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low_mask), qh),
+                (
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low_mask),
+                    _mm256_srli_epi16(qh, 2),
+                ),
+            ];
+            for (quarter, (low, high)) in quarters.into_iter().enumerate() {
+                let q = _mm256_or_si256(low, _mm256_and_si256(high, high_mask));
+                let ys = _mm256_loadu_si256(y.add(128 * half + 32 * quarter) as *const __m256i);
+                let group = 8 * half + 2 * quarter;
+                let scale = _mm256_set_m128i(
+                    _mm_set1_epi16(i16::from(scales[group + 1])),
+                    _mm_set1_epi16(i16::from(scales[group])),
+                );
+                let products = _mm256_madd_epi16(_mm256_maddubs_epi16(q, ys), scale);
+                sums = _mm256_add_epi32(sums, products);
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d), acc);
+    }
+    horizontal_sum(acc)
+}

@@ -1,0 +1,316 @@
+//! GGML tensor types, row dequantization and multithreaded matmul on quantized weights.
+//!
+//! Like ggml, a matmul first quantizes the activation once (Q8 blocks of 32 with their sums for
+//! the 32-element formats, Q8_K super-blocks for the K-quants) and then takes integer dot
+//! products block by block, so the weights are never expanded to floats.
+
+mod activation;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod dequant;
+mod dot;
+
+use std::cell::Cell;
+use std::ops::Range;
+
+use crate::error::{CoreError, CoreResult};
+use activation::{ActivationKind, QuantizedActivation};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+/// Elements per K-quant super-block.
+pub(crate) const QK_K: usize = 256;
+/// Elements per block of the 32-element formats.
+pub(crate) const QK: usize = 32;
+
+impl GgmlType {
+    pub const ALL: [GgmlType; 11] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
+
+    pub fn from_ggml_id(id: u32) -> Option<GgmlType> {
+        GgmlType::ALL.into_iter().find(|ty| ty.ggml_id() == id)
+    }
+
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q4K => 12,
+            GgmlType::Q5K => 13,
+            GgmlType::Q6K => 14,
+            GgmlType::BF16 => 30,
+        }
+    }
+
+    /// The name ggml and gguf-py use for the type.
+    pub fn name(self) -> &'static str {
+        match self {
+            GgmlType::F32 => "F32",
+            GgmlType::F16 => "F16",
+            GgmlType::BF16 => "BF16",
+            GgmlType::Q4_0 => "Q4_0",
+            GgmlType::Q4_1 => "Q4_1",
+            GgmlType::Q5_0 => "Q5_0",
+            GgmlType::Q5_1 => "Q5_1",
+            GgmlType::Q8_0 => "Q8_0",
+            GgmlType::Q4K => "Q4_K",
+            GgmlType::Q5K => "Q5_K",
+            GgmlType::Q6K => "Q6_K",
+        }
+    }
+
+    /// Elements per block.
+    pub fn block_len(self) -> usize {
+        match self {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+                QK
+            }
+            GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            GgmlType::F32 => 4,
+            GgmlType::F16 | GgmlType::BF16 => 2,
+            GgmlType::Q4_0 => 18,
+            GgmlType::Q4_1 => 20,
+            GgmlType::Q5_0 => 22,
+            GgmlType::Q5_1 => 24,
+            GgmlType::Q8_0 => 34,
+            GgmlType::Q4K => 144,
+            GgmlType::Q5K => 176,
+            GgmlType::Q6K => 210,
+        }
+    }
+
+    /// Bytes of a row of `n` elements.
+    pub fn row_bytes(self, n: usize) -> CoreResult<usize> {
+        let block_len = self.block_len();
+        if n % block_len != 0 {
+            return Err(CoreError::InvalidArgument(format!(
+                "a {} row must hold a multiple of {block_len} elements, got {n}",
+                self.name()
+            )));
+        }
+        (n / block_len)
+            .checked_mul(self.block_bytes())
+            .ok_or_else(|| {
+                CoreError::InvalidArgument(format!(
+                    "a {} row of {n} elements overflows",
+                    self.name()
+                ))
+            })
+    }
+
+    fn activation_kind(self) -> ActivationKind {
+        match self {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => ActivationKind::Float,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+                ActivationKind::Q8Blocks
+            }
+            GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => ActivationKind::Q8K,
+        }
+    }
+}
+
+/// Expands one row stored as `ty` into floats; `out.len()` is the row length.
+pub fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) -> CoreResult<()> {
+    let expected = ty.row_bytes(out.len())?;
+    if src.len() != expected {
+        return Err(CoreError::BufferSize {
+            expected,
+            actual: src.len(),
+        });
+    }
+    dequant::dequantize_unchecked(ty, src, out);
+    Ok(())
+}
+
+/// A row-major weight matrix W (rows × cols) in its stored type; row r is bytes
+/// `[r*row_bytes, (r+1)*row_bytes)`.
+#[derive(Clone, Copy, Debug)]
+pub struct QMatrix<'a> {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+}
+
+/// Below this many multiply-adds a matmul runs on the calling thread: handing it to the pool
+/// would cost more than the work.
+const MIN_PARALLEL_WORK: usize = 32 * 1024;
+/// Rows per parallel task never drop below this, so each task amortises its scheduling.
+const MIN_ROWS_PER_TASK: usize = 8;
+/// Tasks per thread: a few, so a thread delayed by another process does not stall the call.
+const TASKS_PER_THREAD: usize = 3;
+
+thread_local! {
+    /// Reused activation buffers; taken out while in use, so a nested call on the same thread
+    /// simply allocates its own.
+    static ACTIVATION_SCRATCH: Cell<QuantizedActivation> = Cell::new(QuantizedActivation::default());
+}
+
+/// The output pointer shared by the row tasks of one matmul.
+struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: tasks write disjoint index sets (their own rows), and the matmul waits for all of
+// them before the borrowed output is used again.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// No other task may write `index` during this matmul.
+    unsafe fn write(&self, index: usize, value: f32) {
+        assert!(index < self.len);
+        unsafe { *self.ptr.add(index) = value };
+    }
+}
+
+impl<'a> QMatrix<'a> {
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> CoreResult<Self> {
+        let expected = ty
+            .row_bytes(cols)?
+            .checked_mul(rows)
+            .ok_or_else(|| CoreError::InvalidArgument(format!("{rows}×{cols} matrix overflows")))?;
+        if data.len() != expected {
+            return Err(CoreError::BufferSize {
+                expected,
+                actual: data.len(),
+            });
+        }
+        Ok(QMatrix {
+            ty,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.data.len() / self.rows.max(1)
+    }
+
+    fn row_data(&self, r: usize) -> &'a [u8] {
+        let row_bytes = self.row_bytes();
+        &self.data[r * row_bytes..(r + 1) * row_bytes]
+    }
+
+    /// Dequantizes row `r` into `out` (`out.len() == cols`); the embedding lookup.
+    ///
+    /// Panics if `r` is out of range or `out` has the wrong length.
+    pub fn row(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.rows, "row {r} out of range for {} rows", self.rows);
+        assert_eq!(out.len(), self.cols, "output length must equal cols");
+        dequant::dequantize_unchecked(self.ty, self.row_data(r), out);
+    }
+
+    /// All rows: `out[t*rows + i] = Σ_c W[i, c] · x[t*cols + c]`.
+    pub fn matmul(&self, x: &[f32], n_tokens: usize, out: &mut [f32], pool: &rayon::ThreadPool) {
+        self.matmul_rows(0..self.rows, x, n_tokens, out, pool);
+    }
+
+    /// `out[t*rows.len() + i] = Σ_c W[rows.start+i, c] · x[t*cols + c]` for `t in 0..n_tokens`
+    /// (x is n_tokens × cols, row-major).
+    ///
+    /// Panics if the row range or the buffer lengths do not fit the matrix.
+    pub fn matmul_rows(
+        &self,
+        rows: Range<usize>,
+        x: &[f32],
+        n_tokens: usize,
+        out: &mut [f32],
+        pool: &rayon::ThreadPool,
+    ) {
+        assert!(
+            rows.start <= rows.end && rows.end <= self.rows,
+            "row range {rows:?} out of bounds for {} rows",
+            self.rows
+        );
+        assert_eq!(x.len(), n_tokens * self.cols, "x must be n_tokens × cols");
+        let n_rows = rows.len();
+        assert_eq!(
+            out.len(),
+            n_tokens * n_rows,
+            "out must be n_tokens × rows.len()"
+        );
+        if n_rows == 0 || n_tokens == 0 {
+            return;
+        }
+
+        let mut activation = ACTIVATION_SCRATCH.with(Cell::take);
+        activation.quantize(self.ty.activation_kind(), x, n_tokens, self.cols);
+        let dot = dot::select(self.ty);
+        let shared = SharedOut {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        };
+        let activation_ref = &activation;
+        let run_rows = |local: Range<usize>| {
+            for i in local {
+                let weights = self.row_data(rows.start + i);
+                for t in 0..n_tokens {
+                    let value = dot(weights, &activation_ref.token(x, t));
+                    // SAFETY: row i belongs to exactly one task.
+                    unsafe { shared.write(t * n_rows + i, value) };
+                }
+            }
+        };
+
+        let threads = pool.current_num_threads();
+        let work = n_rows * n_tokens * self.cols;
+        if threads <= 1 || work < MIN_PARALLEL_WORK || n_rows < 2 * MIN_ROWS_PER_TASK {
+            run_rows(0..n_rows);
+        } else {
+            let tasks = (threads * TASKS_PER_THREAD).min(n_rows / MIN_ROWS_PER_TASK);
+            let rows_per_task = n_rows.div_ceil(tasks);
+            pool.install(|| {
+                use rayon::prelude::*;
+                (0..n_rows.div_ceil(rows_per_task))
+                    .into_par_iter()
+                    .for_each(|task| {
+                        let start = task * rows_per_task;
+                        run_rows(start..(start + rows_per_task).min(n_rows));
+                    });
+            });
+        }
+        ACTIVATION_SCRATCH.with(|cell| cell.set(activation));
+    }
+}
+
+#[cfg(test)]
+mod tests;

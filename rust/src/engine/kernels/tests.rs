@@ -1,0 +1,380 @@
+use super::activation::{ActivationKind, QuantizedActivation};
+use super::*;
+
+/// gguf-py's dequantization of random blocks; see rust/tests/make_kernel_fixtures.py.
+const DEQUANT_FIXTURE: &[u8] = include_bytes!("../../../tests/fixtures/dequant.bin");
+
+struct FixtureRecord {
+    ty: GgmlType,
+    raw: Vec<u8>,
+    expected: Vec<f32>,
+}
+
+fn read_u32(bytes: &[u8], at: &mut usize) -> u32 {
+    let v = u32::from_le_bytes(bytes[*at..*at + 4].try_into().unwrap());
+    *at += 4;
+    v
+}
+
+fn fixture_records() -> Vec<FixtureRecord> {
+    let bytes = DEQUANT_FIXTURE;
+    let mut at = 0;
+    let mut records = Vec::new();
+    loop {
+        let id = read_u32(bytes, &mut at);
+        if id == u32::MAX {
+            break;
+        }
+        let ty = GgmlType::from_ggml_id(id).expect("fixture type id");
+        let n = read_u32(bytes, &mut at) as usize;
+        let n_bytes = read_u32(bytes, &mut at) as usize;
+        let raw = bytes[at..at + n_bytes].to_vec();
+        at += n_bytes;
+        let expected = bytes[at..at + 4 * n]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        at += 4 * n;
+        records.push(FixtureRecord { ty, raw, expected });
+    }
+    assert_eq!(at, bytes.len());
+    records
+}
+
+#[test]
+fn dequantize_matches_gguf_py_bit_for_bit() {
+    let records = fixture_records();
+    for ty in GgmlType::ALL.into_iter().filter(|&t| t != GgmlType::F32) {
+        assert!(
+            records.iter().any(|r| r.ty == ty),
+            "no fixture for {}",
+            ty.name()
+        );
+    }
+    for record in &records {
+        let mut out = vec![f32::NAN; record.expected.len()];
+        dequantize_row(record.ty, &record.raw, &mut out).unwrap();
+        for (i, (got, want)) in out.iter().zip(&record.expected).enumerate() {
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "{} element {i}: got {got:e}, gguf-py {want:e}",
+                record.ty.name()
+            );
+        }
+        // The same bytes as a matrix of rows must give the same values row by row.
+        let cols = record.ty.block_len().max(256);
+        let rows = record.expected.len() / cols;
+        let matrix = QMatrix::new(record.ty, rows, cols, &record.raw).unwrap();
+        let mut row = vec![0.0f32; cols];
+        for r in 0..rows {
+            matrix.row(r, &mut row);
+            assert_eq!(row, record.expected[r * cols..(r + 1) * cols]);
+        }
+    }
+}
+
+#[test]
+fn f32_dequantizes_to_itself() {
+    let values = [1.5f32, -0.0, 3.25e-39, f32::MAX];
+    let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut out = [0.0f32; 4];
+    dequantize_row(GgmlType::F32, &raw, &mut out).unwrap();
+    assert_eq!(out.map(f32::to_bits), values.map(f32::to_bits));
+}
+
+#[test]
+fn type_table_is_consistent() {
+    for ty in GgmlType::ALL {
+        assert_eq!(GgmlType::from_ggml_id(ty.ggml_id()), Some(ty));
+    }
+    assert_eq!(GgmlType::from_ggml_id(3), Some(GgmlType::Q4_1));
+    assert_eq!(GgmlType::from_ggml_id(30), Some(GgmlType::BF16));
+    assert_eq!(GgmlType::from_ggml_id(4), None);
+    assert_eq!(GgmlType::from_ggml_id(10), None);
+    assert_eq!(GgmlType::Q4_1.row_bytes(576).unwrap(), 18 * 20);
+    assert_eq!(GgmlType::Q6K.row_bytes(512).unwrap(), 2 * 210);
+    assert!(GgmlType::Q4_1.row_bytes(570).is_err());
+    assert!(GgmlType::Q4K.row_bytes(576).is_err());
+    assert!(dequantize_row(GgmlType::Q8_0, &[0; 33], &mut [0.0; 32]).is_err());
+    assert!(QMatrix::new(GgmlType::Q8_0, 2, 32, &[0; 67]).is_err());
+    assert!(QMatrix::new(GgmlType::Q8_0, 2, 32, &[0; 68]).is_ok());
+}
+
+/// SplitMix64, so the tests need no extra crate.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Roughly normal (sum of uniforms), enough to make realistic activations.
+    fn normal(&mut self) -> f32 {
+        (0..4).map(|_| self.uniform()).sum::<f32>() - 2.0
+    }
+}
+
+fn put_f16(bytes: &mut [u8], at: usize, v: f32) {
+    bytes[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+}
+
+/// Random but valid weights: random quant bytes with small finite scales.
+fn random_weights(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
+    let n = rows * cols;
+    match ty {
+        GgmlType::F32 => (0..n).flat_map(|_| rng.normal().to_le_bytes()).collect(),
+        GgmlType::F16 => (0..n)
+            .flat_map(|_| half::f16::from_f32(rng.normal()).to_le_bytes())
+            .collect(),
+        GgmlType::BF16 => (0..n)
+            .flat_map(|_| half::bf16::from_f32(rng.normal()).to_le_bytes())
+            .collect(),
+        _ => {
+            let mut bytes: Vec<u8> = (0..ty.row_bytes(cols).unwrap() * rows)
+                .map(|_| rng.next_u64() as u8)
+                .collect();
+            for block in bytes.chunks_exact_mut(ty.block_bytes()) {
+                let d = 0.01 + 0.02 * rng.uniform();
+                let m = -0.1 * rng.uniform();
+                match ty {
+                    GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => put_f16(block, 0, d),
+                    GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => {
+                        put_f16(block, 0, d);
+                        put_f16(block, 2, -m * 0.1);
+                    }
+                    GgmlType::Q6K => put_f16(block, 208, d * 0.1),
+                    _ => unreachable!(),
+                }
+            }
+            bytes
+        }
+    }
+}
+
+fn dequantize_matrix(m: &QMatrix<'_>) -> Vec<f32> {
+    let mut all = vec![0.0f32; m.rows * m.cols];
+    for (r, row) in all.chunks_exact_mut(m.cols).enumerate() {
+        m.row(r, row);
+    }
+    all
+}
+
+/// ‖got − want‖ / ‖want‖ over one token's outputs.
+fn relative_error(got: &[f32], want: &[f64]) -> f64 {
+    let diff: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).powi(2))
+        .sum();
+    let norm: f64 = want.iter().map(|w| w * w).sum();
+    (diff / norm).sqrt()
+}
+
+/// ‖δx‖ bound for 8-bit activation blocks of `block` elements: each element is off by at most
+/// half a step, amax/127/2.
+fn max_activation_error_norm(x: &[f32], block: usize) -> f64 {
+    x.chunks_exact(block)
+        .map(|b| {
+            let half_step = b.iter().fold(0.0f64, |m, &v| m.max(v.abs() as f64)) / 127.0 / 2.0;
+            block as f64 * half_step * half_step
+        })
+        .sum::<f64>()
+        .sqrt()
+}
+
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+}
+
+/// Activation quantization to 8 bits rounds each x to within amax/254 of its block, ~0.6% RMS
+/// of these Gaussian inputs; weights with a common offset (Q4_1/Q5_1/K-quant minimums) amplify
+/// that relative to the output, up to ~2.5% seen here. Each element is also held to its
+/// rigorous Cauchy–Schwarz bound below; layout mistakes give errors near 100%.
+const QUANTIZED_ACTIVATION_TOLERANCE: f64 = 5e-2;
+/// Float weights only reorder float sums.
+const FLOAT_TOLERANCE: f64 = 1e-5;
+
+#[test]
+fn matmul_matches_float64_reference_for_every_type() {
+    let pools = [pool(1), pool(2)];
+    let mut rng = Rng(7);
+    for ty in GgmlType::ALL {
+        let float_weights = ty.block_len() == 1;
+        let shapes: &[(usize, usize)] = if float_weights {
+            &[(67, 512), (300, 37)]
+        } else {
+            &[(67, 512), (300, 256)]
+        };
+        for &(rows, cols) in shapes {
+            let data = random_weights(ty, rows, cols, &mut rng);
+            let matrix = QMatrix::new(ty, rows, cols, &data).unwrap();
+            let dense = dequantize_matrix(&matrix);
+            for n_tokens in [1, 7] {
+                let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.normal()).collect();
+                for range in [0..rows, 3..rows - 2, 5..6] {
+                    for pool in &pools {
+                        let mut out = vec![f32::NAN; n_tokens * range.len()];
+                        matrix.matmul_rows(range.clone(), &x, n_tokens, &mut out, pool);
+                        for t in 0..n_tokens {
+                            let xt = &x[t * cols..(t + 1) * cols];
+                            let want: Vec<f64> = range
+                                .clone()
+                                .map(|r| {
+                                    dense[r * cols..(r + 1) * cols]
+                                        .iter()
+                                        .zip(xt)
+                                        .map(|(&w, &x)| w as f64 * x as f64)
+                                        .sum()
+                                })
+                                .collect();
+                            let got = &out[t * range.len()..(t + 1) * range.len()];
+                            let context = format!(
+                                "{} {rows}×{cols} rows {range:?} T={n_tokens} token {t} threads {}",
+                                ty.name(),
+                                pool.current_num_threads()
+                            );
+                            // Cauchy–Schwarz: |Σ w·δx| ≤ ‖w‖·‖δx‖, with each |δx| at most half
+                            // a quantization step of its activation block.
+                            let activation_error = if float_weights {
+                                0.0
+                            } else {
+                                max_activation_error_norm(xt, ty.block_len())
+                            };
+                            for (i, r) in range.clone().enumerate() {
+                                let w = &dense[r * cols..(r + 1) * cols];
+                                let w_norm =
+                                    w.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+                                let magnitude: f64 = w
+                                    .iter()
+                                    .zip(xt)
+                                    .map(|(&w, &x)| (w as f64 * x as f64).abs())
+                                    .sum();
+                                let bound = w_norm * activation_error * 1.001 + 1e-5 * magnitude;
+                                let err = (got[i] as f64 - want[i]).abs();
+                                assert!(
+                                    err <= bound,
+                                    "{context} row {r}: error {err:e} > bound {bound:e}"
+                                );
+                            }
+                            if range.len() >= 50 {
+                                let err = relative_error(got, &want);
+                                let tolerance = if float_weights {
+                                    FLOAT_TOLERANCE
+                                } else {
+                                    QUANTIZED_ACTIVATION_TOLERANCE
+                                };
+                                assert!(err < tolerance, "{context}: relative error {err:e}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The selected (SIMD) kernels see the same integers as the portable ones, so they may differ
+/// only by float summation order.
+#[test]
+fn selected_kernels_agree_with_portable_ones() {
+    let mut rng = Rng(11);
+    let cols = 1024;
+    for ty in GgmlType::ALL {
+        let data = random_weights(ty, 9, cols, &mut rng);
+        let matrix = QMatrix::new(ty, 9, cols, &data).unwrap();
+        let x: Vec<f32> = (0..cols).map(|_| rng.normal()).collect();
+        let mut activation = QuantizedActivation::default();
+        activation.quantize(ty.activation_kind(), &x, 1, cols);
+        let token = activation.token(&x, 0);
+        let (fast, portable) = (dot::select(ty), dot::portable(ty));
+        for r in 0..9 {
+            let a = fast(matrix.row_data(r), &token);
+            let b = portable(matrix.row_data(r), &token);
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "{} row {r}: selected {a} portable {b}",
+                ty.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn activation_sums_describe_the_quantized_values() {
+    let mut rng = Rng(3);
+    let x: Vec<f32> = (0..512).map(|_| rng.normal()).collect();
+    let mut activation = QuantizedActivation::default();
+    activation.quantize(ActivationKind::Q8K, &x, 2, 256);
+    let second = activation.token(&x, 1);
+    assert_eq!(second.scales.len(), 1);
+    let group0: i16 = second.qs[..16].iter().map(|&q| i16::from(q)).sum();
+    assert_eq!(second.group_sums[0], group0);
+    for (q, &v) in second.qs.iter().zip(&x[256..]) {
+        assert!((f32::from(*q) * second.scales[0] - v).abs() <= second.scales[0] * 0.5001);
+    }
+}
+
+#[test]
+#[should_panic(expected = "out of bounds")]
+fn matmul_rejects_rows_past_the_end() {
+    let data = vec![0u8; 4 * 34];
+    let matrix = QMatrix::new(GgmlType::Q8_0, 4, 32, &data).unwrap();
+    let mut out = [0.0f32; 2];
+    matrix.matmul_rows(3..5, &[0.0; 32], 1, &mut out, &pool(1));
+}
+
+/// `cargo test --release -- --ignored --nocapture kernel_benchmark`
+#[test]
+#[ignore]
+fn kernel_benchmark() {
+    let mut rng = Rng(5);
+    for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K] {
+        for (rows, cols) in [(576, 576), (1536, 576), (576, 1536)] {
+            let cols = if ty.block_len() == 256 {
+                cols / 256 * 256
+            } else {
+                cols
+            };
+            let data = random_weights(ty, rows, cols, &mut rng);
+            let matrix = QMatrix::new(ty, rows, cols, &data).unwrap();
+            let x: Vec<f32> = (0..cols).map(|_| rng.normal()).collect();
+            let mut out = vec![0.0f32; rows];
+            // "in pool": the caller already runs on a pool thread (the model's forward inside
+            // `pool.install`), so a matmul forks without waking a blocked outside thread.
+            for (threads, in_pool) in [(1, false), (2, false), (2, true)] {
+                let pool = pool(threads);
+                let iterations = 2000;
+                let mut run = || {
+                    for _ in 0..50 {
+                        matrix.matmul(&x, 1, &mut out, &pool);
+                    }
+                    let start = std::time::Instant::now();
+                    for _ in 0..iterations {
+                        matrix.matmul(&x, 1, &mut out, &pool);
+                    }
+                    start.elapsed().as_secs_f64() / iterations as f64
+                };
+                let seconds = if in_pool { pool.install(run) } else { run() };
+                let gflops = 2.0 * (rows * cols) as f64 / seconds / 1e9;
+                println!(
+                    "{:5} {rows:5}×{cols:<5} threads {threads}{}: {:7.1} µs/matvec {gflops:6.2} GFLOP/s",
+                    ty.name(),
+                    if in_pool { " in pool" } else { "" },
+                    seconds * 1e6
+                );
+            }
+        }
+    }
+}
