@@ -55,3 +55,8 @@ class DTypeError(CodecError, TypeError):
 
 class LayoutError(CodecError, ValueError):
     """The input is not C-contiguous (or is locked for writing by another borrower)."""
+
+
+class ModelFileError(SplitwiseError, ValueError):
+    """A model file (GGUF, shard) is missing, truncated, corrupt or of an unsupported kind; the
+    message names the file and the problem."""

