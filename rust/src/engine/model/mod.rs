@@ -399,7 +399,8 @@ impl Model {
     /// and appended to `session` at `positions` (T strictly increasing positions, after those
     /// already cached) — unless that group's cache already ends with exactly `positions`,
     /// which happens when another head subset of the same group ran this step; then they are
-    /// reused. Queries attend causally to cached positions `<=` their own.
+    /// reused. Queries attend causally to cached positions `<=` their own. No heads: `out` is
+    /// zeroed and nothing is cached.
     pub fn attention(
         &self,
         session: &mut Session,
@@ -439,6 +440,10 @@ impl Model {
         positions: &[u32],
         out: &mut [f32],
     ) -> CoreResult<()> {
+        if heads.is_empty() {
+            out.fill(0.0);
+            return Ok(());
+        }
         let c = &self.cfg;
         let names = &self.layers[layer];
         let (hd, n_tok) = (c.head_dim, positions.len());

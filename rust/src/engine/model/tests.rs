@@ -460,6 +460,11 @@ fn bad_arguments_are_rejected() {
     assert!(inv(m.attention(&mut other, 0, &[0], &x, &[0], &mut out)));
     // nothing was cached by the failed calls
     assert!(s.is_empty());
+    // no heads: a zero contribution, nothing cached
+    out.fill(1.0);
+    m.attention(&mut s, 0, &[], &x, &[0], &mut out).unwrap();
+    assert!(out.iter().all(|&v| v == 0.0));
+    assert!(s.is_empty());
 }
 
 #[test]
