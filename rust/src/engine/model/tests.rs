@@ -555,10 +555,19 @@ fn from_gguf_reads_config_and_matches_in_memory_model() {
     assert_eq!(err.class_name(), "ModelFileError");
 }
 
-/// Comparison with llama.cpp on a real model, run by hand (see the module docs of the
-/// engine branch notes): SPLITWISE_GGUF=model.gguf SPLITWISE_REF=dir cargo test --release
-/// -- --ignored --nocapture llama_cpp. `dir` holds `tokens.u32` (little-endian u32 ids) and
-/// `logits.f32` (T × vocab llama.cpp logits for those tokens at positions 0..T).
+/// Comparison with llama.cpp on a real model, run by hand:
+/// `SPLITWISE_GGUF=model.gguf SPLITWISE_REF=dir cargo test --release -- --ignored --nocapture
+/// llama_cpp`. `dir` holds `tokens.u32` (little-endian u32 ids) and `logits.f32` (T × vocab
+/// llama.cpp logits for those tokens at positions 0..T), made with llama-cpp-python:
+///
+/// ```text
+/// llm = Llama(model_path=M, logits_all=True, n_ctx=512, n_threads=2, verbose=False)
+/// text = open("/usr/share/common-licenses/GPL-3").read()[2000:4000]
+/// toks = llm.tokenize(text.encode(), add_bos=False)[:100]
+/// llm.eval(toks)
+/// np.array(toks, dtype=np.uint32).tofile(dir + "/tokens.u32")
+/// np.array(llm.scores[:len(toks)], dtype=np.float32).tofile(dir + "/logits.f32")
+/// ```
 #[test]
 #[ignore]
 fn compare_with_llama_cpp_logits() {
