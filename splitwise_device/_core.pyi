@@ -1,6 +1,7 @@
 # Hand-written stub of the Rust extension; tests/unit/test_stub.py checks it with mypy's stubtest.
+import os
 from collections.abc import Sequence
-from typing import Final, final
+from typing import Any, Final, final
 
 import numpy as np
 import numpy.typing as npt
@@ -10,8 +11,10 @@ __all__ = [
     "BLOCK_LEN",
     "CODECS",
     "Ewma",
+    "Model",
     "QuantileTracker",
     "QueueBank",
+    "Session",
     "codec_size",
     "crc32c",
     "decode",
@@ -84,3 +87,37 @@ class QuantileTracker:
     def to_bytes(self) -> bytes: ...
     @staticmethod
     def from_bytes(data: bytes) -> QuantileTracker: ...
+
+@final
+class Model:
+    def __new__(cls, path: str | os.PathLike[str], threads: int = 1) -> Model: ...
+    @property
+    def config(self) -> dict[str, Any]: ...
+    def new_session(self) -> Session: ...
+    def embed(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]: ...
+    def attn_norm(self, layer: int, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
+    def ffn_norm(self, layer: int, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
+    def attention(
+        self,
+        session: Session,
+        layer: int,
+        heads: Sequence[int],
+        x_norm: npt.NDArray[np.float32],
+        positions: Sequence[int],
+    ) -> npt.NDArray[np.float32]: ...
+    def ffn(self, layer: int, part: str, input: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
+    def output_logits(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
+    def layer_fused(
+        self, session: Session, layer: int, x: npt.NDArray[np.float32], positions: Sequence[int]
+    ) -> npt.NDArray[np.float32]: ...
+    def forward(
+        self, session: Session, tokens: Sequence[int], positions: Sequence[int], all_logits: bool = False
+    ) -> npt.NDArray[np.float32]: ...
+
+@final
+class Session:
+    def cached(self, layer: int, group: int) -> int: ...
+    def truncate(self, n_positions: int) -> None: ...
+    def clear(self) -> None: ...
+    @property
+    def memory_bytes(self) -> int: ...

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +35,63 @@ def _codec_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_path(args: argparse.Namespace) -> Path:
+    from splitwise_device.tokenizer import bundled_model_path
+
+    return Path(args.model) if args.model else bundled_model_path()
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from splitwise_device.engine import Engine
+
+    engine = Engine(_model_path(args), threads=args.threads)
+    result = engine.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(result.text)
+        t = result.timings
+        print(
+            f"[{len(result.prompt_tokens)} prompt tokens, {len(result.tokens)} generated ({result.stop_reason}); "
+            f"prefill {t['prefill_tokens_per_s']:.1f} tok/s, decode {t['decode_tokens_per_s']:.1f} tok/s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _perplexity(args: argparse.Namespace) -> int:
+    from splitwise_device.engine import Engine
+
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        print(f"splitwise-device: error: cannot read --text {args.text}: {err}", file=sys.stderr)
+        return 1
+    engine = Engine(_model_path(args), threads=args.threads)
+    tokens = engine.tokenizer.encode(text)[: args.max_tokens]
+    result = engine.perplexity(tokens)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "tokens": result.tokens,
+                    "perplexity": result.perplexity,
+                    "mean_nll": result.mean_nll,
+                    "seconds": result.seconds,
+                }
+            )
+        )
+    else:
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.seconds:.2f} s)")
+    return 0
+
+
+def _add_model_args(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", help="GGUF model file (default: the bundled SmolLM2-135M-Instruct Q4_1)")
+    command.add_argument("--threads", type=_positive_int, default=1, help="compute threads (default 1)")
+    command.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="splitwise-device",
@@ -48,7 +107,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=_positive_int, default=576, help="values in the activation (default 576)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(handler=_codec_demo)
+
+    generate = commands.add_parser("generate", help="generate text on this device")
+    generate.add_argument("--prompt", required=True, help="prompt text")
+    generate.add_argument("--max-tokens", type=_positive_int, default=64, help="tokens to generate (default 64)")
+    generate.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
+    generate.add_argument("--seed", type=int, default=None, help="sampling seed")
+    _add_model_args(generate)
+    generate.set_defaults(handler=_generate)
+
+    perplexity = commands.add_parser("perplexity", help="perplexity of the model on a text file")
+    perplexity.add_argument("--text", required=True, help="UTF-8 text file")
+    perplexity.add_argument("--max-tokens", type=_positive_int, default=512, help="score the first N tokens")
+    _add_model_args(perplexity)
+    perplexity.set_defaults(handler=_perplexity)
     return parser
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 10.0:
+        raise argparse.ArgumentTypeError(f"temperature must lie in [0, 10], got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:

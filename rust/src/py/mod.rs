@@ -2,6 +2,7 @@
 //! wrap the result. No numeric logic lives here.
 
 mod codecs;
+mod engine;
 mod errors;
 mod lyapunov;
 
@@ -36,5 +37,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<lyapunov::QueueBank>()?;
     m.add_class::<lyapunov::Ewma>()?;
     m.add_class::<lyapunov::QuantileTracker>()?;
+    m.add_class::<engine::Model>()?;
+    m.add_class::<engine::Session>()?;
     Ok(())
 }

@@ -1,0 +1,223 @@
+use super::c_contiguous_slice;
+use super::errors::raise;
+use crate::engine::gguf::GgufFile;
+use crate::engine::model::{FfnPart, Model as CoreModel, Session as CoreSession};
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A llama-architecture GGUF model, memory-mapped, computed on its quantized weights.
+#[pyclass(module = "splitwise_device._core", frozen)]
+pub struct Model {
+    inner: CoreModel,
+}
+
+/// The KV cache of one generation on this side (per layer and KV group, created on demand).
+#[pyclass(module = "splitwise_device._core")]
+pub struct Session {
+    inner: CoreSession,
+}
+
+fn rows_of<'a>(what: &str, x: &'a PyReadonlyArray2<'_, f32>, width: usize) -> PyResult<(&'a [f32], usize)> {
+    let shape = x.shape();
+    if shape[1] != width {
+        return Err(raise(
+            "ShapeMismatchError",
+            format!("{what} must have shape (T, {width}), got ({}, {})", shape[0], shape[1]),
+        ));
+    }
+    Ok((c_contiguous_slice(what, x)?, shape[0]))
+}
+
+fn to_array2<'py>(py: Python<'py>, values: Vec<f32>, rows: usize, cols: usize) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    PyArray1::from_vec(py, values).reshape([rows, cols])
+}
+
+fn parse_part(part: &str) -> PyResult<FfnPart> {
+    match part {
+        "full" => Ok(FfnPart::Full),
+        "gate_up" => Ok(FfnPart::GateUp),
+        "down" => Ok(FfnPart::Down),
+        other => Err(raise(
+            "InvalidArgumentError",
+            format!("FFN part must be \"full\", \"gate_up\" or \"down\", got {other:?}"),
+        )),
+    }
+}
+
+#[pymethods]
+impl Model {
+    #[new]
+    #[pyo3(signature = (path, threads = 1))]
+    fn new(py: Python<'_>, path: PathBuf, threads: usize) -> PyResult<Self> {
+        if threads == 0 {
+            return Err(raise("InvalidArgumentError", "threads must be >= 1".to_string()));
+        }
+        let inner = py.detach(|| -> crate::error::CoreResult<CoreModel> {
+            let file = Arc::new(GgufFile::open(&path)?);
+            CoreModel::from_gguf(file, threads)
+        })?;
+        Ok(Model { inner })
+    }
+
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = self.inner.config();
+        let d = PyDict::new(py);
+        d.set_item("n_layer", c.n_layer)?;
+        d.set_item("n_embd", c.n_embd)?;
+        d.set_item("n_head", c.n_head)?;
+        d.set_item("n_head_kv", c.n_head_kv)?;
+        d.set_item("head_dim", c.head_dim)?;
+        d.set_item("n_ff", c.n_ff)?;
+        d.set_item("n_vocab", c.n_vocab)?;
+        d.set_item("rope_theta", c.rope_theta)?;
+        d.set_item("rms_eps", c.rms_eps)?;
+        d.set_item("context_length", c.context_length)?;
+        d.set_item("tied_output", c.tied_output)?;
+        Ok(d)
+    }
+
+    fn new_session(&self) -> Session {
+        Session {
+            inner: CoreSession::new(self.inner.config()),
+        }
+    }
+
+    fn embed<'py>(&self, py: Python<'py>, tokens: Vec<u32>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let d = self.inner.config().n_embd;
+        let mut out = vec![0f32; tokens.len() * d];
+        py.detach(|| self.inner.embed(&tokens, &mut out))?;
+        to_array2(py, out, tokens.len(), d)
+    }
+
+    fn attn_norm<'py>(
+        &self,
+        py: Python<'py>,
+        layer: usize,
+        x: PyReadonlyArray2<'py, f32>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let d = self.inner.config().n_embd;
+        let (xs, t) = rows_of("x", &x, d)?;
+        let mut out = vec![0f32; xs.len()];
+        py.detach(|| self.inner.attn_norm(layer, xs, &mut out))?;
+        to_array2(py, out, t, d)
+    }
+
+    fn ffn_norm<'py>(
+        &self,
+        py: Python<'py>,
+        layer: usize,
+        x: PyReadonlyArray2<'py, f32>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let d = self.inner.config().n_embd;
+        let (xs, t) = rows_of("x", &x, d)?;
+        let mut out = vec![0f32; xs.len()];
+        py.detach(|| self.inner.ffn_norm(layer, xs, &mut out))?;
+        to_array2(py, out, t, d)
+    }
+
+    fn attention<'py>(
+        &self,
+        py: Python<'py>,
+        mut session: PyRefMut<'py, Session>,
+        layer: usize,
+        heads: Vec<usize>,
+        x_norm: PyReadonlyArray2<'py, f32>,
+        positions: Vec<u32>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let d = self.inner.config().n_embd;
+        let (xs, t) = rows_of("x_norm", &x_norm, d)?;
+        let mut out = vec![0f32; xs.len()];
+        let session = &mut session.inner;
+        py.detach(|| self.inner.attention(session, layer, &heads, xs, &positions, &mut out))?;
+        to_array2(py, out, t, d)
+    }
+
+    fn ffn<'py>(
+        &self,
+        py: Python<'py>,
+        layer: usize,
+        part: &str,
+        input: PyReadonlyArray2<'py, f32>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let part = parse_part(part)?;
+        let c = self.inner.config();
+        let (width_in, width_out) = match part {
+            FfnPart::Full => (c.n_embd, c.n_embd),
+            FfnPart::GateUp => (c.n_embd, c.n_ff),
+            FfnPart::Down => (c.n_ff, c.n_embd),
+        };
+        let (xs, t) = rows_of("input", &input, width_in)?;
+        let mut out = vec![0f32; t * width_out];
+        py.detach(|| self.inner.ffn(layer, part, xs, t, &mut out))?;
+        to_array2(py, out, t, width_out)
+    }
+
+    fn output_logits<'py>(
+        &self,
+        py: Python<'py>,
+        x: PyReadonlyArray2<'py, f32>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let c = self.inner.config();
+        let (xs, t) = rows_of("x", &x, c.n_embd)?;
+        let mut out = vec![0f32; t * c.n_vocab];
+        py.detach(|| self.inner.output_logits(xs, t, &mut out))?;
+        to_array2(py, out, t, c.n_vocab)
+    }
+
+    fn layer_fused<'py>(
+        &self,
+        py: Python<'py>,
+        mut session: PyRefMut<'py, Session>,
+        layer: usize,
+        x: PyReadonlyArray2<'py, f32>,
+        positions: Vec<u32>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let d = self.inner.config().n_embd;
+        let (xs, t) = rows_of("x", &x, d)?;
+        let mut state = xs.to_vec();
+        let session = &mut session.inner;
+        py.detach(|| self.inner.layer_fused(session, layer, &mut state, &positions))?;
+        to_array2(py, state, t, d)
+    }
+
+    #[pyo3(signature = (session, tokens, positions, all_logits = false))]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        mut session: PyRefMut<'py, Session>,
+        tokens: Vec<u32>,
+        positions: Vec<u32>,
+        all_logits: bool,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let vocab = self.inner.config().n_vocab;
+        let session = &mut session.inner;
+        let logits = py.detach(|| self.inner.forward(session, &tokens, &positions, all_logits))?;
+        let rows = logits.len() / vocab;
+        to_array2(py, logits, rows, vocab)
+    }
+}
+
+#[pymethods]
+impl Session {
+    /// Positions cached for `layer` and KV `group` (0 where that group never ran here).
+    fn cached(&self, layer: usize, group: usize) -> usize {
+        self.inner.len(layer, group)
+    }
+
+    fn truncate(&mut self, n_positions: usize) {
+        self.inner.truncate(n_positions)
+    }
+
+    fn clear(&mut self) {
+        self.inner.clear()
+    }
+
+    #[getter]
+    fn memory_bytes(&self) -> usize {
+        self.inner.memory_bytes()
+    }
+}
