@@ -60,3 +60,16 @@ class LayoutError(CodecError, ValueError):
 class ModelFileError(SplitwiseError, ValueError):
     """A model file (GGUF, shard) is missing, truncated, corrupt or of an unsupported kind; the
     message names the file and the problem."""
+
+
+class PlanError(SplitwiseError, ValueError):
+    """A partition plan is malformed or does not fit the model; the message names the bad path."""
+
+
+class FrameError(SplitwiseError, ValueError):
+    """A segment frame failed validation; `reason` names the check that failed (one of
+    `cloud_offload.protocol.FrameFault`), for logs and error replies."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason

@@ -1,0 +1,812 @@
+"""The offload wire protocol: MQTT topics, binary segment frames, app↔device JSON messages.
+
+Specified in ``docs/protocol.md``; this module is the reference implementation. It moves bytes
+and knows no planning: a frame's op list is checked for well-formedness (known kinds, head and
+layer ranges, the segment grammar), not for what a plan would do.
+
+Segment frame (little-endian)::
+
+    off  size  field
+    0    4     magic b"SWSG"
+    4    1     version (1)
+    5    1     kind: 1 request, 2 response, 3 error
+    6    2     flags: bit 0 REPLAY, bit 1 CLOSE, others must be 0
+    8    16    session id (UUID bytes)
+    24   4     step (token step of the session)
+    28   4     position of the tensor's first row (rows are positions position..position+T-1)
+    32   2     segment id within the step
+    34   2     attempt (0 first send, +1 per retry)
+    36   16    model hash (first 16 bytes of the model file's SHA-256)
+    52   1     codec of the payload: 0 none, 1 f32, 2 f16, 3 q8_0, 4 q4_0
+    53   1     reply codec (request: codec wanted for the response tensor; else 0 or echoed)
+    54   2     n_ops
+    56   11·n  ops: kind u8, layer u16, head bitmask u64
+    ..   1     ndim (0..4; 0 = no tensor, codec none)
+    ..   4·nd  dims u32
+    ..   4     payload length
+    ..   len   payload (codec bytes; an error frame's UTF-8 JSON {"code","message"})
+    ..   4     CRC32C of every byte before it
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum, IntFlag, StrEnum
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from splitwise_device import codecs
+from splitwise_device.errors import CodecError, FrameError, InvalidArgumentError
+
+
+class FrameFault(StrEnum):
+    """Which check a frame failed (FrameError.reason); stable strings, logged and sent in replies."""
+
+    TOO_LARGE = "too_large"
+    TRUNCATED = "truncated"
+    BAD_MAGIC = "bad_magic"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    LENGTH_MISMATCH = "length_mismatch"
+    CRC_MISMATCH = "crc_mismatch"
+    UNKNOWN_KIND = "unknown_kind"
+    BAD_FLAGS = "bad_flags"
+    UNKNOWN_CODEC = "unknown_codec"
+    UNKNOWN_OP = "unknown_op"
+    BAD_OP = "bad_op"
+    HEADS_OUT_OF_RANGE = "heads_out_of_range"
+    LAYER_OUT_OF_RANGE = "layer_out_of_range"
+    BAD_OP_SEQUENCE = "bad_op_sequence"
+    TOO_MANY_DIMS = "too_many_dims"
+    BAD_DIMS = "bad_dims"
+    PAYLOAD_SIZE = "payload_size"
+    BAD_PAYLOAD = "bad_payload"  # from Frame.tensor(): the codec bytes decode to NaN/Inf
+    BAD_ERROR_PAYLOAD = "bad_error_payload"
+    MODEL_MISMATCH = "model_mismatch"
+
+
+__all__ = [
+    "CODEC_IDS",
+    "HEADER_SIZE",
+    "MAGIC",
+    "MAX_DIMS",
+    "MAX_FRAME",
+    "MAX_HEADS",
+    "MAX_OPS",
+    "MAX_PAYLOAD",
+    "MAX_PROMPT_BYTES",
+    "MAX_TEMPERATURE",
+    "MAX_TOKENS",
+    "OP_SIZE",
+    "TOPIC_ROOT",
+    "VERSION",
+    "ChatMessage",
+    "EncodedTensor",
+    "ErrorCode",
+    "Flags",
+    "Frame",
+    "FrameError",
+    "FrameFault",
+    "FrameKind",
+    "InferRequest",
+    "Op",
+    "OpKind",
+    "chunk_reply",
+    "decode_frame",
+    "device_infer_topic",
+    "device_reply_filter",
+    "device_reply_topic",
+    "device_status_topic",
+    "dumps",
+    "encode_error",
+    "encode_request",
+    "encode_response",
+    "encode_tensor",
+    "error_reply",
+    "final_reply",
+    "model_hash_prefix",
+    "pool_segment_share",
+    "pool_segment_topic",
+    "validate_id",
+    "worker_segment_topic",
+    "worker_status_topic",
+]
+
+# --- topics -----------------------------------------------------------------------------------
+
+TOPIC_ROOT = "splitwise/v1"
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def validate_id(value: str, what: str = "id") -> str:
+    """Device, pool, worker ids and reply nonces: 1..64 of [A-Za-z0-9_-] (no MQTT wildcards or '/')."""
+    if not isinstance(value, str) or _ID.fullmatch(value) is None:
+        raise InvalidArgumentError(f"{what} must be 1..64 characters of [A-Za-z0-9_-], got {value!r}")
+    return value
+
+
+def device_infer_topic(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/device/{validate_id(device_id, 'device id')}/infer"
+
+
+def device_status_topic(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/device/{validate_id(device_id, 'device id')}/status"
+
+
+def device_reply_topic(device_id: str, nonce: str) -> str:
+    """The device's private topic for segment replies (its ResponseTopic)."""
+    return f"{TOPIC_ROOT}/device/{validate_id(device_id, 'device id')}/reply/{validate_id(nonce, 'nonce')}"
+
+
+def device_reply_filter(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/device/{validate_id(device_id, 'device id')}/reply/+"
+
+
+def pool_segment_topic(pool: str) -> str:
+    """Where a device sends a session's segments until a worker holds its KV."""
+    return f"{TOPIC_ROOT}/cloud/{_pool(pool)}/segment"
+
+
+def pool_segment_share(pool: str) -> str:
+    """The shared subscription through which the pool's workers receive new sessions."""
+    p = _pool(pool)
+    return f"$share/{p}/{TOPIC_ROOT}/cloud/{p}/segment"
+
+
+def worker_segment_topic(worker_id: str) -> str:
+    """Where a device sends the segments of a session that this worker already holds."""
+    return f"{TOPIC_ROOT}/cloud/worker/{validate_id(worker_id, 'worker id')}/segment"
+
+
+def worker_status_topic(worker_id: str) -> str:
+    return f"{TOPIC_ROOT}/cloud/worker/{validate_id(worker_id, 'worker id')}/status"
+
+
+def _pool(pool: str) -> str:
+    validate_id(pool, "pool")
+    if pool == "worker":
+        # "worker" is the level that holds per-worker topics under splitwise/v1/cloud/.
+        raise InvalidArgumentError("pool 'worker' is reserved")
+    return pool
+
+
+# --- frames -----------------------------------------------------------------------------------
+
+MAGIC = b"SWSG"
+VERSION = 1
+MAX_PAYLOAD = 64 * 1024 * 1024
+MAX_OPS = 1024
+MAX_DIMS = 4
+MAX_HEADS = 64
+MAX_ERROR_PAYLOAD = 64 * 1024
+# struct formats: no padding with "<".
+_HEADER = struct.Struct("<4sBBH16sIIHH16sBBH")
+_OP = struct.Struct("<BHQ")
+_U8 = struct.Struct("<B")
+_U32 = struct.Struct("<I")
+HEADER_SIZE = _HEADER.size  # 56
+OP_SIZE = _OP.size  # 11
+_MIN_FRAME = HEADER_SIZE + 1 + 4 + 4
+MAX_FRAME = HEADER_SIZE + MAX_OPS * OP_SIZE + 1 + 4 * MAX_DIMS + 4 + MAX_PAYLOAD + 4
+
+
+class FrameKind(IntEnum):
+    REQUEST = 1
+    RESPONSE = 2
+    ERROR = 3
+
+
+class Flags(IntFlag):
+    NONE = 0
+    # Re-sent checkpointed input that rebuilds KV on a new worker; computed like a request.
+    REPLAY = 1
+    # The session's last request: the worker may free its KV after answering.
+    CLOSE = 2
+
+
+_KNOWN_FLAGS = int(Flags.REPLAY | Flags.CLOSE)
+
+
+class OpKind(IntEnum):
+    ATTN_PART = 1
+    FFN_DOWN = 2
+    FFN = 3
+    RESIDUAL_FFN = 4
+    LAYER = 5
+    LM_HEAD = 6
+
+
+CODEC_IDS: dict[str, int] = {"f32": 1, "f16": 2, "q8_0": 3, "q4_0": 4}
+_CODEC_NAMES: dict[int, str] = {v: k for k, v in CODEC_IDS.items()}
+_SINGLE_OPS = (OpKind.ATTN_PART, OpKind.FFN_DOWN, OpKind.FFN)
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    kind: OpKind
+    layer: int = 0  # 0 for LM_HEAD
+    heads: tuple[int, ...] = ()  # ATTN_PART only
+
+    @property
+    def mask(self) -> int:
+        m = 0
+        for h in self.heads:
+            m |= 1 << h
+        return m
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedTensor:
+    """Codec bytes and the true shape (what the edge checkpoints and re-sends on recovery)."""
+
+    codec: str
+    shape: tuple[int, ...]
+    data: bytes
+
+    def decode(self) -> npt.NDArray[np.float32]:
+        return codecs.decode(self.data, self.codec, self.shape)
+
+
+def encode_tensor(x: npt.NDArray[np.float32], codec: str) -> EncodedTensor:
+    if codec not in CODEC_IDS:
+        raise InvalidArgumentError(f"unknown codec {codec!r}; expected one of {', '.join(CODEC_IDS)}")
+    arr = np.ascontiguousarray(x, dtype=np.float32)
+    return EncodedTensor(codec=codec, shape=tuple(int(n) for n in arr.shape), data=codecs.encode(arr, codec))
+
+
+def model_hash_prefix(sha256: bytes | str) -> bytes:
+    """The frame's model hash field from a SHA-256 digest (32 bytes or 64 hex characters)."""
+    raw = bytes.fromhex(sha256) if isinstance(sha256, str) else bytes(sha256)
+    if len(raw) != 32:
+        raise InvalidArgumentError(f"expected a SHA-256 digest (32 bytes), got {len(raw)} bytes")
+    return raw[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    kind: FrameKind
+    flags: Flags
+    session: uuid.UUID
+    step: int
+    position: int
+    segment: int
+    attempt: int
+    model_hash: bytes
+    codec: str | None  # None: no tensor
+    reply_codec: str | None
+    ops: tuple[Op, ...]
+    shape: tuple[int, ...]
+    # A view into the received buffer (no copy); call bytes() on it to keep it beyond the buffer.
+    payload: memoryview = field(repr=False)
+
+    @property
+    def dedup_key(self) -> tuple[uuid.UUID, int, int]:
+        """Retries of one segment share this key whatever their attempt number."""
+        return (self.session, self.step, self.segment)
+
+    def tensor(self) -> npt.NDArray[np.float32]:
+        if self.codec is None:
+            raise FrameError(FrameFault.BAD_DIMS, f"a {self.kind.name.lower()} frame without a tensor")
+        try:
+            return codecs.decode(self.payload, self.codec, self.shape)
+        except CodecError as exc:
+            raise FrameError(FrameFault.BAD_PAYLOAD, f"payload does not decode: {exc}") from exc
+
+    def encoded(self) -> EncodedTensor:
+        if self.codec is None:
+            raise FrameError(FrameFault.BAD_DIMS, f"a {self.kind.name.lower()} frame without a tensor")
+        return EncodedTensor(codec=self.codec, shape=self.shape, data=bytes(self.payload))
+
+    def error(self) -> tuple[str, str]:
+        """(code, message) of an error frame."""
+        if self.kind is not FrameKind.ERROR:
+            raise FrameError(FrameFault.UNKNOWN_KIND, f"not an error frame but a {self.kind.name.lower()}")
+        obj = json.loads(bytes(self.payload))  # validated by decode_frame
+        return str(obj["code"]), str(obj["message"])
+
+
+def _encode(
+    kind: FrameKind,
+    flags: int,
+    session: uuid.UUID,
+    step: int,
+    position: int,
+    segment: int,
+    attempt: int,
+    model_hash: bytes,
+    codec: str | None,
+    reply_codec: str | None,
+    ops: Sequence[Op],
+    shape: Sequence[int],
+    payload: bytes,
+) -> bytes:
+    if len(model_hash) != 16:
+        raise InvalidArgumentError(f"model_hash must be 16 bytes, got {len(model_hash)}")
+    if flags & ~_KNOWN_FLAGS:
+        raise InvalidArgumentError(f"unknown flags 0x{flags & ~_KNOWN_FLAGS:x}")
+    for name, value, bits in (("step", step, 32), ("position", position, 32), ("segment", segment, 16)):
+        if not 0 <= value < 1 << bits:
+            raise InvalidArgumentError(f"{name} {value} out of range 0..{(1 << bits) - 1}")
+    if len(ops) > MAX_OPS:
+        raise InvalidArgumentError(f"{len(ops)} ops, at most {MAX_OPS}")
+    if len(shape) > MAX_DIMS:
+        raise InvalidArgumentError(f"{len(shape)} dims, at most {MAX_DIMS}")
+    if len(payload) > MAX_PAYLOAD:
+        raise InvalidArgumentError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    out = bytearray(
+        _HEADER.pack(
+            MAGIC,
+            VERSION,
+            kind,
+            flags,
+            session.bytes,
+            step,
+            position,
+            segment,
+            min(attempt, 0xFFFF),  # the count saturates; it is informational
+            model_hash,
+            _codec_id(codec),
+            _codec_id(reply_codec),
+            len(ops),
+        )
+    )
+    for op in ops:
+        _check_op_args(op)
+        out += _OP.pack(op.kind, op.layer, op.mask)
+    out += _U8.pack(len(shape))
+    for n in shape:
+        out += _U32.pack(n)
+    out += _U32.pack(len(payload))
+    out += payload
+    out += _U32.pack(codecs.crc32c(out))
+    return bytes(out)
+
+
+def _codec_id(codec: str | None) -> int:
+    if codec is None:
+        return 0
+    try:
+        return CODEC_IDS[codec]
+    except KeyError:
+        raise InvalidArgumentError(f"unknown codec {codec!r}; expected one of {', '.join(CODEC_IDS)}") from None
+
+
+def _check_op_args(op: Op) -> None:
+    if not 0 <= op.layer <= 0xFFFF:
+        raise InvalidArgumentError(f"op {op.kind.name}: layer {op.layer} out of range 0..65535")
+    if any(not 0 <= h < MAX_HEADS for h in op.heads):
+        raise InvalidArgumentError(f"op {op.kind.name}: heads {op.heads} out of range 0..{MAX_HEADS - 1}")
+    if len(set(op.heads)) != len(op.heads):
+        raise InvalidArgumentError(f"op {op.kind.name}: duplicate heads in {op.heads}")
+    if (op.kind is OpKind.ATTN_PART) != bool(op.heads):
+        raise InvalidArgumentError(f"op {op.kind.name}: heads {op.heads} (only ATTN_PART has heads, at least one)")
+    if op.kind is OpKind.LM_HEAD and op.layer != 0:
+        raise InvalidArgumentError("op LM_HEAD: layer must be 0")
+
+
+def encode_request(
+    *,
+    session: uuid.UUID,
+    step: int,
+    position: int,
+    segment: int,
+    model_hash: bytes,
+    ops: Sequence[Op],
+    tensor: EncodedTensor | npt.NDArray[np.float32] | None,
+    codec: str | None = None,
+    reply_codec: str | None = None,
+    attempt: int = 0,
+    flags: int = 0,
+) -> bytes:
+    """A request frame. `tensor` is an array (encoded with `codec`) or already-encoded bytes (a
+    checkpoint being re-sent); None only with Flags.CLOSE and no ops (a session close).
+    `reply_codec` defaults to the tensor's codec."""
+    if tensor is None:
+        if not (flags & Flags.CLOSE) or ops:
+            raise InvalidArgumentError("a request without a tensor must be a CLOSE with no ops")
+        enc = None
+    elif isinstance(tensor, EncodedTensor):
+        enc = tensor
+    else:
+        if codec is None:
+            raise InvalidArgumentError("codec is required to encode an array")
+        enc = encode_tensor(tensor, codec)
+    if ops:
+        _check_sequence(ops, InvalidArgumentError)
+    return _encode(
+        FrameKind.REQUEST,
+        flags,
+        session,
+        step,
+        position,
+        segment,
+        attempt,
+        model_hash,
+        None if enc is None else enc.codec,
+        reply_codec if reply_codec is not None or enc is None else enc.codec,
+        ops,
+        () if enc is None else enc.shape,
+        b"" if enc is None else enc.data,
+    )
+
+
+def encode_response(
+    request: Frame, tensor: EncodedTensor | npt.NDArray[np.float32], *, codec: str | None = None
+) -> bytes:
+    """The response to `request`: its header fields and ops echoed, `tensor` in `codec` (default:
+    the request's reply codec)."""
+    enc = tensor if isinstance(tensor, EncodedTensor) else encode_tensor(tensor, codec or request.reply_codec or "f32")
+    return _encode(
+        FrameKind.RESPONSE,
+        int(request.flags),
+        request.session,
+        request.step,
+        request.position,
+        request.segment,
+        request.attempt,
+        request.model_hash,
+        enc.codec,
+        request.reply_codec,
+        request.ops,
+        enc.shape,
+        enc.data,
+    )
+
+
+def encode_error(code: str, message: str, *, request: Frame | None = None) -> bytes:
+    """An error frame answering `request` (header echoed) or, for a frame that did not decode,
+    with zero header fields (the reply still carries the request's MQTT CorrelationData)."""
+    payload = dumps({"code": str(code), "message": str(message)[:4096]})
+    if request is None:
+        return _encode(FrameKind.ERROR, 0, uuid.UUID(int=0), 0, 0, 0, 0, bytes(16), None, None, (), (), payload)
+    return _encode(
+        FrameKind.ERROR,
+        int(request.flags),
+        request.session,
+        request.step,
+        request.position,
+        request.segment,
+        request.attempt,
+        request.model_hash,
+        None,
+        None,
+        request.ops,
+        (),
+        payload,
+    )
+
+
+def decode_frame(
+    data: bytes | bytearray | memoryview,
+    *,
+    n_layer: int | None = None,
+    n_head: int | None = None,
+    model_hash: bytes | None = None,
+) -> Frame:
+    """Parse and validate one frame; raises FrameError (never anything else) on any bad input.
+
+    Given the receiver's model (`n_layer`, `n_head`, `model_hash`), layers, heads and the model
+    hash are checked too. The returned payload is a view into `data`, not a copy.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise FrameError(FrameFault.TRUNCATED, f"expected bytes, got {type(data).__name__}")
+    mv = memoryview(data)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    size = mv.nbytes
+    if size > MAX_FRAME:
+        raise FrameError(FrameFault.TOO_LARGE, f"{size} bytes, at most {MAX_FRAME}")
+    if size < 4 or mv[:4] != MAGIC:
+        if size >= 4:
+            raise FrameError(FrameFault.BAD_MAGIC, f"magic {bytes(mv[:4])!r}, expected {MAGIC!r}")
+        raise FrameError(FrameFault.TRUNCATED, f"{size} bytes, shorter than a frame")
+    if size < _MIN_FRAME:
+        raise FrameError(FrameFault.TRUNCATED, f"{size} bytes, a frame has at least {_MIN_FRAME}")
+    (_, version, kind, flags, sess, step, position, segment, attempt, mhash, codec_id, reply_id, n_ops) = (
+        _HEADER.unpack_from(mv, 0)
+    )
+    if version != VERSION:
+        raise FrameError(FrameFault.UNSUPPORTED_VERSION, f"version {version}, this side speaks {VERSION}")
+    # Structure first (lengths), then the CRC, then the meaning of the fields: a corrupted byte
+    # reports a length or CRC problem rather than a misleading semantic one.
+    if n_ops > MAX_OPS:
+        raise FrameError(FrameFault.LENGTH_MISMATCH, f"{n_ops} ops, at most {MAX_OPS}")
+    off = HEADER_SIZE + n_ops * OP_SIZE
+    if size < off + 1 + 4 + 4:
+        raise FrameError(FrameFault.TRUNCATED, f"{size} bytes, too short for {n_ops} ops")
+    ndim = mv[off]
+    if ndim > MAX_DIMS:
+        raise FrameError(FrameFault.TOO_MANY_DIMS, f"{ndim} dims, at most {MAX_DIMS}")
+    dims_off = off + 1
+    off = dims_off + 4 * ndim
+    if size < off + 4 + 4:
+        raise FrameError(FrameFault.TRUNCATED, f"{size} bytes, too short for {ndim} dims")
+    (payload_len,) = _U32.unpack_from(mv, off)
+    if payload_len > MAX_PAYLOAD:
+        raise FrameError(FrameFault.TOO_LARGE, f"payload of {payload_len} bytes, at most {MAX_PAYLOAD}")
+    payload_off = off + 4
+    end = payload_off + payload_len
+    if size != end + 4:
+        fault = FrameFault.TRUNCATED if size < end + 4 else FrameFault.LENGTH_MISMATCH
+        raise FrameError(fault, f"{size} bytes, the header says {end + 4}")
+    (crc,) = _U32.unpack_from(mv, end)
+    actual = codecs.crc32c(mv[:end])
+    if crc != actual:
+        raise FrameError(FrameFault.CRC_MISMATCH, f"CRC32C 0x{crc:08x} in the frame, 0x{actual:08x} computed")
+
+    try:
+        frame_kind = FrameKind(kind)
+    except ValueError:
+        raise FrameError(FrameFault.UNKNOWN_KIND, f"frame kind {kind}") from None
+    if flags & ~_KNOWN_FLAGS:
+        raise FrameError(FrameFault.BAD_FLAGS, f"unknown flag bits 0x{flags & ~_KNOWN_FLAGS:04x}")
+    codec = _codec_name(codec_id, "codec")
+    reply_codec = _codec_name(reply_id, "reply codec")
+    ops = tuple(_decode_op(mv, HEADER_SIZE + i * OP_SIZE, i, n_layer, n_head) for i in range(n_ops))
+    shape = tuple(_U32.unpack_from(mv, dims_off + 4 * i)[0] for i in range(ndim))
+    payload = mv[payload_off:end]
+
+    if (codec is None) != (ndim == 0):
+        raise FrameError(FrameFault.BAD_DIMS, f"codec {codec} with {ndim} dims (no tensor ⇔ codec none)")
+    if codec is not None:
+        n = math.prod(shape)
+        if n == 0:
+            raise FrameError(FrameFault.BAD_DIMS, f"shape {shape} has a zero dimension")
+        # Guard before codec_size: no codec packs an element in fewer than 4 bits.
+        expected = codecs.codec_size(codec, n) if n <= 2 * MAX_PAYLOAD + 64 else MAX_PAYLOAD + 1
+        if expected != payload_len:
+            raise FrameError(
+                FrameFault.PAYLOAD_SIZE, f"{payload_len} payload bytes, {codec} of shape {shape} takes {expected}"
+            )
+    if frame_kind is FrameKind.ERROR:
+        if codec is not None or reply_codec is not None:
+            raise FrameError(FrameFault.BAD_DIMS, "an error frame carries no tensor and no codec")
+        _check_error_payload(payload)
+    elif frame_kind is FrameKind.REQUEST:
+        if codec is None:
+            if not (flags & Flags.CLOSE) or ops or payload_len:
+                raise FrameError(FrameFault.BAD_DIMS, "a request without a tensor must be an empty CLOSE")
+        else:
+            if not ops:
+                raise FrameError(FrameFault.BAD_OP_SEQUENCE, "a request with a tensor needs ops")
+            if reply_codec is None:
+                raise FrameError(FrameFault.UNKNOWN_CODEC, "a request names its reply codec")
+        if ops:
+            _check_sequence(ops, None)
+    elif codec is None:
+        raise FrameError(FrameFault.BAD_DIMS, "a response carries a tensor")
+    if model_hash is not None and mhash != model_hash:
+        raise FrameError(
+            FrameFault.MODEL_MISMATCH, f"frame for model {mhash.hex()}, this side has {bytes(model_hash).hex()}"
+        )
+    return Frame(
+        kind=frame_kind,
+        flags=Flags(flags),
+        session=uuid.UUID(bytes=sess),
+        step=step,
+        position=position,
+        segment=segment,
+        attempt=attempt,
+        model_hash=mhash,
+        codec=codec,
+        reply_codec=reply_codec,
+        ops=ops,
+        shape=shape,
+        payload=payload,
+    )
+
+
+def _codec_name(codec_id: int, what: str) -> str | None:
+    if codec_id == 0:
+        return None
+    name = _CODEC_NAMES.get(codec_id)
+    if name is None:
+        raise FrameError(FrameFault.UNKNOWN_CODEC, f"{what} id {codec_id}")
+    return name
+
+
+def _decode_op(mv: memoryview, off: int, i: int, n_layer: int | None, n_head: int | None) -> Op:
+    kind_id, layer, mask = _OP.unpack_from(mv, off)
+    try:
+        kind = OpKind(kind_id)
+    except ValueError:
+        raise FrameError(FrameFault.UNKNOWN_OP, f"ops[{i}]: op kind {kind_id}") from None
+    if kind is OpKind.ATTN_PART:
+        if mask == 0:
+            raise FrameError(FrameFault.BAD_OP, f"ops[{i}]: ATTN_PART with no heads")
+        if n_head is not None and mask >> n_head:
+            raise FrameError(
+                FrameFault.HEADS_OUT_OF_RANGE, f"ops[{i}]: head mask 0x{mask:x} beyond heads 0..{n_head - 1}"
+            )
+    elif mask:
+        raise FrameError(FrameFault.BAD_OP, f"ops[{i}]: {kind.name} carries a head mask 0x{mask:x}")
+    if kind is OpKind.LM_HEAD:
+        if layer:
+            raise FrameError(FrameFault.BAD_OP, f"ops[{i}]: LM_HEAD with layer {layer} (must be 0)")
+    elif n_layer is not None and layer >= n_layer:
+        raise FrameError(FrameFault.LAYER_OUT_OF_RANGE, f"ops[{i}]: layer {layer} out of range 0..{n_layer - 1}")
+    heads = tuple(h for h in range(MAX_HEADS) if mask >> h & 1) if mask else ()
+    return Op(kind, layer, heads)
+
+
+def _check_sequence(ops: Sequence[Op], exc: type[InvalidArgumentError] | None) -> None:
+    """The segment grammar: [ATTN_PART] | [FFN_DOWN] | [FFN] | [RESIDUAL_FFN?, LAYER*, LM_HEAD?]
+    with consecutive layers; raises FrameError (exc None) or `exc`."""
+    problem = _sequence_problem(ops)
+    if problem is None:
+        return
+    if exc is None:
+        raise FrameError(FrameFault.BAD_OP_SEQUENCE, problem)
+    raise exc(problem)
+
+
+def _sequence_problem(ops: Sequence[Op]) -> str | None:
+    if any(op.kind in _SINGLE_OPS for op in ops):
+        return None if len(ops) == 1 else f"{[op.kind.name for op in ops]}: ATTN_PART, FFN_DOWN, FFN stand alone"
+    expected: int | None = None
+    for i, op in enumerate(ops):
+        if op.kind is OpKind.RESIDUAL_FFN and i:
+            return f"ops[{i}]: RESIDUAL_FFN only opens a residual run"
+        if op.kind is OpKind.LM_HEAD:
+            if i != len(ops) - 1:
+                return f"ops[{i}]: LM_HEAD only ends a residual run"
+            continue
+        if expected is not None and op.layer != expected:
+            return f"ops[{i}]: layer {op.layer} after layer {expected - 1}; a run covers consecutive layers"
+        expected = op.layer + 1
+    return None
+
+
+def _check_error_payload(payload: memoryview) -> None:
+    if len(payload) > MAX_ERROR_PAYLOAD:
+        raise FrameError(FrameFault.BAD_ERROR_PAYLOAD, f"error payload of {len(payload)} bytes")
+    try:
+        obj = json.loads(bytes(payload).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FrameError(FrameFault.BAD_ERROR_PAYLOAD, f"error payload is not UTF-8 JSON: {exc}") from None
+    if not (
+        isinstance(obj, dict)
+        and obj.keys() == {"code", "message"}
+        and isinstance(obj["code"], str)
+        and isinstance(obj["message"], str)
+    ):
+        raise FrameError(FrameFault.BAD_ERROR_PAYLOAD, 'error payload must be {"code": str, "message": str}')
+
+
+# --- app ↔ device JSON ------------------------------------------------------------------------
+
+
+class ErrorCode(StrEnum):
+    """Error codes of app replies and of segment error frames."""
+
+    BAD_REQUEST = "bad_request"  # invalid infer request / segment op for this worker
+    OVERLOADED = "overloaded"  # the device's request queue (or a worker) is full
+    INTERNAL = "internal"  # a bug or an unexpected failure; the message says more
+    MODEL_MISMATCH = "model_mismatch"  # plan or frame for another model
+    BAD_FRAME = "bad_frame"  # segment frame failed validation (message starts with the FrameFault)
+    UNKNOWN_SESSION = "unknown_session"  # worker holds no KV for this session: replay checkpoints
+    TIMEOUT = "timeout"  # the request could not finish in time
+
+
+MAX_PROMPT_BYTES = 32 * 1024
+MAX_TOKENS = 2048
+MAX_TEMPERATURE = 2.0
+_NAMED_PLAN = re.compile(r"edge-only|cloud-only|layer-split:[0-9]{1,6}|heads:[0-9]{1,6}")
+# MQTT topic names: no wildcards, not a $-prefixed system topic, at most 65535 UTF-8 bytes.
+_TOPIC_FORBIDDEN = re.compile(r"[+#\x00]")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class InferRequest(BaseModel):
+    """App → device: `splitwise/v1/device/{device_id}/infer` (see docs/protocol.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)] | None = None
+    # None: the device's configured default. The upper bound is checked in _check (configurable).
+    max_tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE)] = 0.0
+    seed: Annotated[int, Field(ge=0, lt=1 << 63, strict=True)] | None = None
+    stream: bool = False
+    # A named plan, or an inline plan object (policies.plan JSON form). Never a file path: apps
+    # must not make the device read its files.
+    plan: str | dict[str, Any] | None = None
+    reply_to: str | None = None  # for MQTT 3.1.1 clients, which have no ResponseTopic
+    request_id: Annotated[str, Field(max_length=128)] | None = None  # echoed in every reply
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> InferRequest:
+        limits = info.context if isinstance(info.context, Mapping) else {}
+        max_prompt = int(limits.get("max_prompt_bytes", MAX_PROMPT_BYTES))
+        max_tokens = int(limits.get("max_tokens_limit", MAX_TOKENS))
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if self.max_tokens is not None and self.max_tokens > max_tokens:
+            raise ValueError(f"max_tokens {self.max_tokens} exceeds the limit {max_tokens}")
+        text = self.prompt if self.prompt is not None else "".join(m.content for m in self.messages or ())
+        if len(text.encode("utf-8")) > max_prompt:
+            raise ValueError(f"prompt longer than {max_prompt} bytes")
+        return self
+
+    @field_validator("plan")
+    @classmethod
+    def _check_plan(cls, v: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(v, str) and _NAMED_PLAN.fullmatch(v) is None:
+            raise ValueError("plan must be edge-only, cloud-only, layer-split:K, heads:N or a plan object")
+        return v
+
+    @field_validator("reply_to")
+    @classmethod
+    def _check_reply_to(cls, v: str | None) -> str | None:
+        if v is not None and (
+            not v or v.startswith("$") or _TOPIC_FORBIDDEN.search(v) or len(v.encode("utf-8")) > 65535
+        ):
+            raise ValueError("reply_to must be a topic name without wildcards, not starting with '$'")
+        return v
+
+    @classmethod
+    def parse(
+        cls, payload: bytes | str, *, max_prompt_bytes: int = MAX_PROMPT_BYTES, max_tokens_limit: int = MAX_TOKENS
+    ) -> InferRequest:
+        """From an MQTT payload, under the device's limits; pydantic.ValidationError (a ValueError)
+        on anything invalid. The prompt limit counts UTF-8 bytes of the prompt or all messages."""
+        context = {"max_prompt_bytes": max_prompt_bytes, "max_tokens_limit": max_tokens_limit}
+        return cls.model_validate_json(payload, context=context)
+
+
+def _with_id(msg: dict[str, Any], request_id: str | None) -> dict[str, Any]:
+    if request_id is not None:
+        msg["request_id"] = request_id
+    return msg
+
+
+def chunk_reply(index: int, text: str, *, request_id: str | None = None) -> dict[str, Any]:
+    return _with_id({"type": "chunk", "index": index, "text": text}, request_id)
+
+
+def final_reply(
+    *,
+    text: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    plan: Mapping[str, Any],
+    timings: Mapping[str, float],
+    recovery: Sequence[Mapping[str, Any]] = (),
+    stop_reason: str | None = None,
+    request_id: str | None = None,
+) -> dict[str, Any]:
+    msg: dict[str, Any] = {
+        "type": "final",
+        "text": text,
+        "tokens": {"prompt": prompt_tokens, "completion": completion_tokens},
+        "plan": dict(plan),
+        "timings": dict(timings),
+        "recovery": [dict(r) for r in recovery],
+    }
+    if stop_reason is not None:
+        msg["stop_reason"] = stop_reason
+    return _with_id(msg, request_id)
+
+
+def error_reply(code: ErrorCode | str, message: str, *, request_id: str | None = None) -> dict[str, Any]:
+    return _with_id({"type": "error", "error": {"code": str(code), "message": message}}, request_id)
+
+
+def dumps(msg: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON for an MQTT payload."""
+    return json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
