@@ -154,9 +154,10 @@ class MqttConnection:
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
         expiry_s: float | None = None,
+        user_properties: list[tuple[str, str]] | None = None,
     ) -> mqtt.MQTTMessageInfo:
         props = None
-        if response_topic is not None or correlation_data is not None or expiry_s is not None:
+        if response_topic or correlation_data is not None or expiry_s is not None or user_properties:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             if response_topic is not None:
                 props.ResponseTopic = response_topic
@@ -164,6 +165,8 @@ class MqttConnection:
                 props.CorrelationData = correlation_data
             if expiry_s is not None:
                 props.MessageExpiryInterval = max(1, int(expiry_s + 0.999))
+            if user_properties:
+                props.UserProperty = user_properties
         return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
     def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any) -> None:
@@ -190,7 +193,11 @@ class MqttConnection:
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
-            handlers = [h for topic, (_q, h) in self._subscriptions.items() if mqtt.topic_matches_sub(topic, msg.topic)]
+            handlers = [
+                h
+                for topic, (_q, h) in self._subscriptions.items()
+                if mqtt.topic_matches_sub(shared_topic_filter(topic), msg.topic)
+            ]
         for handler in handlers:
             try:
                 handler(msg)
@@ -248,6 +255,13 @@ class RpcClient:
             log.debug("late or duplicate reply dropped")
             return
         future.set_result(msg)
+
+
+def user_property(msg: mqtt.MQTTMessage, name: str) -> str | None:
+    for key, value in getattr(msg.properties, "UserProperty", None) or []:
+        if key == name:
+            return str(value)
+    return None
 
 
 def new_client_id(prefix: str) -> str:

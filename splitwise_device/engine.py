@@ -177,3 +177,23 @@ def mean_nll(logits: npt.NDArray[np.floating[Any]], targets: npt.NDArray[np.inte
     """Mean negative log-likelihood of `targets[i]` under `logits[i]`."""
     logp = log_softmax(logits)
     return float(-logp[np.arange(targets.size), targets].mean())
+
+
+_FINGERPRINTS: dict[tuple[str, int, int], bytes] = {}
+
+
+def model_sha256(path: str | os.PathLike[str]) -> bytes:
+    """SHA-256 of a model file, the identity both sides of a split check before they cooperate.
+    Cached per (path, size, mtime) so a service pays for hashing once."""
+    import hashlib
+
+    p = Path(path)
+    stat = p.stat()
+    key = (str(p.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FINGERPRINTS:
+        digest = hashlib.sha256()
+        with p.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        _FINGERPRINTS[key] = digest.digest()
+    return _FINGERPRINTS[key]

@@ -1,0 +1,444 @@
+"""Runs a partition plan: local sub-blocks on the engine, cloud segments over MQTT, with recovery.
+
+Per token step the compiled schedule (`policies.segments`) is interpreted over named registers.
+A parallel section publishes its cloud request first, runs the edge ops, then waits. Every cloud
+request that builds KV on the worker (attention heads, whole layers) is kept as a partition
+checkpoint — its codec bytes and position — within a byte budget, so a new worker can rebuild the
+session. Recovery (DESIGN §6):
+
+1. no reply by the deadline → retry with exponential backoff and jitter (same worker);
+2. a worker silent for `tries_per_worker` attempts is banned for `ban_s`; the session moves to
+   whichever worker the pool's shared subscription picks, which answers ``unknown_session``; the
+   checkpoints are replayed to it and the step resumes;
+3. after `max_tries` attempts with no answer at all (no cloud), the request finishes edge-only,
+   recomputing the missing KV locally.
+
+Every such event is recorded and returned with the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import paho.mqtt.client as mqtt
+
+from cloud_offload import protocol
+from cloud_offload.mqtt import RpcClient, user_property
+from cloud_offload.protocol import EncodedTensor, ErrorCode, Flags, FrameKind, Op, OpKind
+from policies.plan import Plan
+from policies.segments import (
+    CloudOpKind,
+    CloudSegment,
+    EdgeOp,
+    EdgeOpKind,
+    LocalStep,
+    ModelDims,
+    ParallelSection,
+    Reg,
+    Schedule,
+    compile_plan,
+)
+from splitwise_device.engine import Model, Session, sample_token
+from splitwise_device.errors import FrameError, SplitwiseError
+
+log = logging.getLogger(__name__)
+
+Array = npt.NDArray[np.float32]
+KV_OPS = (OpKind.ATTN_PART, OpKind.LAYER)
+
+
+class CloudUnavailableError(SplitwiseError, ConnectionError):
+    """No cloud worker answered within the retry budget."""
+
+
+@dataclass(frozen=True)
+class RecoveryPolicy:
+    segment_timeout_s: float = 5.0
+    base_s: float = 0.1
+    factor: float = 2.0
+    cap_s: float = 2.0
+    jitter: float = 0.2
+    max_tries: int = 6
+    tries_per_worker: int = 2
+    ban_s: float = 30.0
+    checkpoint_budget_bytes: int = 64 << 20
+
+    def backoff(self, attempt: int, rng: random.Random) -> float:
+        delay = min(self.cap_s, self.base_s * self.factor**attempt)
+        return delay * (1 + self.jitter * (2 * rng.random() - 1))
+
+
+@dataclass
+class RecoveryEvent:
+    kind: str  # retry | worker_banned | failover | replay | edge_fallback | worker_error
+    step: int
+    segment: int
+    detail: str
+    worker: str | None = None
+    at_s: float = field(default_factory=time.monotonic)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "step": self.step,
+            "segment": self.segment,
+            "worker": self.worker,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    position: int
+    segment: int
+    ops: tuple[Op, ...]
+    tensor: EncodedTensor
+    reply_codec: str
+
+
+@dataclass
+class TransferStats:
+    requests: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    round_trip_s: list[float] = field(default_factory=list)
+
+
+class CloudLink:
+    """One session's conversation with the cloud pool: affinity, retries, checkpoints, failover."""
+
+    def __init__(
+        self,
+        rpc: RpcClient,
+        pool: str,
+        model_hash: bytes,
+        codec: str,
+        policy: RecoveryPolicy,
+        *,
+        banned: dict[str, float] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.rpc = rpc
+        self.pool = pool
+        self.model_hash = model_hash
+        self.codec = codec
+        self.policy = policy
+        self.session = uuid.uuid4()
+        self.worker: str | None = None
+        self.banned = banned if banned is not None else {}
+        self.rng = rng or random.Random()
+        self.checkpoints: list[Checkpoint] = []
+        self.checkpoint_bytes = 0
+        self.checkpoints_complete = True
+        self.events: list[RecoveryEvent] = []
+        self.stats = TransferStats()
+        self.used = False
+
+    def _topic(self) -> str:
+        if self.worker is not None and self.banned.get(self.worker, 0.0) <= time.monotonic():
+            return protocol.worker_segment_topic(self.worker)
+        return protocol.pool_segment_topic(self.pool)
+
+    def send(self, step: int, position: int, segment: CloudSegment, x: Array) -> Callable[[], Array]:
+        """Publishes the segment now; the returned callable waits for (and recovers) its answer."""
+        ops = tuple(Op(OpKind[op.kind.name], op.layer, op.heads) for op in segment.ops)
+        reply_codec = "f32" if segment.output is Reg.LOGITS else self.codec
+        tensor = protocol.encode_tensor(x, self.codec)
+        self.used = True
+        first = self._publish(step, position, segment.index, ops, tensor, reply_codec, attempt=0, flags=0)
+        if any(op.kind in KV_OPS for op in ops):
+            self._keep_checkpoint(Checkpoint(step, position, segment.index, ops, tensor, reply_codec))
+        return lambda: self._await(step, position, segment.index, ops, tensor, reply_codec, first)
+
+    def _publish(
+        self,
+        step: int,
+        position: int,
+        segment: int,
+        ops: tuple[Op, ...],
+        tensor: EncodedTensor,
+        reply_codec: str,
+        *,
+        attempt: int,
+        flags: int,
+    ) -> tuple[float, Future[mqtt.MQTTMessage], bytes]:
+        frame = protocol.encode_request(
+            session=self.session,
+            step=step,
+            position=position,
+            segment=segment,
+            model_hash=self.model_hash,
+            ops=ops,
+            tensor=tensor,
+            reply_codec=reply_codec,
+            attempt=attempt,
+            flags=flags,
+        )
+        correlation, future = self.rpc.request(self._topic(), frame, expiry_s=self.policy.segment_timeout_s * 4)
+        self.stats.requests += 1
+        self.stats.bytes_up += len(frame)
+        return time.monotonic(), future, correlation
+
+    def _await(
+        self,
+        step: int,
+        position: int,
+        segment: int,
+        ops: tuple[Op, ...],
+        tensor: EncodedTensor,
+        reply_codec: str,
+        first: tuple[float, Future[mqtt.MQTTMessage], bytes],
+    ) -> Array:
+        sent_at, future, correlation = first
+        silent_tries = 0
+        for attempt in range(self.policy.max_tries):
+            if attempt > 0:
+                time.sleep(self.policy.backoff(attempt - 1, self.rng))
+                sent_at, future, correlation = self._publish(
+                    step, position, segment, ops, tensor, reply_codec, attempt=attempt, flags=0
+                )
+            try:
+                msg = future.result(timeout=self.policy.segment_timeout_s)
+            except FutureTimeout:
+                self.rpc.cancel(correlation)
+                silent_tries += 1
+                self.events.append(RecoveryEvent("retry", step, segment, f"no reply to attempt {attempt}", self.worker))
+                if silent_tries >= self.policy.tries_per_worker and self.worker is not None:
+                    self._ban(step, segment)
+                    silent_tries = 0
+                continue
+            self.stats.round_trip_s.append(time.monotonic() - sent_at)
+            self.stats.bytes_down += len(msg.payload)
+            answered_by = user_property(msg, "worker_id")
+            try:
+                frame = protocol.decode_frame(msg.payload)
+            except FrameError as err:
+                self.events.append(RecoveryEvent("worker_error", step, segment, str(err), answered_by))
+                continue
+            if frame.kind is FrameKind.ERROR:
+                code, message = frame.error()
+                if code == ErrorCode.UNKNOWN_SESSION and answered_by is not None:
+                    self._failover(answered_by, step, segment, before=(step, segment))
+                    continue
+                raise CloudUnavailableError(f"worker {answered_by} refused segment {segment}: {code}: {message}")
+            if answered_by is not None and answered_by != self.worker:
+                if self.worker is not None:
+                    self.events.append(
+                        RecoveryEvent("failover", step, segment, "answered by a new worker", answered_by)
+                    )
+                self.worker = answered_by
+            return frame.tensor()
+        raise CloudUnavailableError(
+            f"segment {segment} of step {step}: no worker answered {self.policy.max_tries} tries"
+        )
+
+    def _ban(self, step: int, segment: int) -> None:
+        assert self.worker is not None
+        self.banned[self.worker] = time.monotonic() + self.policy.ban_s
+        self.events.append(
+            RecoveryEvent("worker_banned", step, segment, f"silent; banned for {self.policy.ban_s:g}s", self.worker)
+        )
+        self.worker = None
+
+    def _keep_checkpoint(self, checkpoint: Checkpoint) -> None:
+        size = len(checkpoint.tensor.data)
+        if self.checkpoint_bytes + size > self.policy.checkpoint_budget_bytes:
+            # Past the budget a new worker cannot be rebuilt; recovery then falls back to the edge.
+            self.checkpoints_complete = False
+            return
+        self.checkpoints.append(checkpoint)
+        self.checkpoint_bytes += size
+
+    def _failover(self, worker: str, step: int, segment: int, *, before: tuple[int, int]) -> None:
+        """Rebuilds the session's KV on `worker` by replaying every checkpoint sent before
+        (step, segment) — each with its own position — then lets the caller resend."""
+        if not self.checkpoints_complete:
+            raise CloudUnavailableError("partition checkpoints exceeded their budget; cannot rebuild a worker")
+        self.worker = worker
+        replay = [c for c in self.checkpoints if (c.step, c.segment) < before]
+        self.events.append(RecoveryEvent("replay", step, segment, f"{len(replay)} checkpoints", worker))
+        pending = [
+            self._publish(c.step, c.position, c.segment, c.ops, c.tensor, c.reply_codec, attempt=0, flags=Flags.REPLAY)
+            for c in replay
+        ]
+        for _sent, future, correlation in pending:
+            try:
+                msg = future.result(timeout=self.policy.segment_timeout_s)
+            except FutureTimeout:
+                self.rpc.cancel(correlation)
+                raise CloudUnavailableError(f"worker {worker} did not answer the checkpoint replay") from None
+            frame = protocol.decode_frame(msg.payload)
+            if frame.kind is FrameKind.ERROR:
+                raise CloudUnavailableError(f"worker {worker} rejected the checkpoint replay: {frame.error()}")
+
+    def close(self) -> None:
+        if self.used:
+            frame = protocol.encode_request(
+                session=self.session,
+                step=0,
+                position=0,
+                segment=0,
+                model_hash=self.model_hash,
+                ops=(),
+                tensor=None,
+                flags=Flags.CLOSE,
+            )
+            self.rpc.connection.publish(self._topic(), frame)
+
+
+@dataclass
+class StepTiming:
+    step: int
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class SplitResult:
+    tokens: list[int]
+    stop_reason: str
+    plan: Plan
+    steps: list[StepTiming]
+    events: list[RecoveryEvent]
+    transfer: TransferStats
+    fell_back_to_edge: bool
+
+
+class SplitExecutor:
+    """Generates tokens for one request under a plan."""
+
+    def __init__(self, model: Model, eos_id: int, link_factory: Callable[[], CloudLink] | None) -> None:
+        self.model = model
+        self.eos_id = eos_id
+        self.dims = ModelDims.from_config(model.config)
+        self.link_factory = link_factory
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        plan: Plan,
+        max_tokens: int,
+        *,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> SplitResult:
+        plan = plan.validate_for(self.dims.n_layer, self.dims.n_head)
+        schedule = compile_plan(plan, self.dims)
+        link = self.link_factory() if schedule.cloud_round_trips and self.link_factory else None
+        if schedule.cloud_round_trips and link is None:
+            raise CloudUnavailableError("the plan needs the cloud but no broker is configured")
+        rng = np.random.default_rng(seed)
+        session = self.model.new_session()
+        history: list[int] = []
+        batch, position, generated, timings = list(prompt), 0, [], []
+        fell_back, stop = False, "max_tokens"
+        try:
+            for step in range(max_tokens):
+                start = time.perf_counter()
+                if link is not None and not fell_back:
+                    try:
+                        logits = self._step(schedule, session, link, step, batch, position)
+                    except CloudUnavailableError as err:
+                        link.events.append(RecoveryEvent("edge_fallback", step, -1, str(err)))
+                        fell_back = True
+                        session = self.model.new_session()
+                        # Recompute everything the cloud held, locally: one prefill of the history.
+                        batch, position = history + batch, 0
+                if link is None or fell_back:
+                    positions = list(range(position, position + len(batch)))
+                    logits = self.model.forward(session, batch, positions)[-1]
+                timings.append(StepTiming(step, len(batch), time.perf_counter() - start))
+                history += batch
+                position += len(batch)
+                token = sample_token(logits, temperature, rng)
+                if token == self.eos_id:
+                    stop = "eos"
+                    break
+                generated.append(token)
+                if on_token is not None:
+                    on_token(token)
+                batch = [token]
+        finally:
+            if link is not None:
+                link.close()
+        return SplitResult(
+            tokens=generated,
+            stop_reason=stop,
+            plan=plan,
+            steps=timings,
+            events=link.events if link else [],
+            transfer=link.stats if link else TransferStats(),
+            fell_back_to_edge=fell_back,
+        )
+
+    def _step(
+        self, schedule: Schedule, session: Session, link: CloudLink, step: int, batch: list[int], position: int
+    ) -> Array:
+        positions = list(range(position, position + len(batch)))
+        regs: dict[Reg, Array] = {}
+
+        def run_local(local: LocalStep) -> None:
+            for op in local.ops:
+                regs[op.dst] = self._edge_op(op, [regs[s] for s in op.srcs], session, batch, positions)
+
+        for item in schedule.steps:
+            if isinstance(item, LocalStep):
+                run_local(item)
+            elif isinstance(item, CloudSegment):
+                regs[item.output] = link.send(step, position, item, regs[item.input])()
+            elif isinstance(item, ParallelSection):
+                wait = link.send(step, position, item.remote, regs[item.remote.input])
+                run_local(item.local)
+                regs[item.remote.output] = wait()
+        logits: Array = regs[Reg.LOGITS][-1]
+        return logits
+
+    def _edge_op(
+        self, op: EdgeOp, srcs: list[Array], session: Session, batch: list[int], positions: list[int]
+    ) -> Array:
+        m, kind = self.model, op.kind
+        if kind is EdgeOpKind.EMBED:
+            return m.embed(batch)
+        if kind is EdgeOpKind.LAYER:
+            return m.layer_fused(session, op.layer, srcs[0], positions)
+        if kind is EdgeOpKind.ATTN_NORM:
+            return m.attn_norm(op.layer, srcs[0])
+        if kind is EdgeOpKind.ATTN:
+            return m.attention(session, op.layer, list(op.heads), srcs[0], positions)
+        if kind is EdgeOpKind.FFN_NORM:
+            return m.ffn_norm(op.layer, srcs[0])
+        if kind is EdgeOpKind.FFN:
+            return m.ffn(op.layer, "full", srcs[0])
+        if kind is EdgeOpKind.GATE_UP:
+            return m.ffn(op.layer, "gate_up", srcs[0])
+        if kind is EdgeOpKind.ADD:
+            total = srcs[0]
+            for other in srcs[1:]:
+                total = total + other
+            return total
+        if kind is EdgeOpKind.LM_HEAD:
+            return m.output_logits(np.ascontiguousarray(srcs[0][-1:]))
+        raise SplitwiseError(f"unknown edge op {kind}")
+
+
+__all__ = [
+    "CloudLink",
+    "CloudOpKind",
+    "CloudUnavailableError",
+    "RecoveryEvent",
+    "RecoveryPolicy",
+    "SplitExecutor",
+    "SplitResult",
+]

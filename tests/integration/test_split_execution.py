@@ -1,0 +1,65 @@
+"""Split execution through a real broker: an in-process cloud worker, the edge executor, real
+frames. Process-level fault tests live in tests/e2e."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from cloud_offload import protocol
+from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
+from cloud_offload.worker import CloudWorker
+from policies.plan import parse_plan
+from splitwise_device.engine import Engine, model_sha256
+from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
+from splitwise_device.tokenizer import bundled_model_path
+
+pytestmark = pytest.mark.broker
+PROMPT = "The three most useful things to know about MQTT are"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(bundled_model_path(), threads=1)
+
+
+@pytest.fixture
+def worker(mosquitto_broker) -> Iterator[CloudWorker]:  # type: ignore[no-untyped-def]
+    w = CloudWorker(
+        bundled_model_path(),
+        worker_id=f"w{uuid.uuid4().hex[:6]}",
+        pool="test",
+        broker=BrokerSettings(mosquitto_broker.host, mosquitto_broker.port),
+    )
+    w.start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture
+def executor(mosquitto_broker, engine: Engine) -> Iterator[tuple[SplitExecutor, RpcClient]]:  # type: ignore[no-untyped-def]
+    conn = MqttConnection(BrokerSettings(mosquitto_broker.host, mosquitto_broker.port), f"edge-{uuid.uuid4().hex[:6]}")
+    conn.start()
+    rpc = RpcClient(conn, protocol.device_reply_topic("dev1", uuid.uuid4().hex[:8]))
+    model_hash = protocol.model_hash_prefix(model_sha256(engine.path))
+    policy = RecoveryPolicy(segment_timeout_s=5.0)
+
+    def link(codec: str = "f32") -> CloudLink:
+        return CloudLink(rpc, "test", model_hash, codec, policy)
+
+    yield SplitExecutor(engine.model, engine.tokenizer.eos_id, link), rpc
+    conn.stop()
+
+
+@pytest.mark.parametrize("plan_name", ["cloud-only", "layer-split:15", "heads:4"])
+def test_split_plan_gives_the_local_greedy_text(engine, worker, executor, plan_name) -> None:  # type: ignore[no-untyped-def]
+    split_executor, _rpc = executor
+    prompt = engine.tokenizer.encode(PROMPT)
+    cfg = engine.config
+    local = engine.generate(PROMPT, max_tokens=12)
+    result = split_executor.generate(prompt, parse_plan(plan_name, cfg["n_layer"], cfg["n_head"]), 12)
+    assert result.events == [] and not result.fell_back_to_edge
+    assert result.transfer.requests > 0
+    assert result.tokens == local.tokens, (engine.tokenizer.decode(result.tokens), local.text)
