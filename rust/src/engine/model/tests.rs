@@ -522,7 +522,7 @@ fn tiny_gguf(arch: &str, cfg: &ModelConfig, src: &MemorySource, tag: &str) -> Pa
         w.add_metadata(k, v).unwrap();
     }
     for n in &names {
-        let t = src.tensor(n).unwrap();
+        let t = src.get(n).unwrap();
         w.add_tensor(n.as_str(), t.dims, t.ty, t.data).unwrap();
     }
     w.write(&path).unwrap();
@@ -710,7 +710,7 @@ fn tiny_q8_model() -> Model {
         }
     }
     for n in names {
-        let t = f32_src.tensor(&n).unwrap();
+        let t = f32_src.get(&n).unwrap();
         let vals: Vec<f32> = t
             .data
             .chunks_exact(4)
@@ -741,6 +741,7 @@ fn quantized_model_partials_gathered_w_o_and_fused_path_agree() {
         }
     }
     let wo = m.matrix("blk.0.attn_output.weight", d, nq).unwrap();
+    let wo = wo.q();
     let mut full = vec![0.0; 3 * d];
     let mut gathered = vec![0.0; 3 * d];
     wo.matmul(&attn, 3, &mut full, &m.pool);
