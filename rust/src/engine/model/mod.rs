@@ -13,10 +13,10 @@
 mod session;
 mod source;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use session::Session;
-pub use source::{MemorySource, TensorBytes, TensorRef, TensorSource, TensorView};
+pub use source::{MemorySource, TensorBytes, TensorRef, TensorSource, TensorView, WeightStats};
 
 use crate::engine::gguf::{GgufFile, MetaValue};
 use crate::engine::kernels::{dequantize_row, QMatrix};
@@ -65,6 +65,12 @@ impl ModelConfig {
     /// Reads the `llama.*` metadata. Errors (`ModelFile`) for another architecture, missing
     /// keys, or features this engine does not implement (partial RoPE, RoPE scaling).
     pub fn from_gguf(f: &GgufFile) -> CoreResult<Self> {
+        ModelConfig::from_metadata(f, &|name| f.tensor(name).map(|t| t.dims.clone()))
+    }
+
+    /// Like [`ModelConfig::from_gguf`] for a model whose tensors may lie in other files than
+    /// the one holding the metadata (gguf-split sets): `tensor_dims` finds a tensor's dims.
+    pub fn from_metadata(f: &GgufFile, tensor_dims: &dyn Fn(&str) -> Option<Vec<u64>>) -> CoreResult<Self> {
         let origin = f.path().display().to_string();
         let arch = f.meta_str("general.architecture")?;
         if arch != "llama" {
@@ -108,7 +114,7 @@ impl ModelConfig {
                 return Err(file_error(&origin, format!("RoPE scaling {s:?} is not supported")));
             }
         }
-        if f.tensor("rope_freqs.weight").is_some() {
+        if tensor_dims("rope_freqs.weight").is_some() {
             return Err(file_error(
                 &origin,
                 "rope_freqs.weight (llama-3 RoPE frequency factors) is not supported",
@@ -116,8 +122,8 @@ impl ModelConfig {
         }
         let n_vocab = match optional_u32(f, "llama.vocab_size")? {
             Some(v) => v,
-            None => match f.tensor("token_embd.weight") {
-                Some(t) if t.dims.len() == 2 => t.dims[1] as usize,
+            None => match tensor_dims("token_embd.weight") {
+                Some(dims) if dims.len() == 2 => dims[1] as usize,
                 _ => return Err(file_error(&origin, "token_embd.weight missing or not 2-D")),
             },
         };
@@ -137,7 +143,7 @@ impl ModelConfig {
             rope_theta,
             rms_eps: f.meta_f32("llama.attention.layer_norm_rms_epsilon")?,
             context_length: u("context_length")?,
-            tied_output: f.tensor("output.weight").is_none(),
+            tied_output: tensor_dims("output.weight").is_none(),
         };
         cfg.validate().map_err(|e| file_error(&origin, e.to_string()))?;
         Ok(cfg)
@@ -328,6 +334,16 @@ impl Model {
         self.served.get(layer).copied().unwrap_or(false)
     }
 
+    /// The layers this instance computes, ascending.
+    pub fn served_layers(&self) -> Vec<usize> {
+        (0..self.cfg.n_layer).filter(|&l| self.served[l]).collect()
+    }
+
+    /// Memory accounting of the weight files, when the source maps files under a budget.
+    pub fn weight_stats(&self) -> Option<WeightStats> {
+        self.source.weight_stats()
+    }
+
     /// Checks presence, shape and size of the embedding, the output tensors and, for a source
     /// that is entirely resident, of every served layer's tensors (a source that loads layers
     /// on demand has each layer checked on its first use, so opening maps no layer).
@@ -365,7 +381,7 @@ impl Model {
     fn lookup(&self, name: &str) -> CoreResult<TensorRef> {
         self.source
             .tensor(name)?
-            .ok_or_else(|| file_error(&self.origin, format!("tensor {name} is missing")))
+            .ok_or_else(|| file_error(&self.source.origin_of(name), format!("tensor {name} is missing")))
     }
 
     /// The weight `name` as a rows × cols matrix (GGUF dims `[cols, rows]`).
@@ -374,11 +390,12 @@ impl Model {
         let t = tensor.view();
         if t.dims != [cols as u64, rows as u64] {
             return Err(file_error(
-                &self.origin,
+                &self.source.origin_of(name),
                 format!("tensor {name} has dims {:?}, expected [{cols}, {rows}]", t.dims),
             ));
         }
-        QMatrix::new(t.ty, rows, cols, t.data).map_err(|e| file_error(&self.origin, format!("tensor {name}: {e}")))?;
+        QMatrix::new(t.ty, rows, cols, t.data)
+            .map_err(|e| file_error(&self.source.origin_of(name), format!("tensor {name}: {e}")))?;
         Ok(Matrix { tensor, rows, cols })
     }
 
@@ -393,12 +410,13 @@ impl Model {
         let n_stored: u64 = t.dims.iter().product();
         if n_stored != n as u64 || t.dims.iter().filter(|&&x| x != 1).count() > 1 {
             return Err(file_error(
-                &self.origin,
+                &self.source.origin_of(name),
                 format!("tensor {name} has dims {:?}, expected [{n}]", t.dims),
             ));
         }
         let mut out = vec![0.0; n];
-        dequantize_row(t.ty, t.data, &mut out).map_err(|e| file_error(&self.origin, format!("tensor {name}: {e}")))?;
+        dequantize_row(t.ty, t.data, &mut out)
+            .map_err(|e| file_error(&self.source.origin_of(name), format!("tensor {name}: {e}")))?;
         Ok(out)
     }
 

@@ -86,6 +86,24 @@ impl TensorRef {
     }
 }
 
+/// Bytes of weight files a source holds mapped, against its budget.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WeightStats {
+    /// `None`: no budget, every needed file stays mapped.
+    pub budget_bytes: Option<u64>,
+    /// Bytes of the files mapped now (whole files; pages count in RSS only once touched).
+    pub mapped_bytes: u64,
+    pub peak_mapped_bytes: u64,
+    /// Bytes of the files that are never evicted (metadata, embedding, output).
+    pub pinned_bytes: u64,
+    pub mapped_files: usize,
+    /// Files this instance may map (those holding the served layers, plus the pinned ones).
+    pub files: usize,
+    /// Maps made after the open (reloads of evicted files included).
+    pub loads: u64,
+    pub evictions: u64,
+}
+
 /// Name -> tensor lookup.
 pub trait TensorSource: Send + Sync {
     /// The tensor called `name`: `Ok(None)` if this source does not hold it, an error if it
@@ -93,11 +111,20 @@ pub trait TensorSource: Send + Sync {
     fn tensor(&self, name: &str) -> CoreResult<Option<TensorRef>>;
     /// Where the tensors come from, for error messages (a file path, "memory", ...).
     fn origin(&self) -> String;
+    /// The file that holds (or should hold) tensor `name`, for error messages.
+    fn origin_of(&self, name: &str) -> String {
+        let _ = name;
+        self.origin()
+    }
     /// True if every tensor was available at open, so the model checks all of them eagerly;
     /// sources that load parts on demand return false and the model checks a layer's tensors
     /// on its first use instead.
     fn all_resident(&self) -> bool {
         true
+    }
+    /// Memory accounting of a source that maps files under a budget; `None` for others.
+    fn weight_stats(&self) -> Option<WeightStats> {
+        None
     }
 }
 
@@ -111,10 +138,13 @@ impl TensorSource for Arc<GgufFile> {
     }
 }
 
+/// Type, dims and bytes of a tensor held in memory.
+type StoredTensor = (GgmlType, Vec<u64>, Arc<Vec<u8>>);
+
 /// Tensors held in memory (tests, small synthetic models).
 #[derive(Default, Clone)]
 pub struct MemorySource {
-    tensors: HashMap<String, (GgmlType, Vec<u64>, Arc<Vec<u8>>)>,
+    tensors: HashMap<String, StoredTensor>,
 }
 
 impl std::fmt::Debug for MemorySource {

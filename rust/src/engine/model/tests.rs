@@ -22,7 +22,7 @@ impl Rng {
     }
 }
 
-fn tiny_config(n_head: usize, n_head_kv: usize, tied: bool) -> ModelConfig {
+pub(crate) fn tiny_config(n_head: usize, n_head_kv: usize, tied: bool) -> ModelConfig {
     ModelConfig {
         n_layer: 2,
         n_embd: 24,
@@ -38,7 +38,7 @@ fn tiny_config(n_head: usize, n_head_kv: usize, tied: bool) -> ModelConfig {
     }
 }
 
-fn tiny_source(cfg: &ModelConfig, seed: u64) -> MemorySource {
+pub(crate) fn tiny_source(cfg: &ModelConfig, seed: u64) -> MemorySource {
     let mut r = Rng(seed);
     let mut s = MemorySource::new();
     let (d, q, kv, f, v) = (
@@ -482,7 +482,7 @@ fn missing_or_misshapen_tensors_are_model_file_errors() {
 
 // ---- tiny GGUF files, to test `from_gguf` ----------------------------------------------
 
-fn tiny_gguf(arch: &str, cfg: &ModelConfig, src: &MemorySource, tag: &str) -> PathBuf {
+pub(crate) fn tiny_gguf(arch: &str, cfg: &ModelConfig, src: &MemorySource, tag: &str) -> PathBuf {
     let mut names: Vec<String> = vec!["token_embd.weight".into(), "output_norm.weight".into()];
     if !cfg.tied_output {
         names.push("output.weight".into());
