@@ -60,3 +60,7 @@ class LayoutError(CodecError, ValueError):
 class ModelFileError(SplitwiseError, ValueError):
     """A model file (GGUF, shard) is missing, truncated, corrupt or of an unsupported kind; the
     message names the file and the problem."""
+
+
+class StoppedError(SplitwiseError):
+    """A long operation (e.g. writing shards) stopped early on request; its output is incomplete."""

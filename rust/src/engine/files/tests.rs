@@ -57,7 +57,10 @@ fn rewrite(from: &Path, to: &Path, extra: &[(&str, MetaValue)], keep: impl Fn(&s
 
 fn shard(model: &Path, dir: &Path) -> ShardSummary {
     let mut seen = Vec::new();
-    let summary = write_shards(model, dir, &mut |s| seen.push(s.path.clone())).unwrap();
+    let summary = write_shards(model, dir, &mut |s| {
+        seen.push(s.path.clone());
+        true
+    }).unwrap();
     assert_eq!(seen.len(), N_LAYER + 1, "progress is reported once per file");
     summary
 }
@@ -308,7 +311,7 @@ fn shards_of_another_model_or_of_the_wrong_layer_are_rejected() {
         "open its directory",
     );
     expect_file_error(
-        write_shards(&a.join(BASE_FILE), &dir, &mut |_| {}),
+        write_shards(&a.join(BASE_FILE), &dir, &mut |_| true),
         "base.gguf",
         "already a shard",
     );

@@ -11,7 +11,7 @@ use super::{
     KEY_N_LAYER, KEY_ROLE, KEY_SOURCE_FILE, KEY_SOURCE_SHA256, ROLE_BASE, ROLE_LAYER,
 };
 use crate::engine::gguf::{GgufFile, GgufWriter, MetaValue, TensorInfo};
-use crate::error::CoreResult;
+use crate::error::{CoreError, CoreResult};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
@@ -67,12 +67,13 @@ fn sha256_hex(files: &[GgufFile]) -> String {
 }
 
 /// Writes the shards of `source` into the existing directory `out_dir`, calling `progress`
-/// after each file. Each file is written under a temporary name and renamed when complete, so
+/// after each file; when it returns false the writing stops with a `Stopped` error. Each
+/// file is written under a temporary name and renamed when complete, so
 /// an interrupted run never leaves a truncated file under a shard name.
 pub fn write_shards(
     source: &Path,
     out_dir: &Path,
-    progress: &mut dyn FnMut(&WrittenShard),
+    progress: &mut dyn FnMut(&WrittenShard) -> bool,
 ) -> CoreResult<ShardSummary> {
     if !out_dir.is_dir() {
         return Err(file_error(out_dir, "output directory does not exist"));
@@ -150,8 +151,16 @@ pub fn write_shards(
             bytes,
             tensors: tensors.len(),
         };
-        progress(&shard);
+        let go_on = progress(&shard);
         shards.push(shard);
+        if !go_on {
+            return Err(CoreError::Stopped(format!(
+                "stopped after writing {} of {} shards into {}",
+                shards.len(),
+                n_layer + 1,
+                out_dir.display()
+            )));
+        }
     }
     Ok(ShardSummary {
         source_sha256,
