@@ -528,6 +528,8 @@ impl ModelFiles {
                 state.evictions += 1;
             }
         }
+        // Mapping under the lock keeps two callers from mapping one file twice; it reads only
+        // the header (layer shards carry no vocabulary), so other callers wait briefly.
         let file = Arc::new(GgufFile::open(&slot.path)?);
         self.check_remapped(slot, &file)?;
         state.mapped_bytes += slot.bytes;

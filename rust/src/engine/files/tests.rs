@@ -60,7 +60,8 @@ fn shard(model: &Path, dir: &Path) -> ShardSummary {
     let summary = write_shards(model, dir, &mut |s| {
         seen.push(s.path.clone());
         true
-    }).unwrap();
+    })
+    .unwrap();
     assert_eq!(seen.len(), N_LAYER + 1, "progress is reported once per file");
     summary
 }
