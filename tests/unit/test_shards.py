@@ -244,6 +244,19 @@ def test_bad_shard_sets_give_model_file_errors_naming_the_file(
     with pytest.raises(ModelFileError, match=r"layer-009\.gguf: not a GGUF file"):
         Model(str(magic))
 
+    unknown_type = copy_shards(shard_dir, tmp_path / "unknown-type")
+    data = bytearray((shard_dir / "layer-010.gguf").read_bytes())
+    name = b"blk.10.ffn_up.weight"
+    entry = data.index(len(name).to_bytes(8, "little") + name)
+    type_at = entry + 8 + len(name) + 4 + 2 * 8  # after the name, n_dims = 2 and two dims
+    assert int.from_bytes(data[type_at : type_at + 4], "little") == gguf.GGMLQuantizationType.Q4_1
+    data[type_at : type_at + 4] = (4).to_bytes(4, "little")  # Q4_2, removed from ggml long ago
+    replace(unknown_type / "layer-010.gguf", bytes(data))
+    with pytest.raises(
+        ModelFileError, match=r"layer-010\.gguf: .*blk\.10\.ffn_up\.weight.* unsupported ggml type id 4"
+    ):
+        Model(str(unknown_type))
+
     no_base = copy_shards(shard_dir, tmp_path / "no-base")
     (no_base / "base.gguf").unlink()
     with pytest.raises(ModelFileError, match=r"base\.gguf is missing"):
