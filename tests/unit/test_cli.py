@@ -39,3 +39,39 @@ def test_bad_arguments_exit_2_with_a_message(bad: list[str]) -> None:
 def test_cloud_cli_has_help_and_version() -> None:
     assert run("splitwise-cloud", "--help").returncode == 0
     assert "0.1.0" in run("splitwise-cloud", "--version").stdout
+
+
+def test_generate_json_gives_tokens_text_and_timings() -> None:
+    import json
+
+    result = run("splitwise-device", "generate", "--prompt", "The capital of France is", "--max-tokens", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert len(reply["tokens"]) == 8 and reply["stop_reason"] == "max_tokens"
+    assert isinstance(reply["text"], str) and reply["text"]
+    assert reply["timings"]["decode_tokens_per_s"] > 0
+
+
+def test_perplexity_on_a_text_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    result = run("splitwise-device", "perplexity", "--text", str(text), "--json")
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert reply["tokens"] > 50 and 1.0 < reply["perplexity"] < 20.0  # repeated text is predictable
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "--prompt", "x", "--model", "/nonexistent.gguf"], "nonexistent.gguf"),
+        (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
+        (["perplexity", "--text", "/nonexistent.txt"], "nonexistent.txt"),
+    ],
+)
+def test_engine_commands_report_bad_input(args: list[str], message: str) -> None:
+    result = run("splitwise-device", *args)
+    assert result.returncode in (1, 2)
+    assert message in result.stderr and "Traceback" not in result.stderr

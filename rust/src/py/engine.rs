@@ -156,7 +156,10 @@ impl Model {
         let (xs, t) = rows_of("x_norm", &x_norm, d)?;
         let mut out = vec![0f32; xs.len()];
         let session = &mut session.inner;
-        py.detach(|| self.inner.attention(session, layer, &heads, xs, &positions, &mut out))?;
+        py.detach(|| {
+            self.inner
+                .in_pool(|| self.inner.attention(session, layer, &heads, xs, &positions, &mut out))
+        })?;
         to_array2(py, out, t, d)
     }
 
@@ -176,7 +179,7 @@ impl Model {
         };
         let (xs, t) = rows_of("input", &input, width_in)?;
         let mut out = vec![0f32; t * width_out];
-        py.detach(|| self.inner.ffn(layer, part, xs, t, &mut out))?;
+        py.detach(|| self.inner.in_pool(|| self.inner.ffn(layer, part, xs, t, &mut out)))?;
         to_array2(py, out, t, width_out)
     }
 
@@ -188,7 +191,7 @@ impl Model {
         let c = self.inner.config();
         let (xs, t) = rows_of("x", &x, c.n_embd)?;
         let mut out = vec![0f32; t * c.n_vocab];
-        py.detach(|| self.inner.output_logits(xs, t, &mut out))?;
+        py.detach(|| self.inner.in_pool(|| self.inner.output_logits(xs, t, &mut out)))?;
         to_array2(py, out, t, c.n_vocab)
     }
 
@@ -204,7 +207,10 @@ impl Model {
         let (xs, t) = rows_of("x", &x, d)?;
         let mut state = xs.to_vec();
         let session = &mut session.inner;
-        py.detach(|| self.inner.layer_fused(session, layer, &mut state, &positions))?;
+        py.detach(|| {
+            self.inner
+                .in_pool(|| self.inner.layer_fused(session, layer, &mut state, &positions))
+        })?;
         to_array2(py, state, t, d)
     }
 
@@ -219,7 +225,10 @@ impl Model {
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let vocab = self.inner.config().n_vocab;
         let session = &mut session.inner;
-        let logits = py.detach(|| self.inner.forward(session, &tokens, &positions, all_logits))?;
+        let logits = py.detach(|| {
+            self.inner
+                .in_pool(|| self.inner.forward(session, &tokens, &positions, all_logits))
+        })?;
         let rows = logits.len() / vocab;
         to_array2(py, logits, rows, vocab)
     }

@@ -15,8 +15,8 @@ pub(super) enum BlockFault {
     ScaleOverflow(usize),
 }
 
-/// Runs `body` compiled for AVX2 when the CPU has it (the loops auto-vectorise much wider), else
-/// for the baseline target. Results are identical: no fast-math, no FMA contraction.
+/// Runs `body` compiled for AVX2 when the CPU has it (the loops auto-vectorise wider), else for
+/// the baseline target. Results are identical: no fast-math, no FMA contraction.
 macro_rules! dispatch_simd {
     ($body:expr) => {{
         #[cfg(target_arch = "x86_64")]
@@ -45,6 +45,10 @@ pub(super) trait BlockFormat {
     const BLOCK_BYTES: usize;
     /// Largest |x| this format can encode: beyond it the float16 scale overflows.
     const LIMIT: f32;
+    /// Whether encoding runs the AVX2 build of its loop. Measured with bench/codecs.py: AVX2
+    /// roughly doubles Q8_0 encoding but slows Q4_0 encoding and both decoders (wider
+    /// byte<->float shuffles), so only Q8_0 encoding uses it.
+    const ENCODE_WITH_AVX2: bool;
     fn encode(x: &[f32; BLOCK_LEN], out: &mut [u8]) -> Result<(), BlockFault>;
     fn decode(src: &[u8], out: &mut [f32; BLOCK_LEN]);
 }
@@ -55,6 +59,7 @@ pub(super) struct Q4_0;
 impl BlockFormat for Q8_0 {
     const BLOCK_BYTES: usize = 2 + BLOCK_LEN;
     const LIMIT: f32 = F16_OVERFLOW * 127.0;
+    const ENCODE_WITH_AVX2: bool = true;
     #[inline(always)]
     fn encode(x: &[f32; BLOCK_LEN], out: &mut [u8]) -> Result<(), BlockFault> {
         encode_q8_0(x, out)
@@ -68,6 +73,7 @@ impl BlockFormat for Q8_0 {
 impl BlockFormat for Q4_0 {
     const BLOCK_BYTES: usize = 2 + BLOCK_LEN / 2;
     const LIMIT: f32 = F16_OVERFLOW * 8.0;
+    const ENCODE_WITH_AVX2: bool = false;
     #[inline(always)]
     fn encode(x: &[f32; BLOCK_LEN], out: &mut [u8]) -> Result<(), BlockFault> {
         encode_q4_0(x, out)
@@ -80,7 +86,11 @@ impl BlockFormat for Q4_0 {
 
 /// Encodes whole blocks, zero-padding the last one.
 pub(super) fn encode_blocks<F: BlockFormat>(x: &[f32], out: &mut [u8]) -> CoreResult<()> {
-    dispatch_simd!(|| encode_blocks_inline::<F>(x, out))
+    if F::ENCODE_WITH_AVX2 {
+        dispatch_simd!(|| encode_blocks_inline::<F>(x, out))
+    } else {
+        encode_blocks_inline::<F>(x, out)
+    }
 }
 
 #[inline(always)]
@@ -112,7 +122,7 @@ fn encode_blocks_inline<F: BlockFormat>(x: &[f32], out: &mut [u8]) -> CoreResult
 }
 
 pub(super) fn decode_blocks<F: BlockFormat>(buf: &[u8], out: &mut [f32]) -> CoreResult<()> {
-    dispatch_simd!(|| decode_blocks_inline::<F>(buf, out))
+    decode_blocks_inline::<F>(buf, out)
 }
 
 #[inline(always)]

@@ -344,6 +344,18 @@ impl Model {
         self.source.weight_stats()
     }
 
+    /// Runs `f` on this model's thread pool. Callers outside the pool should enter it once per
+    /// call sequence: every matmul started from inside the pool skips the cross-thread wake-up
+    /// that costs as much as a small decode matmul.
+    /// With one thread the kernels already run on the caller, so there is nothing to enter.
+    pub fn in_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        if self.pool.current_num_threads() == 1 {
+            f()
+        } else {
+            self.pool.install(f)
+        }
+    }
+
     /// Checks presence, shape and size of the embedding, the output tensors and, for a source
     /// that is entirely resident, of every served layer's tensors (a source that loads layers
     /// on demand has each layer checked on its first use, so opening maps no layer).
