@@ -82,6 +82,7 @@ enum Identity {
     },
 }
 
+/// One weight file this source may map.
 #[derive(Debug)]
 struct Slot {
     path: PathBuf,
@@ -91,9 +92,11 @@ struct Slot {
     tensor_count: usize,
 }
 
+/// Which slots are mapped now, and the counters behind [`WeightStats`].
 #[derive(Debug, Default)]
 struct CacheState {
     mapped: Vec<Option<Arc<GgufFile>>>,
+    /// Per slot, the `clock` of its last lookup (LRU order).
     last_use: Vec<u64>,
     clock: u64,
     mapped_bytes: u64,
