@@ -389,3 +389,26 @@ def test_eviction_unmaps_so_peak_rss_stays_near_the_budget(shard_dir: Path, mode
     # at any time, so the peak must be lower by most of the evicted layers' bytes.
     evicted_bytes = file_size(model_path) - budget
     assert (full - tight) * 1024 > 0.7 * evicted_bytes, (full, tight, evicted_bytes)
+
+
+def test_generate_and_perplexity_take_a_memory_budget(
+    shard_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompt = ["--prompt", "The capital of France is", "--max-tokens", "4"]
+    assert cli.main(["generate", "--model", str(shard_dir), *prompt, "--json"]) == 0
+    unlimited = json.loads(capsys.readouterr().out)
+    assert cli.main(["generate", "--model", str(shard_dir), "--memory-budget", "40MB", *prompt]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == unlimited["text"].strip()
+    assert "budget 40.0 MB" in captured.err and "evictions" in captured.err
+
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+    assert cli.main(["perplexity", "--model", str(shard_dir), "--text", str(text), "--memory-budget", "38.6MB"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--model", str(shard_dir), "--memory-budget", "12 parsecs", *prompt])
+    assert exit_info.value.code == 2
+    assert "expected a size" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", str(shard_dir), "--memory-budget", "1MB", *prompt]) == 1
+    assert "cannot hold" in capsys.readouterr().err
