@@ -1,6 +1,6 @@
 # Hand-written stub of the Rust extension; tests/unit/test_stub.py checks it with mypy's stubtest.
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, final
 
 import numpy as np
@@ -19,6 +19,7 @@ __all__ = [
     "crc32c",
     "decode",
     "encode",
+    "write_shards",
 ]
 
 CODECS: Final[list[str]]
@@ -28,6 +29,11 @@ def encode(x: npt.NDArray[np.float32], codec: str) -> bytes: ...
 def decode(buf: Buffer, codec: str, shape: int | Sequence[int]) -> npt.NDArray[np.float32]: ...
 def codec_size(codec: str, n: int) -> int: ...
 def crc32c(data: Buffer) -> int: ...
+def write_shards(
+    source: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    progress: Callable[[dict[str, Any]], object] | None = None,
+) -> dict[str, Any]: ...
 
 @final
 class QueueBank:
@@ -90,9 +96,19 @@ class QuantileTracker:
 
 @final
 class Model:
-    def __new__(cls, path: str | os.PathLike[str], threads: int = 1) -> Model: ...
+    def __new__(
+        cls,
+        path: str | os.PathLike[str],
+        threads: int = 1,
+        *,
+        memory_budget_bytes: int | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> Model: ...
     @property
     def config(self) -> dict[str, Any]: ...
+    @property
+    def served_layers(self) -> list[int]: ...
+    def weight_stats(self) -> dict[str, int | None]: ...
     def new_session(self) -> Session: ...
     def embed(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]: ...
     def attn_norm(self, layer: int, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...

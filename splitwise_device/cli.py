@@ -8,11 +8,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from splitwise_device import __version__, codecs
 from splitwise_device.errors import SplitwiseError
+
+if TYPE_CHECKING:
+    from splitwise_device.engine import Engine
 
 
 def _codec_demo(args: argparse.Namespace) -> int:
@@ -41,10 +45,29 @@ def _model_path(args: argparse.Namespace) -> Path:
     return Path(args.model) if args.model else bundled_model_path()
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _engine(args: argparse.Namespace) -> Engine:
     from splitwise_device.engine import Engine
 
-    engine = Engine(_model_path(args), threads=args.threads)
+    return Engine(_model_path(args), threads=args.threads, memory_budget_bytes=args.memory_budget)
+
+
+def _print_stats(engine: Engine) -> None:
+    stats = engine.model.weight_stats()
+    budget = stats["budget_bytes"]
+    if budget is not None:
+        print(
+            f"[weights: budget {_mb(budget)}, peak mapped {_mb(stats['peak_mapped_bytes'] or 0)}, "
+            f"{stats['loads']} loads, {stats['evictions']} evictions]",
+            file=sys.stderr,
+        )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _generate(args: argparse.Namespace) -> int:
+    engine = _engine(args)
     result = engine.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     if args.json:
         print(json.dumps(result.to_json()))
@@ -56,18 +79,17 @@ def _generate(args: argparse.Namespace) -> int:
             f"prefill {t['prefill_tokens_per_s']:.1f} tok/s, decode {t['decode_tokens_per_s']:.1f} tok/s]",
             file=sys.stderr,
         )
+        _print_stats(engine)
     return 0
 
 
 def _perplexity(args: argparse.Namespace) -> int:
-    from splitwise_device.engine import Engine
-
     try:
         text = Path(args.text).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         print(f"splitwise-device: error: cannot read --text {args.text}: {err}", file=sys.stderr)
         return 1
-    engine = Engine(_model_path(args), threads=args.threads)
+    engine = _engine(args)
     tokens = engine.tokenizer.encode(text)[: args.max_tokens]
     result = engine.perplexity(tokens)
     if args.json:
@@ -83,11 +105,39 @@ def _perplexity(args: argparse.Namespace) -> int:
         )
     else:
         print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.seconds:.2f} s)")
+        _print_stats(engine)
+    return 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from splitwise_device.shards import shard_model
+
+    def progress(shard: dict[str, Any]) -> None:
+        what = "base (embedding, output, tokenizer)" if shard["role"] == "base" else f"layer {shard['layer']}"
+        print(f"wrote {Path(shard['path']).name:<16} {_mb(shard['bytes']):>10}  {what}", flush=True)
+
+    manifest = shard_model(args.model, args.outdir, force=args.force, progress=progress)
+    total = sum(f["bytes"] for f in manifest["files"])
+    print(
+        f"{len(manifest['files'])} shards of {manifest['source_file']} ({manifest['n_layer']} layers, "
+        f"{_mb(total)}) in {args.outdir}; source sha256 {manifest['source_sha256'][:16]}…"
+    )
     return 0
 
 
 def _add_model_args(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--model", help="GGUF model file (default: the bundled SmolLM2-135M-Instruct Q4_1)")
+    command.add_argument(
+        "--model",
+        help="GGUF model file, first file of a gguf-split set, or shard directory "
+        "(default: the bundled SmolLM2-135M-Instruct Q4_1)",
+    )
+    command.add_argument(
+        "--memory-budget",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="cap on mapped weight files, e.g. 256MB or 1GiB (needs a shard directory to go below the model size)",
+    )
     command.add_argument("--threads", type=_positive_int, default=1, help="compute threads (default 1)")
     command.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -121,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     perplexity.add_argument("--max-tokens", type=_positive_int, default=512, help="score the first N tokens")
     _add_model_args(perplexity)
     perplexity.set_defaults(handler=_perplexity)
+
+    shard = commands.add_parser(
+        "shard",
+        help="split a GGUF model into role shards: base.gguf (embedding, output, tokenizer) and one file per layer",
+    )
+    shard.add_argument("model", metavar="MODEL.gguf", help="GGUF model file or first file of a gguf-split set")
+    shard.add_argument("outdir", metavar="OUTDIR", help="directory for the shards (created if missing; must be empty)")
+    shard.add_argument("--force", action="store_true", help="replace the shards already in OUTDIR")
+    shard.set_defaults(handler=_shard)
     return parser
 
 
@@ -132,6 +191,15 @@ def _temperature(text: str) -> float:
     if not 0.0 <= value <= 10.0:
         raise argparse.ArgumentTypeError(f"temperature must lie in [0, 10], got {value}")
     return value
+
+
+def _size(text: str) -> int:
+    from splitwise_device.shards import parse_size
+
+    try:
+        return parse_size(text)
+    except SplitwiseError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _positive_int(text: str) -> int:

@@ -70,10 +70,28 @@ def check_generation_args(max_tokens: int, temperature: float) -> None:
 class Engine:
     """A model plus its tokenizer, running every sub-block on this device."""
 
-    def __init__(self, model_path: str | os.PathLike[str], threads: int = 1) -> None:
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        threads: int = 1,
+        *,
+        memory_budget_bytes: int | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> None:
+        """`model_path`: a GGUF file, the first file of a gguf-split set, or a shard directory
+        (``splitwise-device shard``). `memory_budget_bytes` caps the weight files kept mapped
+        (layer shards are evicted least-recently-used first and mapped again on demand);
+        `layers` restricts the instance to those layers (others are never read)."""
         self.path = Path(model_path)
+        if memory_budget_bytes is not None and (isinstance(memory_budget_bytes, bool) or memory_budget_bytes <= 0):
+            raise InvalidArgumentError(f"memory_budget_bytes must be a positive integer, got {memory_budget_bytes!r}")
         self.tokenizer = Tokenizer(self.path)
-        self.model = Model(str(self.path), threads)
+        self.model = Model(
+            str(self.path),
+            threads,
+            memory_budget_bytes=memory_budget_bytes,
+            layers=None if layers is None else list(layers),
+        )
         self.config: dict[str, Any] = dict(self.model.config)
 
     def prompt_tokens(

@@ -73,3 +73,7 @@ class FrameError(SplitwiseError, ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
+
+
+class StoppedError(SplitwiseError):
+    """A long operation (e.g. writing shards) stopped early on request; its output is incomplete."""

@@ -1,4 +1,5 @@
-"""Tokenizer from a GGUF file's own vocabulary, through llama.cpp (vocab only, no weights)."""
+"""Tokenizer from a GGUF file's own vocabulary (or a shard directory's base shard), through llama.cpp
+(vocab only, no weights)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from splitwise_device.errors import InvalidArgumentError, ModelFileError
 
 CHAT_ROLES = ("system", "user", "assistant")
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Written by `splitwise-device shard`; the only shard with the vocabulary (see docs/model-files.md).
+BASE_SHARD_FILE = "base.gguf"
 
 
 def bundled_model_path() -> Path:
@@ -28,13 +31,23 @@ def bundled_model_path() -> Path:
     return path
 
 
+def vocabulary_file(model_path: str | os.PathLike[str]) -> Path:
+    """The GGUF file holding the vocabulary: the file itself, or a shard directory's base shard."""
+    path = Path(model_path)
+    if path.is_dir():
+        path = path / BASE_SHARD_FILE
+        if not path.is_file():
+            raise ModelFileError(f"{path.parent}: not a shard directory ({BASE_SHARD_FILE} is missing)")
+    elif not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    return path
+
+
 class Tokenizer:
     def __init__(self, model_path: str | os.PathLike[str]) -> None:
         import llama_cpp
 
-        self.path = Path(model_path)
-        if not self.path.is_file():
-            raise ModelFileError(f"{self.path}: no such model file")
+        self.path = vocabulary_file(model_path)
         try:
             self._vocab = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
         except (ValueError, RuntimeError) as err:

@@ -22,6 +22,8 @@ pub enum CoreError {
     CorruptData(String),
     InvalidArgument(String),
     BadSnapshot(String),
+    /// A long operation stopped early on request (e.g. by its progress callback).
+    Stopped(String),
     /// A GGUF file that cannot be used; `problem` says why.
     ModelFile {
         path: String,
@@ -43,6 +45,7 @@ impl CoreError {
             CoreError::CorruptData(_) => "CorruptDataError",
             CoreError::InvalidArgument(_) => "InvalidArgumentError",
             CoreError::BadSnapshot(_) => "SnapshotError",
+            CoreError::Stopped(_) => "StoppedError",
             CoreError::ModelFile { .. } => "ModelFileError",
         }
     }
@@ -69,7 +72,8 @@ impl fmt::Display for CoreError {
             CoreError::ShapeMismatch(msg)
             | CoreError::CorruptData(msg)
             | CoreError::InvalidArgument(msg)
-            | CoreError::BadSnapshot(msg) => f.write_str(msg),
+            | CoreError::BadSnapshot(msg)
+            | CoreError::Stopped(msg) => f.write_str(msg),
             CoreError::ModelFile { path, problem } => write!(f, "model file {path}: {problem}"),
         }
     }

@@ -536,6 +536,11 @@ impl GgufFile {
         self.tensor_index.get(name).map(|&i| &self.tensors[i])
     }
 
+    /// The whole file as mapped.
+    pub fn mapped_bytes(&self) -> &[u8] {
+        &self.mmap
+    }
+
     /// The tensor's bytes in the map.
     ///
     /// Panics if `info` describes data outside this file (a `TensorInfo` from another file);

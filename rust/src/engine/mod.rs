@@ -3,9 +3,12 @@
 //!
 //! - `gguf`: memory-mapped GGUF reader (metadata, tensor table, bounds-checked tensor bytes).
 //! - `kernels`: GGML tensor types, row dequantization, multithreaded quantized matmul.
+//! - `files`: plain GGUF, gguf-split sets and role-shard directories behind one tensor source
+//!   that maps files on demand under a memory budget (LRU); the role-shard writer.
 //! - `model`: model config from metadata, RMSNorm, RoPE, per-head attention with KV cache,
 //!   SwiGLU FFN parts, embedding and LM head, sessions.
 
+pub mod files;
 pub mod gguf;
 pub mod kernels;
 pub mod model;

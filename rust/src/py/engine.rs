@@ -1,14 +1,14 @@
 use super::c_contiguous_slice;
 use super::errors::raise;
-use crate::engine::gguf::GgufFile;
+use crate::engine::files::{open_model, write_shards as core_write_shards};
 use crate::engine::model::{FfnPart, Model as CoreModel, Session as CoreSession};
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList};
 use std::path::PathBuf;
-use std::sync::Arc;
 
-/// A llama-architecture GGUF model, memory-mapped, computed on its quantized weights.
+/// A llama-architecture model (a GGUF file, a gguf-split set or a shard directory), memory-mapped
+/// under an optional budget, computed on its quantized weights.
 #[pyclass(module = "splitwise_device._core", frozen)]
 pub struct Model {
     inner: CoreModel,
@@ -50,16 +50,40 @@ fn parse_part(part: &str) -> PyResult<FfnPart> {
 #[pymethods]
 impl Model {
     #[new]
-    #[pyo3(signature = (path, threads = 1))]
-    fn new(py: Python<'_>, path: PathBuf, threads: usize) -> PyResult<Self> {
+    #[pyo3(signature = (path, threads = 1, *, memory_budget_bytes = None, layers = None))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        threads: usize,
+        memory_budget_bytes: Option<u64>,
+        layers: Option<Vec<usize>>,
+    ) -> PyResult<Self> {
         if threads == 0 {
             return Err(raise("InvalidArgumentError", "threads must be >= 1".to_string()));
         }
-        let inner = py.detach(|| -> crate::error::CoreResult<CoreModel> {
-            let file = Arc::new(GgufFile::open(&path)?);
-            CoreModel::from_gguf(file, threads)
-        })?;
+        let inner = py.detach(|| open_model(&path, threads, layers.as_deref(), memory_budget_bytes))?;
         Ok(Model { inner })
+    }
+
+    /// Layers this instance computes (the others are refused).
+    #[getter]
+    fn served_layers(&self) -> Vec<usize> {
+        self.inner.served_layers()
+    }
+
+    /// Mapped weight bytes against the budget, and how often files were loaded and evicted.
+    fn weight_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.weight_stats().unwrap_or_default();
+        let d = PyDict::new(py);
+        d.set_item("budget_bytes", s.budget_bytes)?;
+        d.set_item("mapped_bytes", s.mapped_bytes)?;
+        d.set_item("peak_mapped_bytes", s.peak_mapped_bytes)?;
+        d.set_item("pinned_bytes", s.pinned_bytes)?;
+        d.set_item("mapped_files", s.mapped_files)?;
+        d.set_item("files", s.files)?;
+        d.set_item("loads", s.loads)?;
+        d.set_item("evictions", s.evictions)?;
+        Ok(d)
     }
 
     #[getter]
@@ -229,4 +253,59 @@ impl Session {
     fn memory_bytes(&self) -> usize {
         self.inner.memory_bytes()
     }
+}
+
+/// Writes the role shards of the model at `source` into the existing directory `out_dir`;
+/// `progress(shard)` is called with each written shard's dict. Returns the source hash, the
+/// layer count and the shard dicts. An exception in `progress` stops the writing and is raised.
+#[pyfunction]
+#[pyo3(signature = (source, out_dir, progress = None))]
+pub fn write_shards<'py>(
+    py: Python<'py>,
+    source: PathBuf,
+    out_dir: PathBuf,
+    progress: Option<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let progress = progress.map(Bound::unbind);
+    let mut callback_error: Option<PyErr> = None;
+    let result = py.detach(|| {
+        core_write_shards(&source, &out_dir, &mut |shard| {
+            let Some(callback) = &progress else {
+                return true;
+            };
+            Python::attach(|py| {
+                let outcome = shard_dict(py, shard).and_then(|d| callback.bind(py).call1((d,)));
+                match outcome {
+                    Ok(_) => true,
+                    Err(err) => {
+                        callback_error = Some(err);
+                        false
+                    }
+                }
+            })
+        })
+    });
+    if let Some(err) = callback_error {
+        return Err(err);
+    }
+    let summary = result?;
+    let d = PyDict::new(py);
+    d.set_item("source_sha256", &summary.source_sha256)?;
+    d.set_item("n_layer", summary.n_layer)?;
+    let shards = PyList::empty(py);
+    for shard in &summary.shards {
+        shards.append(shard_dict(py, shard)?)?;
+    }
+    d.set_item("shards", shards)?;
+    Ok(d)
+}
+
+fn shard_dict<'py>(py: Python<'py>, shard: &crate::engine::files::WrittenShard) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("path", shard.path.display().to_string())?;
+    d.set_item("role", shard.role)?;
+    d.set_item("layer", shard.layer)?;
+    d.set_item("bytes", shard.bytes)?;
+    d.set_item("tensors", shard.tensors)?;
+    Ok(d)
 }

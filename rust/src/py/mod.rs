@@ -39,5 +39,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<lyapunov::QuantileTracker>()?;
     m.add_class::<engine::Model>()?;
     m.add_class::<engine::Session>()?;
+    m.add_function(wrap_pyfunction!(engine::write_shards, m)?)?;
     Ok(())
 }

@@ -13,16 +13,17 @@
 mod session;
 mod source;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use session::Session;
-pub use source::{MemorySource, TensorSource, TensorView};
+pub use source::{MemorySource, TensorBytes, TensorRef, TensorSource, TensorView, WeightStats};
 
 use crate::engine::gguf::{GgufFile, MetaValue};
 use crate::engine::kernels::{dequantize_row, QMatrix};
 use crate::error::{CoreError, CoreResult};
 use rayon::prelude::*;
 use session::Append;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Hyper-parameters of a llama model.
@@ -64,6 +65,12 @@ impl ModelConfig {
     /// Reads the `llama.*` metadata. Errors (`ModelFile`) for another architecture, missing
     /// keys, or features this engine does not implement (partial RoPE, RoPE scaling).
     pub fn from_gguf(f: &GgufFile) -> CoreResult<Self> {
+        ModelConfig::from_metadata(f, &|name| f.tensor(name).map(|t| t.dims.clone()))
+    }
+
+    /// Like [`ModelConfig::from_gguf`] for a model whose tensors may lie in other files than
+    /// the one holding the metadata (gguf-split sets): `tensor_dims` finds a tensor's dims.
+    pub fn from_metadata(f: &GgufFile, tensor_dims: &dyn Fn(&str) -> Option<Vec<u64>>) -> CoreResult<Self> {
         let origin = f.path().display().to_string();
         let arch = f.meta_str("general.architecture")?;
         if arch != "llama" {
@@ -107,7 +114,7 @@ impl ModelConfig {
                 return Err(file_error(&origin, format!("RoPE scaling {s:?} is not supported")));
             }
         }
-        if f.tensor("rope_freqs.weight").is_some() {
+        if tensor_dims("rope_freqs.weight").is_some() {
             return Err(file_error(
                 &origin,
                 "rope_freqs.weight (llama-3 RoPE frequency factors) is not supported",
@@ -115,8 +122,8 @@ impl ModelConfig {
         }
         let n_vocab = match optional_u32(f, "llama.vocab_size")? {
             Some(v) => v,
-            None => match f.tensor("token_embd.weight") {
-                Some(t) if t.dims.len() == 2 => t.dims[1] as usize,
+            None => match tensor_dims("token_embd.weight") {
+                Some(dims) if dims.len() == 2 => dims[1] as usize,
                 _ => return Err(file_error(&origin, "token_embd.weight missing or not 2-D")),
             },
         };
@@ -136,7 +143,7 @@ impl ModelConfig {
             rope_theta,
             rms_eps: f.meta_f32("llama.attention.layer_norm_rms_epsilon")?,
             context_length: u("context_length")?,
-            tied_output: f.tensor("output.weight").is_none(),
+            tied_output: tensor_dims("output.weight").is_none(),
         };
         cfg.validate().map_err(|e| file_error(&origin, e.to_string()))?;
         Ok(cfg)
@@ -235,8 +242,32 @@ pub struct Model {
     source: Arc<dyn TensorSource>,
     origin: String,
     layers: Vec<LayerNames>,
+    /// Layers this instance computes; the others are refused (their weights may be absent).
+    served: Vec<bool>,
+    /// Layers whose tensors passed the shape checks (all served ones at open for a source that
+    /// is entirely resident, otherwise each on its first use).
+    checked: Vec<AtomicBool>,
     lm_head: &'static str,
     pool: rayon::ThreadPool,
+}
+
+/// A weight matrix whose shape and byte size were checked; keeps its bytes alive while in use.
+struct Matrix {
+    tensor: TensorRef,
+    rows: usize,
+    cols: usize,
+}
+
+impl Matrix {
+    fn q(&self) -> QMatrix<'_> {
+        let t = self.tensor.view();
+        QMatrix::new(t.ty, self.rows, self.cols, t.data).expect("checked when the Matrix was made")
+    }
+
+    #[cfg(test)]
+    fn row(&self, r: usize, out: &mut [f32]) {
+        self.q().row(r, out)
+    }
 }
 
 impl std::fmt::Debug for Model {
@@ -253,13 +284,25 @@ impl Model {
     /// the right shape and byte size. `threads` = 0 lets rayon pick.
     pub fn from_gguf(file: Arc<GgufFile>, threads: usize) -> CoreResult<Model> {
         let cfg = ModelConfig::from_gguf(&file)?;
-        Model::from_source(cfg, file, threads)
+        Model::from_source(cfg, Arc::new(file), threads)
     }
 
     /// A model whose weights come from `source` (GGUF tensor names). `threads` = 0 lets rayon
     /// pick.
     pub fn from_source(cfg: ModelConfig, source: Arc<dyn TensorSource>, threads: usize) -> CoreResult<Model> {
+        Model::serving(cfg, source, threads, None)
+    }
+
+    /// Like [`Model::from_source`], computing only `layers` (all if `None`): the other layers'
+    /// weights are never read and calls on them are refused.
+    pub fn serving(
+        cfg: ModelConfig,
+        source: Arc<dyn TensorSource>,
+        threads: usize,
+        layers: Option<&[usize]>,
+    ) -> CoreResult<Model> {
         cfg.validate()?;
+        let served = served_mask(cfg.n_layer, layers)?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
@@ -267,6 +310,8 @@ impl Model {
         let model = Model {
             origin: source.origin(),
             layers: (0..cfg.n_layer).map(LayerNames::new).collect(),
+            checked: (0..cfg.n_layer).map(|_| AtomicBool::new(false)).collect(),
+            served,
             lm_head: if cfg.tied_output {
                 "token_embd.weight"
             } else {
@@ -284,6 +329,21 @@ impl Model {
         &self.cfg
     }
 
+    /// Which layers this instance computes.
+    pub fn serves(&self, layer: usize) -> bool {
+        self.served.get(layer).copied().unwrap_or(false)
+    }
+
+    /// The layers this instance computes, ascending.
+    pub fn served_layers(&self) -> Vec<usize> {
+        (0..self.cfg.n_layer).filter(|&l| self.served[l]).collect()
+    }
+
+    /// Memory accounting of the weight files, when the source maps files under a budget.
+    pub fn weight_stats(&self) -> Option<WeightStats> {
+        self.source.weight_stats()
+    }
+
     /// Runs `f` on this model's thread pool. Callers outside the pool should enter it once per
     /// call sequence: every matmul started from inside the pool skips the cross-thread wake-up
     /// that costs as much as a small decode matmul.
@@ -296,43 +356,59 @@ impl Model {
         }
     }
 
-    /// Checks presence, shape and size of every tensor the model reads.
+    /// Checks presence, shape and size of the embedding, the output tensors and, for a source
+    /// that is entirely resident, of every served layer's tensors (a source that loads layers
+    /// on demand has each layer checked on its first use, so opening maps no layer).
     fn check_tensors(&self) -> CoreResult<()> {
         let c = &self.cfg;
-        let (d, q, kv) = (c.n_embd, c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
+        let d = c.n_embd;
         self.matrix("token_embd.weight", c.n_vocab, d)?;
         self.check_vector("output_norm.weight", d)?;
         self.matrix(self.lm_head, c.n_vocab, d)?;
-        for names in &self.layers {
-            self.check_vector(&names.attn_norm, d)?;
-            self.check_vector(&names.ffn_norm, d)?;
-            self.matrix(&names.attn_q, q, d)?;
-            self.matrix(&names.attn_k, kv, d)?;
-            self.matrix(&names.attn_v, kv, d)?;
-            self.matrix(&names.attn_output, d, q)?;
-            self.matrix(&names.ffn_gate, c.n_ff, d)?;
-            self.matrix(&names.ffn_up, c.n_ff, d)?;
-            self.matrix(&names.ffn_down, d, c.n_ff)?;
+        if self.source.all_resident() {
+            for layer in (0..c.n_layer).filter(|&l| self.served[l]) {
+                self.check_layer_tensors(layer)?;
+            }
         }
         Ok(())
     }
 
-    fn lookup(&self, name: &str) -> CoreResult<TensorView<'_>> {
+    fn check_layer_tensors(&self, layer: usize) -> CoreResult<()> {
+        let c = &self.cfg;
+        let (d, q, kv) = (c.n_embd, c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
+        let names = &self.layers[layer];
+        self.check_vector(&names.attn_norm, d)?;
+        self.check_vector(&names.ffn_norm, d)?;
+        self.matrix(&names.attn_q, q, d)?;
+        self.matrix(&names.attn_k, kv, d)?;
+        self.matrix(&names.attn_v, kv, d)?;
+        self.matrix(&names.attn_output, d, q)?;
+        self.matrix(&names.ffn_gate, c.n_ff, d)?;
+        self.matrix(&names.ffn_up, c.n_ff, d)?;
+        self.matrix(&names.ffn_down, d, c.n_ff)?;
+        self.checked[layer].store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn lookup(&self, name: &str) -> CoreResult<TensorRef> {
         self.source
-            .tensor(name)
-            .ok_or_else(|| file_error(&self.origin, format!("tensor {name} is missing")))
+            .tensor(name)?
+            .ok_or_else(|| file_error(&self.source.origin_of(name), format!("tensor {name} is missing")))
     }
 
     /// The weight `name` as a rows × cols matrix (GGUF dims `[cols, rows]`).
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> CoreResult<QMatrix<'_>> {
-        let t = self.lookup(name)?;
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> CoreResult<Matrix> {
+        let tensor = self.lookup(name)?;
+        let t = tensor.view();
         if t.dims != [cols as u64, rows as u64] {
             return Err(file_error(
-                &self.origin,
+                &self.source.origin_of(name),
                 format!("tensor {name} has dims {:?}, expected [{cols}, {rows}]", t.dims),
             ));
         }
-        QMatrix::new(t.ty, rows, cols, t.data).map_err(|e| file_error(&self.origin, format!("tensor {name}: {e}")))
+        QMatrix::new(t.ty, rows, cols, t.data)
+            .map_err(|e| file_error(&self.source.origin_of(name), format!("tensor {name}: {e}")))?;
+        Ok(Matrix { tensor, rows, cols })
     }
 
     fn check_vector(&self, name: &str, n: usize) -> CoreResult<()> {
@@ -342,22 +418,37 @@ impl Model {
     /// A 1-D weight (norm scales) as f32.
     fn vector(&self, name: &str, n: usize) -> CoreResult<Vec<f32>> {
         let t = self.lookup(name)?;
+        let t = t.view();
         let n_stored: u64 = t.dims.iter().product();
         if n_stored != n as u64 || t.dims.iter().filter(|&&x| x != 1).count() > 1 {
             return Err(file_error(
-                &self.origin,
+                &self.source.origin_of(name),
                 format!("tensor {name} has dims {:?}, expected [{n}]", t.dims),
             ));
         }
         let mut out = vec![0.0; n];
-        dequantize_row(t.ty, t.data, &mut out).map_err(|e| file_error(&self.origin, format!("tensor {name}: {e}")))?;
+        dequantize_row(t.ty, t.data, &mut out)
+            .map_err(|e| file_error(&self.source.origin_of(name), format!("tensor {name}: {e}")))?;
         Ok(out)
     }
 
+    /// The layer's tensor names, after checking that this instance serves it and (once) that
+    /// its tensors are all there with the right shapes.
     fn check_layer(&self, layer: usize) -> CoreResult<&LayerNames> {
-        self.layers
+        let names = self
+            .layers
             .get(layer)
-            .ok_or_else(|| invalid(format!("layer {layer} out of range (model has {})", self.cfg.n_layer)))
+            .ok_or_else(|| invalid(format!("layer {layer} out of range (model has {})", self.cfg.n_layer)))?;
+        if !self.served[layer] {
+            return Err(invalid(format!(
+                "layer {layer} is not served by this model instance (it serves layers {})",
+                describe_layers(&self.served)
+            )));
+        }
+        if !self.checked[layer].load(Ordering::Acquire) {
+            self.check_layer_tensors(layer)?;
+        }
+        Ok(names)
     }
 
     fn tokens_of(&self, what: &str, len: usize, width: usize) -> CoreResult<usize> {
@@ -378,6 +469,7 @@ impl Model {
             )));
         }
         let m = self.matrix("token_embd.weight", self.cfg.n_vocab, d)?;
+        let m = m.q();
         for (&t, o) in tokens.iter().zip(out.chunks_exact_mut(d)) {
             m.row(t as usize, o);
         }
@@ -465,6 +557,7 @@ impl Model {
         let wk = self.matrix(&names.attn_k, kv_rows, c.n_embd)?;
         let wv = self.matrix(&names.attn_v, kv_rows, c.n_embd)?;
         let wo = self.matrix(&names.attn_output, c.n_embd, nq)?;
+        let (wq, wk, wv, wo) = (wq.q(), wk.q(), wv.q(), wo.q());
 
         let mut groups: Vec<usize> = heads.iter().map(|&h| c.kv_group_of_head(h)).collect();
         groups.dedup(); // heads are sorted, so groups are too
@@ -605,6 +698,7 @@ impl Model {
         let names = &self.layers[layer];
         let gate = self.matrix(&names.ffn_gate, f, d)?;
         let up = self.matrix(&names.ffn_up, f, d)?;
+        let (gate, up) = (gate.q(), up.q());
         let mut u = vec![0.0; n_tok * f];
         gate.matmul(x, n_tok, out, &self.pool);
         up.matmul(x, n_tok, &mut u, &self.pool);
@@ -617,7 +711,7 @@ impl Model {
     fn ffn_down(&self, layer: usize, h: &[f32], n_tok: usize, out: &mut [f32]) -> CoreResult<()> {
         let (d, f) = (self.cfg.n_embd, self.cfg.n_ff);
         let down = self.matrix(&self.layers[layer].ffn_down, d, f)?;
-        down.matmul(h, n_tok, out, &self.pool);
+        down.q().matmul(h, n_tok, out, &self.pool);
         Ok(())
     }
 
@@ -629,7 +723,7 @@ impl Model {
         let mut xn = vec![0.0; x.len()];
         self.norm("output_norm.weight", x, &mut xn)?;
         let head = self.matrix(self.lm_head, nv, d)?;
-        head.matmul(&xn, n_tokens, out, &self.pool);
+        head.q().matmul(&xn, n_tokens, out, &self.pool);
         Ok(())
     }
 
@@ -683,6 +777,50 @@ impl Model {
         let mut logits = vec![0.0; n * self.cfg.n_vocab];
         self.output_logits(rows, n, &mut logits)?;
         Ok(logits)
+    }
+}
+
+/// Per-layer flags from an optional list of layers (all when `None`).
+fn served_mask(n_layer: usize, layers: Option<&[usize]>) -> CoreResult<Vec<bool>> {
+    let Some(layers) = layers else {
+        return Ok(vec![true; n_layer]);
+    };
+    let mut mask = vec![false; n_layer];
+    for &l in layers {
+        if l >= n_layer {
+            return Err(invalid(format!(
+                "cannot serve layer {l}: the model has {n_layer} layers (0..{n_layer})"
+            )));
+        }
+        mask[l] = true;
+    }
+    Ok(mask)
+}
+
+/// "0-9, 20" for a mask, for error messages.
+pub(crate) fn describe_layers(mask: &[bool]) -> String {
+    let mut parts = Vec::new();
+    let mut l = 0;
+    while l < mask.len() {
+        if !mask[l] {
+            l += 1;
+            continue;
+        }
+        let start = l;
+        while l + 1 < mask.len() && mask[l + 1] {
+            l += 1;
+        }
+        parts.push(if start == l {
+            format!("{l}")
+        } else {
+            format!("{start}-{l}")
+        });
+        l += 1;
+    }
+    if parts.is_empty() {
+        "none".to_string()
+    } else {
+        parts.join(", ")
     }
 }
 

@@ -22,7 +22,7 @@ impl Rng {
     }
 }
 
-fn tiny_config(n_head: usize, n_head_kv: usize, tied: bool) -> ModelConfig {
+pub(crate) fn tiny_config(n_head: usize, n_head_kv: usize, tied: bool) -> ModelConfig {
     ModelConfig {
         n_layer: 2,
         n_embd: 24,
@@ -38,7 +38,7 @@ fn tiny_config(n_head: usize, n_head_kv: usize, tied: bool) -> ModelConfig {
     }
 }
 
-fn tiny_source(cfg: &ModelConfig, seed: u64) -> MemorySource {
+pub(crate) fn tiny_source(cfg: &ModelConfig, seed: u64) -> MemorySource {
     let mut r = Rng(seed);
     let mut s = MemorySource::new();
     let (d, q, kv, f, v) = (
@@ -482,7 +482,7 @@ fn missing_or_misshapen_tensors_are_model_file_errors() {
 
 // ---- tiny GGUF files, to test `from_gguf` ----------------------------------------------
 
-fn tiny_gguf(arch: &str, cfg: &ModelConfig, src: &MemorySource, tag: &str) -> PathBuf {
+pub(crate) fn tiny_gguf(arch: &str, cfg: &ModelConfig, src: &MemorySource, tag: &str) -> PathBuf {
     let mut names: Vec<String> = vec!["token_embd.weight".into(), "output_norm.weight".into()];
     if !cfg.tied_output {
         names.push("output.weight".into());
@@ -522,7 +522,7 @@ fn tiny_gguf(arch: &str, cfg: &ModelConfig, src: &MemorySource, tag: &str) -> Pa
         w.add_metadata(k, v).unwrap();
     }
     for n in &names {
-        let t = src.tensor(n).unwrap();
+        let t = src.get(n).unwrap();
         w.add_tensor(n.as_str(), t.dims, t.ty, t.data).unwrap();
     }
     w.write(&path).unwrap();
@@ -710,7 +710,7 @@ fn tiny_q8_model() -> Model {
         }
     }
     for n in names {
-        let t = f32_src.tensor(&n).unwrap();
+        let t = f32_src.get(&n).unwrap();
         let vals: Vec<f32> = t
             .data
             .chunks_exact(4)
@@ -741,6 +741,7 @@ fn quantized_model_partials_gathered_w_o_and_fused_path_agree() {
         }
     }
     let wo = m.matrix("blk.0.attn_output.weight", d, nq).unwrap();
+    let wo = wo.q();
     let mut full = vec![0.0; 3 * d];
     let mut gathered = vec![0.0; 3 * d];
     wo.matmul(&attn, 3, &mut full, &m.pool);
