@@ -15,11 +15,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Splitwise cloud worker: runs the offloaded parts of edge devices' plans.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    check_config = commands.add_parser(
+        "check-config", help="validate a cloud.toml and the files it names (model, TLS, password)"
+    )
+    check_config.add_argument("--config", required=True, help="worker config file (TOML)")
     return parser
 
 
+def _check_config(config: str) -> int:
+    """Prints ``FILE: OK`` and a summary (exit 0), or every problem on stderr (exit 1)."""
+    from cloud_offload.config import load_cloud_config
+    from splitwise_device.config import check_config_command
+
+    return check_config_command(config, load_cloud_config, out=print, err=lambda line: print(line, file=sys.stderr))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "check-config":
+        return _check_config(args.config)
     print("splitwise-cloud: no worker service in this build yet; see `splitwise-cloud --help`.")
     return 2
 

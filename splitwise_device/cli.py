@@ -125,6 +125,15 @@ def _shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_config(args: argparse.Namespace) -> int:
+    """Prints ``FILE: OK`` and a summary (exit 0), or every problem on stderr (exit 1)."""
+    from splitwise_device.config import check_config_command, load_device_config
+
+    return check_config_command(
+        args.config, load_device_config, out=print, err=lambda line: print(line, file=sys.stderr)
+    )
+
+
 def _add_model_args(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--model",
@@ -180,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("outdir", metavar="OUTDIR", help="directory for the shards (created if missing; must be empty)")
     shard.add_argument("--force", action="store_true", help="replace the shards already in OUTDIR")
     shard.set_defaults(handler=_shard)
+
+    check_config = commands.add_parser(
+        "check-config", help="validate a device.toml and the files it names (model, TLS, password)"
+    )
+    check_config.add_argument("--config", required=True, help="device config file (TOML)")
+    check_config.set_defaults(handler=_check_config)
     return parser
 
 

@@ -8,6 +8,8 @@ working.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class SplitwiseError(Exception):
     """Base class of every Splitwise error."""
@@ -77,3 +79,15 @@ class FrameError(SplitwiseError, ValueError):
 
 class StoppedError(SplitwiseError):
     """A long operation (e.g. writing shards) stopped early on request; its output is incomplete."""
+
+
+class ConfigError(SplitwiseError, ValueError):
+    """A configuration file is missing, unreadable, not valid TOML, or does not match the schema.
+
+    ``str(err)`` is one line per problem, each starting with the file name; ``problems`` holds the
+    same lines as a tuple.
+    """
+
+    def __init__(self, message: str, problems: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.problems: tuple[str, ...] = tuple(problems) or (message,)

@@ -1,0 +1,86 @@
+"""Configuration of a cloud worker (``cloud.toml``).
+
+Same rules as the device config (:mod:`splitwise_device.config`): strict pydantic v2 models,
+unknown keys rejected with their exact path, all problems reported at once with the file name,
+relative paths taken relative to the config file. ``[broker]`` and ``[logging]`` are the very
+models the device uses.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import Field
+
+from splitwise_device.config import (
+    BrokerConfig,
+    ByteSize,
+    ConfigError,
+    ConfigPath,
+    Identifier,
+    LoggingConfig,
+    Seconds,
+    StrictSection,
+    broker_file_problems,
+    broker_summary,
+    format_size,
+    load_toml_model,
+    model_problems,
+)
+
+__all__ = ["CloudConfig", "ConfigError", "WorkerSection", "load_cloud_config"]
+
+
+class WorkerSection(StrictSection):
+    """``[worker]``: who this worker is, which pool it serves and what it may hold."""
+
+    id: Identifier
+    """Worker id, unique per broker: sessions pinned to this worker use
+    ``splitwise/v1/cloud/worker/{id}/segment``. Required."""
+    pool: Identifier = "default"
+    """Pool this worker serves (shared subscription ``$share/{pool}/splitwise/v1/cloud/{pool}/segment``)."""
+    model: ConfigPath
+    """GGUF model file or shard directory; must be the same model (hash) the devices run. Required."""
+    threads: int | None = Field(default=None, ge=1, le=256)
+    """Compute threads (1-256). Default: all CPUs this process may use."""
+    session_ttl_s: Seconds = 300.0
+    """An idle session's KV is dropped after this many seconds."""
+    kv_memory_cap: ByteSize = Field(default=2**30, ge=1)
+    """Memory for all sessions' KV caches (bytes or "1GiB"); past it, least recently used sessions are
+    dropped (their devices rebuild them from checkpoints)."""
+    max_sessions: int = Field(default=64, ge=1, le=1_000_000)
+    """Most sessions held at once; new sessions beyond it evict the least recently used one."""
+
+
+class CloudConfig(StrictSection):
+    """The whole ``cloud.toml``."""
+
+    worker: WorkerSection
+    broker: BrokerConfig = BrokerConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @property
+    def client_id(self) -> str:
+        return self.broker.client_id or f"splitwise-cloud-{self.worker.id}"
+
+    def check_files(self) -> list[str]:
+        """Problems with the files this config points to (model, TLS, password file)."""
+        problems = [f"worker.model: {p}" for p in model_problems(self.worker.model)]
+        return problems + broker_file_problems(self.broker)
+
+    def summary(self) -> list[str]:
+        """A few human-readable lines about the effective settings (for ``check-config``)."""
+        w = self.worker
+        threads = str(w.threads) if w.threads is not None else "auto"
+        return [
+            f"worker    id={w.id} pool={w.pool} model={w.model} threads={threads}",
+            f"          sessions<={w.max_sessions} kv_memory_cap={format_size(w.kv_memory_cap)} "
+            f"session_ttl={w.session_ttl_s:g}s",
+            f"broker    {broker_summary(self.broker, self.client_id)}",
+            f"logging   level={self.logging.level}",
+        ]
+
+
+def load_cloud_config(path: str | os.PathLike[str]) -> CloudConfig:
+    """Loads and validates ``cloud.toml``; every problem is reported in one :class:`ConfigError`."""
+    return load_toml_model(path, CloudConfig)
