@@ -51,6 +51,11 @@ fn float_dot(n: usize, weight: impl Fn(usize) -> f32, x: &[f32]) -> f32 {
     sum
 }
 
+/// Dot product of two float slices of equal length, summed like `float_dot`.
+pub(super) fn f32_slices(a: &[f32], b: &[f32]) -> f32 {
+    float_dot(a.len(), |i| a[i], b)
+}
+
 #[inline(always)]
 pub(super) fn f32_row(w: &[u8], a: &TokenActivation<'_>) -> f32 {
     let w = &w[..a.x.len() * 4];

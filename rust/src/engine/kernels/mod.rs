@@ -264,7 +264,23 @@ impl<'a> QMatrix<'a> {
             len: out.len(),
         };
         let activation_ref = &activation;
+        // Float weights over several tokens: convert each row once and reuse it for every token,
+        // instead of converting it per token inside the dot product.
+        let float_rows = matches!(self.ty.activation_kind(), ActivationKind::Float) && n_tokens > 1;
         let run_rows = |local: Range<usize>| {
+            if float_rows {
+                let mut row = vec![0f32; self.cols];
+                for i in local {
+                    dequantize_row(self.ty, self.row_data(rows.start + i), &mut row)
+                        .expect("row length checked when the matrix was built");
+                    for t in 0..n_tokens {
+                        let value = dot::f32_slices(&row, &x[t * self.cols..(t + 1) * self.cols]);
+                        // SAFETY: row i belongs to exactly one task.
+                        unsafe { shared.write(t * n_rows + i, value) };
+                    }
+                }
+                return;
+            }
             for i in local {
                 let weights = self.row_data(rows.start + i);
                 for t in 0..n_tokens {
