@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
+import threading
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 from splitwise_device import __version__
+from splitwise_device.errors import SplitwiseError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config", help="validate a cloud.toml and the files it names (model, TLS, password)"
     )
     check_config.add_argument("--config", required=True, help="worker config file (TOML)")
+    serve = commands.add_parser("serve", help="serve segments from the pool's shared subscription until SIGTERM")
+    serve.add_argument("--config", help="worker config file (TOML); or give --broker and --model")
+    serve.add_argument("--broker", help="broker URL, e.g. mqtt://127.0.0.1:1883")
+    serve.add_argument("--model", help="GGUF model file or shard directory (the same model as the devices')")
+    serve.add_argument("--worker-id", default=None, help="unique worker id (default: random)")
+    serve.add_argument("--pool", default="default", help="pool name shared with the devices (default 'default')")
+    serve.add_argument("--threads", type=int, default=1, help="compute threads (default 1)")
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return parser
 
 
@@ -31,11 +45,66 @@ def _check_config(config: str) -> int:
     return check_config_command(config, load_cloud_config, out=print, err=lambda line: print(line, file=sys.stderr))
 
 
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from cloud_offload.mqtt import BrokerSettings, settings_from_config
+    from cloud_offload.worker import CloudWorker
+    from splitwise_device import systemd
+
+    if args.config:
+        from cloud_offload.config import load_cloud_config
+
+        cfg = load_cloud_config(args.config)
+        w = cfg.worker
+        logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        worker = CloudWorker(
+            w.model,
+            worker_id=w.id,
+            pool=w.pool,
+            broker=settings_from_config(cfg.broker),
+            threads=w.threads or 1,
+            session_ttl_s=w.session_ttl_s,
+            kv_memory_cap=w.kv_memory_cap,
+            max_sessions=w.max_sessions,
+        )
+    else:
+        if not args.broker or not args.model:
+            parser.error("serve needs --config, or both --broker and --model")
+        if not Path(args.model).exists():
+            parser.error(f"--model {args.model}: no such file or directory")
+        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        worker = CloudWorker(
+            args.model,
+            worker_id=args.worker_id or f"w-{uuid.uuid4().hex[:8]}",
+            pool=args.pool,
+            broker=BrokerSettings.from_url(args.broker),
+            threads=args.threads,
+        )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.start(connect_timeout=None)
+    systemd.ready()
+    logging.getLogger(__name__).info("worker %s serving pool %s", worker.worker_id, worker.pool)
+    period = (systemd.watchdog_interval() or 10.0) / 2
+    while not stop.wait(period):
+        systemd.watchdog_ping()
+    systemd.stopping()
+    worker.stop()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "check-config":
         return _check_config(args.config)
-    print("splitwise-cloud: no worker service in this build yet; see `splitwise-cloud --help`.")
+    if args.command == "serve":
+        try:
+            return _serve(args, parser)
+        except SplitwiseError as err:
+            print(f"splitwise-cloud: error: {err}", file=sys.stderr)
+            return 1
+    parser.print_help()
     return 2
 
 

@@ -266,3 +266,22 @@ def user_property(msg: mqtt.MQTTMessage, name: str) -> str | None:
 
 def new_client_id(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def settings_from_config(broker: Any) -> BrokerSettings:
+    """From a validated `splitwise_device.config.BrokerConfig` (reads the password file now)."""
+    tls = broker.tls
+    return BrokerSettings(
+        host=broker.host,
+        port=broker.port,
+        tls=broker.use_tls,
+        username=broker.username,
+        password=broker.read_password(),
+        ca_file=str(tls.ca_file) if tls and tls.ca_file else None,
+        cert_file=str(tls.cert_file) if tls and tls.cert_file else None,
+        key_file=str(tls.key_file) if tls and tls.key_file else None,
+        tls_insecure=bool(tls and tls.insecure),
+        keepalive_s=broker.keepalive_s,
+        reconnect_min_s=max(1, int(broker.reconnect_min_s)),
+        reconnect_max_s=max(1, int(broker.reconnect_max_s)),
+    )

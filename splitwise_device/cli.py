@@ -67,6 +67,8 @@ def _mb(n: int) -> str:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    if args.plan and args.plan != "edge-only":
+        return _generate_split(args)
     engine = _engine(args)
     result = engine.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     if args.json:
@@ -81,6 +83,80 @@ def _generate(args: argparse.Namespace) -> int:
         )
         _print_stats(engine)
     return 0
+
+
+def _generate_split(args: argparse.Namespace) -> int:
+    """One request through the split path: local sub-blocks here, the rest on the pool's workers."""
+    import uuid
+
+    from cloud_offload import protocol
+    from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
+    from policies.plan import parse_plan
+    from splitwise_device.engine import model_sha256
+    from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
+
+    engine = _engine(args)
+    cfg = engine.config
+    plan = parse_plan(args.plan, int(cfg["n_layer"]), int(cfg["n_head"]))
+    if not args.broker:
+        print("splitwise-device: error: --plan other than edge-only needs --broker URL", file=sys.stderr)
+        return 2
+    connection = MqttConnection(BrokerSettings.from_url(args.broker), f"splitwise-cli-{uuid.uuid4().hex[:8]}")
+    connection.start(timeout=10)
+    try:
+        rpc = RpcClient(connection, protocol.device_reply_topic("cli", uuid.uuid4().hex[:12]))
+        model_hash = protocol.model_hash_prefix(model_sha256(engine.path))
+        policy = RecoveryPolicy()
+        executor = SplitExecutor(
+            engine.model, engine.tokenizer.eos_id, lambda: CloudLink(rpc, args.pool, model_hash, args.codec, policy)
+        )
+        prompt = engine.prompt_tokens(args.prompt)
+        result = executor.generate(prompt, plan, args.max_tokens, temperature=args.temperature, seed=args.seed)
+    finally:
+        connection.stop()
+    text = engine.tokenizer.decode(result.tokens)
+    decode = [s.seconds for s in result.steps[1:]]
+    summary = {
+        "prompt_tokens": prompt,
+        "tokens": result.tokens,
+        "text": text,
+        "stop_reason": result.stop_reason,
+        "plan": plan.summary(),
+        "codec": args.codec,
+        "timings": {
+            "prefill_s": result.steps[0].seconds if result.steps else 0.0,
+            "decode_ms_per_token": 1000 * sum(decode) / len(decode) if decode else 0.0,
+        },
+        "transfer": {
+            "requests": result.transfer.requests,
+            "bytes_up": result.transfer.bytes_up,
+            "bytes_down": result.transfer.bytes_down,
+        },
+        "recovery": [e.to_json() for e in result.events],
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(text)
+        t = summary["timings"]
+        print(
+            f"[plan {plan.name}: {result.transfer.requests} cloud requests; prefill {t['prefill_s']:.3f} s, "
+            f"decode {t['decode_ms_per_token']:.1f} ms/token; {len(result.events)} recovery events]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from splitwise_device.agent import run_agent
+
+    return run_agent(args.config)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from splitwise_device.demo import run_demo
+
+    return run_demo(args)
 
 
 def _perplexity(args: argparse.Namespace) -> int:
@@ -172,8 +248,34 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-tokens", type=_positive_int, default=64, help="tokens to generate (default 64)")
     generate.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
     generate.add_argument("--seed", type=int, default=None, help="sampling seed")
+    generate.add_argument(
+        "--plan", default=None, help="edge-only (default), cloud-only, layer-split:K, heads:N or a plan file"
+    )
+    generate.add_argument("--broker", default=None, help="broker URL for split plans, e.g. mqtt://127.0.0.1:1883")
+    generate.add_argument(
+        "--codec",
+        choices=["f32", "f16", "q8_0", "q4_0"],
+        default="q8_0",
+        help="activation codec on the wire (default q8_0)",
+    )
+    generate.add_argument("--pool", default="default", help="cloud worker pool (default 'default')")
     _add_model_args(generate)
     generate.set_defaults(handler=_generate)
+
+    run = commands.add_parser("run", help="run the edge agent (the systemd service) until SIGTERM")
+    run.add_argument("--config", required=True, help="device config file (TOML)")
+    run.set_defaults(handler=_run)
+
+    demo_cmd = commands.add_parser(
+        "demo", help="start a local broker, a cloud worker and the agent; ask one prompt over MQTT; stop them"
+    )
+    demo_cmd.add_argument("--prompt", default="What is MQTT? Answer in one sentence.", help="prompt to ask")
+    demo_cmd.add_argument("--plan", default="layer-split:15", help="partition plan (default layer-split:15)")
+    demo_cmd.add_argument("--codec", choices=["f32", "f16", "q8_0", "q4_0"], default="q8_0")
+    demo_cmd.add_argument("--max-tokens", type=_positive_int, default=48)
+    demo_cmd.add_argument("--broker", default=None, help="use this broker instead of starting mosquitto")
+    demo_cmd.add_argument("--model", default=None, help="model (default: the bundled SmolLM2)")
+    demo_cmd.set_defaults(handler=_demo)
 
     perplexity = commands.add_parser("perplexity", help="perplexity of the model on a text file")
     perplexity.add_argument("--text", required=True, help="UTF-8 text file")

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from splitwise_device._core import Model, Session
-from splitwise_device.errors import InvalidArgumentError
+from splitwise_device.errors import InvalidArgumentError, ModelFileError
 from splitwise_device.tokenizer import Tokenizer
 
 __all__ = ["Engine", "Generation", "Model", "Perplexity", "Session", "sample_token"]
@@ -202,10 +202,20 @@ _FINGERPRINTS: dict[tuple[str, int, int], bytes] = {}
 
 def model_sha256(path: str | os.PathLike[str]) -> bytes:
     """SHA-256 of a model file, the identity both sides of a split check before they cooperate.
+    For a shard directory it is the source file's hash recorded by ``splitwise-device shard`` (the
+    loader verifies every shard against it), so shards and the plain file are the same model.
     Cached per (path, size, mtime) so a service pays for hashing once."""
     import hashlib
+    import json
 
     p = Path(path)
+    if p.is_dir():
+        from splitwise_device.shards import MANIFEST_FILE
+
+        try:
+            return bytes.fromhex(json.loads((p / MANIFEST_FILE).read_text())["source_sha256"])
+        except (OSError, ValueError, KeyError) as err:
+            raise ModelFileError(f"{p / MANIFEST_FILE}: cannot read the source hash ({err})") from err
     stat = p.stat()
     key = (str(p.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _FINGERPRINTS:

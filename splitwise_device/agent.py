@@ -1,0 +1,342 @@
+"""The edge agent: the MQTT front door for IoT apps.
+
+Requests arrive on ``splitwise/v1/device/{id}/infer``; replies go to the MQTT v5 ResponseTopic
+with the request's CorrelationData, or to ``reply_to`` for MQTT 3.1.1 clients. Accepted requests
+wait in a bounded queue (full → an ``overloaded`` error) and run one at a time through the split
+executor. The retained status topic says online/offline (a will message covers crashes).
+SIGTERM stops intake, finishes what was accepted (up to ``drain_timeout_s``) and exits; systemd
+gets READY/STOPPING and watchdog pings when it supervises the process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from pydantic import ValidationError
+
+from cloud_offload import protocol
+from cloud_offload.mqtt import MqttConnection, RpcClient, settings_from_config
+from cloud_offload.protocol import ErrorCode, InferRequest
+from policies.plan import Plan, parse_plan
+from splitwise_device import __version__, systemd
+from splitwise_device.config import DeviceConfig
+from splitwise_device.engine import Engine, model_sha256
+from splitwise_device.errors import SplitwiseError
+from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplyPath:
+    topic: str
+    correlation: bytes | None
+
+
+@dataclass
+class Job:
+    request: InferRequest
+    reply: ReplyPath
+    received_at: float
+
+
+class DeviceAgent:
+    def __init__(self, config: DeviceConfig) -> None:
+        self.config = config
+        device = config.device
+        self.device_id = device.id
+        self.engine = Engine(
+            device.model,
+            threads=device.effective_threads,
+            memory_budget_bytes=device.memory_budget,
+        )
+        cfg = self.engine.config
+        self.n_layer, self.n_head = int(cfg["n_layer"]), int(cfg["n_head"])
+        self.model_hash = protocol.model_hash_prefix(model_sha256(self.engine.path))
+        self.status_topic = protocol.device_status_topic(self.device_id)
+        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=config.agent.queue_size)
+        self.connection = MqttConnection(
+            settings_from_config(config.broker),
+            config.broker.client_id or f"splitwise-device-{self.device_id}",
+            will=(self.status_topic, self._status("offline"), True),
+            will_delay_s=5,
+        )
+        self.rpc = RpcClient(self.connection, protocol.device_reply_topic(self.device_id, uuid.uuid4().hex[:12]))
+        r = config.recovery
+        self.policy = RecoveryPolicy(
+            segment_timeout_s=config.cloud.segment_timeout_s,
+            base_s=r.base_s,
+            factor=r.factor,
+            cap_s=r.cap_s,
+            jitter=r.jitter,
+            max_tries=r.max_tries,
+            ban_s=r.ban_s,
+            checkpoint_budget_bytes=r.checkpoint_budget_bytes,
+        )
+        self.banned: dict[str, float] = {}
+        self.executor = SplitExecutor(self.engine.model, self.engine.tokenizer.eos_id, self._new_link)
+        self.accepting = threading.Event()
+        self.busy = threading.Event()
+        self.served = 0
+        self._worker = threading.Thread(target=self._serve_loop, name="requests", daemon=True)
+        self._watchdog: threading.Thread | None = None
+        self.connection.add_on_connect(self._publish_status)
+
+    def _new_link(self) -> CloudLink:
+        return CloudLink(
+            self.rpc, self.config.cloud.pool, self.model_hash, self.config.agent.codec, self.policy, banned=self.banned
+        )
+
+    def _status(self, state: str) -> bytes:
+        return json.dumps(
+            {
+                "state": state,
+                "device_id": self.device_id,
+                "version": __version__,
+                "model_hash": self.model_hash.hex(),
+                "capabilities": {
+                    "n_layer": self.n_layer,
+                    "n_head": self.n_head,
+                    "codecs": ["f32", "f16", "q8_0", "q4_0"],
+                    "planner": self.config.agent.planner,
+                },
+                "queue": self.jobs.qsize(),
+            }
+        ).encode()
+
+    def _publish_status(self) -> None:
+        self.connection.publish(self.status_topic, self._status("online"), retain=True)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self, connect_timeout: float | None = 30.0) -> None:
+        self._worker.start()
+        self.connection.subscribe(protocol.device_infer_topic(self.device_id), self._on_infer)
+        self.connection.start(connect_timeout)
+        self.accepting.set()
+        systemd.ready()
+        interval = systemd.watchdog_interval()
+        if interval:
+            self._watchdog = threading.Thread(target=self._ping_watchdog, args=(interval / 2,), daemon=True)
+            self._watchdog.start()
+        log.info("device %s serving %s", self.device_id, protocol.device_infer_topic(self.device_id))
+
+    def _ping_watchdog(self, period: float) -> None:
+        # Pinging from the request thread's liveness would be stricter; a wedged engine call still
+        # stops the pings because the GIL-free compute thread is separate from this one.
+        while self.accepting.is_set() or self.busy.is_set():
+            systemd.watchdog_ping()
+            time.sleep(period)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stops intake, lets accepted requests finish; True if all finished in time."""
+        timeout = self.config.agent.drain_timeout_s if timeout is None else timeout
+        systemd.stopping()
+        self.accepting.clear()
+        self.connection.unsubscribe(protocol.device_infer_topic(self.device_id))
+        deadline = time.monotonic() + timeout
+        while (self.busy.is_set() or not self.jobs.empty()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        finished = not self.busy.is_set() and self.jobs.empty()
+        self.jobs.put(None)
+        self._worker.join(timeout=1)
+        return finished
+
+    def stop(self) -> None:
+        info = self.connection.publish(self.status_topic, self._status("offline"), retain=True)
+        info.wait_for_publish(2)
+        self.connection.stop()
+
+    # --- intake (paho's network thread: validate, enqueue, never compute) -------------------------
+
+    def _on_infer(self, msg: mqtt.MQTTMessage) -> None:
+        props = msg.properties
+        response_topic = getattr(props, "ResponseTopic", None) if props else None
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        request_id = None
+        try:
+            request = InferRequest.parse(
+                bytes(msg.payload),
+                max_prompt_bytes=self.config.agent.max_prompt_bytes,
+                max_tokens_limit=self.config.agent.max_tokens_limit,
+            )
+        except (ValidationError, ValueError) as err:
+            reply = self._reply_path(response_topic, correlation, _reply_to_of(bytes(msg.payload)))
+            self._send(reply, protocol.error_reply(ErrorCode.BAD_REQUEST, _validation_message(err), request_id=None))
+            return
+        request_id = request.request_id
+        reply = self._reply_path(response_topic, correlation, request.reply_to)
+        if reply is None:
+            log.warning("request without ResponseTopic or reply_to dropped (nowhere to answer)")
+            return
+        if not self.accepting.is_set():
+            self._send(
+                reply, protocol.error_reply(ErrorCode.OVERLOADED, "device is shutting down", request_id=request_id)
+            )
+            return
+        try:
+            self.jobs.put_nowait(Job(request, reply, time.monotonic()))
+        except queue.Full:
+            self._send(
+                reply,
+                protocol.error_reply(
+                    ErrorCode.OVERLOADED,
+                    f"request queue is full ({self.config.agent.queue_size} waiting); retry later",
+                    request_id=request_id,
+                ),
+            )
+
+    @staticmethod
+    def _reply_path(topic: str | None, correlation: bytes | None, reply_to: str | None) -> ReplyPath | None:
+        if topic:
+            return ReplyPath(topic, bytes(correlation) if correlation is not None else None)
+        if reply_to:
+            return ReplyPath(reply_to, None)
+        return None
+
+    def _send(self, reply: ReplyPath | None, message: dict[str, Any]) -> None:
+        if reply is None:
+            return
+        self.connection.publish(reply.topic, protocol.dumps(message), correlation_data=reply.correlation)
+
+    # --- serving (one request at a time) ---------------------------------------------------------
+
+    def _serve_loop(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            self.busy.set()
+            try:
+                self._serve(job)
+            except SplitwiseError as err:
+                self._send(
+                    job.reply, protocol.error_reply(ErrorCode.BAD_REQUEST, str(err), request_id=job.request.request_id)
+                )
+            except Exception as err:
+                log.exception("request failed")
+                self._send(
+                    job.reply, protocol.error_reply(ErrorCode.INTERNAL, repr(err), request_id=job.request.request_id)
+                )
+            finally:
+                self.served += 1
+                self.busy.clear()
+
+    def choose_plan(self, request: InferRequest) -> Plan:
+        if isinstance(request.plan, dict):
+            return Plan.from_dict(request.plan).validate_for(self.n_layer, self.n_head)
+        if isinstance(request.plan, str):
+            return parse_plan(request.plan, self.n_layer, self.n_head)
+        agent = self.config.agent
+        spec = agent.plan if agent.planner == "fixed" and agent.plan else agent.planner
+        if spec in ("edge-only", "cloud-only") or (spec and ":" in spec) or (spec and spec.endswith(".json")):
+            return parse_plan(spec, self.n_layer, self.n_head)
+        # Planners that need a cost model arrive with the planner work; until then: edge-only.
+        return parse_plan("edge-only", self.n_layer, self.n_head)
+
+    def _serve(self, job: Job) -> None:
+        request = job.request
+        tokenizer = self.engine.tokenizer
+        messages = [m.model_dump() for m in request.messages] if request.messages else None
+        prompt = self.engine.prompt_tokens(request.prompt, messages)
+        context = int(self.engine.config["context_length"])
+        max_tokens = min(request.max_tokens or self.config.agent.default_max_tokens, context - len(prompt))
+        if max_tokens < 1:
+            raise SplitwiseError(f"prompt of {len(prompt)} tokens leaves no room in the context of {context}")
+        plan = self.choose_plan(request)
+        started = time.monotonic()
+        emitted: list[int] = []
+        sent_text = ""
+        chunk_index = 0
+
+        def on_token(token: int) -> None:
+            nonlocal sent_text, chunk_index
+            emitted.append(token)
+            if not request.stream:
+                return
+            text = tokenizer.decode(emitted)
+            # Hold back a trailing partial UTF-8 character until its last byte arrives.
+            if text.endswith("\ufffd"):
+                return
+            if len(text) > len(sent_text):
+                self._send(
+                    job.reply, protocol.chunk_reply(chunk_index, text[len(sent_text) :], request_id=request.request_id)
+                )
+                sent_text, chunk_index = text, chunk_index + 1
+
+        result = self.executor.generate(
+            prompt, plan, max_tokens, temperature=request.temperature, seed=request.seed, on_token=on_token
+        )
+        total_s = time.monotonic() - started
+        decode_steps = [s.seconds for s in result.steps[1:]]
+        timings = {
+            "queue_s": started - job.received_at,
+            "total_s": total_s,
+            "prefill_s": result.steps[0].seconds if result.steps else 0.0,
+            "decode_ms_per_token": 1000 * sum(decode_steps) / len(decode_steps) if decode_steps else 0.0,
+            "cloud_requests": float(result.transfer.requests),
+            "bytes_up": float(result.transfer.bytes_up),
+            "bytes_down": float(result.transfer.bytes_down),
+        }
+        summary = plan.summary()
+        summary["fell_back_to_edge"] = result.fell_back_to_edge
+        self._send(
+            job.reply,
+            protocol.final_reply(
+                text=tokenizer.decode(result.tokens),
+                prompt_tokens=len(prompt),
+                completion_tokens=len(result.tokens),
+                plan=summary,
+                timings=timings,
+                recovery=[e.to_json() for e in result.events],
+                stop_reason=result.stop_reason,
+                request_id=request.request_id,
+            ),
+        )
+
+
+def _reply_to_of(payload: bytes) -> str | None:
+    """Best effort for invalid requests: answer on their reply_to if it is a plausible topic."""
+    try:
+        value = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    reply_to = value.get("reply_to") if isinstance(value, dict) else None
+    if isinstance(reply_to, str) and reply_to and not reply_to.startswith("$") and not set(reply_to) & {"+", "#"}:
+        return reply_to
+    return None
+
+
+def _validation_message(err: Exception) -> str:
+    if isinstance(err, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in err.errors(include_url=False)
+        )[:2000]
+    return str(err)[:2000]
+
+
+def run_agent(config_path: str) -> int:
+    """`splitwise-device run`: serve until SIGTERM/SIGINT, then drain and exit."""
+    import signal
+
+    from splitwise_device.config import load_device_config
+
+    config = load_device_config(config_path)
+    logging.basicConfig(level=config.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    agent = DeviceAgent(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    agent.start(connect_timeout=None)
+    while not stop.wait(config.agent.status_interval_s):
+        agent._publish_status()
+    log.info("draining: %d queued, busy=%s", agent.jobs.qsize(), agent.busy.is_set())
+    finished = agent.drain()
+    agent.stop()
+    log.info("stopped after %d requests%s", agent.served, "" if finished else " (drain timed out)")
+    return 0
