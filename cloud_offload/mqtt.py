@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import ssl
 import threading
 import uuid
@@ -105,6 +106,7 @@ class MqttConnection:
             if will_delay_s:
                 props.WillDelayInterval = will_delay_s
             client.will_set(topic, payload, qos=1, retain=retain, properties=props)
+        client.on_socket_open = _no_delay
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -204,6 +206,14 @@ class MqttConnection:
             except Exception:
                 # One bad message must never take the connection's thread down.
                 log.exception("handler for %s failed", msg.topic)
+
+
+def _no_delay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+    """Segments are small request/response messages: with Nagle's algorithm on, each one waits for
+    the peer's delayed ACK (~40 ms per direction on Linux; bench/transport.py measured 88 ms per
+    round trip instead of 0.85 ms). The broker needs `set_tcp_nodelay true` for the same reason."""
+    if hasattr(sock, "setsockopt"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def shared_topic_filter(topic: str) -> str:

@@ -53,7 +53,7 @@ def _mosquitto(workdir: Path, stack: ExitStack) -> str:
         raise SystemExit("mosquitto is not installed (scripts/setup installs it); or pass --broker URL")
     port = _free_port()
     conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n")
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stack.callback(_stop, proc, "mosquitto")
     deadline = time.monotonic() + 10

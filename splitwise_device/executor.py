@@ -226,6 +226,12 @@ class CloudLink:
             except FrameError as err:
                 self.events.append(RecoveryEvent("worker_error", step, segment, str(err), answered_by))
                 continue
+            if answered_by is not None:
+                # It answered, so it is not silent (any more): lift its ban. A banned worker still
+                # gets pool messages from the shared subscription; while banned, `_topic()` would
+                # send this session's later segments — and a failover's replay — back to the pool,
+                # scattering them over workers that lack the session's KV.
+                self.banned.pop(answered_by, None)
             if frame.kind is FrameKind.ERROR:
                 code, message = frame.error()
                 if code == ErrorCode.UNKNOWN_SESSION and answered_by is not None:
@@ -382,6 +388,25 @@ class SplitExecutor:
             transfer=link.stats if link else TransferStats(),
             fell_back_to_edge=fell_back,
         )
+
+    def teacher_forced_logits(self, tokens: Sequence[int], plan: Plan) -> Array:
+        """Logits after each of `tokens[:-1]`, fed one per step through the plan (for perplexity
+        and agreement measurements of a plan and codec); shape (len(tokens) - 1, vocab)."""
+        plan = plan.validate_for(self.dims.n_layer, self.dims.n_head)
+        schedule = compile_plan(plan, self.dims)
+        link = self.link_factory() if schedule.cloud_round_trips and self.link_factory else None
+        session = self.model.new_session()
+        rows = []
+        try:
+            for position, token in enumerate(tokens[:-1]):
+                if link is None:
+                    rows.append(self.model.forward(session, [token], [position])[-1])
+                else:
+                    rows.append(self._step(schedule, session, link, position, [token], position))
+        finally:
+            if link is not None:
+                link.close()
+        return np.stack(rows)
 
     def _step(
         self, schedule: Schedule, session: Session, link: CloudLink, step: int, batch: list[int], position: int

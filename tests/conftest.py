@@ -38,7 +38,7 @@ class MosquittoBroker:
         self.config = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
         self.config.write_text(
-            f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
+            f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
             f"log_dest file {self.log}\nlog_type error\nlog_type warning\nlog_type notice\n"
         )
         self._process: subprocess.Popen[bytes] | None = None
