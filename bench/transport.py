@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -58,6 +57,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from cloud_offload import protocol
+from cloud_offload.local_broker import LocalBroker
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
 from cloud_offload.protocol import Op, OpKind
 from policies.plan import parse_plan
@@ -76,26 +76,6 @@ SLOW_BUDGET_S = 3.0  # per "as configured" row whose round trip is slow
 # --- infrastructure ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"{what} did not start listening on port {port}")
-
-
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -111,19 +91,10 @@ def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
 
 
 def start_mosquitto(workdir: Path, stack: ExitStack, *, nodelay: bool) -> BrokerSettings:
-    binary = shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None
-    )
-    if binary is None:
-        raise SystemExit("mosquitto is not installed (scripts/setup installs it)")
-    port = _free_port()
-    conf = workdir / f"mosquitto-{port}.conf"
-    extra = "set_tcp_nodelay true\n" if nodelay else ""
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    stack.callback(_stop, proc)
-    _wait_port(port, proc, "mosquitto")
-    return BrokerSettings("127.0.0.1", port)
+    broker = LocalBroker(workdir, nodelay=nodelay)
+    broker.start()
+    stack.callback(broker.stop)
+    return broker.broker_settings
 
 
 def connect(settings: BrokerSettings, prefix: str, stack: ExitStack, *, force_nodelay: bool) -> MqttConnection:

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +24,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from cloud_offload import protocol
+from cloud_offload.local_broker import LocalBroker
 from cloud_offload.mqtt import BrokerSettings, MqttConnection
 from splitwise_device.tokenizer import bundled_model_path
 
@@ -38,33 +36,13 @@ def _say(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _mosquitto(workdir: Path, stack: ExitStack) -> str:
-    binary = shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None
-    )
-    if binary is None:
-        raise SystemExit("mosquitto is not installed (scripts/setup installs it); or pass --broker URL")
-    port = _free_port()
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    stack.callback(_stop, proc, "mosquitto")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                _say(f"mosquitto listening on 127.0.0.1:{port} (pid {proc.pid})")
-                return f"mqtt://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("mosquitto did not start")
+    broker = LocalBroker(workdir)
+    broker.start()
+    stack.callback(_say, f"stopped mosquitto (pid {broker.pid})")  # callbacks run last-in, first-out
+    stack.callback(broker.stop)
+    _say(f"mosquitto listening on {broker.host}:{broker.port} (pid {broker.pid})")
+    return broker.url
 
 
 def _stop(proc: subprocess.Popen[bytes], name: str) -> None:

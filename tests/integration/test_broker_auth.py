@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from cloud_offload.local_broker import free_port as _free_port
+from cloud_offload.local_broker import mosquitto_binary as _mosquitto_binary
 from cloud_offload.mqtt import BrokerSettings, BrokerUnavailableError, MqttConnection
-from tests.conftest import _free_port, _mosquitto_binary
 
 pytestmark = pytest.mark.broker
 
