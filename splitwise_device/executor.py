@@ -18,6 +18,7 @@ Every such event is recorded and returned with the result.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -202,7 +203,10 @@ class CloudLink:
     ) -> Array:
         sent_at, future, correlation = first
         silent_tries = 0
-        for attempt in range(self.policy.max_tries):
+        tries, failovers = self.policy.max_tries, 0
+        for attempt in itertools.count():
+            if attempt >= tries:
+                break
             if attempt > 0:
                 time.sleep(self.policy.backoff(attempt - 1, self.rng))
                 sent_at, future, correlation = self._publish(
@@ -236,6 +240,12 @@ class CloudLink:
                 code, message = frame.error()
                 if code == ErrorCode.UNKNOWN_SESSION and answered_by is not None:
                     self._failover(answered_by, step, segment, before=(step, segment))
+                    # The replay just rebuilt the session on a worker that answers: its resend gets a
+                    # try of its own instead of being cut off by the budget the silence used up
+                    # (at most max_tries extra, so a worker that keeps refusing cannot loop forever).
+                    if failovers < self.policy.max_tries:
+                        failovers += 1
+                        tries += 1
                     continue
                 raise CloudUnavailableError(f"worker {answered_by} refused segment {segment}: {code}: {message}")
             if answered_by is not None and answered_by != self.worker:
