@@ -2,7 +2,7 @@ use super::c_contiguous_slice;
 use super::errors::raise;
 use crate::engine::files::{open_model, write_shards as core_write_shards};
 use crate::engine::model::{FfnPart, Model as CoreModel, Session as CoreSession};
-use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyArray2, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use std::path::PathBuf;
@@ -31,8 +31,12 @@ fn rows_of<'a>(what: &str, x: &'a PyReadonlyArray2<'_, f32>, width: usize) -> Py
     Ok((c_contiguous_slice(what, x)?, shape[0]))
 }
 
+/// Hands `values` to numpy without copying, as one 2-D array (no reshaped view on top: every
+/// sub-block call of the split executor pays for the objects it creates).
 fn to_array2<'py>(py: Python<'py>, values: Vec<f32>, rows: usize, cols: usize) -> PyResult<Bound<'py, PyArray2<f32>>> {
-    PyArray1::from_vec(py, values).reshape([rows, cols])
+    let array = numpy::ndarray::Array2::from_shape_vec((rows, cols), values)
+        .map_err(|e| raise("ShapeMismatchError", format!("result of {rows}x{cols} values: {e}")))?;
+    Ok(array.into_pyarray(py))
 }
 
 fn parse_part(part: &str) -> PyResult<FfnPart> {
