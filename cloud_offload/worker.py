@@ -120,7 +120,15 @@ class CloudWorker:
     # --- request handling (compute thread) -----------------------------------------------------
 
     def _compute_loop(self) -> None:
-        while (msg := self._inbox.get()) is not STOP:
+        while True:
+            try:
+                # Wake up now and then even when idle, so expired sessions free their KV.
+                msg = self._inbox.get(timeout=min(5.0, self.session_ttl_s))
+            except queue.Empty:
+                self._expire_sessions()
+                continue
+            if msg is STOP:
+                return
             try:
                 self.handle(msg)
             except Exception:

@@ -311,3 +311,40 @@ def test_worker_rejects_bad_frames_and_keeps_serving(mosquitto_broker) -> None: 
     finally:
         conn.stop()
         worker.stop()
+
+
+def test_worker_sessions_expire_and_respect_the_memory_cap(mosquitto_broker) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    settings = BrokerSettings(mosquitto_broker.host, mosquitto_broker.port)
+    worker = CloudWorker(
+        bundled_model_path(), worker_id="wttl", pool="ttl", broker=settings, session_ttl_s=0.5, kv_memory_cap=1
+    )
+    worker.start()
+    conn = MqttConnection(settings, "edge-ttl")
+    conn.start()
+    try:
+        rpc = RpcClient(conn, f"edge/reply/{uuid.uuid4().hex}")
+        time.sleep(0.2)
+        model_hash = protocol.model_hash_prefix(model_sha256(bundled_model_path()))
+        x = np.random.default_rng(1).standard_normal((1, 576)).astype(np.float32)
+        for _ in range(3):  # three sessions with KV; a 1-byte cap keeps only the newest
+            frame = protocol.encode_request(
+                session=uuid.uuid4(),
+                step=0,
+                position=0,
+                segment=0,
+                model_hash=model_hash,
+                ops=[protocol.Op(protocol.OpKind.LAYER, 0)],
+                tensor=x,
+                codec="f32",
+            )
+            rpc.request(protocol.pool_segment_topic("ttl"), frame)[1].result(timeout=10)
+        assert len(worker.sessions) == 1 and worker.stats.sessions_evicted == 2
+        deadline = time.monotonic() + 10
+        while worker.sessions and time.monotonic() < deadline:  # idle: the TTL still frees it
+            time.sleep(0.1)
+        assert not worker.sessions and worker.stats.sessions_evicted == 3
+    finally:
+        conn.stop()
+        worker.stop()
