@@ -51,6 +51,22 @@ fn parse_part(part: &str) -> PyResult<FfnPart> {
     }
 }
 
+impl Model {
+    /// One RMSNorm over T rows of width d, whichever norm weight `apply` uses.
+    fn norm<'py>(
+        &self,
+        py: Python<'py>,
+        x: PyReadonlyArray2<'py, f32>,
+        apply: impl FnOnce(&[f32], &mut [f32]) -> crate::error::CoreResult<()> + Send,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let d = self.inner.config().n_embd;
+        let (xs, t) = rows_of("x", &x, d)?;
+        let mut out = vec![0f32; xs.len()];
+        py.detach(|| apply(xs, &mut out))?;
+        to_array2(py, out, t, d)
+    }
+}
+
 #[pymethods]
 impl Model {
     #[new]
@@ -127,11 +143,7 @@ impl Model {
         layer: usize,
         x: PyReadonlyArray2<'py, f32>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let d = self.inner.config().n_embd;
-        let (xs, t) = rows_of("x", &x, d)?;
-        let mut out = vec![0f32; xs.len()];
-        py.detach(|| self.inner.attn_norm(layer, xs, &mut out))?;
-        to_array2(py, out, t, d)
+        self.norm(py, x, |xs, out| self.inner.attn_norm(layer, xs, out))
     }
 
     fn ffn_norm<'py>(
@@ -140,11 +152,7 @@ impl Model {
         layer: usize,
         x: PyReadonlyArray2<'py, f32>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let d = self.inner.config().n_embd;
-        let (xs, t) = rows_of("x", &x, d)?;
-        let mut out = vec![0f32; xs.len()];
-        py.detach(|| self.inner.ffn_norm(layer, xs, &mut out))?;
-        to_array2(py, out, t, d)
+        self.norm(py, x, |xs, out| self.inner.ffn_norm(layer, xs, out))
     }
 
     fn attention<'py>(
