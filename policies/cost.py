@@ -1,0 +1,632 @@
+"""Profiles and the one cost model of Splitwise (see ``docs/planners.md``).
+
+- :class:`Profile` — measured per-sub-block costs of one machine for one model shape, its power
+  model and codec costs, with a note of what was measured and what was interpolated. JSON via
+  :meth:`Profile.load` / :meth:`Profile.save` (pydantic v2, strict, unknown keys rejected).
+- :class:`Observation` — what the agent knows at decision time (link, backlog, Lyapunov queues,
+  request shape, memory budget).
+- :func:`predict` — latency (prefill + per-token decode), device energy, accuracy cost and edge
+  memory of a plan, by walking its compiled schedule (:func:`policies.segments.compile_plan`).
+- :class:`Weights` / :func:`objective` — the drift-plus-penalty score
+  ``V·(w_L·latency + w_E·energy + w_A·accuracy) + U·service_time + Z·energy`` that the planners
+  minimise (service time = predicted latency: the edge is busy with this request that long).
+
+The cost of every step is built from the primitives of :class:`CostModel` (edge op, cloud op,
+one-way message). The planners' dynamic program uses the same primitives layer by layer, so its
+objective equals ``objective(predict(plan))`` up to float rounding.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from policies.plan import Plan, Side
+from policies.segments import (
+    FRAME_OP_BYTES,
+    FRAME_OVERHEAD_BYTES,
+    CloudOpKind,
+    CloudSegment,
+    EdgeOpKind,
+    LocalStep,
+    ModelDims,
+    ParallelSection,
+    Reg,
+    Schedule,
+    compile_plan,
+)
+from splitwise_device.codecs import codec_size
+from splitwise_device.errors import InvalidArgumentError
+
+__all__ = [
+    "PROFILE_VERSION",
+    "AttentionTable",
+    "CodecCost",
+    "CostModel",
+    "Observation",
+    "PowerModel",
+    "Prediction",
+    "PrefillTable",
+    "Profile",
+    "StepCtx",
+    "Terms",
+    "Weights",
+    "objective",
+    "plan_memory",
+    "predict",
+    "step_terms",
+]
+
+PROFILE_VERSION = 1
+LOGITS_CODEC = "f32"
+Provenance = Literal["measured", "interpolated", "assumed", "synthetic"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+def _increasing(name: str, values: list[int]) -> None:
+    if not values or any(b <= a for a, b in itertools.pairwise(values)):
+        raise ValueError(f"{name} must be non-empty and strictly increasing")
+
+
+class AttentionTable(_Strict):
+    """Seconds per query token for `heads[i]` query heads at context length `context[j]`.
+
+    Covers the heads' Q projection, scores, softmax, weighted sum and their slice of W_o; the
+    K/V projections are per KV group (:attr:`Profile.kv_group_s`). Zero heads cost zero. Between
+    grid points the cost is bilinear; above the largest context it is extrapolated linearly from
+    the last two points, below the smallest it is clamped; head counts above the grid scale
+    proportionally from the largest one.
+    """
+
+    heads: list[int]
+    context: list[int]
+    seconds: list[list[float]]
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        _increasing("attention.heads", self.heads)
+        _increasing("attention.context", self.context)
+        if self.heads[0] < 1 or self.context[0] < 1:
+            raise ValueError("attention.heads and attention.context start at ≥ 1")
+        if len(self.seconds) != len(self.heads) or any(len(r) != len(self.context) for r in self.seconds):
+            raise ValueError("attention.seconds must be len(heads) rows of len(context) values")
+        if any(v < 0 for r in self.seconds for v in r):
+            raise ValueError("attention.seconds must be ≥ 0")
+        return self
+
+    def cost(self, n_heads: float, ctx: float) -> float:
+        if n_heads <= 0:
+            return 0.0
+        by_heads = [_interp_ctx(self.context, row, ctx) for row in self.seconds]
+        hs = self.heads
+        if n_heads >= hs[-1]:
+            return by_heads[-1] * n_heads / hs[-1]
+        xs = [0, *hs]
+        ys = [0.0, *by_heads]
+        for i in range(1, len(xs)):
+            if n_heads <= xs[i]:
+                t = (n_heads - xs[i - 1]) / (xs[i] - xs[i - 1])
+                return ys[i - 1] + t * (ys[i] - ys[i - 1])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _interp_ctx(xs: list[int], ys: list[float], x: float) -> float:
+    if len(xs) == 1 or x <= xs[0]:
+        return ys[0]
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            t = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+            return ys[i - 1] + t * (ys[i] - ys[i - 1])
+    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    return max(ys[-1] + slope * (x - xs[-1]), 0.0)
+
+
+class PrefillTable(_Strict):
+    """Per-token cost of an n-row step relative to a one-row (decode) step, at `prompt_lengths`.
+
+    Batched matmuls make prefill cheaper per token; the factor is linearly interpolated and
+    clamped outside the table. One row is always factor 1.
+    """
+
+    prompt_lengths: list[int]
+    per_token_factor: list[float]
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        _increasing("prefill.prompt_lengths", self.prompt_lengths)
+        if len(self.per_token_factor) != len(self.prompt_lengths) or any(f <= 0 for f in self.per_token_factor):
+            raise ValueError("prefill.per_token_factor: one positive factor per prompt length")
+        return self
+
+    def factor(self, rows: int) -> float:
+        return 1.0 if rows <= 1 else _interp_ctx(self.prompt_lengths, self.per_token_factor, rows)
+
+
+class CodecCost(_Strict):
+    """Seconds per encoded (wire) byte to encode and to decode a tensor in this codec."""
+
+    encode_s_per_byte: float = Field(ge=0)
+    decode_s_per_byte: float = Field(ge=0)
+
+
+class PowerModel(_Strict):
+    """Device power draw in watts while computing, while transmitting/receiving, and idle."""
+
+    compute_w: float = Field(ge=0)
+    transmit_w: float = Field(ge=0)
+    idle_w: float = Field(ge=0)
+
+
+class Profile(_Strict):
+    """Measured costs of one machine for one model shape (all llama layers share one shape).
+
+    Per-token costs are seconds for one row of a one-row (decode) step; an n-row step costs
+    ``n · factor(n)`` times as much (:class:`PrefillTable`). `lm_head_s` is per call (the LM head
+    computes the last row only). `provenance` says, per field name, whether the value was
+    measured, interpolated, assumed or is synthetic (tests); `note` is free text.
+    """
+
+    version: Literal[1] = 1
+    machine: str
+    model: str
+    threads: int = Field(ge=1)
+    attention: AttentionTable
+    kv_group_s: float = Field(ge=0)
+    ffn_full_s: float = Field(ge=0)
+    ffn_gate_up_s: float = Field(ge=0)
+    ffn_down_s: float = Field(ge=0)
+    norm_s: float = Field(ge=0)
+    add_s: float = Field(ge=0)
+    embed_s: float = Field(ge=0)
+    lm_head_s: float = Field(ge=0)
+    prefill: PrefillTable
+    codecs: dict[str, CodecCost]
+    power: PowerModel
+    codec_kl: dict[str, float] = Field(default_factory=dict)
+    """Accuracy cost (KL divergence, nats per token) of one tensor crossing the link in a codec."""
+    weight_bytes_per_param: float = Field(gt=0)
+    kv_bytes_per_value: float = Field(gt=0)
+    base_memory_bytes: int = Field(default=0, ge=0)
+    provenance: dict[str, Provenance] = Field(default_factory=dict)
+    note: str = ""
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Profile:
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            raise InvalidArgumentError(f"profile: {exc}") from exc
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        try:
+            text = Path(path).read_bytes()
+        except OSError as exc:
+            raise InvalidArgumentError(f"profile {path}: {exc}") from exc
+        try:
+            return cls.from_json(text)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"profile {path}: {exc}") from exc
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the planner knows at decision time.
+
+    `backlog_s`, `arrival_rate` and `backlog_requests` describe the edge queue (the cost model
+    does not use them; the Lyapunov work queue `work_queue_u` carries the backlog into the
+    objective). `cloud_load` multiplies every cloud compute time (1 = the profiled speed).
+    `memory_budget_bytes` None means unlimited. A link with bandwidth 0 or an infinite RTT is cut.
+    """
+
+    bandwidth_bps: float
+    rtt_s: float
+    prompt_len: int
+    max_tokens: int
+    backlog_requests: int = 0
+    backlog_s: float = 0.0
+    arrival_rate: float = 0.0
+    cloud_load: float = 1.0
+    energy_queue_z: float = 0.0
+    work_queue_u: float = 0.0
+    memory_budget_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("bandwidth_bps", "rtt_s", "backlog_s", "arrival_rate", "cloud_load"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or math.isnan(v) or v < 0:
+                raise InvalidArgumentError(f"observation.{name}: expected a number ≥ 0, got {v!r}")
+        for name in ("energy_queue_z", "work_queue_u"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                raise InvalidArgumentError(f"observation.{name}: expected a finite number ≥ 0, got {v!r}")
+        if not isinstance(self.prompt_len, int) or self.prompt_len < 1:
+            raise InvalidArgumentError(f"observation.prompt_len: expected an integer ≥ 1, got {self.prompt_len!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidArgumentError(f"observation.max_tokens: expected an integer ≥ 1, got {self.max_tokens!r}")
+        if self.memory_budget_bytes is not None and (
+            not isinstance(self.memory_budget_bytes, int) or self.memory_budget_bytes < 0
+        ):
+            raise InvalidArgumentError(f"observation.memory_budget_bytes: {self.memory_budget_bytes!r}")
+
+    @property
+    def link_up(self) -> bool:
+        return self.bandwidth_bps > 0 and math.isfinite(self.rtt_s)
+
+    @property
+    def n_decode(self) -> int:
+        """Decode steps: the prefill step yields the first token."""
+        return self.max_tokens - 1
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Drift-plus-penalty weights: V and the penalty weights of latency, energy and accuracy."""
+
+    v: float = 1.0
+    w_latency: float = 1.0
+    w_energy: float = 0.0
+    w_accuracy: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("v", "w_latency", "w_energy", "w_accuracy"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                raise InvalidArgumentError(f"weights.{name}: expected a finite number ≥ 0, got {v!r}")
+
+
+@dataclass(frozen=True)
+class StepCtx:
+    """One token step: `rows` new tokens at mean context length `ctx`."""
+
+    rows: int
+    ctx: float
+
+
+@dataclass
+class Terms:
+    """Additive cost terms of (part of) one token step."""
+
+    latency: float = 0.0
+    edge_compute: float = 0.0
+    tx: float = 0.0  # seconds the radio moves bytes (both directions)
+    cloud_compute: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    crossings: int = 0  # codec-compressed tensors crossing the link
+
+    def add(self, other: Terms) -> None:
+        self.latency += other.latency
+        self.edge_compute += other.edge_compute
+        self.tx += other.tx
+        self.cloud_compute += other.cloud_compute
+        self.bytes_up += other.bytes_up
+        self.bytes_down += other.bytes_down
+        self.crossings += other.crossings
+
+
+@dataclass(frozen=True)
+class Prediction:
+    latency_s: float  # prefill_s + n_decode · decode_s_per_token
+    prefill_s: float
+    decode_s_per_token: float
+    energy_j: float
+    accuracy_cost: float
+    edge_memory_bytes: int
+    breakdown: dict[str, float] = field(default_factory=dict)
+
+
+class CostModel:
+    """Cost primitives for one (profiles, dims, codec, observation); shared by predict and the DP."""
+
+    def __init__(
+        self,
+        observation: Observation,
+        edge: Profile,
+        cloud: Profile,
+        dims: ModelDims,
+        codec: str,
+        codec_kl: Mapping[str, float] | None = None,
+    ) -> None:
+        if dims.n_head % dims.n_head_kv:
+            raise InvalidArgumentError(f"n_head_kv {dims.n_head_kv} does not divide n_head {dims.n_head}")
+        for side, prof in (("edge", edge), ("cloud", cloud)):
+            if codec not in prof.codecs:
+                raise InvalidArgumentError(f"{side} profile {prof.machine!r} has no cost for codec {codec!r}")
+        kl = edge.codec_kl if codec_kl is None else codec_kl
+        if codec not in kl:
+            raise InvalidArgumentError(f"no accuracy cost (KL per crossing) for codec {codec!r}")
+        codec_size(codec, 32)  # rejects unknown codecs
+        self.obs = observation
+        self.edge = edge
+        self.cloud = cloud
+        self.dims = dims
+        self.codec = codec
+        self.kl = float(kl[codec])
+        self.link_up = observation.link_up
+        self.per_group = dims.n_head // dims.n_head_kv
+        p = observation.prompt_len
+        self.prefill = StepCtx(rows=p, ctx=(p + 1) / 2)
+        self.decode = StepCtx(rows=1, ctx=p + (observation.n_decode + 1) / 2)
+        self.kv_len = p + observation.max_tokens
+
+    # -- compute ---------------------------------------------------------------------------------
+
+    def _rows(self, prof: Profile, step: StepCtx) -> float:
+        return step.rows * prof.prefill.factor(step.rows)
+
+    def attention_s(self, prof: Profile, n_heads: int, n_groups: int, step: StepCtx) -> float:
+        return self._rows(prof, step) * (prof.attention.cost(n_heads, step.ctx) + prof.kv_group_s * n_groups)
+
+    def _block_s(self, prof: Profile, kind: str, step: StepCtx) -> float:
+        """Per-step cost of a sub-block that is not attention: norm, add, ffn parts, embed."""
+        per_token = {
+            "norm": prof.norm_s,
+            "add": prof.add_s,
+            "ffn": prof.ffn_full_s,
+            "gate_up": prof.ffn_gate_up_s,
+            "down": prof.ffn_down_s,
+            "embed": prof.embed_s,
+        }[kind]
+        return self._rows(prof, step) * per_token
+
+    def layer_s(self, prof: Profile, step: StepCtx) -> float:
+        """A whole layer on one side: norm, all heads, add, norm, FFN, add."""
+        return (
+            self._block_s(prof, "norm", step) * 2
+            + self.attention_s(prof, self.dims.n_head, self.dims.n_head_kv, step)
+            + self._block_s(prof, "add", step) * 2
+            + self._block_s(prof, "ffn", step)
+        )
+
+    def groups(self, heads: tuple[int, ...]) -> int:
+        return len({h // self.per_group for h in heads})
+
+    def edge_op_s(self, kind: EdgeOpKind, heads: tuple[int, ...], n_srcs: int, step: StepCtx) -> float:
+        e = self.edge
+        if kind is EdgeOpKind.EMBED:
+            return self._block_s(e, "embed", step)
+        if kind is EdgeOpKind.LAYER:
+            return self.layer_s(e, step)
+        if kind in (EdgeOpKind.ATTN_NORM, EdgeOpKind.FFN_NORM):
+            return self._block_s(e, "norm", step)
+        if kind is EdgeOpKind.ATTN:
+            return self.attention_s(e, len(heads), self.groups(heads), step)
+        if kind is EdgeOpKind.FFN:
+            return self._block_s(e, "ffn", step)
+        if kind is EdgeOpKind.GATE_UP:
+            return self._block_s(e, "gate_up", step)
+        if kind is EdgeOpKind.ADD:
+            return self._block_s(e, "add", step) * (n_srcs - 1)
+        return e.lm_head_s  # LM_HEAD: last row only
+
+    def cloud_op_s(self, kind: CloudOpKind, heads: tuple[int, ...], step: StepCtx) -> float:
+        """Cloud compute of one op, already scaled by the observed cloud load."""
+        c = self.cloud
+        if kind is CloudOpKind.ATTN_PART:
+            s = self.attention_s(c, len(heads), self.groups(heads), step)
+        elif kind is CloudOpKind.FFN_DOWN:
+            s = self._block_s(c, "down", step)
+        elif kind is CloudOpKind.FFN:
+            s = self._block_s(c, "ffn", step)
+        elif kind is CloudOpKind.RESIDUAL_FFN:
+            s = self._block_s(c, "norm", step) + self._block_s(c, "ffn", step) + self._block_s(c, "add", step)
+        elif kind is CloudOpKind.LAYER:
+            s = self.layer_s(c, step)
+        else:
+            s = c.lm_head_s
+        return s * self.obs.cloud_load
+
+    # -- network ---------------------------------------------------------------------------------
+
+    def payload(self, reg: Reg, step: StepCtx) -> int:
+        if reg is Reg.LOGITS:
+            return codec_size(LOGITS_CODEC, self.dims.n_vocab)
+        return codec_size(self.codec, step.rows * self.dims.cols(reg))
+
+    def wire_s(self, n_bytes: int) -> float:
+        bw = self.obs.bandwidth_bps
+        return n_bytes * 8.0 / bw if bw > 0 else math.inf
+
+    def message(self, reg: Reg, step: StepCtx, up: bool, frame_bytes: int) -> Terms:
+        """One one-way message carrying `reg`: codec work on both ends, RTT/2 and `frame_bytes` on
+        the wire. Logits travel as raw f32 (no codec work, no accuracy cost)."""
+        payload = self.payload(reg, step)
+        src, dst = (self.edge, self.cloud) if up else (self.cloud, self.edge)
+        if reg is Reg.LOGITS:
+            enc = dec = 0.0
+        else:
+            enc = payload * src.codecs[self.codec].encode_s_per_byte
+            dec = payload * dst.codecs[self.codec].decode_s_per_byte
+        load = self.obs.cloud_load
+        enc_s, dec_s = (enc, dec * load) if up else (enc * load, dec)
+        wire = self.wire_s(frame_bytes)
+        return Terms(
+            latency=enc_s + self.obs.rtt_s / 2 + wire + dec_s,
+            edge_compute=enc_s if up else dec_s,
+            tx=wire,
+            cloud_compute=dec_s if up else enc_s,
+            bytes_up=frame_bytes if up else 0,
+            bytes_down=0 if up else frame_bytes,
+            crossings=0 if reg is Reg.LOGITS else 1,
+        )
+
+    def frame_bytes(self, reg: Reg, step: StepCtx, n_ops: int) -> int:
+        return FRAME_OVERHEAD_BYTES + FRAME_OP_BYTES * n_ops + self.payload(reg, step)
+
+    # -- memory ----------------------------------------------------------------------------------
+
+    def layer_memory(self, n_edge_heads: int, n_edge_groups: int, ffn_params: int, all_cloud: bool) -> int:
+        """Edge bytes of one layer: weights of its edge heads, KV groups, FFN parts, norms, and KV."""
+        if all_cloud:
+            return 0
+        d = self.dims.d_model
+        hd = d // self.dims.n_head
+        params = n_edge_heads * 2 * d * hd + n_edge_groups * 2 * d * hd + ffn_params + 2 * d
+        kv = n_edge_groups * 2 * hd * self.kv_len * self.edge.kv_bytes_per_value
+        return math.ceil(params * self.edge.weight_bytes_per_param + kv)
+
+    def ffn_params(self, mode: str) -> int:
+        d, f = self.dims.d_model, self.dims.n_ff
+        return {"edge": 3 * d * f, "split": 2 * d * f, "cloud": 0}[mode]
+
+    def fixed_memory(self, lm_head: Side) -> int:
+        d, v = self.dims.d_model, self.dims.n_vocab
+        params = v * d + (v * d + d if lm_head is Side.EDGE else 0)
+        return self.edge.base_memory_bytes + math.ceil(params * self.edge.weight_bytes_per_param)
+
+    # -- totals ----------------------------------------------------------------------------------
+
+    def energy(self, t: Terms) -> float:
+        """Device energy of a step: idle power all along, plus the extra of computing and of the radio."""
+        p = self.edge.power
+        return p.idle_w * t.latency + (p.compute_w - p.idle_w) * t.edge_compute + (p.transmit_w - p.idle_w) * t.tx
+
+    def scalar(self, prefill: Terms, decode: Terms, weights: Weights) -> float:
+        """The objective of a plan part from its prefill and decode terms (linear, so additive)."""
+        n = self.obs.n_decode
+        lat = prefill.latency + n * decode.latency
+        en = self.energy(prefill) + n * self.energy(decode)
+        acc = self.kl * decode.crossings
+        return _objective(lat, en, acc, self.obs, weights)
+
+
+def _objective(latency: float, energy: float, accuracy: float, obs: Observation, w: Weights) -> float:
+    if math.isinf(latency) or math.isinf(energy):
+        return math.inf
+    return (
+        w.v * (w.w_latency * latency + w.w_energy * energy + w.w_accuracy * accuracy)
+        + obs.work_queue_u * latency
+        + obs.energy_queue_z * energy
+    )
+
+
+def objective(prediction: Prediction, observation: Observation, weights: Weights) -> float:
+    """Drift-plus-penalty score of a predicted plan (lower is better); inf when it needs a cut link."""
+    return _objective(prediction.latency_s, prediction.energy_j, prediction.accuracy_cost, observation, weights)
+
+
+def step_terms(schedule: Schedule, model: CostModel, step: StepCtx) -> Terms:
+    """Walk one token step of a compiled schedule."""
+    total = Terms()
+    sizes = {b.segment: b for b in schedule.segment_bytes(model.codec, step.rows, LOGITS_CODEC)}
+
+    def local_s(ls: LocalStep) -> float:
+        return sum(model.edge_op_s(op.kind, op.heads, len(op.srcs), step) for op in ls.ops)
+
+    def remote(seg: CloudSegment) -> tuple[Terms, Terms, float]:
+        b = sizes[seg.index]
+        up = model.message(seg.input, step, True, b.up)
+        down = model.message(seg.output, step, False, b.down)
+        work = sum(model.cloud_op_s(op.kind, op.heads, step) for op in seg.ops)
+        return up, down, work
+
+    for st in schedule.steps:
+        if isinstance(st, LocalStep):
+            s = local_s(st)
+            total.add(Terms(latency=s, edge_compute=s))
+            continue
+        seg = st if isinstance(st, CloudSegment) else st.remote
+        up, down, work = remote(seg)
+        part = Terms(cloud_compute=work)
+        part.add(up)
+        part.add(down)
+        if isinstance(st, ParallelSection):
+            # The edge encodes and sends, runs its ops, then waits for the reply and decodes it.
+            s = local_s(st.local)
+            enc, dec = up.edge_compute, down.edge_compute
+            part.latency = enc + max(s, part.latency - enc - dec + work) + dec
+            part.edge_compute += s
+        else:
+            part.latency += work
+        total.add(part)
+    return total
+
+
+def plan_memory(plan: Plan, model: CostModel) -> int:
+    """Edge memory of a plan: resident weights (embedding, LM head if on the edge, edge heads with
+    their KV-group projections, FFN parts) plus the KV cache of every KV group with an edge head."""
+    total = model.fixed_memory(plan.lm_head)
+    for ell, lp in enumerate(plan.layers):
+        all_cloud = lp.all_on(Side.CLOUD, plan.n_head)
+        g = len(plan.kv_groups(Side.EDGE, ell, model.dims.n_head_kv))
+        total += model.layer_memory(len(lp.edge_heads), g, model.ffn_params(lp.ffn.value), all_cloud)
+    return total
+
+
+def predict(
+    plan: Plan,
+    observation: Observation,
+    edge_profile: Profile,
+    cloud_profile: Profile,
+    dims: ModelDims,
+    codec: str,
+    *,
+    codec_kl: Mapping[str, float] | None = None,
+    model: CostModel | None = None,
+) -> Prediction:
+    """Predicted cost of running `plan` for one request under `observation` (see module docstring).
+
+    A plan that needs the cloud while the link is cut predicts infinite latency and energy.
+    `codec_kl` overrides the edge profile's accuracy table; `model` reuses a prepared CostModel.
+    """
+    m = model or CostModel(observation, edge_profile, cloud_profile, dims, codec, codec_kl)
+    schedule = compile_plan(plan, dims)
+    memory = plan_memory(plan, m)
+    if schedule.cloud_round_trips and not m.link_up:
+        crossings = sum(1 + (seg.output is not Reg.LOGITS) for seg in schedule.cloud_segments)
+        return Prediction(
+            latency_s=math.inf,
+            prefill_s=math.inf,
+            decode_s_per_token=math.inf,
+            energy_j=math.inf,
+            accuracy_cost=m.kl * crossings,
+            edge_memory_bytes=memory,
+            breakdown={"cloud_round_trips_per_step": float(schedule.cloud_round_trips), "link_up": 0.0},
+        )
+    pre = step_terms(schedule, m, m.prefill)
+    dec = step_terms(schedule, m, m.decode)
+    n = observation.n_decode
+    latency = pre.latency + n * dec.latency
+    energy = m.energy(pre) + n * m.energy(dec)
+    return Prediction(
+        latency_s=latency,
+        prefill_s=pre.latency,
+        decode_s_per_token=dec.latency,
+        energy_j=energy,
+        accuracy_cost=m.kl * dec.crossings,
+        edge_memory_bytes=memory,
+        breakdown={
+            "cloud_round_trips_per_step": float(schedule.cloud_round_trips),
+            "prefill_edge_compute_s": pre.edge_compute,
+            "prefill_cloud_compute_s": pre.cloud_compute,
+            "prefill_tx_s": pre.tx,
+            "prefill_bytes_up": float(pre.bytes_up),
+            "prefill_bytes_down": float(pre.bytes_down),
+            "decode_edge_compute_s": dec.edge_compute,
+            "decode_cloud_compute_s": dec.cloud_compute,
+            "decode_tx_s": dec.tx,
+            "decode_bytes_up": float(dec.bytes_up),
+            "decode_bytes_down": float(dec.bytes_down),
+            "crossings_per_step": float(dec.crossings),
+            "prefill_energy_j": m.energy(pre),
+            "decode_energy_j_per_token": m.energy(dec),
+            "link_up": 1.0,
+        },
+    )
