@@ -9,6 +9,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -227,16 +228,28 @@ def test_full_queue_answers_overloaded(agent: DeviceAgent, app: MqttConnection) 
     assert sorted(r["request_id"] for r in replies) == [str(i) for i in range(6)]
 
 
-def test_worker_rejects_bad_frames_and_keeps_serving(mosquitto_broker) -> None:  # type: ignore[no-untyped-def]
-    settings = BrokerSettings(mosquitto_broker.host, mosquitto_broker.port)
-    worker = CloudWorker(bundled_model_path(), worker_id="wbad", pool=POOL, broker=settings)
+@contextmanager
+def worker_and_edge(
+    broker, worker_id: str, pool: str, **options: Any
+) -> Iterator[tuple[CloudWorker, RpcClient, bytes]]:  # type: ignore[no-untyped-def]
+    """An in-process worker and an edge-side request client on `broker`, stopped afterwards."""
+    settings = BrokerSettings(broker.host, broker.port)
+    worker = CloudWorker(bundled_model_path(), worker_id=worker_id, pool=pool, broker=settings, **options)
     worker.start()
-    conn = MqttConnection(settings, "edge-bad")
+    conn = MqttConnection(settings, f"edge-{worker_id}")
     conn.start()
     try:
         rpc = RpcClient(conn, f"edge/reply/{uuid.uuid4().hex}")
-        time.sleep(0.2)
-        model_hash = protocol.model_hash_prefix(model_sha256(bundled_model_path()))
+        time.sleep(0.2)  # let the reply subscription settle
+        yield worker, rpc, protocol.model_hash_prefix(model_sha256(bundled_model_path()))
+    finally:
+        conn.stop()
+        worker.stop()
+
+
+def test_worker_rejects_bad_frames_and_keeps_serving(mosquitto_broker) -> None:  # type: ignore[no-untyped-def]
+    with worker_and_edge(mosquitto_broker, "wbad", POOL) as (worker, rpc, model_hash):
+        conn = rpc.connection
         session = uuid.uuid4()
         import numpy as np
 
@@ -308,25 +321,16 @@ def test_worker_rejects_bad_frames_and_keeps_serving(mosquitto_broker) -> None: 
             .payload
         )
         assert again.kind is protocol.FrameKind.RESPONSE and again.tensor().shape == (1, 576)
-    finally:
-        conn.stop()
-        worker.stop()
 
 
 def test_worker_sessions_expire_and_respect_the_memory_cap(mosquitto_broker) -> None:  # type: ignore[no-untyped-def]
     import numpy as np
 
-    settings = BrokerSettings(mosquitto_broker.host, mosquitto_broker.port)
-    worker = CloudWorker(
-        bundled_model_path(), worker_id="wttl", pool="ttl", broker=settings, session_ttl_s=0.5, kv_memory_cap=1
-    )
-    worker.start()
-    conn = MqttConnection(settings, "edge-ttl")
-    conn.start()
-    try:
-        rpc = RpcClient(conn, f"edge/reply/{uuid.uuid4().hex}")
-        time.sleep(0.2)
-        model_hash = protocol.model_hash_prefix(model_sha256(bundled_model_path()))
+    with worker_and_edge(mosquitto_broker, "wttl", "ttl", session_ttl_s=0.5, kv_memory_cap=1) as (
+        worker,
+        rpc,
+        model_hash,
+    ):
         x = np.random.default_rng(1).standard_normal((1, 576)).astype(np.float32)
         for _ in range(3):  # three sessions with KV; a 1-byte cap keeps only the newest
             frame = protocol.encode_request(
@@ -345,6 +349,3 @@ def test_worker_sessions_expire_and_respect_the_memory_cap(mosquitto_broker) -> 
         while worker.sessions and time.monotonic() < deadline:  # idle: the TTL still frees it
             time.sleep(0.1)
         assert not worker.sessions and worker.stats.sessions_evicted == 3
-    finally:
-        conn.stop()
-        worker.stop()
