@@ -147,6 +147,12 @@ def _generate_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from splitwise_device.planning import run_plan_command
+
+    return run_plan_command(args)
+
+
 def _run(args: argparse.Namespace) -> int:
     from splitwise_device.agent import run_agent
 
@@ -210,6 +216,24 @@ def _check_config(args: argparse.Namespace) -> int:
     )
 
 
+def _profile(args: argparse.Namespace) -> int:
+    """Measures this machine (``splitwise_device.profiler``) and writes a ``policies.cost.Profile``."""
+    from splitwise_device.profiler import Settings, measure, stderr_progress, to_profile
+
+    model = _model_path(args)
+    if not model.exists():
+        print(f"splitwise-device: error: model not found: {model}", file=sys.stderr)
+        return 1
+    settings = Settings.quick() if args.quick else Settings.default()
+    measurement = measure(model, args.threads, settings, progress=stderr_progress)
+    profile = to_profile(measurement)
+    profile.save(args.out)
+    if args.raw:
+        Path(args.raw).write_text(json.dumps(measurement.to_json(), indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out} ({measurement.seconds_total:.1f} s of profiling)", file=sys.stderr)
+    return 0
+
+
 def _add_model_args(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--model",
@@ -262,6 +286,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(generate)
     generate.set_defaults(handler=_generate)
 
+    plan_cmd = commands.add_parser(
+        "plan", help="what a planner chooses for a link and backlog, with the predicted costs"
+    )
+    plan_cmd.add_argument("--profile", required=True, help="edge profile (JSON, policies.cost.Profile)")
+    plan_cmd.add_argument("--cloud-profile", required=True, help="cloud worker profile (JSON)")
+    plan_cmd.add_argument("--bandwidth", required=True, help="e.g. 10mbit, 100Mbps, 1.5MB/s, 0 (cut)")
+    plan_cmd.add_argument("--rtt", required=True, help="round-trip time, e.g. 20ms")
+    plan_cmd.add_argument("--backlog-s", type=float, default=0.0, help="seconds of queued work on the device")
+    plan_cmd.add_argument("--cloud-load", type=float, default=1.0, help="cloud slowdown factor (1 = profiled)")
+    plan_cmd.add_argument(
+        "--planner", default="splitwise-dp", help="edge-only, cloud-only, layer-split, layer-dp, splitwise-dp"
+    )
+    plan_cmd.add_argument("--all", action="store_true", help="compare every planner side by side")
+    plan_cmd.add_argument("--codec", choices=["f32", "f16", "q8_0", "q4_0"], default="q8_0")
+    plan_cmd.add_argument("--prompt-len", type=_positive_int, default=64)
+    plan_cmd.add_argument("--max-tokens", type=_positive_int, default=64)
+    plan_cmd.add_argument("--min-edge-layers", type=int, default=0, help="privacy: first N layers stay on the device")
+    plan_cmd.add_argument("--model", default=None, help="model whose shape is planned (default: bundled SmolLM2)")
+    plan_cmd.add_argument("--json", action="store_true", help="print JSON")
+    plan_cmd.set_defaults(handler=_plan)
+
     run = commands.add_parser("run", help="run the edge agent (the systemd service) until SIGTERM")
     run.add_argument("--config", required=True, help="device config file (TOML)")
     run.set_defaults(handler=_run)
@@ -297,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check_config.add_argument("--config", required=True, help="device config file (TOML)")
     check_config.set_defaults(handler=_check_config)
+    profile = commands.add_parser("profile", help="measure sub-block, codec and prefill costs on this machine")
+    profile.add_argument("--model", help="GGUF model file or shard directory (default: the bundled SmolLM2)")
+    profile.add_argument("--threads", type=_positive_int, default=1, help="compute threads (default 1)")
+    profile.add_argument("--out", default="profile.json", help="profile file to write (default profile.json)")
+    profile.add_argument("--raw", default=None, metavar="FILE", help="also write every raw measurement as JSON")
+    profile.add_argument("--quick", action="store_true", help="fewer points and repetitions (about 10 s)")
+    profile.set_defaults(handler=_profile)
     return parser
 
 
