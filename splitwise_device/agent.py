@@ -130,8 +130,8 @@ class DeviceAgent:
         log.info("device %s serving %s", self.device_id, protocol.device_infer_topic(self.device_id))
 
     def _ping_watchdog(self, period: float) -> None:
-        # Pinging from the request thread's liveness would be stricter; a wedged engine call still
-        # stops the pings because the GIL-free compute thread is separate from this one.
+        # Pings come from their own thread, so the watchdog catches a dead or frozen process, not
+        # one slow request (requests are bounded by max_tokens and the segment deadlines).
         while self.accepting.is_set() or self.busy.is_set():
             systemd.watchdog_ping()
             time.sleep(period)

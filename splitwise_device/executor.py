@@ -38,7 +38,6 @@ from cloud_offload.mqtt import RpcClient, user_property
 from cloud_offload.protocol import EncodedTensor, ErrorCode, Flags, FrameKind, Op, OpKind
 from policies.plan import Plan
 from policies.segments import (
-    CloudOpKind,
     CloudSegment,
     EdgeOp,
     EdgeOpKind,
@@ -470,7 +469,6 @@ class SplitExecutor:
 
 __all__ = [
     "CloudLink",
-    "CloudOpKind",
     "CloudUnavailableError",
     "RecoveryEvent",
     "RecoveryPolicy",
