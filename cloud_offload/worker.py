@@ -155,7 +155,9 @@ class CloudWorker:
         if frame.kind is not FrameKind.REQUEST:
             log.warning("dropped a %s frame sent to a worker", frame.kind.name)
             return
-        self._reply(reply_topic, correlation, self.answer(frame))
+        started = time.perf_counter()
+        reply = self.answer(frame)
+        self._reply(reply_topic, correlation, reply, compute_s=time.perf_counter() - started)
 
     def answer(self, frame: Frame) -> bytes | None:
         """The reply frame for a request (None: a bare CLOSE, which gets no reply)."""
@@ -224,12 +226,14 @@ class CloudWorker:
                     f"layer {layer} KV group {group} holds {cached} positions; the frame starts at {position}"
                 )
 
-    def _reply(self, topic: str | None, correlation: bytes | None, payload: bytes | None) -> None:
+    def _reply(
+        self, topic: str | None, correlation: bytes | None, payload: bytes | None, compute_s: float = 0.0
+    ) -> None:
+        """`compute_us` lets the edge separate the network's share of a round trip from ours."""
         if topic is None or payload is None:
             return
-        self.connection.publish(
-            topic, payload, correlation_data=correlation, user_properties=[("worker_id", self.worker_id)]
-        )
+        props = [("worker_id", self.worker_id), ("compute_us", str(int(compute_s * 1e6)))]
+        self.connection.publish(topic, payload, correlation_data=correlation, user_properties=props)
 
     # --- session housekeeping ------------------------------------------------------------------
 

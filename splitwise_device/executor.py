@@ -50,6 +50,7 @@ from policies.segments import (
 )
 from splitwise_device.engine import Model, Session, sample_token
 from splitwise_device.errors import FrameError, SplitwiseError
+from splitwise_device.estimators import LinkEstimator
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class CloudLink:
         *,
         banned: dict[str, float] | None = None,
         rng: random.Random | None = None,
+        link_estimator: LinkEstimator | None = None,
     ) -> None:
         self.rpc = rpc
         self.pool = pool
@@ -144,6 +146,8 @@ class CloudLink:
         self.events: list[RecoveryEvent] = []
         self.stats = TransferStats()
         self.used = False
+        self.link_estimator = link_estimator
+        self._request_bytes: dict[bytes, int] = {}
 
     def _topic(self) -> str:
         if self.worker is not None and self.banned.get(self.worker, 0.0) <= time.monotonic():
@@ -188,6 +192,7 @@ class CloudLink:
         correlation, future = self.rpc.request(self._topic(), frame, expiry_s=self.policy.segment_timeout_s * 4)
         self.stats.requests += 1
         self.stats.bytes_up += len(frame)
+        self._request_bytes[correlation] = len(frame)
         return time.monotonic(), future, correlation
 
     def _await(
@@ -215,15 +220,18 @@ class CloudLink:
                 msg = future.result(timeout=self.policy.segment_timeout_s)
             except FutureTimeout:
                 self.rpc.cancel(correlation)
+                self._request_bytes.pop(correlation, None)
                 silent_tries += 1
                 self.events.append(RecoveryEvent("retry", step, segment, f"no reply to attempt {attempt}", self.worker))
                 if silent_tries >= self.policy.tries_per_worker and self.worker is not None:
                     self._ban(step, segment)
                     silent_tries = 0
                 continue
-            self.stats.round_trip_s.append(time.monotonic() - sent_at)
+            round_trip = time.monotonic() - sent_at
+            self.stats.round_trip_s.append(round_trip)
             self.stats.bytes_down += len(msg.payload)
             answered_by = user_property(msg, "worker_id")
+            self._observe_link(correlation, len(msg.payload), round_trip, user_property(msg, "compute_us"))
             try:
                 frame = protocol.decode_frame(msg.payload)
             except FrameError as err:
@@ -258,6 +266,16 @@ class CloudLink:
             f"segment {segment} of step {step}: no worker answered {self.policy.max_tries} tries"
         )
 
+    def _observe_link(self, correlation: bytes, bytes_down: int, round_trip: float, compute_us: str | None) -> None:
+        bytes_up = self._request_bytes.pop(correlation, 0)
+        if self.link_estimator is None:
+            return
+        try:
+            compute_s = min(max(int(compute_us or 0) / 1e6, 0.0), round_trip)
+        except ValueError:
+            compute_s = 0.0
+        self.link_estimator.observe(bytes_up, bytes_down, round_trip, compute_s)
+
     def _ban(self, step: int, segment: int) -> None:
         assert self.worker is not None
         self.banned[self.worker] = time.monotonic() + self.policy.ban_s
@@ -288,6 +306,7 @@ class CloudLink:
             for c in replay
         ]
         for _sent, future, correlation in pending:
+            self._request_bytes.pop(correlation, None)
             try:
                 msg = future.result(timeout=self.policy.segment_timeout_s)
             except FutureTimeout:

@@ -63,3 +63,25 @@ def test_split_plan_gives_the_local_greedy_text(engine, worker, executor, plan_n
     assert result.events == [] and not result.fell_back_to_edge
     assert result.transfer.requests > 0
     assert result.tokens == local.tokens, (engine.tokenizer.decode(result.tokens), local.text)
+
+
+def test_transfers_feed_the_link_estimator(engine, worker, mosquitto_broker) -> None:  # type: ignore[no-untyped-def]
+    from splitwise_device.estimators import LinkEstimator
+
+    conn = MqttConnection(BrokerSettings(mosquitto_broker.host, mosquitto_broker.port), "edge-estimate")
+    conn.start()
+    try:
+        rpc = RpcClient(conn, protocol.device_reply_topic("dev2", uuid.uuid4().hex[:8]))
+        estimator = LinkEstimator()
+        model_hash = protocol.model_hash_prefix(model_sha256(engine.path))
+        executor = SplitExecutor(
+            engine.model,
+            engine.tokenizer.eos_id,
+            lambda: CloudLink(rpc, "test", model_hash, "q8_0", RecoveryPolicy(), link_estimator=estimator),
+        )
+        cfg = engine.config
+        executor.generate(engine.tokenizer.encode(PROMPT), parse_plan("heads:4", cfg["n_layer"], cfg["n_head"]), 4)
+        # Loopback: a segment's network share is well under 50 ms once the worker's compute is removed.
+        assert estimator.rtt_s is not None and 0 < estimator.rtt_s < 0.05
+    finally:
+        conn.stop()
