@@ -25,11 +25,15 @@ from pydantic import ValidationError
 from cloud_offload import protocol
 from cloud_offload.mqtt import MqttConnection, RpcClient, settings_from_config
 from cloud_offload.protocol import ErrorCode, InferRequest
-from policies.plan import Plan, parse_plan
+from policies.cost import Profile
+from policies.plan import Plan
+from policies.planners import PLANNER_NAMES
+from policies.segments import ModelDims
 from splitwise_device import __version__, systemd
 from splitwise_device.config import DeviceConfig
+from splitwise_device.controller import Controller, Decision, load_or_measure_profile
 from splitwise_device.engine import Engine, model_sha256
-from splitwise_device.errors import SplitwiseError
+from splitwise_device.errors import ConfigError, SplitwiseError
 from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
 
 log = logging.getLogger(__name__)
@@ -60,7 +64,10 @@ class DeviceAgent:
         )
         cfg = self.engine.config
         self.n_layer, self.n_head = int(cfg["n_layer"]), int(cfg["n_head"])
-        self.model_hash = protocol.model_hash_prefix(model_sha256(self.engine.path))
+        if config.agent.planner not in (*PLANNER_NAMES, "fixed"):
+            raise ConfigError(f"agent.planner = {config.agent.planner!r} is not available in this version")
+        model_sha = model_sha256(self.engine.path)
+        self.model_hash = protocol.model_hash_prefix(model_sha)
         self.status_topic = protocol.device_status_topic(self.device_id)
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=config.agent.queue_size)
         self.connection = MqttConnection(
@@ -83,6 +90,21 @@ class DeviceAgent:
         )
         self.banned: dict[str, float] = {}
         self.executor = SplitExecutor(self.engine.model, self.engine.tokenizer.eos_id, self._new_link)
+        self._edge_profile: Profile | None = None
+        self._profile_lock = threading.Lock()
+        self._model_sha = model_sha
+        self._configured_cloud = (
+            {"configured": Profile.load(config.planning.cloud_profile)} if config.planning.cloud_profile else {}
+        )
+        self.controller = Controller(
+            config.planning,
+            ModelDims.from_config(cfg),
+            codec=config.agent.codec,
+            edge_profile=self.edge_profile,
+            cloud_profiles=self.cloud_profiles,
+            link_up=self.connection.connected.is_set,
+            memory_budget_bytes=device.memory_budget,
+        )
         self.accepting = threading.Event()
         self.busy = threading.Event()
         self.served = 0
@@ -92,8 +114,31 @@ class DeviceAgent:
 
     def _new_link(self) -> CloudLink:
         return CloudLink(
-            self.rpc, self.config.cloud.pool, self.model_hash, self.config.agent.codec, self.policy, banned=self.banned
+            self.rpc,
+            self.config.cloud.pool,
+            self.model_hash,
+            self.config.agent.codec,
+            self.policy,
+            banned=self.banned,
+            link_estimator=self.controller.link,
         )
+
+    def edge_profile(self) -> Profile:
+        """The configured profile, else measured once (quick) and cached in the state directory."""
+        with self._profile_lock:
+            if self._edge_profile is None:
+                device = self.config.device
+                self._edge_profile = load_or_measure_profile(
+                    self.config.planning.profile,
+                    self.engine.path,
+                    device.effective_threads,
+                    device.state_dir,
+                    self._model_sha.hex(),
+                )
+            return self._edge_profile
+
+    def cloud_profiles(self) -> dict[str, Profile]:
+        return dict(self._configured_cloud)
 
     def _status(self, state: str) -> bytes:
         return json.dumps(
@@ -182,6 +227,7 @@ class DeviceAgent:
                 reply, protocol.error_reply(ErrorCode.OVERLOADED, "device is shutting down", request_id=request_id)
             )
             return
+        self.controller.arrival()
         try:
             self.jobs.put_nowait(Job(request, reply, time.monotonic()))
         except queue.Full:
@@ -227,17 +273,18 @@ class DeviceAgent:
                 self.served += 1
                 self.busy.clear()
 
-    def choose_plan(self, request: InferRequest) -> Plan:
+    def choose_plan(self, request: InferRequest, prompt_len: int, max_tokens: int) -> Decision:
+        """The request's own plan (a plan, plan name or planner name) or the configured planner's."""
+        plan: Plan | None = None
+        planner: str = self.config.agent.planner
         if isinstance(request.plan, dict):
-            return Plan.from_dict(request.plan).validate_for(self.n_layer, self.n_head)
-        if isinstance(request.plan, str):
-            return parse_plan(request.plan, self.n_layer, self.n_head)
-        agent = self.config.agent
-        spec = agent.plan if agent.planner == "fixed" and agent.plan else agent.planner
-        if spec in ("edge-only", "cloud-only") or (spec and ":" in spec) or (spec and spec.endswith(".json")):
-            return parse_plan(spec, self.n_layer, self.n_head)
-        # Planners that need a cost model arrive with the planner work; until then: edge-only.
-        return parse_plan("edge-only", self.n_layer, self.n_head)
+            plan, planner = Plan.from_dict(request.plan).validate_for(self.n_layer, self.n_head), "request"
+        elif isinstance(request.plan, str):
+            planner = request.plan
+        elif planner == "fixed":
+            assert self.config.agent.plan is not None  # the config requires it
+            planner = self.config.agent.plan
+        return self.controller.decide(planner, prompt_len, max_tokens, self.jobs.qsize(), plan)
 
     def _serve(self, job: Job) -> None:
         request = job.request
@@ -248,7 +295,8 @@ class DeviceAgent:
         max_tokens = min(request.max_tokens or self.config.agent.default_max_tokens, context - len(prompt))
         if max_tokens < 1:
             raise SplitwiseError(f"prompt of {len(prompt)} tokens leaves no room in the context of {context}")
-        plan = self.choose_plan(request)
+        decision = self.choose_plan(request, len(prompt), max_tokens)
+        plan = decision.plan
         started = time.monotonic()
         emitted: list[int] = []
         sent_text = ""
@@ -283,8 +331,12 @@ class DeviceAgent:
             "bytes_up": float(result.transfer.bytes_up),
             "bytes_down": float(result.transfer.bytes_down),
         }
+        self.controller.completed(
+            decision, total_s, len(result.steps), result.transfer.cloud_compute_s, result.fell_back_to_edge
+        )
         summary = plan.summary()
         summary["fell_back_to_edge"] = result.fell_back_to_edge
+        summary.update(decision.to_json(len(result.tokens)))
         self._send(
             job.reply,
             protocol.final_reply(

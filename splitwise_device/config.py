@@ -42,7 +42,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails
 
-from splitwise_device.errors import ConfigError
+from splitwise_device.errors import ConfigError, SplitwiseError
 
 __all__ = [
     "AgentConfig",
@@ -56,6 +56,7 @@ __all__ = [
     "DeviceSection",
     "Identifier",
     "LoggingConfig",
+    "PlanningConfig",
     "RecoveryConfig",
     "Seconds",
     "StrictSection",
@@ -458,6 +459,35 @@ class RecoveryConfig(StrictSection):
         return self
 
 
+class PlanningConfig(StrictSection):
+    """``[planning]``: what the cost-model planners (layer-split, layer-dp, splitwise-dp) need."""
+
+    profile: ConfigPath | None = None
+    """This device's measured profile (``splitwise-device profile``). Default: measure a quick profile at
+    start (a few seconds) and keep it in ``state_dir`` for later starts."""
+    cloud_profile: ConfigPath | None = None
+    """A cloud worker profile to plan with until a worker of the pool publishes its own (workers publish
+    theirs at start). Without either, plans stay on the edge."""
+    min_edge_layers: int = Field(default=0, ge=0)
+    """Privacy: layers ``0..min_edge_layers-1`` always run entirely on the device."""
+    v: float = Field(default=1.0, ge=0)
+    """Lyapunov trade-off V: weight of the penalty against the queue (drift) terms."""
+    w_latency: float = Field(default=1.0, ge=0)
+    """Penalty weight of predicted latency (per second)."""
+    w_energy: float = Field(default=0.0, ge=0)
+    """Penalty weight of predicted device energy (per joule)."""
+    w_accuracy: float = Field(default=0.0, ge=0)
+    """Penalty weight of the codecs' accuracy cost (per nat of KL)."""
+    energy_budget_j: float | None = Field(default=None, gt=0)
+    """Device energy budget per request (joules); above it the energy queue Z grows and steers plans to
+    spend less. Default: no budget (Z stays 0)."""
+    probe_interval_s: float = Field(default=10.0, ge=0.1)
+    """At most one active link probe per this many seconds, sent only when real transfers have not
+    refreshed the link estimate for that long."""
+    link_half_life_s: float = Field(default=10.0, gt=0)
+    """Half-life (seconds) of the bandwidth/RTT and cloud-load averages."""
+
+
 class LoggingConfig(StrictSection):
     """``[logging]``."""
 
@@ -473,6 +503,7 @@ class DeviceConfig(StrictSection):
     agent: AgentConfig = AgentConfig()
     cloud: CloudSection = CloudSection()
     recovery: RecoveryConfig = RecoveryConfig()
+    planning: PlanningConfig = PlanningConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @property
@@ -492,11 +523,15 @@ class DeviceConfig(StrictSection):
         if self.agent.plan is not None and _looks_like_file(self.agent.plan):
             plan = Path(self.agent.plan)
             problems += [f"agent.plan: {p}" for p in _readable_file_problems(plan)]
+        for key in ("profile", "cloud_profile"):
+            path = getattr(self.planning, key)
+            if path is not None:
+                problems += [f"planning.{key}: {p}" for p in _profile_problems(path)]
         return problems
 
     def summary(self) -> list[str]:
         """A few human-readable lines about the effective settings (for ``check-config``)."""
-        d, b, a, c, r = self.device, self.broker, self.agent, self.cloud, self.recovery
+        d, b, a, c, r, p = self.device, self.broker, self.agent, self.cloud, self.recovery, self.planning
         threads = f"{d.threads}" if d.threads is not None else f"auto ({d.effective_threads})"
         budget = format_size(d.memory_budget) if d.memory_budget is not None else "unbounded"
         planner = f"{a.planner} ({a.plan})" if a.plan else a.planner
@@ -509,6 +544,9 @@ class DeviceConfig(StrictSection):
             f"cloud     pool={c.pool} segment_timeout={c.segment_timeout_s:g}s session_ttl={c.session_ttl_s:g}s",
             f"recovery  backoff {r.base_s:g}s x{r.factor:g} up to {r.cap_s:g}s (jitter {r.jitter:g}), "
             f"{r.max_tries} tries, ban {r.ban_s:g}s, checkpoints {format_size(r.checkpoint_budget_bytes)}",
+            f"planning  profile={p.profile or 'measured at start'} cloud_profile={p.cloud_profile or 'from workers'} "
+            f"V={p.v:g} w=({p.w_latency:g}, {p.w_energy:g}, {p.w_accuracy:g}) min_edge_layers={p.min_edge_layers} "
+            f"energy_budget={'none' if p.energy_budget_j is None else f'{p.energy_budget_j:g} J'}",
             f"logging   level={self.logging.level}",
         ]
 
@@ -545,6 +583,19 @@ def _readable_file_problems(path: Path) -> list[str]:
             f.read(1)
     except OSError as err:
         return [f"cannot read {path}: {_os_reason(err)}"]
+    return []
+
+
+def _profile_problems(path: Path) -> list[str]:
+    problems = _readable_file_problems(path)
+    if problems:
+        return problems
+    from policies.cost import Profile  # the device's own planner profile format
+
+    try:
+        Profile.load(path)
+    except SplitwiseError as err:
+        return [str(err)]
     return []
 
 

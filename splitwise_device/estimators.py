@@ -57,6 +57,11 @@ class LinkEstimator:
         return self._rtt.value
 
     @property
+    def last_sample_at(self) -> float | None:
+        """Clock time of the newest sample that updated an estimate (None before the first)."""
+        return max(self._last.values(), default=None)
+
+    @property
     def bandwidth_bps(self) -> float | None:
         return self._bandwidth.value
 

@@ -114,6 +114,7 @@ class TransferStats:
     bytes_up: int = 0
     bytes_down: int = 0
     round_trip_s: list[float] = field(default_factory=list)
+    cloud_compute_s: float = 0.0  # what the workers report (`compute_us`) for the replies received
 
 
 class CloudLink:
@@ -268,12 +269,13 @@ class CloudLink:
 
     def _observe_link(self, correlation: bytes, bytes_down: int, round_trip: float, compute_us: str | None) -> None:
         bytes_up = self._request_bytes.pop(correlation, 0)
-        if self.link_estimator is None:
-            return
         try:
             compute_s = min(max(int(compute_us or 0) / 1e6, 0.0), round_trip)
         except ValueError:
             compute_s = 0.0
+        self.stats.cloud_compute_s += compute_s
+        if self.link_estimator is None:
+            return
         self.link_estimator.observe(bytes_up, bytes_down, round_trip, compute_s)
 
     def _ban(self, step: int, segment: int) -> None:

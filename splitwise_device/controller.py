@@ -1,0 +1,250 @@
+"""The agent's control loop: from what the device measures to a plan for each request.
+
+`Controller` keeps the estimates a planner needs (DESIGN §7) and turns them into an
+:class:`policies.cost.Observation` per request:
+
+- link: bandwidth and RTT from every cloud transfer (`LinkEstimator`, passive) plus a
+  rate-limited active probe when transfers have not refreshed the estimate for a while; the
+  link counts as cut while the broker connection is down or nobody answers the probe;
+- edge backlog: queued requests times the measured service time per request (EWMA), which is
+  also the Lyapunov work queue U (seconds);
+- cloud service time: the ratio of the compute time workers report (`compute_us`) to the cloud
+  profile's prediction for the same segments, as an EWMA → `cloud_load`;
+- energy queue Z(t+1) = max(Z + E − E_budget, 0) with E the chosen plan's predicted energy
+  (there is no power sensor to read on most devices);
+- arrival rate (`RateEstimator`).
+
+Profiles: the device's own (configured, or measured once at first need and cached in the state
+directory) and the cloud's (published by the pool's workers, or configured as a fallback). Without
+a cloud profile the device cannot reason about offloading and plans stay on the edge.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from policies.cost import Observation, Prediction, Profile, Weights, predict
+from policies.plan import Plan, parse_plan
+from policies.planners import PLANNER_NAMES, PlanningContext, make_planner
+from policies.segments import ModelDims
+from splitwise_device.config import PlanningConfig
+from splitwise_device.errors import InvalidArgumentError
+from splitwise_device.estimators import LinkEstimator, RateEstimator
+from splitwise_device.lyapunov import Ewma, QueueBank
+
+log = logging.getLogger(__name__)
+
+COST_MODEL_PLANNERS = frozenset(PLANNER_NAMES) - {"edge-only", "cloud-only"}
+
+
+class ProbeSample(Protocol):
+    bytes_up: int
+    bytes_down: int
+    round_trip_s: float
+    compute_s: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A request's plan and, when the profiles allow it, what the cost model expects of it."""
+
+    planner: str
+    plan: Plan
+    observation: Observation | None
+    prediction: Prediction | None
+    decision_s: float
+    cloud_worker: str | None = None  # whose profile the prediction used
+
+    def to_json(self, completion_tokens: int | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"planner": self.planner, "decision_ms": 1e3 * self.decision_s}
+        obs, pred = self.observation, self.prediction
+        if obs is not None:
+            out["observation"] = {
+                "bandwidth_bps": obs.bandwidth_bps,
+                "rtt_ms": 1e3 * obs.rtt_s if math.isfinite(obs.rtt_s) else None,
+                "backlog_requests": obs.backlog_requests,
+                "backlog_s": obs.backlog_s,
+                "arrival_rate": obs.arrival_rate,
+                "cloud_load": obs.cloud_load,
+                "energy_queue_z": obs.energy_queue_z,
+            }
+        if pred is not None and math.isfinite(pred.latency_s):
+            out["predicted"] = {
+                "latency_s": pred.latency_s,
+                "prefill_s": pred.prefill_s,
+                "decode_ms_per_token": 1e3 * pred.decode_s_per_token,
+                "energy_j": pred.energy_j,
+                "accuracy_cost": pred.accuracy_cost,
+                "edge_memory_bytes": pred.edge_memory_bytes,
+                "cloud_profile": self.cloud_worker,
+            }
+            if completion_tokens is not None:
+                # Generation may stop early (end of text): the latency the plan predicts for what ran.
+                out["predicted"]["latency_s_for_completion"] = (
+                    pred.prefill_s + max(completion_tokens - 1, 0) * pred.decode_s_per_token
+                )
+        return out
+
+
+class Controller:
+    def __init__(
+        self,
+        planning: PlanningConfig,
+        dims: ModelDims,
+        *,
+        codec: str,
+        edge_profile: Callable[[], Profile],
+        cloud_profiles: Callable[[], Mapping[str, Profile]],
+        link_up: Callable[[], bool],
+        probe: Callable[[], Sequence[ProbeSample] | None] | None = None,
+        memory_budget_bytes: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if planning.min_edge_layers > dims.n_layer:
+            raise InvalidArgumentError(
+                f"planning.min_edge_layers = {planning.min_edge_layers} but the model has {dims.n_layer} layers"
+            )
+        self.planning = planning
+        self.dims = dims
+        self.codec = codec
+        self.weights = Weights(planning.v, planning.w_latency, planning.w_energy, planning.w_accuracy)
+        self._edge_profile = edge_profile
+        self._cloud_profiles = cloud_profiles
+        self._link_up = link_up
+        self._probe = probe
+        self.memory_budget_bytes = memory_budget_bytes
+        self._clock = clock
+        self.link = LinkEstimator(planning.link_half_life_s, clock=clock)
+        self.arrivals = RateEstimator()
+        self.cloud_load = Ewma(planning.link_half_life_s)
+        self.service_s = Ewma(5.0)  # seconds per request, weighted per request
+        self.queues = QueueBank(["energy"])
+        self._lock = threading.Lock()
+        self._contexts: dict[tuple[int, int], PlanningContext] = {}
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def arrival(self) -> None:
+        with self._lock:
+            self.arrivals.arrival(self._clock())
+
+    def refresh_link(self) -> None:
+        """Sends an active probe when real transfers have not refreshed the estimate lately."""
+        if self._probe is None or not self._link_up():
+            return
+        last = self.link.last_sample_at
+        if last is not None and self._clock() - last < self.planning.probe_interval_s:
+            return
+        samples = self._probe()
+        for s in samples or ():
+            self.link.observe(s.bytes_up, s.bytes_down, s.round_trip_s, min(s.compute_s, s.round_trip_s))
+
+    def completed(
+        self, decision: Decision, seconds: float, steps: int, cloud_compute_s: float, fell_back: bool
+    ) -> None:
+        """Feeds one finished request back: service time, cloud load, energy queue."""
+        with self._lock:
+            self.service_s.update(seconds)
+            pred, obs = decision.prediction, decision.observation
+            if pred is None or obs is None or not math.isfinite(pred.latency_s):
+                return
+            budget = self.planning.energy_budget_j
+            if budget is not None:
+                self.queues.step([pred.energy_j], [budget])
+            b = pred.breakdown
+            expected = b.get("prefill_cloud_compute_s", 0.0) + max(steps - 1, 0) * b.get("decode_cloud_compute_s", 0.0)
+            if not fell_back and expected > 0 and cloud_compute_s > 0 and obs.cloud_load > 0:
+                # The prediction already had cloud_load applied; compare against the profiled speed.
+                self.cloud_load.update(cloud_compute_s / (expected / obs.cloud_load))
+
+    # --- decisions ------------------------------------------------------------------------------
+
+    def observation(self, prompt_len: int, max_tokens: int, backlog_requests: int) -> Observation:
+        with self._lock:
+            service = self.service_s.value or 0.0
+            backlog_s = backlog_requests * service
+            up = self._link_up()
+            bandwidth, rtt = self.link.bandwidth_bps, self.link.rtt_s
+            return Observation(
+                bandwidth_bps=(bandwidth or 0.0) if up else 0.0,
+                rtt_s=rtt if up and rtt is not None else math.inf,
+                prompt_len=prompt_len,
+                max_tokens=max_tokens,
+                backlog_requests=backlog_requests,
+                backlog_s=backlog_s,
+                arrival_rate=self.arrivals.per_second,
+                cloud_load=self.cloud_load.value or 1.0,
+                energy_queue_z=self.queues["energy"],
+                work_queue_u=backlog_s,
+                memory_budget_bytes=self.memory_budget_bytes,
+            )
+
+    def _context(self) -> tuple[PlanningContext, str] | None:
+        profiles = self._cloud_profiles()
+        if not profiles:
+            return None
+        # Workers of a pool are expected to be alike; cloud_load absorbs the difference.
+        worker = min(profiles)
+        edge, cloud = self._edge_profile(), profiles[worker]
+        key = (id(edge), id(cloud))
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = PlanningContext(edge, cloud, self.dims, self.codec, self.weights, self.planning.min_edge_layers)
+            self._contexts = {key: ctx}
+        return ctx, worker
+
+    def decide(
+        self, planner: str, prompt_len: int, max_tokens: int, backlog_requests: int, plan: Plan | None = None
+    ) -> Decision:
+        """`plan` given: only predict it; otherwise run `planner` (a planner name or a plan spec)."""
+        started = time.perf_counter()
+        needs_model = plan is None and planner in COST_MODEL_PLANNERS
+        if plan is None and not needs_model:
+            plan = parse_plan(planner, self.dims.n_layer, self.dims.n_head)
+        if plan is None or not plan.is_edge_only():
+            self.refresh_link()
+        context = self._context()
+        obs = self.observation(prompt_len, max_tokens, backlog_requests)
+        if context is None:
+            if plan is None:
+                log.info("no cloud profile yet (no worker has published one): %s plans edge-only", planner)
+                plan = parse_plan("edge-only", self.dims.n_layer, self.dims.n_head)
+            return Decision(planner, plan, obs, None, time.perf_counter() - started)
+        ctx, worker = context
+        if plan is None:
+            plan = make_planner(planner, ctx).plan(obs)
+        prediction = predict(plan, obs, ctx.edge_profile, ctx.cloud_profile, self.dims, self.codec)
+        return Decision(planner, plan, obs, prediction, time.perf_counter() - started, worker)
+
+
+def load_or_measure_profile(
+    configured: Path | None, model_path: Path, threads: int, cache_dir: Path, model_hash: str
+) -> Profile:
+    """The configured edge profile, else one measured now (quick settings) and cached in `cache_dir`."""
+    if configured is not None:
+        return Profile.load(configured)
+    cache = cache_dir / f"profile-{model_hash[:16]}-t{threads}.json"
+    if cache.is_file():
+        try:
+            return Profile.load(cache)
+        except InvalidArgumentError as err:
+            log.warning("ignoring the cached profile: %s", err)
+    from splitwise_device.profiler import Settings, measure, to_profile
+
+    log.info("measuring this device's profile (quick settings, %d threads); set planning.profile to skip", threads)
+    measurement = measure(model_path, threads, Settings.quick())
+    profile: Profile = to_profile(measurement)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        profile.save(cache)
+        log.info("profile measured in %.1f s, cached in %s", measurement.seconds_total, cache)
+    except OSError as err:
+        log.warning("profile measured in %.1f s but not cached (%s)", measurement.seconds_total, err)
+    return profile

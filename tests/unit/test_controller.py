@@ -1,0 +1,185 @@
+"""The agent's controller: observation from estimates, planner per request, feedback after a request.
+
+Profiles are the measured reference-VM profile (both sides); the link, the probe and the clock are
+plain callables the test drives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from policies.cost import Observation, PowerModel, Profile, predict
+from policies.plan import parse_plan
+from policies.planners import PlanningContext, make_planner
+from policies.segments import ModelDims
+from splitwise_device.config import PlanningConfig
+from splitwise_device.controller import Controller
+from splitwise_device.errors import InvalidArgumentError
+
+PROFILE = Path(__file__).parents[2] / "deploy/profiles/reference-vm.smollm2-135m.profile.json"
+DIMS = ModelDims(n_layer=30, n_head=9, n_head_kv=3, d_model=576, n_ff=1536, n_vocab=49152)  # SmolLM2-135M
+
+
+@dataclass
+class Sample:
+    bytes_up: int
+    bytes_down: int
+    round_trip_s: float
+    compute_s: float
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def profile() -> Profile:
+    return Profile.load(PROFILE)
+
+
+def make(
+    profile: Profile, *, cloud: bool = True, up: bool = True, probe_rtt: float = 0.02, **planning: object
+) -> tuple[Controller, Clock, list[int]]:
+    clock = Clock()
+    probes: list[int] = []
+    link = {"up": up}
+
+    def probe() -> list[Sample]:
+        probes.append(1)
+        # 10 Mbit/s: 64 KB takes 52 ms on top of the RTT.
+        return [Sample(64, 64, probe_rtt, 0.0), Sample(65536, 64, probe_rtt + 8 * 65600 / 10e6, 0.0)]
+
+    c = Controller(
+        PlanningConfig.model_validate(planning),
+        DIMS,
+        codec="q8_0",
+        edge_profile=lambda: profile,
+        cloud_profiles=lambda: {"w1": profile} if cloud else {},
+        link_up=lambda: link["up"],
+        probe=probe,
+        clock=clock,
+    )
+    return c, clock, probes
+
+
+def test_without_a_cloud_profile_cost_model_planners_stay_on_the_edge(profile: Profile) -> None:
+    c, _, _ = make(profile, cloud=False)
+    d = c.decide("splitwise-dp", 16, 8, 0)
+    assert d.plan.is_edge_only() and d.prediction is None
+    assert d.to_json()["planner"] == "splitwise-dp"
+
+
+def test_a_cut_link_gives_edge_only_and_no_probe(profile: Profile) -> None:
+    c, _, probes = make(profile, up=False)
+    for name in ("splitwise-dp", "layer-dp", "layer-split"):
+        d = c.decide(name, 16, 8, 0)
+        assert d.plan.is_edge_only(), name
+        assert d.observation is not None and not d.observation.link_up
+    assert probes == []
+    # A fixed plan that needs the cloud predicts an infinite latency, which the reply leaves out.
+    d = c.decide("cloud-only", 16, 8, 0)
+    assert d.prediction is not None and math.isinf(d.prediction.latency_s)
+    assert "predicted" not in d.to_json()
+
+
+def test_probe_feeds_the_link_estimate_and_is_rate_limited(profile: Profile) -> None:
+    c, clock, probes = make(profile, probe_interval_s=10.0)
+    d = c.decide("splitwise-dp", 16, 8, 0)
+    assert len(probes) == 1
+    assert d.observation is not None
+    assert d.observation.rtt_s == pytest.approx(0.02, rel=1e-6)
+    assert d.observation.bandwidth_bps == pytest.approx(10e6, rel=0.01)
+    clock.now += 5
+    c.decide("splitwise-dp", 16, 8, 0)
+    assert len(probes) == 1  # estimate still fresh
+    clock.now += 6
+    c.decide("splitwise-dp", 16, 8, 0)
+    assert len(probes) == 2
+    # Real transfers keep the estimate fresh: no probe while they flow.
+    clock.now += 20
+    c.link.observe(100, 100, 0.02)
+    c.decide("splitwise-dp", 16, 8, 0)
+    assert len(probes) == 2
+    # Edge-only plans do not need the link at all.
+    clock.now += 60
+    c.decide("edge-only", 16, 8, 0)
+    assert len(probes) == 2
+
+
+def test_decision_equals_the_planner_on_the_same_observation(profile: Profile) -> None:
+    c, _, _ = make(profile)
+    d = c.decide("splitwise-dp", 64, 32, 0)
+    assert d.observation is not None and d.prediction is not None
+    ctx = PlanningContext(profile, profile, DIMS, "q8_0")
+    expected = make_planner("splitwise-dp", ctx).plan(d.observation)
+    assert d.plan == expected
+    pred = predict(expected, d.observation, profile, profile, DIMS, "q8_0")
+    assert d.prediction.latency_s == pytest.approx(pred.latency_s)
+    out = d.to_json(completion_tokens=10)
+    assert out["predicted"]["latency_s_for_completion"] == pytest.approx(pred.prefill_s + 9 * pred.decode_s_per_token)
+    assert out["observation"]["rtt_ms"] == pytest.approx(20.0, rel=1e-6)
+
+
+def test_a_given_plan_is_predicted_not_replanned(profile: Profile) -> None:
+    c, _, _ = make(profile)
+    plan = parse_plan("layer-split:12", 30, 9)
+    d = c.decide("request", 16, 8, 0, plan)
+    assert d.plan == plan and d.prediction is not None and math.isfinite(d.prediction.latency_s)
+    d = c.decide("heads:4", 16, 8, 0)
+    assert d.plan == parse_plan("heads:4", 30, 9) and d.prediction is not None
+
+
+def test_backlog_becomes_the_work_queue(profile: Profile) -> None:
+    c, _, _ = make(profile)
+    d = c.decide("edge-only", 16, 8, 0)
+    c.completed(d, seconds=2.0, steps=8, cloud_compute_s=0.0, fell_back=False)
+    obs = c.observation(16, 8, backlog_requests=3)
+    assert obs.backlog_s == pytest.approx(6.0) and obs.work_queue_u == pytest.approx(6.0)
+
+
+def test_cloud_service_times_set_the_cloud_load(profile: Profile) -> None:
+    c, _, _ = make(profile)
+    d = c.decide("cloud-only", 16, 8, 0)
+    assert d.prediction is not None
+    b = d.prediction.breakdown
+    expected = b["prefill_cloud_compute_s"] + 7 * b["decode_cloud_compute_s"]
+    c.completed(d, seconds=1.0, steps=8, cloud_compute_s=3 * expected, fell_back=False)
+    assert c.observation(16, 8, 0).cloud_load == pytest.approx(3.0)
+    # A request that fell back to the edge says nothing about the cloud's speed.
+    d = c.decide("cloud-only", 16, 8, 0)
+    c.completed(d, seconds=1.0, steps=8, cloud_compute_s=0.1 * expected, fell_back=True)
+    assert c.observation(16, 8, 0).cloud_load == pytest.approx(3.0)
+
+
+def test_energy_budget_grows_the_energy_queue(profile: Profile) -> None:
+    # The VM has no power sensor (its profile says 0 W); a Raspberry-Pi-like power model instead.
+    profile = profile.model_copy(update={"power": PowerModel(compute_w=6.0, transmit_w=1.5, idle_w=2.7)})
+    c, _, _ = make(profile, energy_budget_j=1e-9)
+    d = c.decide("edge-only", 16, 8, 0)
+    assert d.prediction is not None and d.prediction.energy_j > 0
+    c.completed(d, seconds=1.0, steps=8, cloud_compute_s=0.0, fell_back=False)
+    z = c.observation(16, 8, 0).energy_queue_z
+    assert z == pytest.approx(d.prediction.energy_j - 1e-9)
+    unbudgeted, _, _ = make(profile)
+    unbudgeted.completed(d, seconds=1.0, steps=8, cloud_compute_s=0.0, fell_back=False)
+    assert unbudgeted.observation(16, 8, 0).energy_queue_z == 0.0
+
+
+def test_min_edge_layers_beyond_the_model_is_refused(profile: Profile) -> None:
+    with pytest.raises(InvalidArgumentError, match="min_edge_layers = 31"):
+        make(profile, min_edge_layers=31)
+
+
+def test_observation_is_a_valid_planner_input(profile: Profile) -> None:
+    c, _, _ = make(profile)
+    c.decide("splitwise-dp", 16, 8, 0)
+    obs = c.observation(16, 8, 2)
+    assert isinstance(obs, Observation) and obs.link_up and obs.backlog_requests == 2
