@@ -20,6 +20,7 @@ from splitwise_device.config import (
     ConfigError,
     DeviceConfig,
     DeviceSection,
+    PlanningConfig,
     RecoveryConfig,
     TlsConfig,
     load_device_config,
@@ -519,6 +520,25 @@ def test_model_may_be_a_shard_directory(tmp_path: Path) -> None:
     assert config.check_files() == []
 
 
+def test_planning_profiles_are_checked(tmp_path: Path) -> None:
+    fake_gguf(tmp_path / "model.gguf")
+    config = load_device_config(
+        write(tmp_path, MINIMAL + '[planning]\nprofile = "edge.json"\ncloud_profile = "cloud.json"\nv = 2\n')
+    )
+    assert config.planning.v == 2.0
+    assert config.check_files() == [
+        f"planning.profile: {tmp_path / 'edge.json'} does not exist",
+        f"planning.cloud_profile: {tmp_path / 'cloud.json'} does not exist",
+    ]
+    (tmp_path / "edge.json").write_text('{"version": 1}')
+    shutil.copy(DEPLOY / "profiles" / "reference-vm.smollm2-135m.profile.json", tmp_path / "cloud.json")
+    problems = config.check_files()
+    assert len(problems) == 1 and problems[0].startswith(f"planning.profile: profile {tmp_path / 'edge.json'}:")
+    assert "machine" in problems[0]  # names the missing field
+    with pytest.raises(ConfigError, match=r"planning\.w_energy"):
+        load_device_config(write(tmp_path, MINIMAL + "[planning]\nw_energy = -1\n"))
+
+
 def test_plan_file_is_checked(tmp_path: Path) -> None:
     fake_gguf(tmp_path / "model.gguf")
     config = load_device_config(write(tmp_path, MINIMAL + '[agent]\nplanner = "fixed"\nplan = "plans/p.json"\n'))
@@ -595,7 +615,7 @@ def test_example_files_load() -> None:
     assert device.device.id == "pi5-kitchen"
     assert device.broker.use_tls and device.broker.password_file is not None
     assert device.agent.drain_timeout_s < 45  # TimeoutStopSec of deploy/splitwise-device.service
-    assert len(device.summary()) == 6
+    assert len(device.summary()) == 7
     cloud = load_cloud_config(DEPLOY / "cloud.example.toml")
     assert cloud.worker.id == "gpu1-a" and cloud.worker.pool == device.cloud.pool
     assert cloud.worker.model == device.device.model
@@ -604,7 +624,13 @@ def test_example_files_load() -> None:
 
 def test_example_files_mention_every_key() -> None:
     device_text = (DEPLOY / "device.example.toml").read_text()
-    sections = {"device": DeviceSection, "broker": BrokerConfig, "agent": AgentConfig, "recovery": RecoveryConfig}
+    sections = {
+        "device": DeviceSection,
+        "broker": BrokerConfig,
+        "agent": AgentConfig,
+        "recovery": RecoveryConfig,
+        "planning": PlanningConfig,
+    }
     for cls in sections.values():
         for name in cls.model_fields:
             if name not in ("tls", "password"):  # tls is the [broker.tls] table; password_file is preferred
@@ -623,6 +649,7 @@ def test_docs_describe_every_key() -> None:
         "agent": AgentConfig,
         "cloud": CloudSection,
         "recovery": RecoveryConfig,
+        "planning": PlanningConfig,
         "logging": LoggingConfig,
         "worker": WorkerSection,
     }
