@@ -43,6 +43,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 from splitwise_device.errors import PlanError
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "heads_plan",
     "layer_split",
     "parse_plan",
+    "random_plan",
 ]
 
 PLAN_VERSION = 1
@@ -299,6 +302,29 @@ def layer_split(k: int, n_layer: int, n_head: int) -> Plan:
 def heads_plan(n: int, n_layer: int, n_head: int) -> Plan:
     _check_count("heads:N", n, 0, n_head)
     return _uniform(f"heads:{n}", n_layer, n_head, range(n), FfnMode.EDGE, Side.EDGE)
+
+
+def random_plan(rng: np.random.Generator, n_layer: int, n_head: int, index: int = 0) -> Plan:
+    """A plan drawn uniformly per layer from {all heads on the edge, all on the cloud, a random proper
+    subset on the edge} × {FFN edge, cloud, split}, LM head on either side: the test and validation
+    workload that exercises every segment shape."""
+    layers = []
+    for _ in range(n_layer):
+        kind = rng.integers(4)
+        if kind == 0:
+            edge: tuple[int, ...] = tuple(range(n_head))
+        elif kind == 1:
+            edge = ()
+        else:
+            edge = tuple(sorted(int(h) for h in rng.choice(n_head, size=rng.integers(1, n_head), replace=False)))
+        layers.append(LayerPlan(edge_heads=edge, ffn=FfnMode(str(rng.choice(["edge", "cloud", "split"])))))
+    return Plan(
+        n_layer=n_layer,
+        n_head=n_head,
+        layers=tuple(layers),
+        lm_head=Side(str(rng.choice(["edge", "cloud"]))),
+        name=f"random-{index}",
+    )
 
 
 _NAMED = re.compile(r"(?P<name>edge-only|cloud-only|layer-split|heads)(?::(?P<arg>[0-9]{1,6}))?")

@@ -59,11 +59,16 @@ class Decision:
     plan: Plan
     observation: Observation | None
     prediction: Prediction | None
-    decision_s: float
+    decision_s: float  # the whole decision: link refresh (maybe a probe), observation, planner
     cloud_worker: str | None = None  # whose profile the prediction used
+    planner_s: float = 0.0  # the planner's own share
 
     def to_json(self, completion_tokens: int | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {"planner": self.planner, "decision_ms": 1e3 * self.decision_s}
+        out: dict[str, Any] = {
+            "planner": self.planner,
+            "decision_ms": 1e3 * self.decision_s,
+            "planner_ms": 1e3 * self.planner_s,
+        }
         obs, pred = self.observation, self.prediction
         if obs is not None:
             out["observation"] = {
@@ -218,10 +223,13 @@ class Controller:
                 plan = parse_plan("edge-only", self.dims.n_layer, self.dims.n_head)
             return Decision(planner, plan, obs, None, time.perf_counter() - started)
         ctx, worker = context
+        planner_s = 0.0
         if plan is None:
+            planning_started = time.perf_counter()
             plan = make_planner(planner, ctx).plan(obs)
+            planner_s = time.perf_counter() - planning_started
         prediction = predict(plan, obs, ctx.edge_profile, ctx.cloud_profile, self.dims, self.codec)
-        return Decision(planner, plan, obs, prediction, time.perf_counter() - started, worker)
+        return Decision(planner, plan, obs, prediction, time.perf_counter() - started, worker, planner_s)
 
 
 def load_or_measure_profile(

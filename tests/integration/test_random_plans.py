@@ -22,7 +22,7 @@ import pytest
 from cloud_offload import protocol
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
 from cloud_offload.worker import CloudWorker
-from policies.plan import FfnMode, LayerPlan, Plan, Side
+from policies.plan import random_plan
 from splitwise_device.engine import Engine, log_softmax, mean_nll, model_sha256
 from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
 from splitwise_device.tokenizer import bundled_model_path
@@ -32,26 +32,6 @@ POOL = "randomplans"
 N_PLANS = 20
 TOKENS = 16
 NEAR_TIE = 0.1  # logits
-
-
-def random_plan(rng: np.random.Generator, n_layer: int, n_head: int, index: int) -> Plan:
-    layers = []
-    for _ in range(n_layer):
-        kind = rng.integers(4)
-        if kind == 0:
-            edge: tuple[int, ...] = tuple(range(n_head))
-        elif kind == 1:
-            edge = ()
-        else:
-            edge = tuple(sorted(int(h) for h in rng.choice(n_head, size=rng.integers(1, n_head), replace=False)))
-        layers.append(LayerPlan(edge_heads=edge, ffn=FfnMode(str(rng.choice(["edge", "cloud", "split"])))))
-    return Plan(
-        n_layer=n_layer,
-        n_head=n_head,
-        layers=tuple(layers),
-        lm_head=Side(str(rng.choice(["edge", "cloud"]))),
-        name=f"random-{index}",
-    )
 
 
 @pytest.fixture(scope="module")
