@@ -343,7 +343,18 @@ def start_worker(settings: BrokerSettings, stock: bool, workdir: Path, stack: Ex
     url = f"mqtt://{settings.host}:{settings.port}"
     if stock:
         args = ["-m", "cloud_offload.cli", "serve", "--broker", url, "--model", str(bundled_model_path())]
-        args += ["--pool", POOL, "--worker-id", worker_id, "--threads", "1", "--log-level", "WARNING"]
+        args += [
+            "--pool",
+            POOL,
+            "--worker-id",
+            worker_id,
+            "--threads",
+            "1",
+            "--log-level",
+            "WARNING",
+            "--profile",
+            "off",
+        ]
     else:
         args = [str(Path(__file__).resolve()), "--serve-worker", url, worker_id]
     log_path = workdir / f"{worker_id}.log"

@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--worker-id", default=None, help="unique worker id (default: random)")
     serve.add_argument("--pool", default="default", help="pool name shared with the devices (default 'default')")
     serve.add_argument("--threads", type=int, default=1, help="compute threads (default 1)")
+    serve.add_argument(
+        "--profile",
+        default=None,
+        metavar="{measure,off,PATH}",
+        help="cost profile to publish: measure it in the background after start, publish a profile JSON file, "
+        "or none (default: the config's worker.profile, else measure)",
+    )
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return parser
 
@@ -47,13 +54,22 @@ def _check_config(config: str) -> int:
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cloud_offload.mqtt import BrokerSettings, settings_from_config
+    from cloud_offload.profiles import profile_file_problems
     from cloud_offload.worker import CloudWorker
     from splitwise_device import systemd
 
     if args.config:
-        from cloud_offload.config import load_cloud_config
+        from cloud_offload.config import ConfigError, load_cloud_config
 
         cfg = load_cloud_config(args.config)
+        if args.profile is not None:  # the command line wins over the file
+            cfg = cfg.model_copy(
+                update={"worker": cfg.worker.model_copy(update={"profile": _profile_arg(args.profile)})}
+            )
+        problems = cfg.profile_problems()
+        if problems:
+            lines = [f"{args.config}: {p}" for p in problems]
+            raise ConfigError("\n".join(lines), lines)
         w = cfg.worker
         logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         worker = CloudWorker(
@@ -65,12 +81,18 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             session_ttl_s=w.session_ttl_s,
             kv_memory_cap=w.kv_memory_cap,
             max_sessions=w.max_sessions,
+            profile=w.profile,
         )
     else:
         if not args.broker or not args.model:
             parser.error("serve needs --config, or both --broker and --model")
         if not Path(args.model).exists():
             parser.error(f"--model {args.model}: no such file or directory")
+        profile = _profile_arg(args.profile or "measure")
+        if isinstance(profile, Path):
+            problems = profile_file_problems(profile)
+            if problems:
+                parser.error(f"--profile {args.profile}: {problems[0]}")
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         worker = CloudWorker(
             args.model,
@@ -78,6 +100,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             pool=args.pool,
             broker=BrokerSettings.from_url(args.broker),
             threads=args.threads,
+            profile=profile,
         )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -91,6 +114,11 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     systemd.stopping()
     worker.stop()
     return 0
+
+
+def _profile_arg(value: str) -> str | Path:
+    """``measure`` and ``off`` as they are; anything else is a profile file (relative to the cwd)."""
+    return value if value in ("measure", "off") else Path(value).absolute()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

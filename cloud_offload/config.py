@@ -9,9 +9,12 @@ models the device uses.
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field, ValidationInfo
 
+from cloud_offload.profiles import profile_file_problems
 from splitwise_device.config import (
     BrokerConfig,
     ByteSize,
@@ -27,6 +30,21 @@ from splitwise_device.config import (
     load_toml_model,
     model_problems,
 )
+from splitwise_device.config import _path as _config_path
+
+PROFILE_MODES = ("measure", "off")
+
+
+def _profile_source(value: object, info: ValidationInfo) -> str | Path:
+    if isinstance(value, str) and value in PROFILE_MODES:
+        return value
+    if not isinstance(value, str | os.PathLike) or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"expected 'measure', 'off' or the path of a profile JSON file (got {value!r})")
+    return _config_path(value, info)
+
+
+ProfileSource = Annotated[str | Path, BeforeValidator(_profile_source)]
+"""``"measure"``, ``"off"`` or a profile JSON file (relative to the config file's directory)."""
 
 __all__ = ["CloudConfig", "ConfigError", "WorkerSection", "load_cloud_config"]
 
@@ -50,6 +68,10 @@ class WorkerSection(StrictSection):
     dropped (their devices rebuild them from checkpoints)."""
     max_sessions: int = Field(default=64, ge=1, le=1_000_000)
     """Most sessions held at once; new sessions beyond it evict the least recently used one."""
+    profile: ProfileSource = "measure"
+    """The cost profile this worker publishes (retained, ``splitwise/v1/cloud/{pool}/profile/{id}``):
+    "measure" (the profiler's quick settings, in the background after start, a few seconds), "off",
+    or a profile JSON file to publish as is (e.g. measured once for a fleet of identical machines)."""
 
 
 class CloudConfig(StrictSection):
@@ -66,7 +88,14 @@ class CloudConfig(StrictSection):
     def check_files(self) -> list[str]:
         """Problems with the files this config points to (model, TLS, password file)."""
         problems = [f"worker.model: {p}" for p in model_problems(self.worker.model)]
-        return problems + broker_file_problems(self.broker)
+        return problems + self.profile_problems() + broker_file_problems(self.broker)
+
+    def profile_problems(self) -> list[str]:
+        """Problems with ``worker.profile`` when it names a file (unreadable, not a profile)."""
+        profile = self.worker.profile
+        if isinstance(profile, Path):
+            return [f"worker.profile: {p}" for p in profile_file_problems(profile)]
+        return []
 
     def summary(self) -> list[str]:
         """A few human-readable lines about the effective settings (for ``check-config``)."""
@@ -75,7 +104,7 @@ class CloudConfig(StrictSection):
         return [
             f"worker    id={w.id} pool={w.pool} model={w.model} threads={threads}",
             f"          sessions<={w.max_sessions} kv_memory_cap={format_size(w.kv_memory_cap)} "
-            f"session_ttl={w.session_ttl_s:g}s",
+            f"session_ttl={w.session_ttl_s:g}s profile={w.profile}",
             f"broker    {broker_summary(self.broker, self.client_id)}",
             f"logging   level={self.logging.level}",
         ]

@@ -9,7 +9,7 @@ Segment frame (little-endian)::
     off  size  field
     0    4     magic b"SWSG"
     4    1     version (1)
-    5    1     kind: 1 request, 2 response, 3 error
+    5    1     kind: 1 request, 2 response, 3 error, 4 probe, 5 probe reply
     6    2     flags: bit 0 REPLAY, bit 1 CLOSE, others must be 0
     8    16    session id (UUID bytes)
     24   4     step (token step of the session)
@@ -26,6 +26,10 @@ Segment frame (little-endian)::
     ..   4     payload length
     ..   len   payload (codec bytes; an error frame's UTF-8 JSON {"code","message"})
     ..   4     CRC32C of every byte before it
+
+A probe (kind 4) and its reply (kind 5) use the same layout with no ops and no tensor; their
+payload is a u32 (probe: the reply's requested frame size; reply: the probe's frame size as
+received) followed by zero padding. They measure the link and never touch a session.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class FrameFault(StrEnum):
     BAD_PAYLOAD = "bad_payload"  # from Frame.tensor(): the codec bytes decode to NaN/Inf
     BAD_ERROR_PAYLOAD = "bad_error_payload"
     MODEL_MISMATCH = "model_mismatch"
+    BAD_PROBE = "bad_probe"  # a probe's fields: reserved fields not 0, reply size out of range
 
 
 __all__ = [
@@ -82,10 +87,12 @@ __all__ = [
     "MAX_HEADS",
     "MAX_OPS",
     "MAX_PAYLOAD",
+    "MAX_PROBE_SIZE",
     "MAX_PROMPT_BYTES",
     "MAX_TEMPERATURE",
     "MAX_TOKENS",
     "OP_SIZE",
+    "PROBE_MIN_SIZE",
     "TOPIC_ROOT",
     "VERSION",
     "ChatMessage",
@@ -107,15 +114,19 @@ __all__ = [
     "device_status_topic",
     "dumps",
     "encode_error",
+    "encode_probe",
+    "encode_probe_reply",
     "encode_request",
     "encode_response",
     "encode_tensor",
     "error_reply",
     "final_reply",
     "model_hash_prefix",
+    "pool_profile_filter",
     "pool_segment_share",
     "pool_segment_topic",
     "validate_id",
+    "worker_profile_topic",
     "worker_segment_topic",
     "worker_status_topic",
 ]
@@ -170,6 +181,16 @@ def worker_status_topic(worker_id: str) -> str:
     return f"{TOPIC_ROOT}/cloud/worker/{validate_id(worker_id, 'worker id')}/status"
 
 
+def worker_profile_topic(pool: str, worker_id: str) -> str:
+    """Retained: the worker's measured cost profile (JSON); an empty retained payload withdraws it."""
+    return f"{TOPIC_ROOT}/cloud/{_pool(pool)}/profile/{validate_id(worker_id, 'worker id')}"
+
+
+def pool_profile_filter(pool: str) -> str:
+    """Every worker profile of the pool (one retained message per worker)."""
+    return f"{TOPIC_ROOT}/cloud/{_pool(pool)}/profile/+"
+
+
 def _pool(pool: str) -> str:
     validate_id(pool, "pool")
     if pool == "worker":
@@ -196,12 +217,17 @@ HEADER_SIZE = _HEADER.size  # 56
 OP_SIZE = _OP.size  # 11
 _MIN_FRAME = HEADER_SIZE + 1 + 4 + 4
 MAX_FRAME = HEADER_SIZE + MAX_OPS * OP_SIZE + 1 + 4 * MAX_DIMS + 4 + MAX_PAYLOAD + 4
+# Probes: header, ndim 0, payload length, the u32 size field (+ padding), CRC.
+PROBE_MIN_SIZE = _MIN_FRAME + 4  # 69 bytes
+MAX_PROBE_SIZE = 1 << 20  # both a probe and the reply it asks for
 
 
 class FrameKind(IntEnum):
     REQUEST = 1
     RESPONSE = 2
     ERROR = 3
+    PROBE = 4  # device → worker: a link probe (no session, no ops, no tensor)
+    PROBE_REPLY = 5  # worker → device: the probe's answer, of the requested size
 
 
 class Flags(IntFlag):
@@ -304,6 +330,13 @@ class Frame:
         if self.codec is None:
             raise FrameError(FrameFault.BAD_DIMS, f"a {self.kind.name.lower()} frame without a tensor")
         return EncodedTensor(codec=self.codec, shape=self.shape, data=bytes(self.payload))
+
+    @property
+    def probe_size(self) -> int:
+        """PROBE: the frame size the reply must have; PROBE_REPLY: the probe's size as received."""
+        if self.kind not in (FrameKind.PROBE, FrameKind.PROBE_REPLY):
+            raise FrameError(FrameFault.UNKNOWN_KIND, f"not a probe frame but a {self.kind.name.lower()}")
+        return int(_U32.unpack_from(self.payload, 0)[0])  # at least 4 bytes: checked by decode_frame
 
     def error(self) -> tuple[str, str]:
         """(code, message) of an error frame."""
@@ -484,6 +517,57 @@ def encode_error(code: str, message: str, *, request: Frame | None = None) -> by
     )
 
 
+def _probe_frame(kind: FrameKind, probe_id: uuid.UUID, model_hash: bytes, attempt: int, size: int, value: int) -> bytes:
+    if not PROBE_MIN_SIZE <= size <= MAX_PROBE_SIZE:
+        raise InvalidArgumentError(f"probe frame size {size} out of range {PROBE_MIN_SIZE}..{MAX_PROBE_SIZE}")
+    payload = _U32.pack(value) + bytes(size - PROBE_MIN_SIZE)
+    return _encode(kind, 0, probe_id, 0, 0, 0, attempt, model_hash, None, None, (), (), payload)
+
+
+def encode_probe(
+    *,
+    model_hash: bytes = bytes(16),
+    size: int = PROBE_MIN_SIZE,
+    reply_size: int = PROBE_MIN_SIZE,
+    probe_id: uuid.UUID | None = None,
+    attempt: int = 0,
+) -> bytes:
+    """A link probe of exactly `size` bytes asking for a reply of exactly `reply_size` bytes (both
+    PROBE_MIN_SIZE..MAX_PROBE_SIZE). `probe_id` (default: random) goes in the session field and
+    comes back in the reply; no session is created by it. The model hash is carried and echoed but
+    not checked: a probe measures the link, not the model."""
+    if not PROBE_MIN_SIZE <= reply_size <= MAX_PROBE_SIZE:
+        raise InvalidArgumentError(f"probe reply size {reply_size} out of range {PROBE_MIN_SIZE}..{MAX_PROBE_SIZE}")
+    return _probe_frame(FrameKind.PROBE, probe_id or uuid.uuid4(), model_hash, attempt, size, reply_size)
+
+
+def encode_probe_reply(probe: Frame, received_size: int) -> bytes:
+    """The answer to `probe`: its id, attempt and model hash echoed, `probe.probe_size` bytes long,
+    carrying the size the probe had when it arrived."""
+    if probe.kind is not FrameKind.PROBE:
+        raise InvalidArgumentError(f"not a probe but a {probe.kind.name.lower()} frame")
+    value = min(max(received_size, 0), 0xFFFFFFFF)
+    return _probe_frame(FrameKind.PROBE_REPLY, probe.session, probe.model_hash, probe.attempt, probe.probe_size, value)
+
+
+def _check_probe(
+    frame_kind: FrameKind, flags: int, step: int, position: int, segment: int, size: int, n_ops: int, payload_len: int
+) -> None:
+    """Probes and probe replies: no flags, ops, tensor or step/position/segment; a u32 size field;
+    at most MAX_PROBE_SIZE bytes and, for a probe, a reply size within PROBE_MIN_SIZE..MAX_PROBE_SIZE."""
+    name = frame_kind.name.lower().replace("_", " ")
+    if size > MAX_PROBE_SIZE:
+        raise FrameError(FrameFault.TOO_LARGE, f"{name} of {size} bytes, at most {MAX_PROBE_SIZE}")
+    if flags:
+        raise FrameError(FrameFault.BAD_FLAGS, f"a {name} carries no flags (got 0x{flags:04x})")
+    if n_ops:
+        raise FrameError(FrameFault.BAD_OP_SEQUENCE, f"a {name} carries no ops (got {n_ops})")
+    if step or position or segment:
+        raise FrameError(FrameFault.BAD_PROBE, f"a {name} has step, position and segment 0")
+    if payload_len < 4:
+        raise FrameError(FrameFault.BAD_PROBE, f"a {name} payload starts with a u32 size ({payload_len} bytes)")
+
+
 def decode_frame(
     data: bytes | bytearray | memoryview,
     *,
@@ -566,7 +650,21 @@ def decode_frame(
             raise FrameError(
                 FrameFault.PAYLOAD_SIZE, f"{payload_len} payload bytes, {codec} of shape {shape} takes {expected}"
             )
-    if frame_kind is FrameKind.ERROR:
+    if frame_kind in (FrameKind.PROBE, FrameKind.PROBE_REPLY):
+        if codec is not None or reply_codec is not None:
+            raise FrameError(FrameFault.BAD_DIMS, "a probe carries no tensor and no codec")
+        _check_probe(frame_kind, flags, step, position, segment, size, n_ops, payload_len)
+        if frame_kind is FrameKind.PROBE:
+            (wanted,) = _U32.unpack_from(payload, 0)
+            if wanted > MAX_PROBE_SIZE:
+                raise FrameError(
+                    FrameFault.TOO_LARGE, f"probe asks for a {wanted}-byte reply, at most {MAX_PROBE_SIZE}"
+                )
+            if wanted < PROBE_MIN_SIZE:
+                raise FrameError(
+                    FrameFault.BAD_PROBE, f"probe asks for a {wanted}-byte reply, at least {PROBE_MIN_SIZE}"
+                )
+    elif frame_kind is FrameKind.ERROR:
         if codec is not None or reply_codec is not None:
             raise FrameError(FrameFault.BAD_DIMS, "an error frame carries no tensor and no codec")
         _check_error_payload(payload)
@@ -583,7 +681,7 @@ def decode_frame(
             _check_sequence(ops, None)
     elif codec is None:
         raise FrameError(FrameFault.BAD_DIMS, "a response carries a tensor")
-    if model_hash is not None and mhash != model_hash:
+    if model_hash is not None and mhash != model_hash and frame_kind not in (FrameKind.PROBE, FrameKind.PROBE_REPLY):
         raise FrameError(
             FrameFault.MODEL_MISMATCH, f"frame for model {mhash.hex()}, this side has {bytes(model_hash).hex()}"
         )

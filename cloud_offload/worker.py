@@ -6,10 +6,18 @@ frame gets an error reply (when it names a reply topic) and the worker keeps ser
 redeliveries and edge retries of a segment are answered from the stored response instead of
 being computed twice. Sessions expire after a TTL and are evicted least-recently-used when their
 KV exceeds the memory cap.
+
+Link probes (``FrameKind.PROBE``) are answered at once with a reply of the requested size; they go
+through the same inbox as segments (so their round trip includes queueing here) and never create
+a session. At start the worker publishes its cost profile, retained, on
+``splitwise/v1/cloud/{pool}/profile/{worker_id}`` (measured in a background thread while it serves,
+or read from a file) and clears it when it stops.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
 import json
 import logging
 import queue
@@ -17,6 +25,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import paho.mqtt.client as mqtt
 
-from cloud_offload import protocol
+from cloud_offload import profiles, protocol
 from cloud_offload.mqtt import BrokerSettings, MqttConnection
 from cloud_offload.protocol import ErrorCode, Flags, Frame, FrameKind, OpKind
 from splitwise_device import __version__
@@ -35,6 +44,12 @@ from splitwise_device.errors import FrameError, SplitwiseError
 log = logging.getLogger(__name__)
 
 STOP = object()
+ProfileSource = str | Path | Mapping[str, Any] | None
+"""``"measure"``, ``"off"`` (or None), a profile JSON file, or the profile's JSON value itself."""
+
+
+class _ProfilingCancelled(Exception):
+    """Raised from the profiler's progress callback when the worker stops."""
 
 
 @dataclass
@@ -52,6 +67,7 @@ class WorkerStats:
     duplicates: int = 0
     errors: int = 0
     sessions_evicted: int = 0
+    probes: int = 0
 
 
 class KvMismatch(SplitwiseError, ValueError):
@@ -70,6 +86,7 @@ class CloudWorker:
         session_ttl_s: float = 300.0,
         kv_memory_cap: int = 512 << 20,
         max_sessions: int = 256,
+        profile: ProfileSource = None,
     ) -> None:
         self.worker_id = protocol.validate_id(worker_id, "worker id")
         self.pool = protocol.validate_id(pool, "pool")
@@ -89,6 +106,86 @@ class CloudWorker:
         )
         self.connection.add_on_connect(self._publish_status)
         self._compute = threading.Thread(target=self._compute_loop, name="segment-compute", daemon=True)
+        self.threads = threads
+        self._init_profile(profile)
+
+    # --- the worker's cost profile (retained, per worker) --------------------------------------
+
+    def _init_profile(self, source: ProfileSource) -> None:
+        self.profile_topic = protocol.worker_profile_topic(self.pool, self.worker_id)
+        self._profile_lock = threading.Lock()
+        self._profile_payload: bytes | None = None
+        self._stopping = False
+        # Set once the profile was published (or profiling failed / was cancelled); for callers and tests.
+        self.profile_done = threading.Event()
+        self.profile_seconds: float | None = None  # how long measuring took
+        self._measure = False
+        self._profile_mode = "off"
+        if source is None or source == "off":
+            self.profile_done.set()
+            return
+        if isinstance(source, Mapping):
+            problems = profiles.profile_problems(dict(source))
+            if problems:
+                raise SplitwiseError(f"profile: {problems[0]}")
+            self._profile_mode = "given"
+            self._set_profile(dict(source), profiles.utc_now(), "given")
+        elif source == "measure":
+            self._profile_mode = "measure"
+            self._measure = True
+        else:
+            path = Path(source)
+            obj = profiles.load_profile_file(path)  # InvalidArgumentError saying what is wrong
+            mtime = path.stat().st_mtime
+            measured_at = _dt.datetime.fromtimestamp(mtime, _dt.UTC).isoformat(timespec="seconds")
+            self._profile_mode = f"file {path}"
+            self._set_profile(obj, measured_at, "file")
+        self.connection.add_on_connect(self._publish_profile)
+
+    def _set_profile(self, profile: dict[str, Any], measured_at: str, source: str) -> None:
+        self._profile_payload = profiles.profile_message(
+            worker_id=self.worker_id,
+            pool=self.pool,
+            model_hash=self.model_hash,
+            threads=self.threads,
+            profile=profile,
+            measured_at=measured_at,
+            source=source,
+        )
+
+    def _publish_profile(self) -> None:
+        """On every (re)connect, and when measuring ends: a restarted broker may have lost it."""
+        with self._profile_lock:
+            if self._profile_payload is None or self._stopping:
+                return
+            self.connection.publish(self.profile_topic, self._profile_payload, retain=True)
+            self.profile_done.set()
+
+    def _measure_profile(self) -> None:
+        def progress(i: int, n: int, label: str) -> None:
+            if self._stopping:
+                raise _ProfilingCancelled
+            log.info("profiling this worker [%d/%d]: %s", i, n, label)
+
+        started = time.perf_counter()
+        log.info("profiling this worker (%d threads) while serving; the profile is published when done", self.threads)
+        try:
+            profile = profiles.measure_profile(self.model_path, self.threads, progress)
+        except _ProfilingCancelled:
+            log.info("profiling cancelled: the worker is stopping")
+            self.profile_done.set()
+            return
+        except Exception:
+            log.exception("profiling failed; this worker publishes no profile")
+            self.profile_done.set()
+            return
+        self.profile_seconds = time.perf_counter() - started
+        with self._profile_lock:
+            if self._stopping:
+                return
+            self._set_profile(profile, profiles.utc_now(), "measured")
+        log.info("profiled in %.1f s; publishing on %s", self.profile_seconds, self.profile_topic)
+        self._publish_profile()
 
     def _status(self, state: str) -> bytes:
         return json.dumps(
@@ -110,8 +207,17 @@ class CloudWorker:
         self.connection.subscribe(protocol.pool_segment_share(self.pool), self._inbox.put)
         self.connection.subscribe(protocol.worker_segment_topic(self.worker_id), self._inbox.put)
         self.connection.start(connect_timeout)
+        if self._measure:
+            threading.Thread(target=self._measure_profile, name="worker-profile", daemon=True).start()
 
     def stop(self) -> None:
+        if self._profile_mode != "off":
+            with self._profile_lock:
+                self._stopping = True
+            # An empty retained message deletes the retained profile: devices drop this worker.
+            info = self.connection.publish(self.profile_topic, b"", retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(2)
         self.connection.publish(self._status_topic, self._status("offline"), retain=True).wait_for_publish(2)
         self._inbox.put(STOP)
         self._compute.join(timeout=10)
@@ -151,6 +257,13 @@ class CloudWorker:
             log.warning("dropped a bad frame on %s: %s", msg.topic, err)
             code = ErrorCode.MODEL_MISMATCH if err.reason == "model_mismatch" else ErrorCode.BAD_FRAME
             self._reply(reply_topic, correlation, protocol.encode_error(code, str(err)))
+            return
+        if frame.kind is FrameKind.PROBE:
+            # Answered at once; no session, no KV. Its round trip includes the wait in our inbox.
+            started = time.perf_counter()
+            self.stats.probes += 1
+            answer = protocol.encode_probe_reply(frame, len(msg.payload))
+            self._reply(reply_topic, correlation, answer, compute_s=time.perf_counter() - started)
             return
         if frame.kind is not FrameKind.REQUEST:
             log.warning("dropped a %s frame sent to a worker", frame.kind.name)

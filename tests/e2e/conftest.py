@@ -272,6 +272,8 @@ class System:
             worker_id,
             "--pool",
             POOL,
+            "--profile",
+            "off",  # no background profiling beside the timing-sensitive fault tests
         ]
         proc = Proc(f"worker {worker_id}", args, self.workdir / f"worker-{worker_id}.log")
         self.procs.append(proc)

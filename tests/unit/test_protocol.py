@@ -64,7 +64,7 @@ def fault(data: bytes, **kw: Any) -> FrameFault:
     with pytest.raises(FrameError) as info:
         p.decode_frame(data, **kw)
     assert isinstance(info.value, SplitwiseError) and isinstance(info.value, ValueError)
-    return info.value.reason
+    return FrameFault(info.value.reason)
 
 
 OPS_OFF = p.HEADER_SIZE  # first op
@@ -523,3 +523,88 @@ def test_reply_builders() -> None:
         "error": {"code": "overloaded", "message": "queue full (8 waiting)"},
     }
     assert p.dumps({"t": "é"}) == '{"t":"é"}'.encode()
+
+
+# --- worker profile topics and link probes --------------------------------------------------------
+
+
+def test_profile_topics() -> None:
+    assert p.worker_profile_topic("eu", "w1") == "splitwise/v1/cloud/eu/profile/w1"
+    assert p.pool_profile_filter("eu") == "splitwise/v1/cloud/eu/profile/+"
+    for bad in ("", "a+b", "a#", "a/b", "x" * 65):
+        with pytest.raises(InvalidArgumentError):
+            p.worker_profile_topic("eu", bad)
+        with pytest.raises(InvalidArgumentError):
+            p.worker_profile_topic(bad, "w1")
+        with pytest.raises(InvalidArgumentError):
+            p.pool_profile_filter(bad)
+    with pytest.raises(InvalidArgumentError, match="reserved"):
+        p.pool_profile_filter("worker")
+
+
+def test_probe_round_trip_and_sizes() -> None:
+    pid = uuid.uuid4()
+    data = p.encode_probe(size=1000, reply_size=70_000, probe_id=pid, attempt=2)
+    assert len(data) == 1000 and data[5] == FrameKind.PROBE
+    frame = p.decode_frame(data, n_layer=30, n_head=9, model_hash=MODEL_HASH)  # model hash not checked
+    assert (frame.kind, frame.session, frame.attempt, frame.probe_size) == (FrameKind.PROBE, pid, 2, 70_000)
+    assert frame.ops == () and frame.codec is None and frame.shape == ()
+    reply = p.encode_probe_reply(frame, len(data))
+    assert len(reply) == 70_000
+    back = p.decode_frame(reply)
+    assert (back.kind, back.session, back.attempt, back.probe_size) == (FrameKind.PROBE_REPLY, pid, 2, 1000)
+    smallest = p.encode_probe()
+    assert len(smallest) == p.PROBE_MIN_SIZE == 69
+    assert p.decode_frame(smallest).probe_size == p.PROBE_MIN_SIZE
+    assert len(p.encode_probe(size=p.MAX_PROBE_SIZE, reply_size=p.MAX_PROBE_SIZE)) == p.MAX_PROBE_SIZE
+    bad_sizes: list[dict[str, Any]] = [{"size": 68}, {"reply_size": 68}, {"size": p.MAX_PROBE_SIZE + 1}]
+    for kw in [*bad_sizes, {"reply_size": p.MAX_PROBE_SIZE + 1}]:
+        with pytest.raises(InvalidArgumentError):
+            p.encode_probe(**kw)
+    with pytest.raises(InvalidArgumentError):
+        p.encode_probe_reply(back, 10)
+    with pytest.raises(FrameError):
+        _ = p.decode_frame(request()[0]).probe_size
+
+
+def test_probe_validation() -> None:
+    data = p.encode_probe(size=200, reply_size=500)
+    size_off = p.HEADER_SIZE + 1 + 4  # no ops, ndim 0, payload length, then the u32 size field
+    assert fault(patched(data, size_off, struct.pack("<I", p.MAX_PROBE_SIZE + 1))) is FrameFault.TOO_LARGE
+    assert fault(patched(data, size_off, struct.pack("<I", 68))) is FrameFault.BAD_PROBE
+    assert fault(patched(data, 6, b"\x01\x00")) is FrameFault.BAD_FLAGS
+    assert fault(patched(data, 24, b"\x01")) is FrameFault.BAD_PROBE  # step
+    assert fault(patched(data, 28, b"\x01")) is FrameFault.BAD_PROBE  # position
+    assert fault(patched(data, 32, b"\x01")) is FrameFault.BAD_PROBE  # segment
+    assert fault(patched(data, 52, b"\x01")) is FrameFault.BAD_DIMS  # a codec without a tensor
+    assert fault(patched(data, 53, b"\x01")) is FrameFault.BAD_DIMS  # a reply codec
+    corrupt = bytearray(data)
+    corrupt[100] ^= 0x10
+    assert fault(bytes(corrupt)) is FrameFault.CRC_MISMATCH
+    # A payload without the u32 size field.
+    body = bytearray(data[: p.HEADER_SIZE + 1])
+    body += struct.pack("<I", 2) + b"\x00\x00"
+    assert fault(reseal(body + b"\x00" * 4)) is FrameFault.BAD_PROBE
+    # With an op: probes carry none.
+    with_op = bytearray(data[: p.HEADER_SIZE])
+    with_op[54:56] = struct.pack("<H", 1)
+    with_op += struct.pack("<BHQ", OpKind.FFN, 0, 0) + data[p.HEADER_SIZE : -4] + b"\x00" * 4
+    assert fault(reseal(with_op)) is FrameFault.BAD_OP_SEQUENCE
+    # A probe frame beyond MAX_PROBE_SIZE (but within the segment frame limits).
+    big = bytearray(data[: p.HEADER_SIZE + 1])
+    payload = struct.pack("<I", 100) + bytes(p.MAX_PROBE_SIZE)
+    big += struct.pack("<I", len(payload)) + payload + b"\x00" * 4
+    assert fault(reseal(big)) is FrameFault.TOO_LARGE
+    # A reply may name any received size, but must have the field.
+    reply = p.encode_probe_reply(p.decode_frame(data), 0)
+    assert p.decode_frame(reply).probe_size == 0
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_probe_corruption_is_always_detected(data: st.DataObject) -> None:
+    frame = p.encode_probe(size=120, reply_size=4096)
+    i = data.draw(st.integers(0, len(frame) - 1))
+    new = data.draw(st.integers(0, 255).filter(lambda b: b != frame[i]))
+    with pytest.raises(FrameError):
+        p.decode_frame(frame[:i] + bytes([new]) + frame[i + 1 :])

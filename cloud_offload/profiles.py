@@ -1,0 +1,283 @@
+"""Worker cost profiles on the broker: what a worker publishes about itself and what devices collect.
+
+Every cloud worker publishes one retained message on
+``splitwise/v1/cloud/{pool}/profile/{worker_id}`` (see ``docs/protocol.md``)::
+
+    {"worker_id": "w1", "pool": "default", "model_hash": "<32 hex>", "threads": 4,
+     "measured_at": "2026-11-28T13:20:00+00:00", "source": "measured", "profile": {...}}
+
+``profile`` is the JSON form of the planner's ``policies.cost.Profile``. This module moves it and
+checks its outline (a JSON object with the profile's required top-level keys); it never interprets
+it — that is the planner's business, and ``cloud_offload`` does not import ``policies``. An empty
+retained payload withdraws the worker's profile (a worker clears it when it stops gracefully).
+
+:class:`WorkerProfiles` is the collecting side: it subscribes to the pool's profiles and keeps the
+latest valid one per worker; messages for another model, with a worker id that does not match the
+topic, or that are not the expected JSON are logged and ignored.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from cloud_offload import protocol
+from cloud_offload.mqtt import MqttConnection
+from splitwise_device.errors import InvalidArgumentError
+
+__all__ = [
+    "MAX_PROFILE_BYTES",
+    "PROFILE_KEYS",
+    "WorkerProfile",
+    "WorkerProfiles",
+    "load_profile_file",
+    "measure_profile",
+    "parse_profile_message",
+    "profile_file_problems",
+    "profile_message",
+    "profile_problems",
+]
+
+log = logging.getLogger(__name__)
+
+# The required top-level keys of policies.cost.Profile (tests/integration/test_worker_profile.py
+# checks that this list still matches the planner's model).
+PROFILE_KEYS: frozenset[str] = frozenset(
+    {
+        "machine",
+        "model",
+        "threads",
+        "attention",
+        "kv_group_s",
+        "ffn_full_s",
+        "ffn_gate_up_s",
+        "ffn_down_s",
+        "norm_s",
+        "add_s",
+        "embed_s",
+        "lm_head_s",
+        "prefill",
+        "codecs",
+        "power",
+        "weight_bytes_per_param",
+        "kv_bytes_per_value",
+    }
+)
+MAX_PROFILE_BYTES = 1 << 20  # a profile is a few KiB; anything this large is not one
+_MESSAGE_KEYS = frozenset({"worker_id", "pool", "model_hash", "threads", "measured_at", "profile"})
+
+
+def profile_problems(obj: object) -> list[str]:
+    """What is wrong with `obj` as a profile's JSON value (empty: it has the expected outline)."""
+    if not isinstance(obj, dict):
+        return [f"a profile is a JSON object, got {type(obj).__name__}"]
+    missing = sorted(PROFILE_KEYS - obj.keys())
+    if missing:
+        return [f"not a profile: missing key(s) {', '.join(missing)}"]
+    return []
+
+
+def profile_file_problems(path: str | Path) -> list[str]:
+    """Problems with a profile JSON file (empty: it can be published)."""
+    try:
+        load_profile_file(path)
+    except InvalidArgumentError as err:
+        return [str(err)]
+    return []
+
+
+def load_profile_file(path: str | Path) -> dict[str, Any]:
+    """The profile object in `path`; InvalidArgumentError saying what is wrong otherwise."""
+    file = Path(path)
+    try:
+        if not file.is_file():
+            raise InvalidArgumentError(f"{file} does not exist" if not file.exists() else f"{file} is not a file")
+        if file.stat().st_size > MAX_PROFILE_BYTES:
+            raise InvalidArgumentError(f"{file} is larger than {MAX_PROFILE_BYTES} bytes; not a profile")
+        text = file.read_text(encoding="utf-8")
+    except OSError as err:
+        raise InvalidArgumentError(f"cannot read {file}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise InvalidArgumentError(f"{file} is not UTF-8 text") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InvalidArgumentError(f"{file} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise InvalidArgumentError(f"{file} is not valid JSON: nested too deeply") from None
+    problems = profile_problems(obj)
+    if problems:
+        raise InvalidArgumentError(f"{file}: {problems[0]}")
+    return dict(obj)
+
+
+def measure_profile(
+    model_path: str | Path, threads: int, progress: Callable[[int, int, str], None] | None = None
+) -> dict[str, Any]:
+    """Runs the profiler's quick settings (``splitwise-device profile --quick``) on this machine and
+    returns the profile's JSON value. Takes a few seconds for SmolLM2-135M."""
+    from splitwise_device.profiler import Settings, measure, to_profile
+
+    measurement = measure(model_path, threads, Settings.quick(), progress)
+    profile: dict[str, Any] = to_profile(measurement).model_dump(mode="json")
+    return profile
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def profile_message(
+    *,
+    worker_id: str,
+    pool: str,
+    model_hash: bytes,
+    threads: int,
+    profile: Mapping[str, Any],
+    measured_at: str | None = None,
+    source: str = "measured",
+) -> bytes:
+    """The retained payload a worker publishes on ``worker_profile_topic(pool, worker_id)``."""
+    return protocol.dumps(
+        {
+            "worker_id": protocol.validate_id(worker_id, "worker id"),
+            "pool": protocol.validate_id(pool, "pool"),
+            "model_hash": _hash16(model_hash).hex(),
+            "threads": int(threads),
+            "measured_at": measured_at or utc_now(),
+            "source": source,
+            "profile": dict(profile),
+        }
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerProfile:
+    """One worker's published profile as received."""
+
+    worker_id: str
+    threads: int
+    measured_at: str
+    source: str
+    profile: dict[str, Any]
+    received_at: float  # time.monotonic() when it arrived
+
+
+def parse_profile_message(
+    topic: str, payload: bytes | bytearray, *, pool: str, model_hash: bytes
+) -> WorkerProfile | None:
+    """The profile in one message of ``pool_profile_filter(pool)``; None for an empty payload (the
+    worker withdrew it). Raises InvalidArgumentError, saying why, for anything else that is not a
+    valid profile of our pool and model."""
+    prefix = protocol.pool_profile_filter(pool)[:-1]
+    if not topic.startswith(prefix):
+        raise InvalidArgumentError(f"topic {topic!r} is not a profile topic of pool {pool!r}")
+    worker_id = protocol.validate_id(topic[len(prefix) :], "worker id in the topic")
+    if not payload:
+        return None
+    if len(payload) > MAX_PROFILE_BYTES:
+        raise InvalidArgumentError(f"profile message of {len(payload)} bytes, at most {MAX_PROFILE_BYTES}")
+    try:
+        msg = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise InvalidArgumentError(f"profile message is not UTF-8 JSON: {err}") from None
+    if not isinstance(msg, dict):
+        raise InvalidArgumentError(f"profile message is a JSON object, got {type(msg).__name__}")
+    missing = sorted(_MESSAGE_KEYS - msg.keys())
+    if missing:
+        raise InvalidArgumentError(f"profile message lacks {', '.join(missing)}")
+    if msg["worker_id"] != worker_id:
+        raise InvalidArgumentError(f"worker_id {msg['worker_id']!r} in a message on the topic of {worker_id!r}")
+    if msg["pool"] != pool:
+        raise InvalidArgumentError(f"pool {msg['pool']!r} in a message of pool {pool!r}")
+    if msg["model_hash"] != _hash16(model_hash).hex():
+        raise InvalidArgumentError(f"profile for model {msg['model_hash']!r}, ours is {_hash16(model_hash).hex()}")
+    threads = msg["threads"]
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise InvalidArgumentError(f"threads must be a positive integer, got {threads!r}")
+    if not isinstance(msg["measured_at"], str):
+        raise InvalidArgumentError("measured_at must be a string")
+    problems = profile_problems(msg["profile"])
+    if problems:
+        raise InvalidArgumentError(problems[0])
+    return WorkerProfile(
+        worker_id=worker_id,
+        threads=threads,
+        measured_at=msg["measured_at"],
+        source=str(msg.get("source", "measured")),
+        profile=msg["profile"],
+        received_at=time.monotonic(),
+    )
+
+
+def _hash16(model_hash: bytes) -> bytes:
+    """The frame's 16-byte model hash field, from itself or from a whole SHA-256 digest."""
+    raw = bytes(model_hash)
+    if len(raw) == 32:
+        return protocol.model_hash_prefix(raw)
+    if len(raw) != 16:
+        raise InvalidArgumentError(f"model hash must be 16 bytes (or a 32-byte SHA-256), got {len(raw)}")
+    return raw
+
+
+class WorkerProfiles:
+    """Collects the pool's worker profiles (retained messages) over `connection`; thread-safe.
+
+    Subscribes at construction (the subscription is restored on reconnect by the connection).
+    Invalid messages are logged and ignored; an empty payload removes that worker.
+    """
+
+    def __init__(self, connection: MqttConnection, pool: str, model_hash: bytes) -> None:
+        self.connection = connection
+        self.pool = protocol.validate_id(pool, "pool")
+        self.model_hash = _hash16(model_hash)
+        self.filter = protocol.pool_profile_filter(self.pool)
+        self.ignored = 0  # messages dropped as invalid (for tests and diagnostics)
+        self._entries: dict[str, WorkerProfile] = {}
+        self._changed = threading.Condition()
+        connection.subscribe(self.filter, self._on_message)
+
+    def close(self) -> None:
+        self.connection.unsubscribe(self.filter)
+
+    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+        try:
+            entry = parse_profile_message(msg.topic, msg.payload, pool=self.pool, model_hash=self.model_hash)
+        except InvalidArgumentError as err:
+            with self._changed:
+                self.ignored += 1
+            log.warning("ignored a worker profile on %s: %s", msg.topic, err)
+            return
+        worker_id = msg.topic.rsplit("/", 1)[1]
+        with self._changed:
+            if entry is None:
+                if self._entries.pop(worker_id, None) is not None:
+                    log.info("worker %s withdrew its profile", worker_id)
+            else:
+                self._entries[worker_id] = entry
+                log.info("profile of worker %s (%s %s)", worker_id, entry.source, entry.measured_at)
+            self._changed.notify_all()
+
+    def profiles(self) -> dict[str, dict[str, Any]]:
+        """worker id → its profile's JSON value (a policies.cost.Profile for the planner to parse)."""
+        with self._changed:
+            return {wid: e.profile for wid, e in self._entries.items()}
+
+    def entries(self) -> dict[str, WorkerProfile]:
+        """worker id → everything received about it (threads, measured_at, received time)."""
+        with self._changed:
+            return dict(self._entries)
+
+    def wait_for_any(self, timeout: float) -> bool:
+        """True as soon as at least one worker's profile is held; False after `timeout` s without."""
+        with self._changed:
+            return self._changed.wait_for(lambda: bool(self._entries), timeout)
