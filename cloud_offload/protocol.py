@@ -824,6 +824,8 @@ class InferRequest(BaseModel):
     # A named plan, or an inline plan object (policies.plan JSON form). Never a file path: apps
     # must not make the device read its files.
     plan: str | dict[str, Any] | None = None
+    # Or a planner the device runs for this request instead of its configured one.
+    planner: Literal["edge-only", "cloud-only", "layer-split", "layer-dp", "splitwise-dp"] | None = None
     reply_to: str | None = None  # for MQTT 3.1.1 clients, which have no ResponseTopic
     request_id: Annotated[str, Field(max_length=128)] | None = None  # echoed in every reply
 
@@ -834,6 +836,8 @@ class InferRequest(BaseModel):
         max_tokens = int(limits.get("max_tokens_limit", MAX_TOKENS))
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
+        if self.plan is not None and self.planner is not None:
+            raise ValueError("give at most one of plan or planner")
         if self.max_tokens is not None and self.max_tokens > max_tokens:
             raise ValueError(f"max_tokens {self.max_tokens} exceeds the limit {max_tokens}")
         text = self.prompt if self.prompt is not None else "".join(m.content for m in self.messages or ())

@@ -24,6 +24,8 @@ from pydantic import ValidationError
 
 from cloud_offload import protocol
 from cloud_offload.mqtt import MqttConnection, RpcClient, settings_from_config
+from cloud_offload.probe import LinkProber
+from cloud_offload.profiles import WorkerProfile, WorkerProfiles
 from cloud_offload.protocol import ErrorCode, InferRequest
 from policies.cost import Profile
 from policies.plan import Plan
@@ -31,12 +33,14 @@ from policies.planners import PLANNER_NAMES
 from policies.segments import ModelDims
 from splitwise_device import __version__, systemd
 from splitwise_device.config import DeviceConfig
-from splitwise_device.controller import Controller, Decision, load_or_measure_profile
+from splitwise_device.controller import COST_MODEL_PLANNERS, Controller, Decision, load_or_measure_profile
 from splitwise_device.engine import Engine, model_sha256
 from splitwise_device.errors import ConfigError, SplitwiseError
 from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
 
 log = logging.getLogger(__name__)
+
+PROFILE_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,14 @@ class DeviceAgent:
         self._configured_cloud = (
             {"configured": Profile.load(config.planning.cloud_profile)} if config.planning.cloud_profile else {}
         )
+        self.worker_profiles = WorkerProfiles(self.connection, config.cloud.pool, self.model_hash)
+        self._parsed_profiles: dict[str, tuple[WorkerProfile, Profile | None]] = {}
+        self.prober = LinkProber(
+            self.rpc,
+            protocol.pool_segment_topic(config.cloud.pool),
+            min_interval_s=config.planning.probe_interval_s,
+            timeout_s=min(2.0, config.cloud.segment_timeout_s),
+        )
         self.controller = Controller(
             config.planning,
             ModelDims.from_config(cfg),
@@ -103,6 +115,7 @@ class DeviceAgent:
             edge_profile=self.edge_profile,
             cloud_profiles=self.cloud_profiles,
             link_up=self.connection.connected.is_set,
+            probe=self.prober.probe,
             memory_budget_bytes=device.memory_budget,
         )
         self.accepting = threading.Event()
@@ -138,7 +151,20 @@ class DeviceAgent:
             return self._edge_profile
 
     def cloud_profiles(self) -> dict[str, Profile]:
-        return dict(self._configured_cloud)
+        """The profiles the pool's workers published (parsed once per message), else the configured one."""
+        published: dict[str, Profile] = {}
+        for worker_id, entry in self.worker_profiles.entries().items():
+            cached = self._parsed_profiles.get(worker_id)
+            if cached is None or cached[0] is not entry:
+                try:
+                    cached = (entry, Profile.model_validate(entry.profile))
+                except ValueError as err:  # pydantic's ValidationError is a ValueError
+                    log.warning("worker %s published a profile this device cannot use: %s", worker_id, err)
+                    cached = (entry, None)
+                self._parsed_profiles[worker_id] = cached
+            if cached[1] is not None:
+                published[worker_id] = cached[1]
+        return published or dict(self._configured_cloud)
 
     def _status(self, state: str) -> bytes:
         return json.dumps(
@@ -166,6 +192,12 @@ class DeviceAgent:
         self._worker.start()
         self.connection.subscribe(protocol.device_infer_topic(self.device_id), self._on_infer)
         self.connection.start(connect_timeout)
+        if self.config.agent.planner in COST_MODEL_PLANNERS:
+            # Plan the first request like the later ones: measure (or load) our profile now, and give
+            # the workers' retained profiles, delivered right after subscribing, a moment to arrive.
+            self.edge_profile()
+            if connect_timeout is not None or self.connection.connected.is_set():
+                self.worker_profiles.wait_for_any(PROFILE_WAIT_S)
         self.accepting.set()
         systemd.ready()
         interval = systemd.watchdog_interval()
@@ -274,13 +306,15 @@ class DeviceAgent:
                 self.busy.clear()
 
     def choose_plan(self, request: InferRequest, prompt_len: int, max_tokens: int) -> Decision:
-        """The request's own plan (a plan, plan name or planner name) or the configured planner's."""
+        """The request's own plan (a plan or a plan name), its planner's, or the configured planner's."""
         plan: Plan | None = None
         planner: str = self.config.agent.planner
         if isinstance(request.plan, dict):
             plan, planner = Plan.from_dict(request.plan).validate_for(self.n_layer, self.n_head), "request"
         elif isinstance(request.plan, str):
             planner = request.plan
+        elif request.planner is not None:
+            planner = request.planner
         elif planner == "fixed":
             assert self.config.agent.plan is not None  # the config requires it
             planner = self.config.agent.plan

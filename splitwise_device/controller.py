@@ -45,10 +45,14 @@ COST_MODEL_PLANNERS = frozenset(PLANNER_NAMES) - {"edge-only", "cloud-only"}
 
 
 class ProbeSample(Protocol):
-    bytes_up: int
-    bytes_down: int
-    round_trip_s: float
-    compute_s: float
+    @property
+    def bytes_up(self) -> int: ...
+    @property
+    def bytes_down(self) -> int: ...
+    @property
+    def round_trip_s(self) -> float: ...
+    @property
+    def compute_s(self) -> float: ...
 
 
 @dataclass(frozen=True)

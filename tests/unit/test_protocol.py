@@ -448,6 +448,7 @@ def test_infer_request_full() -> None:
     assert req.plan == "heads:3" and req.reply_to == "app/replies/1"
     inline = {"version": 1, "n_layer": 1, "n_head": 9, "layers": [], "lm_head": "edge"}
     assert p.InferRequest.parse(json.dumps({"prompt": "x", "plan": inline})).plan == inline
+    assert p.InferRequest.parse(b'{"prompt": "x", "planner": "splitwise-dp"}').planner == "splitwise-dp"
 
 
 @pytest.mark.parametrize(
@@ -469,6 +470,9 @@ def test_infer_request_full() -> None:
         {"prompt": "a", "unknown": 1},
         {"prompt": "a", "plan": "/etc/passwd"},
         {"prompt": "a", "plan": "heads"},
+        {"prompt": "a", "planner": "splitwise-rl"},
+        {"prompt": "a", "planner": "fixed"},
+        {"prompt": "a", "plan": "edge-only", "planner": "layer-dp"},
         {"prompt": "a", "reply_to": "a/+/b"},
         {"prompt": "a", "reply_to": "$SYS/x"},
         {"prompt": "a", "reply_to": ""},
