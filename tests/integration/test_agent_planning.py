@@ -111,13 +111,17 @@ def test_agent_plans_with_the_published_worker_profile(
 
         # The configured planner (splitwise-dp) and a per-request planner: each plan is the planner's
         # choice for the observation the reply reports.
-        for request in ({"prompt": "Hello there", "max_tokens": 6}, {"prompt": "Hi", "planner": "layer-dp"}):
+        requests: list[dict[str, Any]] = [
+            {"prompt": "Hello there", "max_tokens": 6},
+            {"prompt": "Hi", "planner": "layer-dp"},
+        ]
+        for request in requests:
             final = ask(app, json.dumps(request))[-1]
             assert final["type"] == "final", final
             name = request.get("planner", "splitwise-dp")
             assert final["plan"]["planner"] == name
             prompt_len, max_tokens = final["tokens"]["prompt"], request.get("max_tokens", 256)
-            expected = replan(final, str(name), prompt_len, int(max_tokens))
+            expected = replan(final, name, prompt_len, max_tokens)
             assert final["plan"]["edge_heads"] == sum(len(lp.edge_heads) for lp in expected.layers)
             assert final["plan"]["lm_head"] == expected.lm_head.value
             assert final["plan"]["planner_ms"] >= 0 and "predicted" in final["plan"]
