@@ -1,9 +1,16 @@
-"""A mosquitto process on a free loopback port: what the demo, the tests and the benchmarks start.
+"""A mosquitto process on a free port: what the demo, the tests and the benchmarks start.
 
 Configured the way Splitwise needs a broker: MQTT v5, no persistence, and `set_tcp_nodelay true`
 (small request/response segments otherwise wait ~40 ms for delayed ACKs; see bench/transport.py).
 It can be stopped and started again on the same port (broker-restart tests), and it only ever
 stops the process it started.
+
+By default it listens on 127.0.0.1. `host` and `command_prefix` run it elsewhere, e.g. inside a
+network namespace (tests/support/netns.py): `LocalBroker(dir, host=link.cloud_ip,
+command_prefix=link.prefix)` runs `ip netns exec NAME mosquitto -c ...` listening on the
+namespace's veth address; the readiness check connects to host:port from this process's namespace.
+The port comes from `free_port()` (free on the root namespace's loopback); a fresh namespace has
+every port free, so that choice is good there too.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -49,8 +57,17 @@ def wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], timeou
 
 
 class LocalBroker:
-    def __init__(self, workdir: Path, *, nodelay: bool = True, settings: str = "allow_anonymous true\n") -> None:
-        self.host = "127.0.0.1"
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        nodelay: bool = True,
+        settings: str = "allow_anonymous true\n",
+        host: str = "127.0.0.1",
+        command_prefix: Sequence[str] = (),
+    ) -> None:
+        self.host = host
+        self.command_prefix = list(command_prefix)
         self.port = free_port()
         self.config = workdir / f"mosquitto-{self.port}.conf"
         self.log = workdir / f"mosquitto-{self.port}.log"
@@ -79,15 +96,18 @@ class LocalBroker:
         if self._process is not None:
             raise RuntimeError("broker already running")
         self._process = subprocess.Popen(
-            [mosquitto_binary(), "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            [*self.command_prefix, mosquitto_binary(), "-c", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         if not wait_for_port(self.host, self.port, self._process, timeout):
             err = b""
             if self._process.poll() is not None and self._process.stderr is not None:
                 err = self._process.stderr.read()
             self.stop()
+            where = f"{self.host}:{self.port}"
             raise BrokerUnavailableError(
-                f"mosquitto did not listen on port {self.port} within {timeout:g}s: {err.decode(errors='replace')}"
+                f"mosquitto did not listen on {where} within {timeout:g}s: {err.decode(errors='replace')}"
             )
 
     def stop(self) -> None:
