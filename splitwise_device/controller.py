@@ -148,7 +148,7 @@ class Controller:
         """Sends an active probe when real transfers have not refreshed the estimate lately."""
         if self._probe is None or not self._link_up():
             return
-        last = self.link.last_sample_at
+        last = self.link.refreshed_at
         if last is not None and self._clock() - last < self.planning.probe_interval_s:
             return
         samples = self._probe()

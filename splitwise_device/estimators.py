@@ -3,8 +3,10 @@
 - `LinkEstimator` (passive): every cloud segment gives its bytes up and down, its round trip and
   the worker's compute time (reply user property `compute_us`). The network's share of a round
   trip is modelled as `rtt + 8·bytes/bandwidth`: small messages estimate the RTT, large ones the
-  bandwidth once the RTT is known. Both are EWMAs (`splitwise_device.lyapunov.Ewma`) weighted by
-  the seconds since the previous sample, so the estimate follows a changing link.
+  bandwidth once the RTT is known (averaged as seconds per bit, so a link that slows down is seen
+  at once). Both are EWMAs (`splitwise_device.lyapunov.Ewma`) weighted by the seconds since the
+  previous sample, so the estimate follows a changing link. An active probe (the agent's
+  `Controller`) refreshes whichever estimate has gone without samples.
 - `RateEstimator`: request arrivals per second (EWMA of the instantaneous rate).
 """
 
@@ -22,7 +24,7 @@ SMALL_MESSAGE_BYTES = 4096  # round trips of messages below this size measure la
 class LinkEstimator:
     def __init__(self, half_life_s: float = 10.0, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._rtt = Ewma(half_life_s)
-        self._bandwidth = Ewma(half_life_s)
+        self._seconds_per_bit = Ewma(half_life_s)
         self._last: dict[str, float] = {}
         self._clock = clock
 
@@ -48,22 +50,33 @@ class LinkEstimator:
         rtt = self._rtt.value
         if rtt is None:
             return  # a large transfer alone cannot tell latency from bandwidth
-        transfer_s = network_s - rtt
+        # A transfer that took no longer than the RTT says the link is faster than this sample can
+        # resolve: count it as taking a twentieth of the round trip rather than dropping it.
+        transfer_s = max(network_s - rtt, network_s / 20)
         if transfer_s > 0:
-            self._bandwidth.update(8 * size / transfer_s, self._weight("bandwidth", now))
+            # Averaged as seconds per bit, not bits per second: an average of rates is dominated by
+            # the fast samples and would keep a link that just slowed down looking fast.
+            self._seconds_per_bit.update(transfer_s / (8 * size), self._weight("bandwidth", now))
 
     @property
     def rtt_s(self) -> float | None:
         return self._rtt.value
 
     @property
-    def last_sample_at(self) -> float | None:
-        """Clock time of the newest sample that updated an estimate (None before the first)."""
-        return max(self._last.values(), default=None)
+    def refreshed_at(self) -> float | None:
+        """Clock time of the older of the two estimates' newest samples: None until both exist.
+
+        Large transfers refresh only the bandwidth, small ones only the RTT; a probe is due when
+        either has gone without a sample for a while.
+        """
+        if "rtt" not in self._last or "bandwidth" not in self._last:
+            return None
+        return min(self._last.values())
 
     @property
     def bandwidth_bps(self) -> float | None:
-        return self._bandwidth.value
+        spb = self._seconds_per_bit.value
+        return None if spb is None else 1.0 / spb
 
 
 class RateEstimator:

@@ -103,15 +103,21 @@ def test_probe_feeds_the_link_estimate_and_is_rate_limited(profile: Profile) -> 
     clock.now += 6
     c.decide("splitwise-dp", 16, 8, 0)
     assert len(probes) == 2
-    # Real transfers keep the estimate fresh: no probe while they flow.
+    # Real transfers keep the estimate fresh: no probe while they flow...
     clock.now += 20
     c.link.observe(100, 100, 0.02)
+    c.link.observe(50_000, 100, 0.08)
     c.decide("splitwise-dp", 16, 8, 0)
     assert len(probes) == 2
+    # ...but only large ones flowing leave the RTT stale (e.g. cloud-only with its logits): probe.
+    clock.now += 20
+    c.link.observe(50_000, 100, 0.08)
+    c.decide("splitwise-dp", 16, 8, 0)
+    assert len(probes) == 3
     # Edge-only plans do not need the link at all.
     clock.now += 60
     c.decide("edge-only", 16, 8, 0)
-    assert len(probes) == 2
+    assert len(probes) == 3
 
 
 def test_decision_equals_the_planner_on_the_same_observation(profile: Profile) -> None:

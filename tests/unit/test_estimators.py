@@ -33,6 +33,15 @@ def test_link_estimator_follows_a_bandwidth_drop() -> None:
         assert link.bandwidth_bps == pytest.approx(bandwidth, rel=0.1)
 
 
+def test_a_transfer_faster_than_the_rtt_noise_still_gives_a_bandwidth() -> None:
+    link = LinkEstimator(half_life_s=5.0)
+    link.observe(100, 100, 0.0015, now=1.0)
+    assert link.refreshed_at is None  # no bandwidth yet
+    link.observe(65_536, 100, 0.0014, now=2.0)  # quicker than the small message: a fast LAN
+    assert link.bandwidth_bps is not None and link.bandwidth_bps >= 8 * 65_636 / 0.0014
+    assert link.refreshed_at == 1.0  # the RTT's newest sample is the older one
+
+
 def test_link_estimator_rejects_impossible_samples() -> None:
     with pytest.raises(InvalidArgumentError):
         LinkEstimator().observe(10, 10, 0.01, compute_s=0.02)

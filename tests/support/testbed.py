@@ -1,0 +1,289 @@
+"""The loopback testbed of the validation tests and the planner benchmark.
+
+One mosquitto broker, cloud worker processes (``python -m cloud_offload.cli serve``) and one
+device agent process (``python -m splitwise_device run``), all real. The device's link to the
+broker is shaped:
+
+- bandwidth by a token-bucket qdisc on a veth pair into a network namespace that holds the broker
+  and the workers (:class:`tests.support.netns.ShapedLink`; needs root), or, where namespaces are
+  not available, by the TCP link emulator itself;
+- delay (RTT/2 each way), jitter and outages by the TCP link emulator
+  (:class:`tests.support.linkproxy.LinkProxy`) between the agent and the broker.
+
+Workers talk to the broker inside the cloud side, unshaped, as in a data centre. `ask()` sends an
+infer request the way an IoT app does (MQTT v5 ResponseTopic + CorrelationData) and returns the
+final reply, whose ``plan`` part carries the agent's prediction and whose ``timings`` the
+measurement. See docs/link-emulation.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from cloud_offload import protocol
+from cloud_offload.local_broker import LocalBroker
+from cloud_offload.mqtt import BrokerSettings, MqttConnection
+from splitwise_device.tokenizer import bundled_model_path
+from tests.support.linkproxy import LinkProxy
+from tests.support.netns import ShapedLink
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICE_ID = "testbed-dev"
+POOL = "testbed"
+
+
+@dataclass(frozen=True)
+class LinkCondition:
+    """A link between device and broker: bandwidth (None = unshaped) and the RTT the emulator adds."""
+
+    name: str
+    bandwidth_bps: float | None
+    rtt_s: float
+    jitter_s: float = 0.0
+
+    def describe(self) -> str:
+        bw = "unshaped" if self.bandwidth_bps is None else f"{self.bandwidth_bps / 1e6:g} Mbit/s"
+        return f"{self.name} ({bw}, +{1e3 * self.rtt_s:g} ms RTT)"
+
+
+class Process:
+    def __init__(self, name: str, argv: Sequence[str], log: Path) -> None:
+        self.name = name
+        self.log = log
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        with log.open("wb") as out:
+            self.popen = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.alive():
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class Testbed:
+    """Broker, workers and agent; `set_link()` changes the link between requests."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        kernel_shaping: bool = True,
+        workers: int = 1,
+        worker_profile: str = "measure",
+        agent: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.shaped: ShapedLink | None = None
+        reason = ShapedLink.available() if kernel_shaping else "not asked for"
+        if reason is None:
+            self.shaped = ShapedLink(None)
+            self.shaped.__enter__()
+        self.kernel_shaping = self.shaped is not None
+        self.why_not_kernel = reason
+        self.procs: list[Process] = []
+        try:
+            if self.shaped is not None:
+                self.broker = LocalBroker(workdir, host=self.shaped.cloud_ip, command_prefix=self.shaped.prefix)
+            else:
+                self.broker = LocalBroker(workdir)
+            self.broker.start()
+            self.proxy = LinkProxy(self.broker.host, self.broker.port).start()
+            self.app = MqttConnection(BrokerSettings(self.broker.host, self.broker.port), f"app-{uuid.uuid4().hex[:8]}")
+            self.app_topic = f"testbed/app/{uuid.uuid4().hex[:8]}"
+            self._replies: dict[bytes, queue.Queue[dict[str, Any]]] = {}
+            self._status: dict[str, str] = {}
+            self.app.subscribe(self.app_topic, self._on_reply)
+            self.app.subscribe(protocol.device_status_topic(DEVICE_ID), self._on_status)
+            self.app.subscribe(f"{protocol.TOPIC_ROOT}/cloud/worker/+/status", self._on_status)
+            self.app.subscribe(protocol.pool_profile_filter(POOL), self._on_profile)
+            self.app.start()
+            self.worker_ids = [f"w{i}" for i in range(workers)]
+            for worker_id in self.worker_ids:
+                self._start_worker(worker_id, worker_profile)
+            for worker_id in self.worker_ids:
+                self._wait_status(protocol.worker_status_topic(worker_id), "online", 60)
+                if worker_profile != "off":  # the agent should plan with it from the first request
+                    self._wait_status(protocol.worker_profile_topic(POOL, worker_id), "published", 120)
+            self._start_agent(agent or {})
+        except BaseException:
+            self.close()
+            raise
+
+    # --- processes ------------------------------------------------------------------------------
+
+    def _prefix(self) -> list[str]:
+        return list(self.shaped.prefix) if self.shaped is not None else []
+
+    def _start_worker(self, worker_id: str, profile: str) -> None:
+        argv = [
+            *self._prefix(),
+            sys.executable,
+            "-m",
+            "cloud_offload.cli",
+            "serve",
+            "--broker",
+            f"mqtt://{self.broker.host}:{self.broker.port}",
+            "--model",
+            str(bundled_model_path()),
+            "--worker-id",
+            worker_id,
+            "--pool",
+            POOL,
+            "--threads",
+            "1",
+            "--profile",
+            profile,
+        ]
+        self.procs.append(Process(f"worker {worker_id}", argv, self.workdir / f"worker-{worker_id}.log"))
+
+    def _start_agent(self, overrides: dict[str, dict[str, Any]]) -> None:
+        sections: dict[str, dict[str, Any]] = {
+            "device": {
+                "id": DEVICE_ID,
+                "model": str(bundled_model_path()),
+                "threads": 1,
+                "state_dir": str(self.workdir / "agent-state"),
+            },
+            "broker": {"url": self.proxy.url},
+            "agent": {"codec": "q8_0", "queue_size": 64, "max_tokens_limit": 512},
+            "cloud": {"pool": POOL, "segment_timeout_s": 10.0},
+            "planning": {"probe_interval_s": 2.0, "link_half_life_s": 5.0},
+        }
+        for name, values in overrides.items():
+            sections.setdefault(name, {}).update(values)
+        config = self.workdir / "device.toml"
+        config.write_text(
+            "\n".join(
+                f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items())
+                for name, values in sections.items()
+            )
+        )
+        argv = [sys.executable, "-m", "splitwise_device", "run", "--config", str(config)]
+        self.agent = Process("agent", argv, self.workdir / "agent.log")
+        self.procs.append(self.agent)
+        self._wait_status(protocol.device_status_topic(DEVICE_ID), "online", 120)
+
+    def _on_status(self, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._status[msg.topic] = json.loads(msg.payload)["state"]
+        except (ValueError, KeyError, TypeError):
+            self._status[msg.topic] = "?"
+
+    def _on_profile(self, msg: mqtt.MQTTMessage) -> None:
+        self._status[msg.topic] = "published" if msg.payload else "withdrawn"
+
+    def _wait_status(self, topic: str, state: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._status.get(topic) != state:
+            for p in self.procs:
+                if not p.alive():
+                    raise RuntimeError(f"{p.name} exited with {p.popen.returncode}:\n{p.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{topic} not {state!r} within {timeout:g}s\n{self.logs()}")
+            time.sleep(0.05)
+
+    # --- link -----------------------------------------------------------------------------------
+
+    def set_link(self, link: LinkCondition) -> None:
+        """Kernel tbf for bandwidth when available (else the emulator), the emulator for delay."""
+        if self.shaped is not None:
+            self.shaped.set_rate(link.bandwidth_bps)
+            self.proxy.set_link(bandwidth_bps=None, delay_s=link.rtt_s / 2, jitter_s=link.jitter_s)
+        else:
+            self.proxy.set_link(bandwidth_bps=link.bandwidth_bps, delay_s=link.rtt_s / 2, jitter_s=link.jitter_s)
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def _on_reply(self, msg: mqtt.MQTTMessage) -> None:
+        correlation = getattr(msg.properties, "CorrelationData", None)
+        box = self._replies.get(bytes(correlation)) if correlation is not None else None
+        if box is not None:
+            box.put(json.loads(msg.payload))
+
+    def send(self, request: dict[str, Any]) -> queue.Queue[dict[str, Any]]:
+        """Publishes a request; the returned queue receives its replies (chunks, then final/error)."""
+        correlation = uuid.uuid4().bytes
+        box: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._replies[correlation] = box
+        self.app.publish(
+            protocol.device_infer_topic(DEVICE_ID),
+            json.dumps(request).encode(),
+            response_topic=self.app_topic,
+            correlation_data=correlation,
+        ).wait_for_publish(10)
+        return box
+
+    def wait_final(self, box: queue.Queue[dict[str, Any]], timeout: float = 600.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no final reply within {timeout:g}s\n{self.logs()}")
+            try:
+                reply = box.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                if not self.agent.alive():
+                    raise RuntimeError(f"the agent died:\n{self.agent.tail()}") from None
+                continue
+            if reply.get("type") in ("final", "error"):
+                return reply
+
+    def ask(self, request: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
+        return self.wait_final(self.send(request), timeout)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.tail(20)}" for p in self.procs)
+
+    def close(self) -> None:
+        for p in sorted(self.procs, key=lambda p: p is not getattr(self, "agent", None)):
+            p.stop()
+        if hasattr(self, "app"):
+            self.app.stop()
+        if hasattr(self, "proxy"):
+            self.proxy.stop()
+        if hasattr(self, "broker"):
+            self.broker.stop()
+        if self.shaped is not None:
+            self.shaped.__exit__(None, None, None)
+            self.shaped = None
+
+    def __enter__(self) -> Testbed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
