@@ -40,43 +40,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from policies.plan import FfnMode, LayerPlan, Plan, Side, random_plan
 from policies.segments import ModelDims, compile_plan
-from tests.support.testbed import LinkCondition, Testbed
+from tests.support.testbed import MESSAGES, LinkCondition, Testbed, validation_plan
 
 CONDITIONS = (
     LinkCondition("lan", None, 0.0),
     LinkCondition("100mbit-10ms", 100e6, 0.010),
     LinkCondition("10mbit-40ms", 10e6, 0.040),
 )
-MESSAGES = [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]
-N_LAYER, N_HEAD = 30, 9
-
-
-def validation_plan(rng: np.random.Generator, index: int) -> Plan:
-    style = index % 3
-    if style == 0:
-        return random_plan(rng, N_LAYER, N_HEAD, index)
-    mixed = 0.2 if style == 1 else 0.0
-    side = Side(str(rng.choice(["edge", "cloud"])))
-    layers = []
-    for _ in range(N_LAYER):
-        if rng.random() < 0.15:
-            side = Side.CLOUD if side is Side.EDGE else Side.EDGE
-        if rng.random() < mixed:
-            edge = tuple(sorted(int(h) for h in rng.choice(N_HEAD, size=rng.integers(1, N_HEAD), replace=False)))
-            layers.append(LayerPlan(edge_heads=edge, ffn=FfnMode(str(rng.choice(["edge", "cloud", "split"])))))
-        else:
-            heads = tuple(range(N_HEAD)) if side is Side.EDGE else ()
-            layers.append(LayerPlan(edge_heads=heads, ffn=FfnMode(side.value)))
-    lm_head = Side(str(rng.choice(["edge", "cloud"])))
-    return Plan(n_layer=N_LAYER, n_head=N_HEAD, layers=tuple(layers), lm_head=lm_head, name=f"validation-{index}")
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rng = np.random.default_rng(args.seed)
     plans = [validation_plan(rng, i) for i in range(args.plans)]
-    dims = ModelDims(n_layer=N_LAYER, n_head=N_HEAD, n_head_kv=3, d_model=576, n_ff=1536, n_vocab=49152)
+    dims = ModelDims(n_layer=30, n_head=9, n_head_kv=3, d_model=576, n_ff=1536, n_vocab=49152)
     rows: list[dict[str, Any]] = []
     conditions = [c for c in CONDITIONS if not args.only or c.name in args.only]
     with tempfile.TemporaryDirectory(prefix="validate-") as tmp, Testbed(Path(tmp)) as bed:

@@ -30,17 +30,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as mqtt
 
 from cloud_offload import protocol
 from cloud_offload.local_broker import LocalBroker
 from cloud_offload.mqtt import BrokerSettings, MqttConnection
+from policies.plan import FfnMode, LayerPlan, Plan, Side, random_plan
 from splitwise_device.tokenizer import bundled_model_path
 from tests.support.linkproxy import LinkProxy
 from tests.support.netns import ShapedLink
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICE_ID = "testbed-dev"
+MESSAGES = [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]
 POOL = "testbed"
 
 
@@ -56,6 +59,27 @@ class LinkCondition:
     def describe(self) -> str:
         bw = "unshaped" if self.bandwidth_bps is None else f"{self.bandwidth_bps / 1e6:g} Mbit/s"
         return f"{self.name} ({bw}, +{1e3 * self.rtt_s:g} ms RTT)"
+
+
+def validation_plan(rng: np.random.Generator, index: int, n_layer: int = 30, n_head: int = 9) -> Plan:
+    """Plan `index` of the cost-model validation; its style is index mod 3 (bench/validate_cost_model.py)."""
+    style = index % 3
+    if style == 0:
+        return random_plan(rng, n_layer, n_head, index)
+    mixed = 0.2 if style == 1 else 0.0
+    side = Side(str(rng.choice(["edge", "cloud"])))
+    layers = []
+    for _ in range(n_layer):
+        if rng.random() < 0.15:
+            side = Side.CLOUD if side is Side.EDGE else Side.EDGE
+        if rng.random() < mixed:
+            edge = tuple(sorted(int(h) for h in rng.choice(n_head, size=rng.integers(1, n_head), replace=False)))
+            layers.append(LayerPlan(edge_heads=edge, ffn=FfnMode(str(rng.choice(["edge", "cloud", "split"])))))
+        else:
+            heads = tuple(range(n_head)) if side is Side.EDGE else ()
+            layers.append(LayerPlan(edge_heads=heads, ffn=FfnMode(side.value)))
+    lm_head = Side(str(rng.choice(["edge", "cloud"])))
+    return Plan(n_layer=n_layer, n_head=n_head, layers=tuple(layers), lm_head=lm_head, name=f"validation-{index}")
 
 
 class Process:
