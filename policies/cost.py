@@ -231,7 +231,8 @@ class Observation:
 
     `backlog_s`, `arrival_rate` and `backlog_requests` describe the edge queue (the cost model
     does not use them; the Lyapunov work queue `work_queue_u` carries the backlog into the
-    objective). `cloud_load` multiplies every cloud compute time (1 = the profiled speed).
+    objective). `cloud_load` multiplies every cloud compute time (1 = the profiled speed), `edge_load`
+    every edge compute time (the agent measures both against the profiles as it serves).
     `memory_budget_bytes` None means unlimited. A link with bandwidth 0 or an infinite RTT is cut.
     """
 
@@ -243,12 +244,13 @@ class Observation:
     backlog_s: float = 0.0
     arrival_rate: float = 0.0
     cloud_load: float = 1.0
+    edge_load: float = 1.0
     energy_queue_z: float = 0.0
     work_queue_u: float = 0.0
     memory_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("bandwidth_bps", "rtt_s", "backlog_s", "arrival_rate", "cloud_load"):
+        for name in ("bandwidth_bps", "rtt_s", "backlog_s", "arrival_rate", "cloud_load", "edge_load"):
             v = getattr(self, name)
             if not isinstance(v, int | float) or math.isnan(v) or v < 0:
                 raise InvalidArgumentError(f"observation.{name}: expected a number ≥ 0, got {v!r}")
@@ -399,6 +401,10 @@ class CostModel:
         return len({h // self.per_group for h in heads})
 
     def edge_op_s(self, kind: EdgeOpKind, heads: tuple[int, ...], n_srcs: int, step: StepCtx) -> float:
+        """Edge compute of one op, scaled by the observed edge load."""
+        return self._edge_op_profiled_s(kind, heads, n_srcs, step) * self.obs.edge_load
+
+    def _edge_op_profiled_s(self, kind: EdgeOpKind, heads: tuple[int, ...], n_srcs: int, step: StepCtx) -> float:
         e = self.edge
         if kind is EdgeOpKind.EMBED:
             return self._block_s(e, "embed", step)

@@ -366,7 +366,12 @@ class DeviceAgent:
             "bytes_down": float(result.transfer.bytes_down),
         }
         self.controller.completed(
-            decision, total_s, len(result.steps), result.transfer.cloud_compute_s, result.fell_back_to_edge
+            decision,
+            total_s,
+            len(result.steps),
+            result.transfer.cloud_compute_s,
+            result.fell_back_to_edge,
+            result.edge_compute_s,
         )
         summary = plan.summary()
         summary["fell_back_to_edge"] = result.fell_back_to_edge

@@ -9,7 +9,8 @@
 - edge backlog: queued requests times the measured service time per request (EWMA), which is
   also the Lyapunov work queue U (seconds);
 - cloud service time: the ratio of the compute time workers report (`compute_us`) to the cloud
-  profile's prediction for the same segments, as an EWMA → `cloud_load`;
+  profile's prediction for the same segments, as an EWMA → `cloud_load`; likewise the edge's own
+  compute time against its profile → `edge_load` (both sides calibrated alike);
 - energy queue Z(t+1) = max(Z + E − E_budget, 0) with E the chosen plan's predicted energy
   (there is no power sensor to read on most devices);
 - arrival rate (`RateEstimator`).
@@ -82,6 +83,7 @@ class Decision:
                 "backlog_s": obs.backlog_s,
                 "arrival_rate": obs.arrival_rate,
                 "cloud_load": obs.cloud_load,
+                "edge_load": obs.edge_load,
                 "energy_queue_z": obs.energy_queue_z,
             }
         if pred is not None and math.isfinite(pred.latency_s):
@@ -133,6 +135,7 @@ class Controller:
         self.link = LinkEstimator(planning.link_half_life_s, clock=clock)
         self.arrivals = RateEstimator()
         self.cloud_load = Ewma(planning.link_half_life_s)
+        self.edge_load = Ewma(planning.link_half_life_s)
         self.service_s = Ewma(5.0)  # seconds per request, weighted per request
         self.queues = QueueBank(["energy"])
         self._lock = threading.Lock()
@@ -156,9 +159,15 @@ class Controller:
             self.link.observe(s.bytes_up, s.bytes_down, s.round_trip_s, min(s.compute_s, s.round_trip_s))
 
     def completed(
-        self, decision: Decision, seconds: float, steps: int, cloud_compute_s: float, fell_back: bool
+        self,
+        decision: Decision,
+        seconds: float,
+        steps: int,
+        cloud_compute_s: float,
+        fell_back: bool,
+        edge_compute_s: float = 0.0,
     ) -> None:
-        """Feeds one finished request back: service time, cloud load, energy queue."""
+        """Feeds one finished request back: service time, edge and cloud load, energy queue."""
         with self._lock:
             self.service_s.update(seconds)
             pred, obs = decision.prediction, decision.observation
@@ -167,11 +176,19 @@ class Controller:
             budget = self.planning.energy_budget_j
             if budget is not None:
                 self.queues.step([pred.energy_j], [budget])
+            if fell_back:
+                return
             b = pred.breakdown
-            expected = b.get("prefill_cloud_compute_s", 0.0) + max(steps - 1, 0) * b.get("decode_cloud_compute_s", 0.0)
-            if not fell_back and expected > 0 and cloud_compute_s > 0 and obs.cloud_load > 0:
-                # The prediction already had cloud_load applied; compare against the profiled speed.
-                self.cloud_load.update(cloud_compute_s / (expected / obs.cloud_load))
+            decodes = max(steps - 1, 0)
+            # Each prediction already had the loads applied; compare against the profiled speeds.
+            # Both sides are calibrated alike, so a profile that is pessimistic on both machines
+            # does not tilt plans towards the side that happens to be measured.
+            cloud = b.get("prefill_cloud_compute_s", 0.0) + decodes * b.get("decode_cloud_compute_s", 0.0)
+            if cloud > 0 and cloud_compute_s > 0 and obs.cloud_load > 0:
+                self.cloud_load.update(cloud_compute_s / (cloud / obs.cloud_load))
+            edge = b.get("prefill_edge_compute_s", 0.0) + decodes * b.get("decode_edge_compute_s", 0.0)
+            if edge > 0 and edge_compute_s > 0 and obs.edge_load > 0:
+                self.edge_load.update(edge_compute_s / (edge / obs.edge_load))
 
     # --- decisions ------------------------------------------------------------------------------
 
@@ -190,6 +207,7 @@ class Controller:
                 backlog_s=backlog_s,
                 arrival_rate=self.arrivals.per_second,
                 cloud_load=self.cloud_load.value or 1.0,
+                edge_load=self.edge_load.value or 1.0,
                 energy_queue_z=self.queues["energy"],
                 work_queue_u=backlog_s,
                 memory_budget_bytes=self.memory_budget_bytes,

@@ -349,6 +349,7 @@ class SplitResult:
     events: list[RecoveryEvent]
     transfer: TransferStats
     fell_back_to_edge: bool
+    edge_compute_s: float = 0.0  # time in the edge's own ops (not waiting for the cloud)
 
 
 class SplitExecutor:
@@ -359,6 +360,7 @@ class SplitExecutor:
         self.eos_id = eos_id
         self.dims = ModelDims.from_config(model.config)
         self.link_factory = link_factory
+        self._edge_compute_s = 0.0  # of the request being generated
 
     def generate(
         self,
@@ -380,6 +382,7 @@ class SplitExecutor:
         history: list[int] = []
         batch, position, generated, timings = list(prompt), 0, [], []
         fell_back, stop = False, "max_tokens"
+        self._edge_compute_s = 0.0
         try:
             for step in range(max_tokens):
                 start = time.perf_counter()
@@ -394,7 +397,9 @@ class SplitExecutor:
                         batch, position = history + batch, 0
                 if link is None or fell_back:
                     positions = list(range(position, position + len(batch)))
+                    local_started = time.perf_counter()
                     logits = self.model.forward(session, batch, positions)[-1]
+                    self._edge_compute_s += time.perf_counter() - local_started
                 timings.append(StepTiming(step, len(batch), time.perf_counter() - start))
                 history += batch
                 position += len(batch)
@@ -417,6 +422,7 @@ class SplitExecutor:
             events=link.events if link else [],
             transfer=link.stats if link else TransferStats(),
             fell_back_to_edge=fell_back,
+            edge_compute_s=self._edge_compute_s,
         )
 
     def teacher_forced_logits(self, tokens: Sequence[int], plan: Plan) -> Array:
@@ -445,8 +451,10 @@ class SplitExecutor:
         regs: dict[Reg, Array] = {}
 
         def run_local(local: LocalStep) -> None:
+            started = time.perf_counter()
             for op in local.ops:
                 regs[op.dst] = self._edge_op(op, [regs[s] for s in op.srcs], session, batch, positions)
+            self._edge_compute_s += time.perf_counter() - started
 
         for item in schedule.steps:
             if isinstance(item, LocalStep):

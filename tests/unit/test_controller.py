@@ -189,3 +189,32 @@ def test_observation_is_a_valid_planner_input(profile: Profile) -> None:
     c.decide("splitwise-dp", 16, 8, 0)
     obs = c.observation(16, 8, 2)
     assert isinstance(obs, Observation) and obs.link_up and obs.backlog_requests == 2
+
+
+def test_edge_compute_times_set_the_edge_load(profile: Profile) -> None:
+    c, _, _ = make(profile)
+    d = c.decide("edge-only", 16, 8, 0)
+    assert d.prediction is not None
+    b = d.prediction.breakdown
+    expected = b["prefill_edge_compute_s"] + 7 * b["decode_edge_compute_s"]
+    c.completed(d, seconds=1.0, steps=8, cloud_compute_s=0.0, fell_back=False, edge_compute_s=0.5 * expected)
+    assert c.observation(16, 8, 0).edge_load == pytest.approx(0.5)
+    again = c.decide("edge-only", 16, 8, 0)
+    assert again.prediction is not None
+    assert again.prediction.latency_s == pytest.approx(0.5 * d.prediction.latency_s, rel=1e-6)
+    assert again.to_json()["observation"]["edge_load"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(("edge_load", "cloud_load"), [(0.5, 1.0), (1.0, 0.5), (1.7, 0.6)])
+def test_the_planners_see_the_loads_as_predict_does(profile: Profile, edge_load: float, cloud_load: float) -> None:
+    obs = Observation(
+        bandwidth_bps=100e6, rtt_s=0.004, prompt_len=32, max_tokens=16, edge_load=edge_load, cloud_load=cloud_load
+    )
+    ctx = PlanningContext(profile, profile, DIMS, "q8_0")
+    plans = {name: make_planner(name, ctx).plan(obs) for name in ("edge-only", "layer-dp", "splitwise-dp")}
+    scores = {name: ctx.score(plan, obs) for name, plan in plans.items()}
+    # splitwise-dp is exact: never worse than the others under the same loads.
+    assert scores["splitwise-dp"] <= min(scores.values()) + 1e-9
+    edge_only = predict(plans["edge-only"], obs, profile, profile, DIMS, "q8_0")
+    unloaded = predict(plans["edge-only"], Observation(100e6, 0.004, 32, 16), profile, profile, DIMS, "q8_0")
+    assert edge_only.latency_s == pytest.approx(edge_load * unloaded.latency_s, rel=1e-6)
