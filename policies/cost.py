@@ -307,6 +307,7 @@ class Terms:
 
     latency: float = 0.0
     edge_compute: float = 0.0
+    edge_ops: float = 0.0  # the part of edge_compute spent in model ops (the rest is codec work)
     tx: float = 0.0  # seconds the radio moves bytes (both directions)
     cloud_compute: float = 0.0
     bytes_up: int = 0
@@ -316,6 +317,7 @@ class Terms:
     def add(self, other: Terms) -> None:
         self.latency += other.latency
         self.edge_compute += other.edge_compute
+        self.edge_ops += other.edge_ops
         self.tx += other.tx
         self.cloud_compute += other.cloud_compute
         self.bytes_up += other.bytes_up
@@ -546,7 +548,7 @@ def step_terms(schedule: Schedule, model: CostModel, step: StepCtx) -> Terms:
     for st in schedule.steps:
         if isinstance(st, LocalStep):
             s = local_s(st)
-            total.add(Terms(latency=s, edge_compute=s))
+            total.add(Terms(latency=s, edge_compute=s, edge_ops=s))
             continue
         seg = st if isinstance(st, CloudSegment) else st.remote
         up, down, work = remote(seg)
@@ -559,6 +561,7 @@ def step_terms(schedule: Schedule, model: CostModel, step: StepCtx) -> Terms:
             enc, dec = up.edge_compute, down.edge_compute
             part.latency = enc + max(s, part.latency - enc - dec + work) + dec
             part.edge_compute += s
+            part.edge_ops += s
         else:
             part.latency += work
         total.add(part)
@@ -621,11 +624,13 @@ def predict(
         breakdown={
             "cloud_round_trips_per_step": float(schedule.cloud_round_trips),
             "prefill_edge_compute_s": pre.edge_compute,
+            "prefill_edge_ops_s": pre.edge_ops,
             "prefill_cloud_compute_s": pre.cloud_compute,
             "prefill_tx_s": pre.tx,
             "prefill_bytes_up": float(pre.bytes_up),
             "prefill_bytes_down": float(pre.bytes_down),
             "decode_edge_compute_s": dec.edge_compute,
+            "decode_edge_ops_s": dec.edge_ops,
             "decode_cloud_compute_s": dec.cloud_compute,
             "decode_tx_s": dec.tx,
             "decode_bytes_up": float(dec.bytes_up),

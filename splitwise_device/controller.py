@@ -186,7 +186,8 @@ class Controller:
             cloud = b.get("prefill_cloud_compute_s", 0.0) + decodes * b.get("decode_cloud_compute_s", 0.0)
             if cloud > 0 and cloud_compute_s > 0 and obs.cloud_load > 0:
                 self.cloud_load.update(cloud_compute_s / (cloud / obs.cloud_load))
-            edge = b.get("prefill_edge_compute_s", 0.0) + decodes * b.get("decode_edge_compute_s", 0.0)
+            # The executor times the edge's model ops; codec work happens inside the transfers.
+            edge = b.get("prefill_edge_ops_s", 0.0) + decodes * b.get("decode_edge_ops_s", 0.0)
             if edge > 0 and edge_compute_s > 0 and obs.edge_load > 0:
                 self.edge_load.update(edge_compute_s / (edge / obs.edge_load))
 

@@ -196,7 +196,7 @@ def test_edge_compute_times_set_the_edge_load(profile: Profile) -> None:
     d = c.decide("edge-only", 16, 8, 0)
     assert d.prediction is not None
     b = d.prediction.breakdown
-    expected = b["prefill_edge_compute_s"] + 7 * b["decode_edge_compute_s"]
+    expected = b["prefill_edge_ops_s"] + 7 * b["decode_edge_ops_s"]
     c.completed(d, seconds=1.0, steps=8, cloud_compute_s=0.0, fell_back=False, edge_compute_s=0.5 * expected)
     assert c.observation(16, 8, 0).edge_load == pytest.approx(0.5)
     again = c.decide("edge-only", 16, 8, 0)
