@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from policies.cost import Observation, Profile, Weights, predict
+from policies.cost import Observation, Profile, Weights, objective, predict
 from policies.plan import FfnMode, LayerPlan, Plan, Side, edge_only
 from policies.planners import (
     PLANNER_NAMES,
@@ -243,3 +243,104 @@ def test_binding_memory_budget_on_smollm2() -> None:
         for name in ("layer-dp", "layer-split"):
             assert res.objective <= ctx.score(make_planner(name, ctx).plan(ob), ob) * (1 + 1e-12)
         print(f"\nbudget {frac:.0%}: pareto DP {res.seconds * 1e3:.1f} ms")
+
+
+def _all_scores(ctx: PlanningContext, o: Observation, plans: list[Plan]) -> list[tuple[float, int, bool]]:
+    """(objective without budget, edge memory, privacy respected) of every plan, via predict()."""
+    model = ctx.cost_model(o)
+    k = ctx.min_edge_layers
+    out = []
+    for p in plans:
+        pred = predict(p, o, ctx.edge_profile, ctx.cloud_profile, ctx.dims, ctx.codec, model=model)
+        private = all(lp.all_on(Side.EDGE, p.n_head) for lp in p.layers[:k])
+        out.append((objective(pred, o, ctx.weights), pred.edge_memory_bytes, private))
+    return out
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_dp_exact_under_binding_budgets_brute_force(plans_gqa: list[Plan], k: int) -> None:
+    """Budgeted splitwise-dp equals brute force (every plan scored by predict(), the budget and the
+    privacy prefix applied to the scores) for every observation and several binding budgets."""
+    pareto_runs = 0
+    for o in OBSERVATIONS:
+        ctx = _ctx(DIMS_GQA, min_edge_layers=k)
+        scores = _all_scores(ctx, o, plans_gqa)
+        free = SplitwiseDpPlanner(ctx).solve(o)
+        least = min(m for _, m, ok in scores if ok)
+        for frac in (0.0, 0.1, 0.3, 0.6, 0.85, 0.97):
+            budget = int(least + frac * (free.edge_memory_bytes - least))
+            ob = Observation(**{**o.__dict__, "memory_budget_bytes": budget})
+            best = min(s for s, m, ok in scores if ok and m <= budget)
+            res = SplitwiseDpPlanner(ctx).solve(ob)
+            assert res.objective == pytest.approx(best, rel=1e-9, abs=1e-12), (o, k, frac)
+            assert ctx.score(res.plan, ob) == pytest.approx(res.objective, rel=1e-9, abs=1e-12)
+            assert res.edge_memory_bytes <= budget
+            pareto_runs += res.pareto
+    assert pareto_runs >= 10  # the budgets bind: the constrained search ran
+
+
+def _reference_pareto(ctx: PlanningContext, o: Observation) -> float:
+    """Unpruned Pareto-front DP over the planner's own transition table (no bounds, no
+    incumbent): checks the branch and bound of the budgeted search on models too deep for brute
+    force. The tables themselves are checked against brute force above."""
+    from policies.planners import St, _Tables
+
+    budget = o.memory_budget_bytes
+    assert budget is not None
+    tab = _Tables(ctx, o, True)
+    k = ctx.min_edge_layers
+    tables = (tab.transitions(False), tab.transitions(True))
+    fronts: dict[St, list[tuple[float, int]]] = {St.E: [(tab.embed, 0)]}
+    for ell in range(ctx.dims.n_layer):
+        cand: dict[St, list[tuple[float, int]]] = {}
+        for (a, b), opts in tables[1 if ell < k else 0].items():
+            for c0, m0 in fronts.get(a, []):
+                cand.setdefault(b, []).extend((c0 + c, m0 + m) for c, m, _ in opts if m0 + m <= budget)
+        fronts = {}
+        for b, entries in cand.items():
+            kept: list[tuple[float, int]] = []
+            for c, m in sorted(entries, key=lambda e: (e[1], e[0])):
+                if not kept or c < kept[-1][0]:
+                    kept.append((c, m))
+            fronts[b] = kept
+    fixed = {side: tab.m.fixed_memory(side) for side in Side}
+    totals = [
+        c + lc for s, front in fronts.items() for c, m in front for lc, side in tab.lm[s] if m + fixed[side] <= budget
+    ]
+    return min(totals, default=math.inf)
+
+
+def test_budgeted_dp_equals_unpruned_pareto_dp_on_deeper_gqa_model() -> None:
+    dims = ModelDims(n_layer=8, n_head=9, n_head_kv=3, d_model=576, n_ff=1536, n_vocab=2000)
+    rng = random.Random(3)
+    pareto_runs = 0
+    for i in range(200):
+        if pareto_runs == 12:
+            break
+        o = obs(
+            bandwidth_bps=10 ** rng.uniform(6, 9.5),
+            rtt_s=10 ** rng.uniform(-5, -1.5),
+            prompt_len=rng.randint(1, 3000),
+            max_tokens=rng.randint(2, 128),
+            cloud_load=10 ** rng.uniform(0, 2.7),
+            work_queue_u=rng.uniform(0, 5),
+            energy_queue_z=rng.uniform(0, 5),
+        )
+        w = Weights(v=rng.uniform(0.1, 10), w_latency=rng.uniform(0, 1), w_energy=rng.uniform(0, 1), w_accuracy=100.0)
+        ctx = _ctx(dims, rng.choice([EDGE, SLOW_EDGE]), weights=w, min_edge_layers=2 if i % 3 == 2 else 0)
+        free = SplitwiseDpPlanner(ctx).solve(o)
+        model = ctx.cost_model(o)  # least memory: embedding + the private layers
+        least = model.fixed_memory(Side.CLOUD) + ctx.min_edge_layers * model.layer_memory(
+            9, 3, model.ffn_params("edge"), False
+        )
+        budget = int(least + rng.uniform(0.05, 0.95) * (free.edge_memory_bytes - least))
+        ob = Observation(**{**o.__dict__, "memory_budget_bytes": budget})
+        if budget >= free.edge_memory_bytes:
+            continue  # the unconstrained optimum already uses the least memory
+        res = SplitwiseDpPlanner(ctx).solve(ob)
+        assert res.pareto
+        assert res.objective == pytest.approx(_reference_pareto(ctx, ob), rel=1e-9), i
+        assert ctx.score(res.plan, ob) == pytest.approx(res.objective, rel=1e-9)
+        assert res.edge_memory_bytes <= budget
+        pareto_runs += 1
+    assert pareto_runs == 12
