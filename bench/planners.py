@@ -20,7 +20,11 @@ Protocol (fixed before any result was seen):
 Prints per condition and planner: mean and P95 latency, ratios to splitwise-dp, mean tokens, the
 share of requests that used the cloud, and decision time (median, max).
 
-Run: python bench/planners.py [--requests 12] [--tokens 64] [--load 0.6]
+On a machine where device and worker share one CPU model the cloud is no faster than the edge;
+`--edge-cpu 0.33` limits the agent to a third of a core (a device three times slower than the
+cloud worker, like the Raspberry Pi 5 against a server core).
+
+Run: python bench/planners.py [--requests 12] [--tokens 64] [--load 0.6] [--edge-cpu SHARE]
 """
 
 from __future__ import annotations
@@ -78,13 +82,28 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--load", type=float, default=0.6, help="arrival rate as a fraction of edge-only capacity")
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument(
+        "--edge-cpu",
+        type=float,
+        default=None,
+        metavar="SHARE",
+        help="limit the device agent to SHARE of one core (cgroup CFS quota), making it slower than the worker",
+    )
     parser.add_argument("--json", help="write every request's figures here")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     table: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-planners-") as tmp, Testbed(Path(tmp)) as bed:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-planners-") as tmp,
+        Testbed(Path(tmp), edge_cpu_share=args.edge_cpu) as bed,
+    ):
         how = "tbf in a network namespace" if bed.kernel_shaping else f"the TCP emulator ({bed.why_not_kernel})"
-        print(f"bandwidth shaped by {how}; delay by the TCP emulator; {args.tokens}-token requests", flush=True)
+        edge = "a full core" if args.edge_cpu is None else f"{args.edge_cpu:g} of a core (CFS quota)"
+        print(
+            f"bandwidth shaped by {how}; delay by the TCP emulator; {args.tokens}-token requests; "
+            f"device agent on {edge}, worker on a full core",
+            flush=True,
+        )
         for ci, cond in enumerate(CONDITIONS):
             bed.set_link(cond)
             for _ in range(2):

@@ -109,6 +109,42 @@ class Process:
             return ""
 
 
+class CpuLimit:
+    """A cgroup-v1 CFS quota for one process tree: `share` of one core, enforced every `period_s`.
+
+    Makes the device slower than the cloud worker on a machine where both are the same CPU (the
+    short period keeps the stalls short against per-token work of ~10 ms).
+    """
+
+    ROOT = Path("/sys/fs/cgroup/cpu")
+
+    def __init__(self, share: float, period_s: float = 0.01) -> None:
+        if not 0 < share <= 64:
+            raise ValueError(f"cpu share {share}: expected 0 < share <= 64")
+        self.path = self.ROOT / f"splitwise-edge-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.path.mkdir()
+        period_us = int(period_s * 1e6)
+        (self.path / "cpu.cfs_period_us").write_text(str(period_us))
+        (self.path / "cpu.cfs_quota_us").write_text(str(max(1000, int(share * period_us))))
+        self.share = share
+
+    @classmethod
+    def available(cls) -> str | None:
+        if not (cls.ROOT / "cpu.cfs_quota_us").exists():
+            return "no cgroup v1 cpu controller at /sys/fs/cgroup/cpu"
+        if not os.access(cls.ROOT, os.W_OK):
+            return "cannot create cgroups (not root)"
+        return None
+
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def close(self) -> None:
+        for pid in (self.path / "cgroup.procs").read_text().split():
+            (self.ROOT / "cgroup.procs").write_text(pid)  # back to the root group before removal
+        self.path.rmdir()
+
+
 class Testbed:
     """Broker, workers and agent; `set_link()` changes the link between requests."""
 
@@ -122,8 +158,16 @@ class Testbed:
         workers: int = 1,
         worker_profile: str = "measure",
         agent: dict[str, dict[str, Any]] | None = None,
+        edge_cpu_share: float | None = None,
     ) -> None:
+        """`edge_cpu_share` limits the agent process to that share of one core (see CpuLimit)."""
         self.workdir = workdir
+        self.cpu_limit: CpuLimit | None = None
+        if edge_cpu_share is not None:
+            reason = CpuLimit.available()
+            if reason is not None:
+                raise RuntimeError(f"edge_cpu_share needs cgroups: {reason}")
+            self.cpu_limit = CpuLimit(edge_cpu_share)
         self.shaped: ShapedLink | None = None
         reason = ShapedLink.available() if kernel_shaping else "not asked for"
         if reason is None:
@@ -212,6 +256,8 @@ class Testbed:
         argv = [sys.executable, "-m", "splitwise_device", "run", "--config", str(config)]
         self.agent = Process("agent", argv, self.workdir / "agent.log")
         self.procs.append(self.agent)
+        if self.cpu_limit is not None:
+            self.cpu_limit.add(self.agent.popen.pid)  # before it profiles itself: the profile sees the limit
         self._wait_status(protocol.device_status_topic(DEVICE_ID), "online", 120)
 
     def _on_status(self, msg: mqtt.MQTTMessage) -> None:
@@ -297,6 +343,9 @@ class Testbed:
         if self.shaped is not None:
             self.shaped.__exit__(None, None, None)
             self.shaped = None
+        if self.cpu_limit is not None:
+            self.cpu_limit.close()
+            self.cpu_limit = None
 
     def __enter__(self) -> Testbed:
         return self
