@@ -231,8 +231,9 @@ class Observation:
 
     `backlog_s`, `arrival_rate` and `backlog_requests` describe the edge queue (the cost model
     does not use them; the Lyapunov work queue `work_queue_u` carries the backlog into the
-    objective). `cloud_load` multiplies every cloud compute time (1 = the profiled speed), `edge_load`
-    every edge compute time (the agent measures both against the profiles as it serves).
+    objective). `cloud_load` multiplies every cloud compute time (1 = the profiled speed); edge op
+    times are multiplied by `edge_op_load[kind]` (keys: `EdgeOpKind` names) or, for kinds it does
+    not list, by `edge_load` (the agent measures all of these against the profiles as it serves).
     `memory_budget_bytes` None means unlimited. A link with bandwidth 0 or an infinite RTT is cut.
     """
 
@@ -245,6 +246,7 @@ class Observation:
     arrival_rate: float = 0.0
     cloud_load: float = 1.0
     edge_load: float = 1.0
+    edge_op_load: Mapping[str, float] = field(default_factory=dict)
     energy_queue_z: float = 0.0
     work_queue_u: float = 0.0
     memory_budget_bytes: int | None = None
@@ -254,6 +256,9 @@ class Observation:
             v = getattr(self, name)
             if not isinstance(v, int | float) or math.isnan(v) or v < 0:
                 raise InvalidArgumentError(f"observation.{name}: expected a number ≥ 0, got {v!r}")
+        for kind, v in self.edge_op_load.items():
+            if kind not in EdgeOpKind.__members__ or not isinstance(v, int | float) or not 0 < v < math.inf:
+                raise InvalidArgumentError(f"observation.edge_op_load[{kind!r}]: expected an op kind → number > 0")
         for name in ("energy_queue_z", "work_queue_u"):
             v = getattr(self, name)
             if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
@@ -308,6 +313,7 @@ class Terms:
     latency: float = 0.0
     edge_compute: float = 0.0
     edge_ops: float = 0.0  # the part of edge_compute spent in model ops (the rest is codec work)
+    edge_ops_by_kind: dict[str, float] = field(default_factory=dict)  # edge_ops by EdgeOpKind name
     tx: float = 0.0  # seconds the radio moves bytes (both directions)
     cloud_compute: float = 0.0
     bytes_up: int = 0
@@ -318,6 +324,8 @@ class Terms:
         self.latency += other.latency
         self.edge_compute += other.edge_compute
         self.edge_ops += other.edge_ops
+        for kind, v in other.edge_ops_by_kind.items():
+            self.edge_ops_by_kind[kind] = self.edge_ops_by_kind.get(kind, 0.0) + v
         self.tx += other.tx
         self.cloud_compute += other.cloud_compute
         self.bytes_up += other.bytes_up
@@ -404,7 +412,10 @@ class CostModel:
 
     def edge_op_s(self, kind: EdgeOpKind, heads: tuple[int, ...], n_srcs: int, step: StepCtx) -> float:
         """Edge compute of one op, scaled by the observed edge load."""
-        return self._edge_op_profiled_s(kind, heads, n_srcs, step) * self.obs.edge_load
+        return self._edge_op_profiled_s(kind, heads, n_srcs, step) * self.edge_factor(kind)
+
+    def edge_factor(self, kind: EdgeOpKind) -> float:
+        return self.obs.edge_op_load.get(kind.name, self.obs.edge_load)
 
     def _edge_op_profiled_s(self, kind: EdgeOpKind, heads: tuple[int, ...], n_srcs: int, step: StepCtx) -> float:
         e = self.edge
@@ -538,6 +549,12 @@ def step_terms(schedule: Schedule, model: CostModel, step: StepCtx) -> Terms:
     def local_s(ls: LocalStep) -> float:
         return sum(model.edge_op_s(op.kind, op.heads, len(op.srcs), step) for op in ls.ops)
 
+    def by_kind(ls: LocalStep) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for op in ls.ops:
+            out[op.kind.name] = out.get(op.kind.name, 0.0) + model.edge_op_s(op.kind, op.heads, len(op.srcs), step)
+        return out
+
     def remote(seg: CloudSegment) -> tuple[Terms, Terms, float]:
         b = sizes[seg.index]
         up = model.message(seg.input, step, True, b.up)
@@ -548,7 +565,7 @@ def step_terms(schedule: Schedule, model: CostModel, step: StepCtx) -> Terms:
     for st in schedule.steps:
         if isinstance(st, LocalStep):
             s = local_s(st)
-            total.add(Terms(latency=s, edge_compute=s, edge_ops=s))
+            total.add(Terms(latency=s, edge_compute=s, edge_ops=s, edge_ops_by_kind=by_kind(st)))
             continue
         seg = st if isinstance(st, CloudSegment) else st.remote
         up, down, work = remote(seg)
@@ -562,6 +579,7 @@ def step_terms(schedule: Schedule, model: CostModel, step: StepCtx) -> Terms:
             part.latency = enc + max(s, part.latency - enc - dec + work) + dec
             part.edge_compute += s
             part.edge_ops += s
+            part.add(Terms(edge_ops_by_kind=by_kind(st.local)))
         else:
             part.latency += work
         total.add(part)
@@ -639,5 +657,7 @@ def predict(
             "prefill_energy_j": m.energy(pre),
             "decode_energy_j_per_token": m.energy(dec),
             "link_up": 1.0,
+            **{f"prefill_edge_s.{kind}": v for kind, v in pre.edge_ops_by_kind.items()},
+            **{f"decode_edge_s.{kind}": v for kind, v in dec.edge_ops_by_kind.items()},
         },
     )

@@ -372,6 +372,7 @@ class DeviceAgent:
             result.transfer.cloud_compute_s,
             result.fell_back_to_edge,
             result.edge_compute_s,
+            result.edge_compute_by_kind,
         )
         summary = plan.summary()
         summary["fell_back_to_edge"] = result.fell_back_to_edge

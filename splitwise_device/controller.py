@@ -10,7 +10,8 @@
   also the Lyapunov work queue U (seconds);
 - cloud service time: the ratio of the compute time workers report (`compute_us`) to the cloud
   profile's prediction for the same segments, as an EWMA → `cloud_load`; likewise the edge's own
-  compute time against its profile → `edge_load` (both sides calibrated alike);
+  compute time against its profile → `edge_load`, and per op kind → `edge_op_load` (both sides
+  calibrated alike);
 - energy queue Z(t+1) = max(Z + E − E_budget, 0) with E the chosen plan's predicted energy
   (there is no power sensor to read on most devices);
 - arrival rate (`RateEstimator`).
@@ -84,6 +85,7 @@ class Decision:
                 "arrival_rate": obs.arrival_rate,
                 "cloud_load": obs.cloud_load,
                 "edge_load": obs.edge_load,
+                "edge_op_load": dict(obs.edge_op_load),
                 "energy_queue_z": obs.energy_queue_z,
             }
         if pred is not None and math.isfinite(pred.latency_s):
@@ -136,6 +138,7 @@ class Controller:
         self.arrivals = RateEstimator()
         self.cloud_load = Ewma(planning.link_half_life_s)
         self.edge_load = Ewma(planning.link_half_life_s)
+        self.edge_op_load: dict[str, Ewma] = {}
         self.service_s = Ewma(5.0)  # seconds per request, weighted per request
         self.queues = QueueBank(["energy"])
         self._lock = threading.Lock()
@@ -166,6 +169,7 @@ class Controller:
         cloud_compute_s: float,
         fell_back: bool,
         edge_compute_s: float = 0.0,
+        edge_compute_by_kind: Mapping[str, float] | None = None,
     ) -> None:
         """Feeds one finished request back: service time, edge and cloud load, energy queue."""
         with self._lock:
@@ -190,6 +194,26 @@ class Controller:
             edge = b.get("prefill_edge_ops_s", 0.0) + decodes * b.get("decode_edge_ops_s", 0.0)
             if edge > 0 and edge_compute_s > 0 and obs.edge_load > 0:
                 self.edge_load.update(edge_compute_s / (edge / obs.edge_load))
+            self._calibrate_ops(pred, obs, decodes, edge_compute_by_kind or {})
+
+    def _calibrate_ops(self, pred: Prediction, obs: Observation, decodes: int, measured: Mapping[str, float]) -> None:
+        """Per op kind: the profile's error differs between kinds (short ops suffer most from how
+        they were timed), and plans differ in their mix of kinds, so one factor cannot fit all."""
+        b = pred.breakdown
+        profiled: dict[str, float] = {}  # predicted seconds at load 1, by kind
+        for key, value in b.items():
+            phase, _, kind = key.partition("_edge_s.")
+            if kind and phase in ("prefill", "decode"):
+                factor = obs.edge_op_load.get(kind, obs.edge_load)
+                weight = 1 if phase == "prefill" else decodes
+                profiled[kind] = profiled.get(kind, 0.0) + weight * value / factor
+        for kind, seconds in measured.items():
+            # A whole local forward pass is the edge-only schedule: embedding, fused layers, LM head.
+            kinds = [k for k in ("EMBED", "LAYER", "LM_HEAD") if k in profiled] if kind == "FORWARD" else [kind]
+            expected = sum(profiled.get(k, 0.0) for k in kinds)
+            if expected > 0 and seconds > 0:
+                for k in kinds:
+                    self.edge_op_load.setdefault(k, Ewma(self.planning.link_half_life_s)).update(seconds / expected)
 
     # --- decisions ------------------------------------------------------------------------------
 
@@ -209,6 +233,7 @@ class Controller:
                 arrival_rate=self.arrivals.per_second,
                 cloud_load=self.cloud_load.value or 1.0,
                 edge_load=self.edge_load.value or 1.0,
+                edge_op_load={k: v.value for k, v in self.edge_op_load.items() if v.value},
                 energy_queue_z=self.queues["energy"],
                 work_queue_u=backlog_s,
                 memory_budget_bytes=self.memory_budget_bytes,

@@ -350,6 +350,8 @@ class SplitResult:
     transfer: TransferStats
     fell_back_to_edge: bool
     edge_compute_s: float = 0.0  # time in the edge's own ops (not waiting for the cloud)
+    # The same by EdgeOpKind name; a whole local forward (edge-only, fallback) counts as "FORWARD".
+    edge_compute_by_kind: dict[str, float] = field(default_factory=dict)
 
 
 class SplitExecutor:
@@ -361,6 +363,7 @@ class SplitExecutor:
         self.dims = ModelDims.from_config(model.config)
         self.link_factory = link_factory
         self._edge_compute_s = 0.0  # of the request being generated
+        self._edge_compute_by_kind: dict[str, float] = {}
 
     def generate(
         self,
@@ -383,6 +386,7 @@ class SplitExecutor:
         batch, position, generated, timings = list(prompt), 0, [], []
         fell_back, stop = False, "max_tokens"
         self._edge_compute_s = 0.0
+        self._edge_compute_by_kind = {}
         try:
             for step in range(max_tokens):
                 start = time.perf_counter()
@@ -399,7 +403,9 @@ class SplitExecutor:
                     positions = list(range(position, position + len(batch)))
                     local_started = time.perf_counter()
                     logits = self.model.forward(session, batch, positions)[-1]
-                    self._edge_compute_s += time.perf_counter() - local_started
+                    elapsed = time.perf_counter() - local_started
+                    self._edge_compute_s += elapsed
+                    self._edge_compute_by_kind["FORWARD"] = self._edge_compute_by_kind.get("FORWARD", 0.0) + elapsed
                 timings.append(StepTiming(step, len(batch), time.perf_counter() - start))
                 history += batch
                 position += len(batch)
@@ -423,6 +429,7 @@ class SplitExecutor:
             transfer=link.stats if link else TransferStats(),
             fell_back_to_edge=fell_back,
             edge_compute_s=self._edge_compute_s,
+            edge_compute_by_kind=dict(self._edge_compute_by_kind),
         )
 
     def teacher_forced_logits(self, tokens: Sequence[int], plan: Plan) -> Array:
@@ -450,11 +457,15 @@ class SplitExecutor:
         positions = list(range(position, position + len(batch)))
         regs: dict[Reg, Array] = {}
 
+        by_kind = self._edge_compute_by_kind
+
         def run_local(local: LocalStep) -> None:
-            started = time.perf_counter()
             for op in local.ops:
+                started = time.perf_counter()
                 regs[op.dst] = self._edge_op(op, [regs[s] for s in op.srcs], session, batch, positions)
-            self._edge_compute_s += time.perf_counter() - started
+                elapsed = time.perf_counter() - started
+                self._edge_compute_s += elapsed
+                by_kind[op.kind.name] = by_kind.get(op.kind.name, 0.0) + elapsed
 
         for item in schedule.steps:
             if isinstance(item, LocalStep):

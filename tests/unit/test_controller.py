@@ -218,3 +218,36 @@ def test_the_planners_see_the_loads_as_predict_does(profile: Profile, edge_load:
     edge_only = predict(plans["edge-only"], obs, profile, profile, DIMS, "q8_0")
     unloaded = predict(plans["edge-only"], Observation(100e6, 0.004, 32, 16), profile, profile, DIMS, "q8_0")
     assert edge_only.latency_s == pytest.approx(edge_load * unloaded.latency_s, rel=1e-6)
+
+
+def test_each_edge_op_kind_is_calibrated_on_its_own(profile: Profile) -> None:
+    c, _, _ = make(profile)
+    # An edge-only request runs whole local forward passes: embedding, fused layers and LM head
+    # take its ratio, other kinds stay untouched.
+    d = c.decide("edge-only", 16, 8, 0)
+    assert d.prediction is not None
+    c.completed(d, 1.0, 8, 0.0, False, 0.3 * d.prediction.latency_s, {"FORWARD": 0.3 * d.prediction.latency_s})
+    loads = c.observation(16, 8, 0).edge_op_load
+    assert set(loads) == {"EMBED", "LAYER", "LM_HEAD"}
+    assert all(v == pytest.approx(0.3) for v in loads.values())
+    after = c.decide("edge-only", 16, 8, 0).prediction
+    assert after is not None and after.latency_s == pytest.approx(0.3 * d.prediction.latency_s)
+    # A head split: the attention the edge ran took twice its prediction.
+    d = c.decide("heads:4", 16, 8, 0)
+    assert d.prediction is not None
+    b = d.prediction.breakdown
+    attention = b["prefill_edge_s.ATTN"] + 7 * b["decode_edge_s.ATTN"]
+    c.completed(d, 1.0, 8, 0.0, False, 2 * attention, {"ATTN": 2 * attention})
+    loads = c.observation(16, 8, 0).edge_op_load
+    # Its prediction used the overall edge_load (0.3 by now): the attention factor becomes 2 × 0.3.
+    assert loads["ATTN"] == pytest.approx(0.6) and loads["LAYER"] == pytest.approx(0.3)
+    again = c.decide("heads:4", 16, 8, 0).prediction
+    assert again is not None
+    assert again.breakdown["decode_edge_s.ATTN"] == pytest.approx(2 * b["decode_edge_s.ATTN"])
+
+
+def test_observation_rejects_unknown_op_kinds() -> None:
+    with pytest.raises(InvalidArgumentError, match="edge_op_load"):
+        Observation(10e6, 0.01, 8, 8, edge_op_load={"WARP": 1.0})
+    with pytest.raises(InvalidArgumentError, match="edge_op_load"):
+        Observation(10e6, 0.01, 8, 8, edge_op_load={"ATTN": 0.0})
