@@ -143,6 +143,7 @@ class Controller:
         self.queues = QueueBank(["energy"])
         self._lock = threading.Lock()
         self._contexts: dict[tuple[int, int], PlanningContext] = {}
+        self._probe_thread: threading.Thread | None = None
 
     # --- inputs ---------------------------------------------------------------------------------
 
@@ -151,14 +152,35 @@ class Controller:
             self.arrivals.arrival(self._clock())
 
     def refresh_link(self) -> None:
-        """Sends an active probe when real transfers have not refreshed the estimate lately."""
+        """Probes the link when real transfers have not refreshed the estimate lately.
+
+        In the background when an estimate exists (a request never waits for a probe: on a slow
+        link a probe pair takes a round trip plus 64 KiB each way), inline only when there is none
+        yet (the first plan would otherwise see no link at all).
+        """
         if self._probe is None or not self._link_up():
             return
         last = self.link.refreshed_at
         if last is not None and self._clock() - last < self.planning.probe_interval_s:
             return
-        samples = self._probe()
-        for s in samples or ():
+        if self.link.rtt_s is None or self.link.bandwidth_bps is None:
+            self._run_probe()
+            return
+        with self._lock:
+            if self._probe_thread is not None and self._probe_thread.is_alive():
+                return
+            self._probe_thread = threading.Thread(target=self._run_probe, name="link-probe", daemon=True)
+            self._probe_thread.start()
+
+    def join_probe(self, timeout: float | None = None) -> None:
+        """Waits for a background probe to finish (tests, shutdown)."""
+        thread = self._probe_thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _run_probe(self) -> None:
+        assert self._probe is not None
+        for s in self._probe() or ():
             self.link.observe(s.bytes_up, s.bytes_down, s.round_trip_s, min(s.compute_s, s.round_trip_s))
 
     def completed(

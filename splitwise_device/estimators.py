@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -27,6 +28,7 @@ class LinkEstimator:
         self._seconds_per_bit = Ewma(half_life_s)
         self._last: dict[str, float] = {}
         self._clock = clock
+        self._lock = threading.Lock()  # transfers and background probes report from different threads
 
     def _weight(self, which: str, now: float | None) -> float:
         """Seconds since this estimate's previous sample: its half-life is then in real time."""
@@ -42,8 +44,10 @@ class LinkEstimator:
             raise InvalidArgumentError(
                 f"link sample: bytes {bytes_up}/{bytes_down}, round trip {round_trip_s}, compute {compute_s}"
             )
-        network_s = round_trip_s - compute_s
-        size = bytes_up + bytes_down
+        with self._lock:
+            self._observe(bytes_up + bytes_down, round_trip_s - compute_s, now)
+
+    def _observe(self, size: int, network_s: float, now: float | None) -> None:
         if size <= SMALL_MESSAGE_BYTES:
             self._rtt.update(network_s, self._weight("rtt", now))
             return

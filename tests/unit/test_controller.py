@@ -92,6 +92,7 @@ def test_a_cut_link_gives_edge_only_and_no_probe(profile: Profile) -> None:
 
 def test_probe_feeds_the_link_estimate_and_is_rate_limited(profile: Profile) -> None:
     c, clock, probes = make(profile, probe_interval_s=10.0)
+    # No estimate yet: the first decision probes inline and plans with the result.
     d = c.decide("splitwise-dp", 16, 8, 0)
     assert len(probes) == 1
     assert d.observation is not None
@@ -99,25 +100,55 @@ def test_probe_feeds_the_link_estimate_and_is_rate_limited(profile: Profile) -> 
     assert d.observation.bandwidth_bps == pytest.approx(10e6, rel=0.01)
     clock.now += 5
     c.decide("splitwise-dp", 16, 8, 0)
+    c.join_probe(5)
     assert len(probes) == 1  # estimate still fresh
     clock.now += 6
-    c.decide("splitwise-dp", 16, 8, 0)
+    c.decide("splitwise-dp", 16, 8, 0)  # stale: a probe in the background
+    c.join_probe(5)
     assert len(probes) == 2
     # Real transfers keep the estimate fresh: no probe while they flow...
     clock.now += 20
     c.link.observe(100, 100, 0.02)
     c.link.observe(50_000, 100, 0.08)
     c.decide("splitwise-dp", 16, 8, 0)
+    c.join_probe(5)
     assert len(probes) == 2
     # ...but only large ones flowing leave the RTT stale (e.g. cloud-only with its logits): probe.
     clock.now += 20
     c.link.observe(50_000, 100, 0.08)
     c.decide("splitwise-dp", 16, 8, 0)
+    c.join_probe(5)
     assert len(probes) == 3
     # Edge-only plans do not need the link at all.
     clock.now += 60
     c.decide("edge-only", 16, 8, 0)
+    c.join_probe(5)
     assert len(probes) == 3
+
+
+def test_a_stale_estimate_is_probed_in_the_background(profile: Profile) -> None:
+    import threading
+
+    release = threading.Event()
+    calls: list[int] = []
+    c, clock, _ = make(profile, probe_interval_s=1.0)
+    c.decide("splitwise-dp", 16, 8, 0)  # inline: the first estimate
+
+    def slow_probe() -> list[Sample]:
+        calls.append(1)
+        release.wait(5)
+        return [Sample(64, 64, 0.2, 0.0)]
+
+    c._probe = slow_probe
+    clock.now += 5
+    d = c.decide("splitwise-dp", 16, 8, 0)  # returns while the probe is still out
+    assert calls == [1] and not release.is_set()
+    assert d.observation is not None and d.observation.rtt_s == pytest.approx(0.02, rel=1e-6)
+    c.decide("splitwise-dp", 16, 8, 0)
+    assert calls == [1]  # one probe at a time
+    release.set()
+    c.join_probe(5)
+    assert c.link.rtt_s is not None and c.link.rtt_s > 0.02
 
 
 def test_decision_equals_the_planner_on_the_same_observation(profile: Profile) -> None:
