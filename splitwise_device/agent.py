@@ -376,7 +376,7 @@ class DeviceAgent:
         )
         summary = plan.summary()
         summary["fell_back_to_edge"] = result.fell_back_to_edge
-        summary.update(decision.to_json(len(result.tokens)))
+        summary.update(decision.to_json(len(result.steps)))
         self._send(
             job.reply,
             protocol.final_reply(

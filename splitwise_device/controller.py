@@ -69,7 +69,7 @@ class Decision:
     cloud_worker: str | None = None  # whose profile the prediction used
     planner_s: float = 0.0  # the planner's own share
 
-    def to_json(self, completion_tokens: int | None = None) -> dict[str, Any]:
+    def to_json(self, steps: int | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {
             "planner": self.planner,
             "decision_ms": 1e3 * self.decision_s,
@@ -98,10 +98,11 @@ class Decision:
                 "edge_memory_bytes": pred.edge_memory_bytes,
                 "cloud_profile": self.cloud_worker,
             }
-            if completion_tokens is not None:
-                # Generation may stop early (end of text): the latency the plan predicts for what ran.
+            if steps is not None:
+                # Generation may stop early (end of text): the latency the plan predicts for the steps
+                # that ran (a step that produced the end-of-text token counts, though it is no token).
                 out["predicted"]["latency_s_for_completion"] = (
-                    pred.prefill_s + max(completion_tokens - 1, 0) * pred.decode_s_per_token
+                    pred.prefill_s + max(steps - 1, 0) * pred.decode_s_per_token
                 )
         return out
 

@@ -160,7 +160,7 @@ def test_decision_equals_the_planner_on_the_same_observation(profile: Profile) -
     assert d.plan == expected
     pred = predict(expected, d.observation, profile, profile, DIMS, "q8_0")
     assert d.prediction.latency_s == pytest.approx(pred.latency_s)
-    out = d.to_json(completion_tokens=10)
+    out = d.to_json(steps=10)
     assert out["predicted"]["latency_s_for_completion"] == pytest.approx(pred.prefill_s + 9 * pred.decode_s_per_token)
     assert out["observation"]["rtt_ms"] == pytest.approx(20.0, rel=1e-6)
 
