@@ -140,7 +140,9 @@ def main() -> int:
                     "decision_ms_median": statistics.median(decide),
                     "decision_ms_max": max(decide),
                     "latencies_s": latencies,
-                    "plans": [f["plan"].get("name") or f["plan"].get("layers") for f in finals],
+                    "plans": [
+                        {k: f["plan"][k] for k in ("name", "layers", "edge_heads", "ffn", "lm_head")} for f in finals
+                    ],
                 }
                 print(f"  {planner:<13} done: mean {rows[planner]['mean_s']:.2f} s", flush=True)
             ref = rows["splitwise-dp"]

@@ -82,6 +82,8 @@ def replan(reply: dict[str, Any], planner: str, prompt_len: int, max_tokens: int
         backlog_s=obs["backlog_s"],
         arrival_rate=obs["arrival_rate"],
         cloud_load=obs["cloud_load"],
+        edge_load=obs["edge_load"],
+        edge_op_load=obs["edge_op_load"],
         energy_queue_z=obs["energy_queue_z"],
         work_queue_u=obs["backlog_s"],
     )
