@@ -120,7 +120,9 @@ class LinkProber:
             log.warning("probe of %d bytes to %s: %s", size, self.topic, err)
             return None
         try:
-            compute_s = int(user_property(msg, "compute_us") or 0) / 1e6
+            # The worker's share: its own handling plus the wait in its inbox behind other work.
+            worker_us = int(user_property(msg, "compute_us") or 0) + int(user_property(msg, "queue_us") or 0)
+            compute_s = worker_us / 1e6
         except ValueError:
             compute_s = 0.0
         return ProbeResult(

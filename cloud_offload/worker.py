@@ -204,8 +204,8 @@ class CloudWorker:
 
     def start(self, connect_timeout: float | None = 10.0) -> None:
         self._compute.start()
-        self.connection.subscribe(protocol.pool_segment_share(self.pool), self._inbox.put)
-        self.connection.subscribe(protocol.worker_segment_topic(self.worker_id), self._inbox.put)
+        self.connection.subscribe(protocol.pool_segment_share(self.pool), self._enqueue)
+        self.connection.subscribe(protocol.worker_segment_topic(self.worker_id), self._enqueue)
         self.connection.start(connect_timeout)
         if self._measure:
             threading.Thread(target=self._measure_profile, name="worker-profile", daemon=True).start()
@@ -225,23 +225,28 @@ class CloudWorker:
 
     # --- request handling (compute thread) -----------------------------------------------------
 
+    def _enqueue(self, msg: mqtt.MQTTMessage) -> None:
+        self._inbox.put((time.perf_counter(), msg))
+
     def _compute_loop(self) -> None:
         while True:
             try:
                 # Wake up now and then even when idle, so expired sessions free their KV.
-                msg = self._inbox.get(timeout=min(5.0, self.session_ttl_s))
+                item = self._inbox.get(timeout=min(5.0, self.session_ttl_s))
             except queue.Empty:
                 self._expire_sessions()
                 continue
-            if msg is STOP:
+            if item is STOP:
                 return
+            arrived, msg = item
             try:
-                self.handle(msg)
+                self.handle(msg, queued_s=time.perf_counter() - arrived)
             except Exception:
                 log.exception("segment handling failed")
             self._expire_sessions()
 
-    def handle(self, msg: mqtt.MQTTMessage) -> None:
+    def handle(self, msg: mqtt.MQTTMessage, queued_s: float = 0.0) -> None:
+        """Validates and answers one message; `queued_s` is how long it waited in our inbox."""
         props = msg.properties
         reply_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
@@ -256,21 +261,21 @@ class CloudWorker:
             self.stats.errors += 1
             log.warning("dropped a bad frame on %s: %s", msg.topic, err)
             code = ErrorCode.MODEL_MISMATCH if err.reason == "model_mismatch" else ErrorCode.BAD_FRAME
-            self._reply(reply_topic, correlation, protocol.encode_error(code, str(err)))
+            self._reply(reply_topic, correlation, protocol.encode_error(code, str(err)), queued_s=queued_s)
             return
         if frame.kind is FrameKind.PROBE:
             # Answered at once; no session, no KV. Its round trip includes the wait in our inbox.
             started = time.perf_counter()
             self.stats.probes += 1
             answer = protocol.encode_probe_reply(frame, len(msg.payload))
-            self._reply(reply_topic, correlation, answer, compute_s=time.perf_counter() - started)
+            self._reply(reply_topic, correlation, answer, compute_s=time.perf_counter() - started, queued_s=queued_s)
             return
         if frame.kind is not FrameKind.REQUEST:
             log.warning("dropped a %s frame sent to a worker", frame.kind.name)
             return
         started = time.perf_counter()
         reply = self.answer(frame)
-        self._reply(reply_topic, correlation, reply, compute_s=time.perf_counter() - started)
+        self._reply(reply_topic, correlation, reply, compute_s=time.perf_counter() - started, queued_s=queued_s)
 
     def answer(self, frame: Frame) -> bytes | None:
         """The reply frame for a request (None: a bare CLOSE, which gets no reply)."""
@@ -340,12 +345,22 @@ class CloudWorker:
                 )
 
     def _reply(
-        self, topic: str | None, correlation: bytes | None, payload: bytes | None, compute_s: float = 0.0
+        self,
+        topic: str | None,
+        correlation: bytes | None,
+        payload: bytes | None,
+        compute_s: float = 0.0,
+        queued_s: float = 0.0,
     ) -> None:
-        """`compute_us` lets the edge separate the network's share of a round trip from ours."""
+        """`compute_us` and `queue_us` (the wait in our inbox behind other work) let the edge separate
+        the network's share of a round trip from ours."""
         if topic is None or payload is None:
             return
-        props = [("worker_id", self.worker_id), ("compute_us", str(int(compute_s * 1e6)))]
+        props = [
+            ("worker_id", self.worker_id),
+            ("compute_us", str(int(compute_s * 1e6))),
+            ("queue_us", str(int(queued_s * 1e6))),
+        ]
         self.connection.publish(topic, payload, correlation_data=correlation, user_properties=props)
 
     # --- session housekeeping ------------------------------------------------------------------

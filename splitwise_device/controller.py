@@ -8,7 +8,7 @@
   link counts as cut while the broker connection is down or nobody answers the probe;
 - edge backlog: queued requests times the measured service time per request (EWMA), which is
   also the Lyapunov work queue U (seconds);
-- cloud service time: the ratio of the compute time workers report (`compute_us`) to the cloud
+- cloud service time: the ratio of the time workers report (`compute_us` + `queue_us`) to the cloud
   profile's prediction for the same segments, as an EWMA → `cloud_load`; likewise the edge's own
   compute time against its profile → `edge_load`, and per op kind → `edge_op_load` (both sides
   calibrated alike);

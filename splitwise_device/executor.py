@@ -114,7 +114,7 @@ class TransferStats:
     bytes_up: int = 0
     bytes_down: int = 0
     round_trip_s: list[float] = field(default_factory=list)
-    cloud_compute_s: float = 0.0  # what the workers report (`compute_us`) for the replies received
+    cloud_compute_s: float = 0.0  # what the workers report (`compute_us` + `queue_us`) for the replies received
 
 
 class CloudLink:
@@ -232,7 +232,7 @@ class CloudLink:
             self.stats.round_trip_s.append(round_trip)
             self.stats.bytes_down += len(msg.payload)
             answered_by = user_property(msg, "worker_id")
-            self._observe_link(correlation, len(msg.payload), round_trip, user_property(msg, "compute_us"))
+            self._observe_link(correlation, len(msg.payload), round_trip, _worker_time_us(msg))
             try:
                 frame = protocol.decode_frame(msg.payload)
             except FrameError as err:
@@ -505,6 +505,17 @@ class SplitExecutor:
         if kind is EdgeOpKind.LM_HEAD:
             return m.output_logits(np.ascontiguousarray(srcs[0][-1:]))
         raise SplitwiseError(f"unknown edge op {kind}")
+
+
+def _worker_time_us(msg: mqtt.MQTTMessage) -> str | None:
+    """The worker's share of a round trip: its compute plus the time the message queued there."""
+    compute, queued = user_property(msg, "compute_us"), user_property(msg, "queue_us")
+    if compute is None:
+        return None
+    try:
+        return str(int(compute) + int(queued or 0))
+    except ValueError:
+        return None
 
 
 __all__ = [

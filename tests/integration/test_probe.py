@@ -157,3 +157,25 @@ def test_probes_create_no_sessions(worker: CloudWorker, rpc: RpcClient) -> None:
     assert frame.kind is FrameKind.PROBE_REPLY and frame.model_hash == b"\x01" * 16
     assert worker.stats.probes == 11
     assert len(worker.sessions) == 0 and worker.stats.requests == 0 and worker.kv_bytes() == 0
+
+
+def test_replies_say_how_long_a_message_queued_at_the_worker(worker: CloudWorker, rpc: RpcClient) -> None:
+    """A burst of probes that each ask for a 1 MiB reply: the later ones wait behind the earlier
+    ones in the worker's inbox, and their replies say so (`queue_us`), apart from `compute_us`."""
+    topic = protocol.worker_segment_topic(worker.worker_id)
+    sent = []
+    for _ in range(12):
+        payload = protocol.encode_probe(size=protocol.PROBE_MIN_SIZE, reply_size=protocol.MAX_PROBE_SIZE)
+        sent.append((time.perf_counter(), rpc.request(topic, payload, expiry_s=10)[1]))
+    queued, worker_share_ok = [], True
+    for started, future in sent:
+        msg = future.result(timeout=10)
+        round_trip = time.perf_counter() - started
+        compute_us, queue_us = user_property(msg, "compute_us"), user_property(msg, "queue_us")
+        assert compute_us is not None and queue_us is not None
+        queued.append(int(queue_us))
+        worker_share_ok &= (int(compute_us) + int(queue_us)) / 1e6 <= round_trip
+    print(f"queue_us of the burst: {queued}")
+    assert worker_share_ok  # the worker's share never exceeds the round trip the device saw
+    assert queued[0] < max(queued[-3:])  # the last ones waited behind the first ones
+    assert max(queued[-3:]) > 1000  # more than a millisecond: twelve 1 MiB replies take longer
