@@ -377,6 +377,8 @@ class CostModel:
         self.prefill = StepCtx(rows=p, ctx=(p + 1) / 2)
         self.decode = StepCtx(rows=1, ctx=p + (observation.n_decode + 1) / 2)
         self.kv_len = p + observation.max_tokens
+        self._attention_memo: dict[tuple[int, int, int, StepCtx], float] = {}
+        self._layer_memo: dict[tuple[int, StepCtx], float] = {}
 
     # -- compute ---------------------------------------------------------------------------------
 
@@ -384,7 +386,13 @@ class CostModel:
         return step.rows * prof.prefill.factor(step.rows)
 
     def attention_s(self, prof: Profile, n_heads: int, n_groups: int, step: StepCtx) -> float:
-        return self._rows(prof, step) * (prof.attention.cost(n_heads, step.ctx) + prof.kv_group_s * n_groups)
+        # Every layer has the same shape: the interpolation is memoised (planners ask it thousands of times).
+        key = (id(prof), n_heads, n_groups, step)
+        cached = self._attention_memo.get(key)
+        if cached is None:
+            cached = self._rows(prof, step) * (prof.attention.cost(n_heads, step.ctx) + prof.kv_group_s * n_groups)
+            self._attention_memo[key] = cached
+        return cached
 
     def _block_s(self, prof: Profile, kind: str, step: StepCtx) -> float:
         """Per-step cost of a sub-block that is not attention: norm, add, ffn parts, embed."""
@@ -400,12 +408,17 @@ class CostModel:
 
     def layer_s(self, prof: Profile, step: StepCtx) -> float:
         """A whole layer on one side: norm, all heads, add, norm, FFN, add."""
-        return (
-            self._block_s(prof, "norm", step) * 2
-            + self.attention_s(prof, self.dims.n_head, self.dims.n_head_kv, step)
-            + self._block_s(prof, "add", step) * 2
-            + self._block_s(prof, "ffn", step)
-        )
+        key = (id(prof), step)
+        cached = self._layer_memo.get(key)
+        if cached is None:
+            cached = (
+                self._block_s(prof, "norm", step) * 2
+                + self.attention_s(prof, self.dims.n_head, self.dims.n_head_kv, step)
+                + self._block_s(prof, "add", step) * 2
+                + self._block_s(prof, "ffn", step)
+            )
+            self._layer_memo[key] = cached
+        return cached
 
     def groups(self, heads: tuple[int, ...]) -> int:
         return len({h // self.per_group for h in heads})
@@ -546,14 +559,13 @@ def step_terms(schedule: Schedule, model: CostModel, step: StepCtx) -> Terms:
     total = Terms()
     sizes = {b.segment: b for b in schedule.segment_bytes(model.codec, step.rows, LOGITS_CODEC)}
 
-    def local_s(ls: LocalStep) -> float:
-        return sum(model.edge_op_s(op.kind, op.heads, len(op.srcs), step) for op in ls.ops)
-
-    def by_kind(ls: LocalStep) -> dict[str, float]:
-        out: dict[str, float] = {}
+    def local(ls: LocalStep) -> tuple[float, dict[str, float]]:
+        """Edge seconds of a local step, in total and by op kind."""
+        by_kind: dict[str, float] = {}
         for op in ls.ops:
-            out[op.kind.name] = out.get(op.kind.name, 0.0) + model.edge_op_s(op.kind, op.heads, len(op.srcs), step)
-        return out
+            name = op.kind.name
+            by_kind[name] = by_kind.get(name, 0.0) + model.edge_op_s(op.kind, op.heads, len(op.srcs), step)
+        return sum(by_kind.values()), by_kind
 
     def remote(seg: CloudSegment) -> tuple[Terms, Terms, float]:
         b = sizes[seg.index]
@@ -564,8 +576,8 @@ def step_terms(schedule: Schedule, model: CostModel, step: StepCtx) -> Terms:
 
     for st in schedule.steps:
         if isinstance(st, LocalStep):
-            s = local_s(st)
-            total.add(Terms(latency=s, edge_compute=s, edge_ops=s, edge_ops_by_kind=by_kind(st)))
+            s, kinds = local(st)
+            total.add(Terms(latency=s, edge_compute=s, edge_ops=s, edge_ops_by_kind=kinds))
             continue
         seg = st if isinstance(st, CloudSegment) else st.remote
         up, down, work = remote(seg)
@@ -574,12 +586,12 @@ def step_terms(schedule: Schedule, model: CostModel, step: StepCtx) -> Terms:
         part.add(down)
         if isinstance(st, ParallelSection):
             # The edge encodes and sends, runs its ops, then waits for the reply and decodes it.
-            s = local_s(st.local)
+            s, kinds = local(st.local)
             enc, dec = up.edge_compute, down.edge_compute
             part.latency = enc + max(s, part.latency - enc - dec + work) + dec
             part.edge_compute += s
             part.edge_ops += s
-            part.add(Terms(edge_ops_by_kind=by_kind(st.local)))
+            part.add(Terms(edge_ops_by_kind=kinds))
         else:
             part.latency += work
         total.add(part)
