@@ -11,11 +11,7 @@ segment (the `worker_id` user property). Teardown stops only the processes the t
 from __future__ import annotations
 
 import json
-import os
 import queue
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -33,10 +29,10 @@ from splitwise_device.engine import Engine
 from splitwise_device.tokenizer import bundled_model_path
 from tests.conftest import MosquittoBroker
 from tests.support.linkproxy import LinkProxy
+from tests.support.processes import Proc, write_toml
 
 DEVICE_ID = "e2e-dev"
 POOL = "e2e"
-ROOT = Path(__file__).resolve().parents[2]
 
 # The device's recovery settings: short enough that every fault test finishes in seconds.
 AGENT_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -45,64 +41,6 @@ AGENT_DEFAULTS: dict[str, dict[str, Any]] = {
     "recovery": {"base_s": 0.05, "cap_s": 0.5, "factor": 2.0, "max_tries": 4, "ban_s": 30},
     "broker": {"reconnect_min_s": 1, "reconnect_max_s": 2},
 }
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))
-
-
-class Proc:
-    """A child process with its log file; `kill()` is a real SIGKILL."""
-
-    def __init__(self, name: str, args: list[str], log: Path) -> None:
-        self.name = name
-        self.log = log
-        self._out = log.open("wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", *args], stdout=self._out, stderr=subprocess.STDOUT, cwd=ROOT, env=env
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def kill(self) -> None:
-        if self.alive():
-            os.kill(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(timeout=10)
-
-    def pause(self) -> None:
-        """SIGSTOP: the process stays connected but goes silent (a hung worker)."""
-        os.kill(self.popen.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        if self.alive():
-            os.kill(self.popen.pid, signal.SIGCONT)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.alive():
-            self.resume()
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._out.close()
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
 
 
 @dataclass
@@ -300,13 +238,7 @@ class System:
             sections.setdefault(name, {}).update(values)
         for name, values in overrides.items():
             sections.setdefault(name, {}).update(values)
-        config = self.workdir / "device.toml"
-        config.write_text(
-            "\n".join(
-                f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
-                for name, values in sections.items()
-            )
-        )
+        config = write_toml(self.workdir / "device.toml", sections)
         proc = Proc("device agent", ["splitwise_device", "run", "--config", str(config)], self.workdir / "agent.log")
         self.procs.append(proc)
         self.agent = proc

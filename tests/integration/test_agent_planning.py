@@ -25,21 +25,24 @@ from splitwise_device.agent import DeviceAgent
 from splitwise_device.config import load_device_config
 from splitwise_device.tokenizer import bundled_model_path
 from tests.integration.test_agent import DEVICE, ask
+from tests.support.processes import write_toml
 
 pytestmark = pytest.mark.broker
 POOL = "planningtest"
 PROFILE = Path(__file__).parents[2] / "deploy/profiles/reference-vm.smollm2-135m.profile.json"
 
 
-def config_text(tmp_path: Path, broker: Any, planning: dict[str, Any], planner: str = "splitwise-dp") -> Path:
-    lines = "".join(f"{k} = {json.dumps(str(v) if isinstance(v, Path) else v)}\n" for k, v in planning.items())
-    path = tmp_path / "device.toml"
-    path.write_text(
-        f'[device]\nid = "{DEVICE}"\nmodel = "{bundled_model_path()}"\nthreads = 1\nstate_dir = "{tmp_path}/state"\n\n'
-        f'[broker]\nurl = "{broker.url}"\n\n[agent]\ncodec = "q8_0"\nplanner = "{planner}"\n\n'
-        f'[cloud]\npool = "{POOL}"\nsegment_timeout_s = 5\n\n[planning]\nprobe_interval_s = 0.5\n{lines}'
+def write_config(tmp_path: Path, broker: Any, planning: dict[str, Any]) -> Path:
+    return write_toml(
+        tmp_path / "device.toml",
+        {
+            "device": {"id": DEVICE, "model": bundled_model_path(), "threads": 1, "state_dir": tmp_path / "state"},
+            "broker": {"url": broker.url},
+            "agent": {"codec": "q8_0", "planner": "splitwise-dp"},
+            "cloud": {"pool": POOL, "segment_timeout_s": 5},
+            "planning": {"probe_interval_s": 0.5, **planning},
+        },
     )
-    return path
 
 
 @pytest.fixture
@@ -95,7 +98,7 @@ def replan(reply: dict[str, Any], planner: str, prompt_len: int, max_tokens: int
 def test_agent_plans_with_the_published_worker_profile(
     tmp_path: Path, mosquitto_broker: Any, worker: CloudWorker, app: MqttConnection
 ) -> None:
-    agent = start_agent(config_text(tmp_path, mosquitto_broker, {"profile": PROFILE}))
+    agent = start_agent(write_config(tmp_path, mosquitto_broker, {"profile": PROFILE}))
     try:
         assert agent.worker_profiles.wait_for_any(10)
         # A plan that uses the cloud: the reply predicts it, with the link measured by probes/transfers.
@@ -135,7 +138,7 @@ def test_agent_plans_with_the_published_worker_profile(
 def test_without_a_cloud_profile_the_agent_stays_on_the_edge_and_says_so(
     tmp_path: Path, mosquitto_broker: Any, app: MqttConnection
 ) -> None:
-    agent = start_agent(config_text(tmp_path, mosquitto_broker, {"profile": PROFILE}))
+    agent = start_agent(write_config(tmp_path, mosquitto_broker, {"profile": PROFILE}))
     try:
         final = ask(app, json.dumps({"prompt": "Hello", "max_tokens": 4}))[-1]
         assert final["type"] == "final", final
@@ -149,7 +152,7 @@ def test_without_a_cloud_profile_the_agent_stays_on_the_edge_and_says_so(
 def test_agent_measures_its_own_profile_once_and_caches_it(
     tmp_path: Path, mosquitto_broker: Any, worker: CloudWorker, app: MqttConnection
 ) -> None:
-    path = config_text(tmp_path, mosquitto_broker, {})
+    path = write_config(tmp_path, mosquitto_broker, {})
     agent = start_agent(path)
     try:
         final = ask(app, json.dumps({"prompt": "Hello", "max_tokens": 4, "plan": "layer-split:20"}))[-1]

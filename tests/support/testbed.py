@@ -21,11 +21,8 @@ from __future__ import annotations
 import json
 import os
 import queue
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +37,8 @@ from policies.plan import FfnMode, LayerPlan, Plan, Side, random_plan
 from splitwise_device.tokenizer import bundled_model_path
 from tests.support.linkproxy import LinkProxy
 from tests.support.netns import ShapedLink
+from tests.support.processes import Proc, write_toml
 
-ROOT = Path(__file__).resolve().parents[2]
 DEVICE_ID = "testbed-dev"
 MESSAGES = [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]
 POOL = "testbed"
@@ -80,33 +77,6 @@ def validation_plan(rng: np.random.Generator, index: int, n_layer: int = 30, n_h
             layers.append(LayerPlan(edge_heads=heads, ffn=FfnMode(side.value)))
     lm_head = Side(str(rng.choice(["edge", "cloud"])))
     return Plan(n_layer=n_layer, n_head=n_head, layers=tuple(layers), lm_head=lm_head, name=f"validation-{index}")
-
-
-class Process:
-    def __init__(self, name: str, argv: Sequence[str], log: Path) -> None:
-        self.name = name
-        self.log = log
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-        with log.open("wb") as out:
-            self.popen = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.alive():
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
 
 class CpuLimit:
@@ -175,7 +145,7 @@ class Testbed:
             self.shaped.__enter__()
         self.kernel_shaping = self.shaped is not None
         self.why_not_kernel = reason
-        self.procs: list[Process] = []
+        self.procs: list[Proc] = []
         try:
             if self.shaped is not None:
                 self.broker = LocalBroker(workdir, host=self.shaped.cloud_ip, command_prefix=self.shaped.prefix)
@@ -210,10 +180,7 @@ class Testbed:
         return list(self.shaped.prefix) if self.shaped is not None else []
 
     def _start_worker(self, worker_id: str, profile: str) -> None:
-        argv = [
-            *self._prefix(),
-            sys.executable,
-            "-m",
+        args = [
             "cloud_offload.cli",
             "serve",
             "--broker",
@@ -229,7 +196,8 @@ class Testbed:
             "--profile",
             profile,
         ]
-        self.procs.append(Process(f"worker {worker_id}", argv, self.workdir / f"worker-{worker_id}.log"))
+        log = self.workdir / f"worker-{worker_id}.log"
+        self.procs.append(Proc(f"worker {worker_id}", args, log, prefix=self._prefix()))
 
     def _start_agent(self, overrides: dict[str, dict[str, Any]]) -> None:
         sections: dict[str, dict[str, Any]] = {
@@ -246,15 +214,8 @@ class Testbed:
         }
         for name, values in overrides.items():
             sections.setdefault(name, {}).update(values)
-        config = self.workdir / "device.toml"
-        config.write_text(
-            "\n".join(
-                f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items())
-                for name, values in sections.items()
-            )
-        )
-        argv = [sys.executable, "-m", "splitwise_device", "run", "--config", str(config)]
-        self.agent = Process("agent", argv, self.workdir / "agent.log")
+        config = write_toml(self.workdir / "device.toml", sections)
+        self.agent = Proc("agent", ["splitwise_device", "run", "--config", str(config)], self.workdir / "agent.log")
         self.procs.append(self.agent)
         if self.cpu_limit is not None:
             self.cpu_limit.add(self.agent.popen.pid)  # before it profiles itself: the profile sees the limit
@@ -352,11 +313,3 @@ class Testbed:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))
