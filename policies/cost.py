@@ -312,8 +312,8 @@ class Terms:
 
     latency: float = 0.0
     edge_compute: float = 0.0
-    edge_ops: float = 0.0  # the part of edge_compute spent in model ops (the rest is codec work)
-    edge_ops_by_kind: dict[str, float] = field(default_factory=dict)  # edge_ops by EdgeOpKind name
+    # The part of edge_compute spent in model ops (the rest is codec work), by EdgeOpKind name.
+    edge_ops_by_kind: dict[str, float] = field(default_factory=dict)
     tx: float = 0.0  # seconds the radio moves bytes (both directions)
     cloud_compute: float = 0.0
     bytes_up: int = 0
@@ -323,7 +323,6 @@ class Terms:
     def add(self, other: Terms) -> None:
         self.latency += other.latency
         self.edge_compute += other.edge_compute
-        self.edge_ops += other.edge_ops
         for kind, v in other.edge_ops_by_kind.items():
             self.edge_ops_by_kind[kind] = self.edge_ops_by_kind.get(kind, 0.0) + v
         self.tx += other.tx
@@ -331,6 +330,10 @@ class Terms:
         self.bytes_up += other.bytes_up
         self.bytes_down += other.bytes_down
         self.crossings += other.crossings
+
+    @property
+    def edge_ops(self) -> float:
+        return sum(self.edge_ops_by_kind.values())
 
 
 @dataclass(frozen=True)
@@ -577,7 +580,7 @@ def step_terms(schedule: Schedule, model: CostModel, step: StepCtx) -> Terms:
     for st in schedule.steps:
         if isinstance(st, LocalStep):
             s, kinds = local(st)
-            total.add(Terms(latency=s, edge_compute=s, edge_ops=s, edge_ops_by_kind=kinds))
+            total.add(Terms(latency=s, edge_compute=s, edge_ops_by_kind=kinds))
             continue
         seg = st if isinstance(st, CloudSegment) else st.remote
         up, down, work = remote(seg)
@@ -590,7 +593,6 @@ def step_terms(schedule: Schedule, model: CostModel, step: StepCtx) -> Terms:
             enc, dec = up.edge_compute, down.edge_compute
             part.latency = enc + max(s, part.latency - enc - dec + work) + dec
             part.edge_compute += s
-            part.edge_ops += s
             part.add(Terms(edge_ops_by_kind=kinds))
         else:
             part.latency += work

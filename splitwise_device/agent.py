@@ -371,7 +371,6 @@ class DeviceAgent:
             len(result.steps),
             result.transfer.cloud_compute_s,
             result.fell_back_to_edge,
-            result.edge_compute_s,
             result.edge_compute_by_kind,
         )
         summary = plan.summary()

@@ -143,7 +143,7 @@ class Controller:
         self.service_s = Ewma(5.0)  # seconds per request, weighted per request
         self.queues = QueueBank(["energy"])
         self._lock = threading.Lock()
-        self._contexts: dict[tuple[int, int], PlanningContext] = {}
+        self._context_cache: tuple[Profile, Profile, PlanningContext] | None = None
         self._probe_thread: threading.Thread | None = None
 
     # --- inputs ---------------------------------------------------------------------------------
@@ -191,10 +191,12 @@ class Controller:
         steps: int,
         cloud_compute_s: float,
         fell_back: bool,
-        edge_compute_s: float = 0.0,
         edge_compute_by_kind: Mapping[str, float] | None = None,
     ) -> None:
-        """Feeds one finished request back: service time, edge and cloud load, energy queue."""
+        """Feeds one finished request back: service time, edge and cloud load, energy queue.
+
+        `edge_compute_by_kind`: the edge's op times by EdgeOpKind name ("FORWARD" for a whole local
+        forward pass), as `SplitResult.edge_compute_by_kind` gives them."""
         with self._lock:
             self.service_s.update(seconds)
             pred, obs = decision.prediction, decision.observation
@@ -214,10 +216,12 @@ class Controller:
             if cloud > 0 and cloud_compute_s > 0 and obs.cloud_load > 0:
                 self.cloud_load.update(cloud_compute_s / (cloud / obs.cloud_load))
             # The executor times the edge's model ops; codec work happens inside the transfers.
+            measured = edge_compute_by_kind or {}
             edge = b.get("prefill_edge_ops_s", 0.0) + decodes * b.get("decode_edge_ops_s", 0.0)
+            edge_compute_s = sum(measured.values())
             if edge > 0 and edge_compute_s > 0 and obs.edge_load > 0:
                 self.edge_load.update(edge_compute_s / (edge / obs.edge_load))
-            self._calibrate_ops(pred, obs, decodes, edge_compute_by_kind or {})
+            self._calibrate_ops(pred, obs, decodes, measured)
 
     def _calibrate_ops(self, pred: Prediction, obs: Observation, decodes: int, measured: Mapping[str, float]) -> None:
         """Per op kind: the profile's error differs between kinds (short ops suffer most from how
@@ -269,12 +273,11 @@ class Controller:
         # Workers of a pool are expected to be alike; cloud_load absorbs the difference.
         worker = min(profiles)
         edge, cloud = self._edge_profile(), profiles[worker]
-        key = (id(edge), id(cloud))
-        ctx = self._contexts.get(key)
-        if ctx is None:
+        cached = self._context_cache
+        if cached is None or cached[0] is not edge or cached[1] is not cloud:
             ctx = PlanningContext(edge, cloud, self.dims, self.codec, self.weights, self.planning.min_edge_layers)
-            self._contexts = {key: ctx}
-        return ctx, worker
+            self._context_cache = cached = (edge, cloud, ctx)
+        return cached[2], worker
 
     def decide(
         self, planner: str, prompt_len: int, max_tokens: int, backlog_requests: int, plan: Plan | None = None

@@ -349,9 +349,13 @@ class SplitResult:
     events: list[RecoveryEvent]
     transfer: TransferStats
     fell_back_to_edge: bool
-    edge_compute_s: float = 0.0  # time in the edge's own ops (not waiting for the cloud)
-    # The same by EdgeOpKind name; a whole local forward (edge-only, fallback) counts as "FORWARD".
+    # Time in the edge's own ops (not waiting for the cloud) by EdgeOpKind name; a whole local
+    # forward pass (edge-only, fallback) counts as "FORWARD".
     edge_compute_by_kind: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def edge_compute_s(self) -> float:
+        return sum(self.edge_compute_by_kind.values())
 
 
 class SplitExecutor:
@@ -362,8 +366,6 @@ class SplitExecutor:
         self.eos_id = eos_id
         self.dims = ModelDims.from_config(model.config)
         self.link_factory = link_factory
-        self._edge_compute_s = 0.0  # of the request being generated
-        self._edge_compute_by_kind: dict[str, float] = {}
 
     def generate(
         self,
@@ -385,14 +387,13 @@ class SplitExecutor:
         history: list[int] = []
         batch, position, generated, timings = list(prompt), 0, [], []
         fell_back, stop = False, "max_tokens"
-        self._edge_compute_s = 0.0
-        self._edge_compute_by_kind = {}
+        edge_compute: dict[str, float] = {}
         try:
             for step in range(max_tokens):
                 start = time.perf_counter()
                 if link is not None and not fell_back:
                     try:
-                        logits = self._step(schedule, session, link, step, batch, position)
+                        logits = self._step(schedule, session, link, step, batch, position, edge_compute)
                     except CloudUnavailableError as err:
                         link.events.append(RecoveryEvent("edge_fallback", step, -1, str(err)))
                         fell_back = True
@@ -404,8 +405,7 @@ class SplitExecutor:
                     local_started = time.perf_counter()
                     logits = self.model.forward(session, batch, positions)[-1]
                     elapsed = time.perf_counter() - local_started
-                    self._edge_compute_s += elapsed
-                    self._edge_compute_by_kind["FORWARD"] = self._edge_compute_by_kind.get("FORWARD", 0.0) + elapsed
+                    edge_compute["FORWARD"] = edge_compute.get("FORWARD", 0.0) + elapsed
                 timings.append(StepTiming(step, len(batch), time.perf_counter() - start))
                 history += batch
                 position += len(batch)
@@ -428,8 +428,7 @@ class SplitExecutor:
             events=link.events if link else [],
             transfer=link.stats if link else TransferStats(),
             fell_back_to_edge=fell_back,
-            edge_compute_s=self._edge_compute_s,
-            edge_compute_by_kind=dict(self._edge_compute_by_kind),
+            edge_compute_by_kind=edge_compute,
         )
 
     def teacher_forced_logits(self, tokens: Sequence[int], plan: Plan) -> Array:
@@ -445,26 +444,31 @@ class SplitExecutor:
                 if link is None:
                     rows.append(self.model.forward(session, [token], [position])[-1])
                 else:
-                    rows.append(self._step(schedule, session, link, position, [token], position))
+                    rows.append(self._step(schedule, session, link, position, [token], position, {}))
         finally:
             if link is not None:
                 link.close()
         return np.stack(rows)
 
     def _step(
-        self, schedule: Schedule, session: Session, link: CloudLink, step: int, batch: list[int], position: int
+        self,
+        schedule: Schedule,
+        session: Session,
+        link: CloudLink,
+        step: int,
+        batch: list[int],
+        position: int,
+        by_kind: dict[str, float],
     ) -> Array:
+        """One token step under the plan; the edge's op times are added to `by_kind`."""
         positions = list(range(position, position + len(batch)))
         regs: dict[Reg, Array] = {}
-
-        by_kind = self._edge_compute_by_kind
 
         def run_local(local: LocalStep) -> None:
             for op in local.ops:
                 started = time.perf_counter()
                 regs[op.dst] = self._edge_op(op, [regs[s] for s in op.srcs], session, batch, positions)
                 elapsed = time.perf_counter() - started
-                self._edge_compute_s += elapsed
                 by_kind[op.kind.name] = by_kind.get(op.kind.name, 0.0) + elapsed
 
         for item in schedule.steps:
