@@ -228,7 +228,9 @@ def test_edge_compute_times_set_the_edge_load(profile: Profile) -> None:
     assert d.prediction is not None
     b = d.prediction.breakdown
     expected = b["prefill_edge_ops_s"] + 7 * b["decode_edge_ops_s"]
-    c.completed(d, seconds=1.0, steps=8, cloud_compute_s=0.0, fell_back=False, edge_compute_s=0.5 * expected)
+    c.completed(
+        d, seconds=1.0, steps=8, cloud_compute_s=0.0, fell_back=False, edge_compute_by_kind={"FORWARD": 0.5 * expected}
+    )
     assert c.observation(16, 8, 0).edge_load == pytest.approx(0.5)
     again = c.decide("edge-only", 16, 8, 0)
     assert again.prediction is not None
@@ -257,7 +259,7 @@ def test_each_edge_op_kind_is_calibrated_on_its_own(profile: Profile) -> None:
     # take its ratio, other kinds stay untouched.
     d = c.decide("edge-only", 16, 8, 0)
     assert d.prediction is not None
-    c.completed(d, 1.0, 8, 0.0, False, 0.3 * d.prediction.latency_s, {"FORWARD": 0.3 * d.prediction.latency_s})
+    c.completed(d, 1.0, 8, 0.0, False, {"FORWARD": 0.3 * d.prediction.latency_s})
     loads = c.observation(16, 8, 0).edge_op_load
     assert set(loads) == {"EMBED", "LAYER", "LM_HEAD"}
     assert all(v == pytest.approx(0.3) for v in loads.values())
@@ -268,7 +270,7 @@ def test_each_edge_op_kind_is_calibrated_on_its_own(profile: Profile) -> None:
     assert d.prediction is not None
     b = d.prediction.breakdown
     attention = b["prefill_edge_s.ATTN"] + 7 * b["decode_edge_s.ATTN"]
-    c.completed(d, 1.0, 8, 0.0, False, 2 * attention, {"ATTN": 2 * attention})
+    c.completed(d, 1.0, 8, 0.0, False, {"ATTN": 2 * attention})
     loads = c.observation(16, 8, 0).edge_op_load
     # Its prediction used the overall edge_load (0.3 by now): the attention factor becomes 2 × 0.3.
     assert loads["ATTN"] == pytest.approx(0.6) and loads["LAYER"] == pytest.approx(0.3)
@@ -282,3 +284,15 @@ def test_observation_rejects_unknown_op_kinds() -> None:
         Observation(10e6, 0.01, 8, 8, edge_op_load={"WARP": 1.0})
     with pytest.raises(InvalidArgumentError, match="edge_op_load"):
         Observation(10e6, 0.01, 8, 8, edge_op_load={"ATTN": 0.0})
+
+
+def test_requests_may_name_exactly_the_planners_there_are() -> None:
+    # cloud_offload may not import policies, so the request schema spells the names out itself.
+    import typing
+
+    from cloud_offload.protocol import InferRequest
+    from policies.planners import PLANNER_NAMES
+
+    annotation = InferRequest.model_fields["planner"].annotation
+    literal = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    assert set(typing.get_args(literal)) == set(PLANNER_NAMES)
