@@ -88,6 +88,7 @@ class MqttConnection:
         self._subscriptions: dict[str, tuple[int, MessageHandler]] = {}
         self._lock = threading.Lock()
         self._on_connect_hooks: list[Callable[[], None]] = []
+        self._pending_subacks: dict[int, threading.Event] = {}
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         client.reconnect_delay_set(settings.reconnect_min_s, settings.reconnect_max_s)
         if settings.username is not None:
@@ -110,6 +111,7 @@ class MqttConnection:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         self.client = client
 
     def add_on_connect(self, hook: Callable[[], None]) -> None:
@@ -135,11 +137,28 @@ class MqttConnection:
         self.client.loop_stop()
         self.connected.clear()
 
-    def subscribe(self, topic: str, handler: MessageHandler, qos: int = 1) -> None:
+    def subscribe(self, topic: str, handler: MessageHandler, qos: int = 1, *, wait_s: float | None = None) -> None:
+        """Subscribes now if connected (and on every reconnect). With `wait_s`, waits that long for
+        the broker's SUBACK, so that a message published right after is sure to be delivered."""
         with self._lock:
             self._subscriptions[topic] = (qos, handler)
-        if self.connected.is_set():
-            self.client.subscribe(topic, qos=qos)
+        if not self.connected.is_set():
+            if wait_s is not None:
+                raise BrokerUnavailableError(f"cannot wait for a SUBACK on {topic!r}: not connected")
+            return
+        acked = threading.Event()
+        with self._lock:
+            result, mid = self.client.subscribe(topic, qos=qos)
+            if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                self._pending_subacks[mid] = acked
+        if wait_s is not None and not acked.wait(wait_s):
+            raise BrokerUnavailableError(f"no SUBACK for {topic!r} within {wait_s:g}s")
+
+    def _on_subscribe(self, _client: Any, _userdata: Any, mid: int, _codes: Any, _props: Any) -> None:
+        with self._lock:
+            acked = self._pending_subacks.pop(mid, None)
+        if acked is not None:
+            acked.set()
 
     def unsubscribe(self, topic: str) -> None:
         with self._lock:
