@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from splitwise_device.engine import Model
 from splitwise_device.tokenizer import Tokenizer, bundled_model_path
-
-TEXT = Path("/usr/share/common-licenses/GPL-3")
+from tests.support.corpus import english_text
+from tests.support.oracle import isolated, llama_cpp_build
 
 
 def best_of(rounds: int, fn: Callable[[], float]) -> float:
@@ -50,6 +53,8 @@ def ours(model_path: Path, threads: int, prompt: list[int], n_decode: int, round
 
 
 def llama_cpp(model_path: Path, threads: int, prompt: list[int], n_decode: int, rounds: int) -> tuple[float, float]:
+    """Run in a child process (tests.support.oracle.isolated): a crash in llama.cpp ends that
+    measurement with a clear error, not the benchmark's process without one."""
     import llama_cpp
 
     llm = llama_cpp.Llama(
@@ -71,6 +76,17 @@ def llama_cpp(model_path: Path, threads: int, prompt: list[int], n_decode: int, 
         return time.perf_counter() - start
 
     return len(prompt) / best_of(rounds, prefill), n_decode / best_of(rounds, decode)
+
+
+def cpu_features() -> str:
+    """The SIMD features this run had, as /proc/cpuinfo names them (these machines differ)."""
+    wanted = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    have = set(flags.partition(":")[2].split())
+    return " ".join(flag for flag in wanted if flag in have) or "none of " + " ".join(wanted)
 
 
 def decomposition(model_path: Path, prompt: list[int], steps: int, rounds: int) -> dict[str, float]:
@@ -113,7 +129,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     model_path = args.model or bundled_model_path()
-    prompt = Tokenizer(model_path).encode(TEXT.read_text())[: args.prompt_tokens]
+    prompt = Tokenizer(model_path).encode(english_text())[: args.prompt_tokens]
+    print(f"CPU: {cpu_features()}")
+    print(f"llama.cpp: {llama_cpp_build()}")
     print(
         f"model {model_path.name}; prompt {len(prompt)} tokens; decode {args.decode_tokens} tokens; "
         f"median of {args.rounds}"
@@ -124,7 +142,7 @@ def main() -> None:
     )
     for threads in (1, 2):
         p_ours, d_ours = ours(model_path, threads, prompt, args.decode_tokens, args.rounds)
-        p_ref, d_ref = llama_cpp(model_path, threads, prompt, args.decode_tokens, args.rounds)
+        p_ref, d_ref = isolated(llama_cpp, model_path, threads, prompt, args.decode_tokens, args.rounds)
         print(
             f"{threads:>7} | {p_ours:>13.1f} {p_ref:>9.1f} {p_ours / p_ref:>5.2f}x | "
             f"{d_ours:>12.1f} {d_ref:>9.1f} {d_ours / d_ref:>5.2f}x"

@@ -226,21 +226,28 @@ def _captured_native_output() -> Iterator[Callable[[], str]]:
 
 
 def quantized_model(src: Path, dst: Path, ftype: str, threads: int = 2) -> Path:
-    """llama.cpp's quantizer on `src` (an F32/F16 GGUF), output type `ftype` (one of `FTYPES`)."""
-    import llama_cpp
+    """llama.cpp's quantizer on `src` (an F32/F16 GGUF), output type `ftype` (one of `FTYPES`), in a
+    child process like every llama.cpp call of the tests (tests.support.oracle)."""
+    from tests.support.oracle import isolated
 
     if ftype not in _LLAMA_FTYPE_NAMES:
         raise ValueError(f"unknown ftype {ftype!r}; one of {FTYPES}")
+    with _atomic_output(dst) as tmp:
+        isolated(_quantize, str(src), str(tmp), ftype, threads, label=f"quantize {Path(src).name} to {ftype}")
+    return Path(dst)
+
+
+def _quantize(src: str, dst: str, ftype: str, threads: int) -> None:
+    import llama_cpp
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, _LLAMA_FTYPE_NAMES[ftype])
     params.nthread = threads
-    with _atomic_output(dst) as tmp:
-        with _captured_native_output() as log:
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-            text = log()
-        if rc != 0 or not tmp.is_file():
-            raise RuntimeError(f"llama_model_quantize({src}, {ftype}) returned {rc}:\n{text[-4000:]}")
-    return Path(dst)
+    with _captured_native_output() as log:
+        rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+        text = log()
+    if rc != 0 or not Path(dst).is_file():
+        raise RuntimeError(f"llama_model_quantize({src}, {ftype}) returned {rc}:\n{text[-4000:]}")
 
 
 # ------------------------------------------------------------------------------------------- inspect
