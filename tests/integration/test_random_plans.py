@@ -26,12 +26,16 @@ from policies.plan import random_plan
 from splitwise_device.engine import Engine, log_softmax, mean_nll, model_sha256
 from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
 from splitwise_device.tokenizer import bundled_model_path
+from tests.support.corpus import english_text
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 POOL = "randomplans"
 N_PLANS = 20
 TOKENS = 16
 NEAR_TIE = 0.1  # logits
+#: Smallest top-1/top-2 logit margin along its 16-token greedy path: 0.158 (tests/e2e/test_faults.py).
+#: "Name three uses of a Raspberry Pi." has 0.026 at token 3, where 14 of 20 plans used to diverge.
+PROMPT = "Tell me a fun fact about octopuses."
 
 
 @pytest.fixture(scope="module")
@@ -64,33 +68,35 @@ def setup(tmp_path_factory) -> Iterator[tuple[Engine, SplitExecutor, SplitExecut
 
 
 def test_random_plans_f32_give_the_local_greedy_text(setup) -> None:  # type: ignore[no-untyped-def]
+    """With f32 activations a split plan computes what the edge computes, up to summation order; on
+    a prompt whose greedy path has no near-tie every random plan must give the same text."""
     engine, f32, _ = setup
     cfg = engine.config
     rng = np.random.default_rng(20261128)
-    messages = [{"role": "user", "content": "Name three uses of a Raspberry Pi."}]
+    messages = [{"role": "user", "content": PROMPT}]
     prompt = engine.prompt_tokens(messages=messages)
     local = engine.generate(messages=messages, max_tokens=TOKENS)
     local_logits = engine.token_logits(prompt + local.tokens)[len(prompt) - 1 : -1]
-    same = 0
+    top2 = np.sort(local_logits, axis=-1)[:, -2:]
+    margin = float((top2[:, 1] - top2[:, 0]).min())
+    assert margin >= NEAR_TIE, f"the prompt's greedy path has a near-tie (margin {margin:.4f}): pick another"
+    same = []
     for i in range(N_PLANS):
         plan = random_plan(rng, cfg["n_layer"], cfg["n_head"], i)
         result = f32.generate(prompt, plan, TOKENS)
         assert result.events == [] and result.transfer.requests > 0
         if result.tokens == local.tokens:
-            same += 1
+            same.append(plan.name)
         else:
-            step = next(k for k, (a, b) in enumerate(zip(result.tokens, local.tokens, strict=False)) if a != b)
-            top2 = np.sort(local_logits[step])[-2:]
-            margin = float(top2[1] - top2[0])
-            print(f"{plan.name}: text diverges at token {step}; local logit margin there {margin:.4f}")
-            assert margin < NEAR_TIE, f"{plan.name} diverged at token {step} where the local margin is {margin}"
-    print(f"f32: {same}/{N_PLANS} random plans gave exactly the local greedy text; the rest diverged at near-ties")
+            print(f"{plan.name}: {engine.tokenizer.decode(result.tokens)!r} vs {local.text!r}")
+    print(f"f32: {len(same)}/{N_PLANS} random plans gave exactly the local greedy text (smallest margin {margin:.3f})")
+    assert len(same) == N_PLANS, f"only {same} of {N_PLANS} plans gave the local text"
 
 
 def test_random_plans_f32_logits_match_local(setup) -> None:  # type: ignore[no-untyped-def]
     engine, f32, _ = setup
     cfg = engine.config
-    tokens = engine.tokenizer.encode(Path("/usr/share/common-licenses/GPL-3").read_text())[:48]
+    tokens = engine.tokenizer.encode(english_text())[:48]
     local = engine.token_logits(tokens)[:-1]
     p = log_softmax(local)
     rng = np.random.default_rng(99)
@@ -106,7 +112,7 @@ def test_random_plans_f32_logits_match_local(setup) -> None:  # type: ignore[no-
 def test_q8_0_agreement_and_perplexity(setup) -> None:  # type: ignore[no-untyped-def]
     engine, _, q8 = setup
     cfg = engine.config
-    tokens = engine.tokenizer.encode(Path("/usr/share/common-licenses/GPL-3").read_text())[:128]
+    tokens = engine.tokenizer.encode(english_text())[:128]
     local = engine.token_logits(tokens)[:-1]
     targets = np.asarray(tokens[1:])
     ppl_local = float(np.exp(mean_nll(local, targets)))
