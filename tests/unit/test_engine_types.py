@@ -4,13 +4,24 @@ Models come from `tests.support.model_factory` (cached under $SPLITWISE_TEST_MOD
 ~/.cache/splitwise/test-models; about 2.5 GB, built in ~1 min the first time):
 
 * SmolLM2-135M dequantized to F32, then quantized by llama.cpp to each of `FTYPES`; 256 tokens of
-  the GPL-3 text. Checks: PPL within 1% of llama.cpp's, mean KL(llama.cpp‖ours) ≤ 0.01 nats/token,
-  top-1 agreement ≥ 0.93.
+  the GPL-3 text (tests/data). Checks: mean KL(llama.cpp‖ours) ≤ 0.01 nats/token, top-1
+  agreement ≥ 0.93, and PPL within 1% of the range llama.cpp's batched and token-by-token paths
+  span (they differ by up to 2% on these files; on this machine's CPU, not on another's).
 * Random llamas of several shapes (no GQA with 6 heads; GQA 4:1 with 12 heads of 32; SmolLM2's
   9-head block with an untied output; a 256-multiple shape on which K-quants apply without fallback),
   same text. PPL of a random model means nothing, so only KL and top-1 (entropy is printed).
 
-Measured (engine in main at the time of writing vs llama.cpp 0.3.36, 256 tokens, 2 threads):
+Measured on an AVX2 machine (llama-cpp-python 0.3.36 built without AMX, 256 tokens, 2 threads):
+PPL ours / llama.cpp batched / token by token, KL and top-1 against the batched logits:
+
+    F32 21.665/21.655/21.656 KL 0.0000 top-1 1.000   Q5_0   23.117/23.492/23.034 0.0070 0.977
+    F16 21.680/21.681/21.688    0.0000       1.000   Q5_1   27.804/27.695/27.672 0.0081 0.945
+    BF16 21.681/21.717/21.634   0.0002       0.996   Q4_K_M 23.279/23.456/23.135 0.0140 0.934
+    Q8_0 21.020/21.004/20.941   0.0065       0.938   Q5_K_M 26.781/27.060/27.143 0.0115 0.949
+    Q4_0 25.137/25.410/25.719   0.0079       0.965   Q6_K   21.310/21.714/21.501 0.0091 0.957
+    Q4_1 21.364/21.647/21.244   0.0064       0.941
+
+Measured on an earlier session's CPU (batched reference only, engine in main at the time):
 
     SmolLM2   ppl ratio  KL      top-1        random           KL      top-1  entropy
     F32       1.0005     0.0000  1.000        mha_h6 F32       0.0000  1.000  2.39
@@ -50,9 +61,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from splitwise_device.engine import Engine
 from tests.support import model_factory as mf
+from tests.support.corpus import english_text
+from tests.support.oracle import llama_cpp_logits
 
-TEXT = Path("/usr/share/common-licenses/GPL-3")
 N_TOKENS = 256
 THREADS = 2
 
@@ -131,24 +144,7 @@ def agreement(ours: np.ndarray[Any, Any], reference: np.ndarray[Any, Any], token
     }
 
 
-def llama_cpp_logits(model: Path, tokens: list[int]) -> np.ndarray[Any, Any]:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(
-        model_path=str(model), n_ctx=1024, n_batch=512, logits_all=True, n_threads=THREADS, verbose=False
-    )
-    try:
-        llm.eval(tokens)
-        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    finally:
-        llm.close()
-
-
 def engine_logits(model: Path, tokens: list[int]) -> np.ndarray[Any, Any]:
-    try:
-        from splitwise_device.engine import Engine
-    except ImportError as err:  # the engine's Rust side is not built into _core yet
-        pytest.skip(f"splitwise_device.engine is not importable: {err}")
     engine = Engine(model, threads=THREADS)
     return np.asarray(engine.token_logits(tokens), dtype=np.float32)
 
@@ -173,16 +169,16 @@ def random_model(shape: str, ftype: str) -> Path:
     return mf.cached_random_llama(shape, ftype)
 
 
-@functools.lru_cache(maxsize=2)  # 50 MB of logits each
 def reference(model: Path, n_tokens: int) -> np.ndarray[Any, Any]:
-    return llama_cpp_logits(model, text_tokens()[:n_tokens])
+    """llama.cpp's logits, from the on-disk oracle cache or a child process (tests.support.oracle)."""
+    return llama_cpp_logits(model, text_tokens()[:n_tokens], threads=THREADS)
 
 
 @functools.cache
 def text_tokens() -> list[int]:
     from splitwise_device.tokenizer import Tokenizer
 
-    tokens: list[int] = Tokenizer(mf.default_source()).encode(TEXT.read_text())
+    tokens: list[int] = Tokenizer(mf.default_source()).encode(english_text())
     return tokens
 
 
@@ -225,6 +221,7 @@ def test_dequantized_model_matches_source(dtype: str, tokens: list[int]) -> None
     assert stats["top1"] >= MIN_TOP1, stats
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ftype", mf.FTYPES)
 def test_smollm2_tensor_types(ftype: str) -> None:
     counts = mf.tensor_type_counts(smollm2(ftype))
@@ -232,6 +229,7 @@ def test_smollm2_tensor_types(ftype: str) -> None:
     assert counts == SMOLLM2_TYPES[ftype]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", sorted(mf.SHAPES))
 def test_random_model_is_meaningful(shape: str, tokens: list[int]) -> None:
     """llama.cpp loads it, its predictions are peaky but not constant, and K-quants need no fallback
@@ -251,26 +249,73 @@ def test_random_model_is_meaningful(shape: str, tokens: list[int]) -> None:
 # ----------------------------------------------------------------------------------- the agreement
 
 
+class ThresholdMiss(AssertionError):
+    """The issue's thresholds missed: the only failure a KNOWN_MISSES xfail expects."""
+
+
 #: Known misses, kept visible instead of loosening the thresholds. These files are requantized from
 #: the Q4_1 release, and on them even an exact float32 forward misses the same bounds against
 #: llama.cpp (Q5_1 PPL ratio 0.969, Q5_K_M KL 0.0114). Per-matmul error of the engine is the same
 #: ~0.8% for every type (checked against dequantized float64 products), so no type-specific bug
-#: shows; what is left is activation-quantization noise on fragile models. strict=True: a pass
-#: here fails the suite, so the list cannot go stale.
+#: shows; what is left is activation-quantization noise on fragile models. Whether a file misses
+#: depends on the CPU, because llama.cpp's kernels do (see `llama_cpp_ppl_range`), so the xfail is
+#: not strict (a pass shows as XPASS); raises=ThresholdMiss: a crash, or a result worse than the
+#: measured bound below, fails.
 KNOWN_MISSES = {
-    "Q4_0": "PPL ratio 0.969 (exact float32 forward: 0.998)",
-    "Q5_1": "PPL ratio 0.975 (exact float32 forward: 0.969)",
-    "Q4_K_M": "PPL ratio 1.011, KL 0.0108 (exact: 1.004, 0.0083)",
-    "Q5_K_M": "KL 0.0125 (exact: 0.0114)",
-    "Q6_K": "PPL ratio 0.980 (exact: 0.993)",
+    "Q4_0": "PPL 1.1% below llama.cpp's range on AVX2; batched-only ratio 0.969 on an earlier CPU",
+    "Q5_1": "batched-only PPL ratio 0.975 on an earlier CPU; passes on AVX2",
+    "Q4_K_M": "KL 0.0140 on AVX2, 0.0108 on an earlier CPU (exact float32 forward: 0.0083)",
+    "Q5_K_M": "KL 0.0115 on AVX2, 0.0125 on an earlier CPU (exact: 0.0114); PPL 1.0% below the range",
+    "Q6_K": "batched-only PPL ratio 0.980 on an earlier CPU; passes on AVX2",
 }
+
+#: What each known miss must still reach: (max PPL distance from llama.cpp's range, max KL, min
+#: top-1). The worse of the two measured machines (AVX2 here: outside-range 0.0108/0.0039/0/0.0103/
+#: 0.0088, KL 0.0079/0.0081/0.0140/0.0115/0.0091, top-1 0.965/0.945/0.934/0.949/0.957; the earlier
+#: CPU's in the module docstring, batched-only PPL) plus ~25% on KL, 0.02 on top-1 and 0.015 on PPL.
+MEASURED_BOUNDS = {
+    "Q4_0": (0.046, 0.011, 0.945),
+    "Q5_1": (0.040, 0.0105, 0.92),
+    "Q4_K_M": (0.027, 0.0175, 0.915),
+    "Q5_K_M": (0.025, 0.0155, 0.92),
+    "Q6_K": (0.035, 0.0115, 0.92),
+}
+
+
+def llama_cpp_ppl_range(model: Path, tokens: list[int]) -> tuple[float, float]:
+    """llama.cpp's PPL by its batched and its token-by-token path (different kernels: they differ by
+    up to 2% on these files, and by how much depends on the CPU), lowest first."""
+    targets = np.asarray(tokens[1:])
+    ppl = [
+        math.exp(-log_softmax(logits)[np.arange(targets.size), targets].mean())
+        for logits in (reference(model, N_TOKENS), llama_cpp_logits(model, tokens, threads=THREADS, n_batch=1))
+    ]
+    return min(ppl), max(ppl)
+
+
+def threshold_misses(
+    stats: dict[str, float], ppl_range: tuple[float, float], max_ppl: float, max_kl: float, min_top1: float
+) -> list[str]:
+    """The bounds `stats` misses, KL and top-1 first (they say more than PPL on 256 tokens). PPL
+    counts as its distance from llama.cpp's range."""
+    low, high = ppl_range
+    ours = stats["ppl_ours"]
+    distance = max(low / ours - 1 if ours < low else 0.0, ours / high - 1 if ours > high else 0.0)
+    checks = [
+        (stats["kl"] <= max_kl, f"KL {stats['kl']:.4f} > {max_kl}"),
+        (stats["top1"] >= min_top1, f"top-1 {stats['top1']:.3f} < {min_top1}"),
+        (distance <= max_ppl, f"PPL {ours:.3f} is {100 * distance:.2f}% outside llama.cpp's {low:.3f}–{high:.3f}"),
+    ]
+    return [message for ok, message in checks if not ok]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "ftype",
     [
-        pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=KNOWN_MISSES[f])) if f in KNOWN_MISSES else f
+        pytest.param(f, marks=pytest.mark.xfail(raises=ThresholdMiss, reason=KNOWN_MISSES[f]))
+        if f in KNOWN_MISSES
+        else f
         for f in mf.FTYPES
     ],
 )
@@ -279,10 +324,14 @@ def test_engine_agrees_with_llama_cpp_on_smollm2(ftype: str, tokens: list[int]) 
     ours = engine_logits(model, tokens)
     assert ours.shape == (N_TOKENS, 49152)
     stats = agreement(ours, reference(model, N_TOKENS), tokens)
+    ppl_range = llama_cpp_ppl_range(model, tokens)
     record(f"SmolLM2 {ftype}", stats, with_ppl=True)
-    assert abs(stats["ppl_ours"] / stats["ppl_ref"] - 1) <= PPL_TOLERANCE, stats
-    assert stats["kl"] <= MAX_KL, stats
-    assert stats["top1"] >= MIN_TOP1, stats
+    if ftype in MEASURED_BOUNDS:
+        worse = threshold_misses(stats, ppl_range, *MEASURED_BOUNDS[ftype])
+        assert not worse, f"{ftype} is worse than its measured bound: {'; '.join(worse)} ({stats})"
+    misses = threshold_misses(stats, ppl_range, PPL_TOLERANCE, MAX_KL, MIN_TOP1)
+    if misses:
+        raise ThresholdMiss(f"{ftype}: {'; '.join(misses)} ({stats})")
 
 
 @pytest.mark.slow
