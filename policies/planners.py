@@ -65,8 +65,6 @@ __all__ = [
     "make_planner",
 ]
 
-PLANNER_NAMES = ("edge-only", "cloud-only", "layer-split", "layer-dp", "splitwise-dp")
-
 
 @dataclass(frozen=True)
 class PlanningContext:
@@ -854,6 +852,7 @@ class LayerDpPlanner:
         return self.solve(observation).plan
 
 
+# The planner registry: every list of planner names (device config, CLI, docs, tests) derives from it.
 _FACTORIES: dict[str, Callable[[PlanningContext], Planner]] = {
     "edge-only": EdgeOnlyPlanner,
     "cloud-only": CloudOnlyPlanner,
@@ -861,6 +860,8 @@ _FACTORIES: dict[str, Callable[[PlanningContext], Planner]] = {
     "layer-dp": LayerDpPlanner,
     "splitwise-dp": SplitwiseDpPlanner,
 }
+PLANNER_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+"""The planners there are, in the registry's order."""
 
 
 def make_planner(name: str, ctx: PlanningContext) -> Planner:
