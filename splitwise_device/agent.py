@@ -29,13 +29,12 @@ from cloud_offload.profiles import WorkerProfile, WorkerProfiles
 from cloud_offload.protocol import ErrorCode, InferRequest
 from policies.cost import Profile
 from policies.plan import Plan
-from policies.planners import PLANNER_NAMES
 from policies.segments import ModelDims
 from splitwise_device import __version__, systemd
-from splitwise_device.config import DeviceConfig
+from splitwise_device.config import FIXED_PLANNER, DeviceConfig
 from splitwise_device.controller import COST_MODEL_PLANNERS, Controller, Decision, load_or_measure_profile
 from splitwise_device.engine import Engine, model_sha256
-from splitwise_device.errors import ConfigError, SplitwiseError
+from splitwise_device.errors import SplitwiseError
 from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
 
 log = logging.getLogger(__name__)
@@ -68,8 +67,6 @@ class DeviceAgent:
         )
         cfg = self.engine.config
         self.n_layer, self.n_head = int(cfg["n_layer"]), int(cfg["n_head"])
-        if config.agent.planner not in (*PLANNER_NAMES, "fixed"):
-            raise ConfigError(f"agent.planner = {config.agent.planner!r} is not available in this version")
         model_sha = model_sha256(self.engine.path)
         self.model_hash = protocol.model_hash_prefix(model_sha)
         self.status_topic = protocol.device_status_topic(self.device_id)
@@ -315,7 +312,7 @@ class DeviceAgent:
             planner = request.plan
         elif request.planner is not None:
             planner = request.planner
-        elif planner == "fixed":
+        elif planner == FIXED_PLANNER:
             assert self.config.agent.plan is not None  # the config requires it
             planner = self.config.agent.plan
         return self.controller.decide(planner, prompt_len, max_tokens, self.jobs.qsize(), plan)

@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cmd.add_argument("--backlog-s", type=float, default=0.0, help="seconds of queued work on the device")
     plan_cmd.add_argument("--cloud-load", type=float, default=1.0, help="cloud slowdown factor (1 = profiled)")
     plan_cmd.add_argument(
-        "--planner", default="splitwise-dp", help="edge-only, cloud-only, layer-split, layer-dp, splitwise-dp"
+        "--planner", default="splitwise-dp", help="planner to run (default splitwise-dp; --all lists and runs them all)"
     )
     plan_cmd.add_argument("--all", action="store_true", help="compare every planner side by side")
     plan_cmd.add_argument("--codec", choices=["f32", "f16", "q8_0", "q4_0"], default="q8_0")

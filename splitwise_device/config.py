@@ -45,6 +45,7 @@ from pydantic_core import InitErrorDetails
 from splitwise_device.errors import ConfigError, SplitwiseError
 
 __all__ = [
+    "FIXED_PLANNER",
     "AgentConfig",
     "BrokerConfig",
     "ByteSize",
@@ -61,6 +62,7 @@ __all__ = [
     "Seconds",
     "StrictSection",
     "TlsConfig",
+    "agent_planners",
     "broker_file_problems",
     "broker_summary",
     "check_config_command",
@@ -378,7 +380,40 @@ def _plan_reference(value: str, info: ValidationInfo) -> str:
 
 
 Codec = Literal["f32", "f16", "q8_0", "q4_0"]
-Planner = Literal["edge-only", "cloud-only", "layer-split", "layer-dp", "splitwise-dp", "splitwise-rl", "fixed"]
+
+FIXED_PLANNER = "fixed"
+"""``agent.planner`` value that runs ``agent.plan`` for every request instead of a planner."""
+
+
+def agent_planners() -> tuple[str, ...]:
+    """The values ``agent.planner`` may take: every planner of the registry
+    (:data:`policies.planners.PLANNER_NAMES`) and ``fixed``.
+
+    The registry holds exactly the planners the agent can build, so a config that loads (and so passes
+    ``check-config``) names a planner that ``splitwise-device run`` can run; nothing else is accepted.
+    """
+    # Imported here: the registry brings numpy and the planners' cost model, which loading a config
+    # (e.g. the cloud worker's) does not otherwise need.
+    from policies.planners import PLANNER_NAMES
+
+    return (*PLANNER_NAMES, FIXED_PLANNER)
+
+
+def _one_of(names: tuple[str, ...]) -> str:
+    """``'a', 'b' or 'c'``, the way pydantic lists the values of a Literal."""
+    quoted = [repr(name) for name in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def _runnable_planner(value: str) -> str:
+    names = agent_planners()
+    if value not in names:
+        raise ValueError(f"must be one of {_one_of(names)} (got {_show(value)})")
+    return value
+
+
+Planner = Annotated[str, AfterValidator(_runnable_planner)]
+"""A planner the agent can run: one of :func:`agent_planners`."""
 
 
 class AgentConfig(StrictSection):
@@ -393,8 +428,8 @@ class AgentConfig(StrictSection):
     default_max_tokens: int = Field(default=256, ge=1)
     """``max_tokens`` of a request that does not say; at most ``max_tokens_limit``."""
     planner: Planner = "edge-only"
-    """Partition planner: edge-only, cloud-only, layer-split, layer-dp, splitwise-dp, splitwise-rl, or
-    fixed (always run ``plan``)."""
+    """Partition planner: one of the registry's (edge-only, cloud-only, layer-split, layer-dp,
+    splitwise-dp), or fixed (always run ``plan``)."""
     plan: Annotated[str, Field(min_length=1), AfterValidator(_plan_reference)] | None = None
     """The plan for ``planner = "fixed"``: a built-in plan name or a plan file. Only with that planner."""
     codec: Codec = "q8_0"
@@ -408,9 +443,9 @@ class AgentConfig(StrictSection):
     @classmethod
     def _key_problems(cls, data: Mapping[str, Any]) -> list[str]:
         planner = data.get("planner", cls.model_fields["planner"].default)
-        if planner == "fixed" and "plan" not in data:
+        if planner == FIXED_PLANNER and "plan" not in data:
             return ["planner = 'fixed' needs plan"]
-        if planner != "fixed" and "plan" in data:
+        if planner != FIXED_PLANNER and "plan" in data:
             return [f"plan is only used with planner = 'fixed' (planner is {planner!r})"]
         return []
 

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
+
+from cloud_offload.protocol import InferRequest
+from policies.planners import PLANNER_NAMES
+from splitwise_device.agent import DeviceAgent
+from splitwise_device.config import load_device_config
+from splitwise_device.errors import SplitwiseError
+from splitwise_device.tokenizer import bundled_model_path
+from tests.support.processes import write_toml
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -75,3 +84,48 @@ def test_engine_commands_report_bad_input(args: list[str], message: str) -> None
     result = run("splitwise-device", *args)
     assert result.returncode in (1, 2)
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ check-config and run agree on the planner
+
+PROFILE = Path(__file__).parents[2] / "deploy/profiles/reference-vm.smollm2-135m.profile.json"
+# Every planner name a device.toml may give: the registry's, "fixed", the learned planner the design
+# promises but that does not exist yet, and a near-miss spelling.
+PLANNER_CANDIDATES = sorted({*PLANNER_NAMES, "fixed", "splitwise-rl", "splitwise_dp"})
+
+
+def agent_refusal(path: Path) -> str | None:
+    """None if the agent `splitwise-device run` starts from ``path`` plans its first request with the
+    configured planner; else why not. Everything `run` does short of connecting to the broker."""
+    try:
+        agent = DeviceAgent(load_device_config(path))
+        decision = agent.choose_plan(InferRequest(prompt="Hello"), prompt_len=4, max_tokens=4)
+    except SplitwiseError as err:
+        return str(err)
+    assert decision.prediction is not None  # both profiles are configured: the planner really ran
+    return None
+
+
+@pytest.mark.parametrize("planner", PLANNER_CANDIDATES)
+def test_check_config_accepts_a_planner_iff_the_agent_runs_it(tmp_path: Path, planner: str) -> None:
+    agent = {"planner": planner, **({"plan": "layer-split:15"} if planner == "fixed" else {})}
+    path = write_toml(
+        tmp_path / "device.toml",
+        {
+            "device": {"id": "dev1", "model": bundled_model_path(), "threads": 1, "state_dir": tmp_path / "state"},
+            "agent": agent,
+            "planning": {"profile": PROFILE, "cloud_profile": PROFILE},
+        },
+    )
+    checked = run("splitwise-device", "check-config", "--config", str(path))
+    refusal = agent_refusal(path)
+    assert (checked.returncode == 0) == (refusal is None), (
+        f"planner = {planner!r}: check-config exits {checked.returncode} ({checked.stderr.strip() or 'OK'}) "
+        f"but the agent {'runs it' if refusal is None else 'refuses it: ' + refusal}"
+    )
+    if refusal is not None:
+        # One problem, named by its key path, listing what the agent can run.
+        choices = ", ".join(repr(name) for name in (*PLANNER_NAMES, "fixed")[:-1])
+        assert checked.stderr.splitlines() == [
+            f"{path}: agent.planner: must be one of {choices} or 'fixed' (got {planner!r})"
+        ]
