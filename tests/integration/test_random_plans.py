@@ -28,7 +28,7 @@ from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
 from splitwise_device.tokenizer import bundled_model_path
 from tests.support.corpus import english_text
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(300)]  # measured up to 73 s on 2 busy cores
 POOL = "randomplans"
 N_PLANS = 20
 TOKENS = 16
