@@ -1,0 +1,105 @@
+"""Fuzz the front door for long runs: thousands of malformed requests at a device agent and
+corrupted frames at two cloud workers (real mosquitto and processes), in identical rounds.
+
+Prints, per round, the outcome counts by category (clear error / answered / documented silence /
+unexpected reply / unexpected silence), topics published outside the namespace, whether the
+processes are alive, whether a normal request still succeeds, and every process's RSS; then the
+RSS change from the first round to the last. tests/integration/test_fuzz.py is the bounded CI
+version of the same run.
+Run: python bench/fuzz.py [--payloads 1000] [--frames 1000] [--rounds 2] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cloud_offload import protocol
+from tests.support.fuzz import (
+    DEVICE_ID,
+    POOL,
+    FuzzRun,
+    ask_normally,
+    classify_agent_reply,
+    classify_worker_reply,
+    frame_attempts,
+    front_door_attempts,
+    fuzz_system,
+)
+
+
+def progress(what: str, total: int) -> object:
+    def report(done: int) -> None:
+        if done % 100 == 0 or done == total:
+            print(f"  {what}: {done}/{total} sent", flush=True)
+
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--payloads", type=int, default=1000, help="requests per round (default 1000)")
+    parser.add_argument("--frames", type=int, default=1000, help="frames per round (default 1000)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=20261130)
+    parser.add_argument("--settle", type=float, default=30.0, help="seconds without a new reply that end a wait")
+    args = parser.parse_args()
+    if min(args.payloads, args.frames, args.rounds) < 1:
+        parser.error("--payloads, --frames and --rounds must be at least 1")
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp, fuzz_system(Path(tmp)) as system:
+        rss = []
+        for round_ in range(1, args.rounds + 1):
+            started = time.monotonic()
+            run = FuzzRun(system.broker, f"round{round_:04d}")
+            try:
+                agent = run.throw(
+                    protocol.device_infer_topic(DEVICE_ID),
+                    front_door_attempts(args.seed, args.payloads, f"{run.reply_prefix}/a"),
+                    classify_agent_reply,
+                    settle_s=args.settle,
+                    progress=progress("requests", args.payloads),  # type: ignore[arg-type]
+                )
+                workers = run.throw(
+                    protocol.pool_segment_topic(POOL),
+                    frame_attempts(args.seed, args.frames, f"{run.reply_prefix}/w", system.model_hash),
+                    classify_worker_reply,
+                    settle_s=args.settle,
+                    progress=progress("frames", args.frames),  # type: ignore[arg-type]
+                )
+            finally:
+                run.close()
+            alive = system.alive()
+            try:
+                final = ask_normally(system.broker)
+                normal = f"ok ({final['tokens']['completion']} tokens)"
+            except AssertionError as err:
+                normal, failures = f"FAILED: {err}", failures + 1
+            rss.append(system.rss() if all(alive.values()) else {})
+            for what, report in (("requests at the agent", agent), ("frames at the workers", workers)):
+                print(f"\nround {round_}: {args.payloads if report is agent else args.frames} {what}")
+                print(report.table())
+                for defect in report.defects[:20]:
+                    print(f"  defect: {defect}")
+                if report.foreign_topics:
+                    print(f"  published outside the namespace: {sorted(report.foreign_topics)[:10]}")
+                failures += len(report.defects) + len(report.foreign_topics)
+            print(f"alive: {alive}; normal request afterwards: {normal}; round took {time.monotonic() - started:.0f} s")
+            print("RSS: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in rss[-1].items()))
+            failures += sum(not ok for ok in alive.values())
+        if len(rss) > 1 and rss[0] and rss[-1]:
+            print(
+                "RSS change, first round → last: "
+                + ", ".join(f"{k} {100 * (rss[-1][k] / v - 1):+.1f}%" for k, v in rss[0].items())
+            )
+    print(f"\n{'no defects' if failures == 0 else f'{failures} problems'}")
+    return 0 if failures == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
