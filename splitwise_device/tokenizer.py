@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,19 +44,62 @@ def vocabulary_file(model_path: str | os.PathLike[str]) -> Path:
     return path
 
 
+# ggml's log levels (ggml.h `enum ggml_log_level`). llama-cpp-python 0.3's own callback maps them
+# one level off (WARN as an error, ERROR as debug), so with verbose=False it printed llama.cpp's
+# warnings on stderr and swallowed its errors; ours sends every line to Python logging, correctly.
+_GGML_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}  # 5: continuation
+_LLAMA_LOG = logging.getLogger("llama_cpp")
+_llama_log_state = {"level": logging.DEBUG}
+_llama_log_callback: Any = None  # the ctypes callback, kept alive while llama.cpp holds it
+
+
+def route_llama_cpp_logs() -> None:
+    """Sends llama.cpp's log lines to the ``llama_cpp`` Python logger at their real level: errors
+    as errors (shown), warnings as warnings, the loader's chatter as debug. Idempotent."""
+    global _llama_log_callback
+    if _llama_log_callback is not None:
+        return
+    import ctypes
+
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+    def callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+        if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous line at its level
+            _llama_log_state["level"] = _GGML_LEVELS.get(level, logging.DEBUG)
+        line = text.decode("utf-8", "replace").rstrip()
+        if line:
+            _LLAMA_LOG.log(_llama_log_state["level"], "%s", line)
+
+    _llama_log_callback = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
 class Tokenizer:
     def __init__(self, model_path: str | os.PathLike[str]) -> None:
         import llama_cpp
+        from llama_cpp._internals import LlamaModel
 
+        route_llama_cpp_logs()
         self.path = vocabulary_file(model_path)
+        # The vocabulary alone: a llama_model loaded with vocab_only and no llama_context. (Llama(...,
+        # vocab_only=True) also builds a 512-token context for a model whose hyperparameters were not
+        # read, n_ctx_train = 0, and llama.cpp warns "n_ctx_seq (512) > n_ctx_train (0)" on every start.)
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
         try:
-            self._vocab = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
+            # verbose=True: llama.cpp's messages go to our log callback, not to a muted stderr.
+            self._vocab: Any = LlamaModel(path_model=str(self.path), params=params, verbose=True)
         except (ValueError, RuntimeError) as err:
             raise ModelFileError(f"{self.path}: llama.cpp cannot read its vocabulary ({err})") from err
-        self.eos_id: int = self._vocab.token_eos()
-        self.bos_id: int = self._vocab.token_bos()
-        self.n_vocab: int = self._vocab.n_vocab()
-        self.chat_template: str | None = self._vocab.metadata.get("tokenizer.chat_template")
+        self.eos_id: int = int(self._vocab.token_eos())
+        self.bos_id: int = int(self._vocab.token_bos())
+        self.n_vocab: int = int(self._vocab.n_vocab())
+        try:
+            metadata: dict[str, str] = self._vocab.metadata()
+        except Exception:  # as Llama does: a model whose metadata cannot be read has no template
+            metadata = {}
+        self.chat_template: str | None = metadata.get("tokenizer.chat_template")
 
     def encode(self, text: str, *, special: bool = True) -> list[int]:
         """Token ids for `text`, with the BOS token if the model asks for one."""
