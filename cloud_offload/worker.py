@@ -16,7 +16,6 @@ or read from a file) and clears it when it stops.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import logging
@@ -211,17 +210,27 @@ class CloudWorker:
             threading.Thread(target=self._measure_profile, name="worker-profile", daemon=True).start()
 
     def stop(self) -> None:
+        """Withdraws the profile, says ``offline``, stops computing and disconnects. Never raises:
+        with the broker gone the two messages are not sent (the broker publishes the status topic's
+        will message, ``offline``, once it notices) and the worker still stops cleanly."""
+        with self._profile_lock:
+            self._stopping = True
         if self._profile_mode != "off":
-            with self._profile_lock:
-                self._stopping = True
             # An empty retained message deletes the retained profile: devices drop this worker.
-            info = self.connection.publish(self.profile_topic, b"", retain=True)
-            with contextlib.suppress(RuntimeError, ValueError):
-                info.wait_for_publish(2)
-        self.connection.publish(self._status_topic, self._status("offline"), retain=True).wait_for_publish(2)
+            self._publish_on_stop(self.profile_topic, b"")
+        self._publish_on_stop(self._status_topic, self._status("offline"))
         self._inbox.put(STOP)
         self._compute.join(timeout=10)
-        self.connection.stop()
+        try:
+            self.connection.stop()
+        except Exception as err:  # stopping must finish whatever state the connection is in
+            log.warning("disconnecting from the broker failed: %s", err)
+
+    def _publish_on_stop(self, topic: str, payload: bytes) -> None:
+        try:
+            self.connection.publish(topic, payload, retain=True).wait_for_publish(2)
+        except Exception as err:  # paho raises when it is not connected, among others
+            log.info("stopping: %s not published (%s)", topic, err)
 
     # --- request handling (compute thread) -----------------------------------------------------
 

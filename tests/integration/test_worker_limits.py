@@ -4,9 +4,57 @@ start. Real broker, real SmolLM2 model."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from cloud_offload.local_broker import free_port
+from splitwise_device.tokenizer import bundled_model_path
+
+# --- defect 5: SIGTERM with no broker -----------------------------------------------------------
+
+
+def _serve(*args: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "cloud_offload.cli", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def test_sigterm_without_a_broker_exits_0_without_a_traceback(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    proc = _serve(
+        "--broker", f"mqtt://127.0.0.1:{port}", "--model", str(bundled_model_path()), "--profile", "off",
+        "--worker-id", "w-nobroker",
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        lines: list[str] = []
+        assert proc.stderr is not None
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if "serving pool" in line or not line:
+                break
+        assert any("serving pool" in line for line in lines), "".join(lines)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    stderr = "".join(lines) + err
+    assert "Traceback" not in stderr, stderr
+    assert proc.returncode == 0, stderr
+
 
 # --- defect 6: no llama.cpp context warning at start --------------------------------------------
 
