@@ -91,6 +91,7 @@ __all__ = [
     "MAX_PROMPT_BYTES",
     "MAX_TEMPERATURE",
     "MAX_TOKENS",
+    "MAX_TOPIC_BYTES",
     "OP_SIZE",
     "PROBE_MIN_SIZE",
     "TOPIC_ROOT",
@@ -125,7 +126,9 @@ __all__ = [
     "pool_profile_filter",
     "pool_segment_share",
     "pool_segment_topic",
+    "topic_name_problem",
     "validate_id",
+    "validate_topic_name",
     "worker_profile_topic",
     "worker_segment_topic",
     "worker_status_topic",
@@ -135,6 +138,43 @@ __all__ = [
 
 TOPIC_ROOT = "splitwise/v1"
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+# Characters a topic name must not hold: MQTT 5.0 section 1.5.4 forbids U+0000, and mosquitto
+# (mosquitto_validate_utf8) disconnects a client whose topic holds a C0/C1 control or a noncharacter
+# (U+FDD0..U+FDEF, U+xFFFE, U+xFFFF of every plane) as sending a malformed packet; lone surrogates
+# are not UTF-8 at all; + and # are wildcards, valid only in filters.
+_NONCHARACTERS = "".join(f"{chr(p | 0xFFFE)}{chr(p | 0xFFFF)}" for p in range(0, 0x110000, 0x10000))
+_TOPIC_NAME_FORBIDDEN = re.compile(f"[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef\ud800-\udfff{_NONCHARACTERS}+#]")
+MAX_TOPIC_BYTES = 65535
+
+
+def topic_name_problem(value: object) -> str | None:
+    """Why `value` cannot be the topic of a PUBLISH this side sends (a reply topic an app named), or
+    None if it can: a non-empty str of at most 65,535 UTF-8 bytes without U+0000, C0/C1 controls,
+    noncharacters (U+FDD0..U+FDEF, U+FFFE, U+FFFF), surrogates or the wildcards ``+`` ``#``, and not
+    a ``$``-prefixed system topic. The one check for ``reply_to`` and for a ResponseTopic."""
+    if not isinstance(value, str):
+        return f"expected a string, got {type(value).__name__}"
+    if not value:
+        return "empty"
+    if value.startswith("$"):
+        return "starts with '$' (a broker system topic)"
+    bad = _TOPIC_NAME_FORBIDDEN.search(value)
+    if bad is not None:
+        what = "wildcard" if bad.group() in "+#" else "character"
+        return f"contains the {what} {bad.group()!r} at index {bad.start()}"
+    if len(value) > MAX_TOPIC_BYTES // 3 and len(value.encode("utf-8")) > MAX_TOPIC_BYTES:
+        return f"longer than {MAX_TOPIC_BYTES} UTF-8 bytes"
+    return None
+
+
+def validate_topic_name(value: str, what: str = "topic") -> str:
+    """`value` if :func:`topic_name_problem` finds nothing, else InvalidArgumentError (a ValueError)."""
+    problem = topic_name_problem(value)
+    if problem is not None:
+        raise InvalidArgumentError(f"{what} is not a valid topic name: {problem}")
+    return value
 
 
 def validate_id(value: str, what: str = "id") -> str:
@@ -798,8 +838,6 @@ MAX_PROMPT_BYTES = 32 * 1024
 MAX_TOKENS = 2048
 MAX_TEMPERATURE = 2.0
 _NAMED_PLAN = re.compile(r"edge-only|cloud-only|layer-split:[0-9]{1,6}|heads:[0-9]{1,6}")
-# MQTT topic names: no wildcards, not a $-prefixed system topic, at most 65535 UTF-8 bytes.
-_TOPIC_FORBIDDEN = re.compile(r"[+#\x00]")
 
 
 class ChatMessage(BaseModel):
@@ -855,10 +893,9 @@ class InferRequest(BaseModel):
     @field_validator("reply_to")
     @classmethod
     def _check_reply_to(cls, v: str | None) -> str | None:
-        if v is not None and (
-            not v or v.startswith("$") or _TOPIC_FORBIDDEN.search(v) or len(v.encode("utf-8")) > 65535
-        ):
-            raise ValueError("reply_to must be a topic name without wildcards, not starting with '$'")
+        problem = None if v is None else topic_name_problem(v)
+        if problem is not None:
+            raise ValueError(f"reply_to is not a valid topic name: {problem}")
         return v
 
     @classmethod
