@@ -15,6 +15,13 @@ from splitwise_device.errors import InvalidArgumentError
 pytestmark = pytest.mark.broker
 
 
+def subscriptions_settled(conn: MqttConnection, wait_s: float = 5.0) -> None:
+    """Returns once the broker has handled every SUBSCRIBE `conn` sent so far (e.g. an RpcClient's
+    reply topic, or those restored on reconnect): it answers one client's packets in order, so the
+    SUBACK of a fresh subscription comes after theirs."""
+    conn.subscribe(f"test/settled/{uuid.uuid4().hex}", lambda _msg: None, wait_s=wait_s)
+
+
 def echo_server(broker, topic: str) -> MqttConnection:  # type: ignore[no-untyped-def]
     server = MqttConnection(BrokerSettings(broker.host, broker.port, reconnect_max_s=2), f"echo-{uuid.uuid4().hex[:6]}")
 
@@ -34,7 +41,8 @@ def test_request_response_matches_replies_by_correlation(mosquitto_broker) -> No
     client.start()
     try:
         rpc = RpcClient(client, f"test/reply/{uuid.uuid4().hex}")
-        time.sleep(0.2)  # let the reply subscription settle
+        subscriptions_settled(client)
+        subscriptions_settled(server)
         futures = [rpc.request("test/echo", f"m{i}".encode())[1] for i in range(20)]
         replies = [f.result(timeout=5).payload for f in futures]
         assert replies == [f"echo:m{i}".encode() for i in range(20)]
@@ -49,15 +57,25 @@ def test_subscriptions_survive_a_broker_restart(mosquitto_broker) -> None:  # ty
     client.start()
     try:
         rpc = RpcClient(client, "test/reply/restart")
-        time.sleep(0.2)
+        subscriptions_settled(client)
+        subscriptions_settled(server)
         assert rpc.request("test/echo", b"before")[1].result(timeout=5).payload == b"echo:before"
         mosquitto_broker.stop()
-        time.sleep(0.5)
-        assert not client.connected.is_set()
+        deadline = time.monotonic() + 10
+        while (client.connected.is_set() or server.connected.is_set()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not client.connected.is_set() and not server.connected.is_set()
         mosquitto_broker.start()
         assert client.connected.wait(15) and server.connected.wait(15)
-        time.sleep(0.3)
-        assert rpc.request("test/echo", b"after")[1].result(timeout=10).payload == b"echo:after"
+        # Nothing subscribes again here: only the subscriptions the connections restored themselves.
+        subscriptions_settled(client)
+        subscriptions_settled(server)
+        after = rpc.request("test/echo", b"after")[1]
+        try:
+            reply = after.result(timeout=10)
+        except TimeoutError:
+            pytest.fail("no echo after the broker restart: a subscription was not restored on reconnect")
+        assert reply.payload == b"echo:after"
     finally:
         client.stop()
         server.stop()
