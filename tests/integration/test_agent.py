@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from splitwise_device.agent import DeviceAgent
 from splitwise_device.config import load_device_config
 from splitwise_device.engine import model_sha256
 from splitwise_device.tokenizer import bundled_model_path
+from tests.integration.test_mqtt import subscriptions_settled
 
 pytestmark = pytest.mark.broker
 DEVICE = "dev-test"
@@ -44,6 +46,7 @@ def write_config(tmp_path: Path, broker, **agent: Any) -> Path:  # type: ignore[
 def agent(tmp_path: Path, mosquitto_broker) -> Iterator[DeviceAgent]:  # type: ignore[no-untyped-def]
     a = DeviceAgent(load_device_config(write_config(tmp_path, mosquitto_broker, queue_size=2)))
     a.start()
+    subscriptions_settled(a.connection)  # its request topic
     yield a
     a.drain(timeout=5)
     a.stop()
@@ -59,25 +62,34 @@ def app(mosquitto_broker) -> Iterator[MqttConnection]:  # type: ignore[no-untype
 
 def ask(app: MqttConnection, payload: bytes | str, timeout: float = 60) -> list[dict[str, Any]]:
     """Sends one infer request (MQTT v5 ResponseTopic + CorrelationData); returns every reply up to
-    the final one (or the error)."""
+    the final one (or the error), each checked to carry the request's CorrelationData."""
     rpc_topic = f"app/{uuid.uuid4().hex}"
-    replies: list[dict[str, Any]] = []
-    done = __import__("threading").Event()
+    # The handler only records (MqttConnection logs a handler's exception and goes on, so an assert
+    # in there could only show up as a timeout); the checks run here, in the test's thread.
+    received: list[tuple[bytes | None, bytes]] = []
+    done = threading.Event()
     correlation = uuid.uuid4().bytes
 
     def on_reply(msg: mqtt.MQTTMessage) -> None:
-        assert msg.properties.CorrelationData == correlation
-        reply = json.loads(msg.payload)
-        replies.append(reply)
-        if reply["type"] in ("final", "error"):
+        received.append((getattr(msg.properties, "CorrelationData", None), bytes(msg.payload)))
+        try:
+            last = json.loads(msg.payload)["type"] in ("final", "error")
+        except (ValueError, TypeError, KeyError):
+            last = True  # not a reply at all: stop waiting and let the checks below say so
+        if last:
             done.set()
 
-    app.subscribe(rpc_topic, on_reply)
-    time.sleep(0.1)
+    app.subscribe(rpc_topic, on_reply, wait_s=5)
     app.publish(protocol.device_infer_topic(DEVICE), payload, response_topic=rpc_topic, correlation_data=correlation)
-    assert done.wait(timeout), f"no final reply; got {replies}"
+    finished = done.wait(timeout)
     app.unsubscribe(rpc_topic)
-    return replies
+    got = list(received)
+    assert finished, f"no final reply within {timeout:g} s; got {[body for _, body in got]}"
+    for got_correlation, body in got:
+        assert got_correlation == correlation, (
+            f"reply carries CorrelationData {got_correlation!r}, the request sent {correlation!r}: {body[:200]!r}"
+        )
+    return [json.loads(body) for _, body in got]
 
 
 def mosquitto_client(name: str) -> str:
@@ -208,9 +220,15 @@ def test_bad_requests_get_error_replies_and_the_agent_keeps_serving(
 
 def test_full_queue_answers_overloaded(agent: DeviceAgent, app: MqttConnection) -> None:
     topic = f"app/{uuid.uuid4().hex}"
-    replies: list[dict[str, Any]] = []
-    app.subscribe(topic, lambda msg: replies.append(json.loads(msg.payload)))
-    time.sleep(0.1)
+    received: list[tuple[bytes | None, bytes]] = []
+    all_answered = threading.Event()
+
+    def on_reply(msg: mqtt.MQTTMessage) -> None:
+        received.append((getattr(msg.properties, "CorrelationData", None), bytes(msg.payload)))
+        if len(received) >= 6:
+            all_answered.set()
+
+    app.subscribe(topic, on_reply, wait_s=5)
     for i in range(6):  # one runs, two wait (queue_size=2), the rest are refused
         app.publish(
             protocol.device_infer_topic(DEVICE),
@@ -218,9 +236,9 @@ def test_full_queue_answers_overloaded(agent: DeviceAgent, app: MqttConnection) 
             response_topic=topic,
             correlation_data=b"c",
         )
-    deadline = time.monotonic() + 120
-    while len(replies) < 6 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    all_answered.wait(120)
+    assert all(correlation == b"c" for correlation, _ in received), received
+    replies = [json.loads(body) for _, body in received]
     kinds = sorted(r["type"] if r["type"] == "final" else r["error"]["code"] for r in replies)
     assert len(replies) == 6, replies  # every request answered exactly once: nothing lost
     # Two fit the queue; a third may already have left it for the serving thread.
@@ -240,7 +258,8 @@ def worker_and_edge(
     conn.start()
     try:
         rpc = RpcClient(conn, f"edge/reply/{uuid.uuid4().hex}")
-        time.sleep(0.2)  # let the reply subscription settle
+        subscriptions_settled(conn)  # the reply topic
+        subscriptions_settled(worker.connection)  # the pool and worker topics
         yield worker, rpc, protocol.model_hash_prefix(model_sha256(bundled_model_path()))
     finally:
         conn.stop()

@@ -25,6 +25,7 @@ from splitwise_device.agent import DeviceAgent
 from splitwise_device.config import load_device_config
 from splitwise_device.tokenizer import bundled_model_path
 from tests.integration.test_agent import DEVICE, ask
+from tests.integration.test_mqtt import subscriptions_settled
 from tests.support.processes import write_toml
 
 pytestmark = pytest.mark.broker
@@ -63,6 +64,7 @@ def worker(mosquitto_broker: Any) -> Iterator[CloudWorker]:
         profile=PROFILE,
     )
     w.start()
+    subscriptions_settled(w.connection)  # its segment topics
     yield w
     w.stop()
 
@@ -70,6 +72,7 @@ def worker(mosquitto_broker: Any) -> Iterator[CloudWorker]:
 def start_agent(path: Path) -> DeviceAgent:
     agent = DeviceAgent(load_device_config(path))
     agent.start()
+    subscriptions_settled(agent.connection)  # its request topic
     return agent
 
 
