@@ -4,21 +4,25 @@ real model. Also the `[worker] profile` setting and the `serve --profile` option
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 
 from cloud_offload import protocol
 from cloud_offload.config import load_cloud_config
-from cloud_offload.mqtt import BrokerSettings, MqttConnection
+from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
 from cloud_offload.profiles import PROFILE_KEYS, WorkerProfiles, profile_message
 from cloud_offload.worker import CloudWorker
 from policies.cost import Profile
 from splitwise_device.engine import model_sha256
 from splitwise_device.tokenizer import bundled_model_path
+from tests.integration.test_mqtt import subscriptions_settled
 
 pytestmark = pytest.mark.broker
 POOL = "prof"
@@ -42,6 +46,14 @@ def connect(mosquitto_broker) -> Iterator:  # type: ignore[no-untyped-def, type-
         conn.stop()
 
 
+def settled_collector(conn: MqttConnection) -> WorkerProfiles:
+    """A WorkerProfiles whose subscription the broker has acknowledged. The broker sends what it
+    retains right after that SUBACK, so it has arrived too once `subscriptions_settled` returns."""
+    collector = WorkerProfiles(conn, POOL, MODEL_HASH)
+    subscriptions_settled(conn)
+    return collector
+
+
 def new_worker(broker, profile, worker_id: str = "w1", threads: int = 1) -> CloudWorker:  # type: ignore[no-untyped-def]
     return CloudWorker(
         bundled_model_path(),
@@ -63,23 +75,26 @@ def test_file_profile_is_retained_for_late_subscribers_and_cleared_on_stop(mosqu
     worker.start()
     try:
         assert worker.profile_done.wait(5)
-        time.sleep(0.2)
+        # The whole message, as a raw subscriber sees it. Once it arrived the broker holds it, so
+        # whoever subscribes after this gets it only because it is retained.
+        raw: list[bytes] = []
+        arrived = threading.Event()
+
+        def on_raw(msg: mqtt.MQTTMessage) -> None:
+            raw.append(bytes(msg.payload))
+            arrived.set()
+
+        connect().subscribe(protocol.worker_profile_topic(POOL, "w1"), on_raw, wait_s=5)
+        assert arrived.wait(5), "no profile message"
+        msg = json.loads(raw[0])
+        assert set(msg) == {"worker_id", "pool", "model_hash", "threads", "measured_at", "source", "profile"}
+        assert (msg["worker_id"], msg["pool"], msg["model_hash"]) == ("w1", POOL, MODEL_HASH.hex())
         late = WorkerProfiles(connect(), POOL, MODEL_HASH)  # subscribes after the publish: retained
         assert late.wait_for_any(5)
         assert late.profiles() == {"w1": json.loads(PROFILE_FILE.read_text())}
         entry = late.entries()["w1"]
         assert entry.threads == 1 and entry.source == "file" and entry.measured_at.endswith("+00:00")
         assert Profile.from_json(json.dumps(late.profiles()["w1"])).threads >= 1
-        # The whole retained message, as a raw subscriber sees it.
-        raw: list[bytes] = []
-        conn = connect()
-        conn.subscribe(protocol.worker_profile_topic(POOL, "w1"), lambda m: raw.append(bytes(m.payload)))
-        deadline = time.monotonic() + 5
-        while not raw and time.monotonic() < deadline:
-            time.sleep(0.05)
-        msg = json.loads(raw[0])
-        assert set(msg) == {"worker_id", "pool", "model_hash", "threads", "measured_at", "source", "profile"}
-        assert (msg["worker_id"], msg["pool"], msg["model_hash"]) == ("w1", POOL, MODEL_HASH.hex())
     finally:
         worker.stop()
     # The live subscriber drops the worker; a new subscriber gets nothing retained.
@@ -87,18 +102,48 @@ def test_file_profile_is_retained_for_late_subscribers_and_cleared_on_stop(mosqu
     while late.profiles() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert late.profiles() == {}
-    after = WorkerProfiles(connect(), POOL, MODEL_HASH)
+    after = settled_collector(connect())
     assert not after.wait_for_any(1.0)
 
 
+def segment_request() -> bytes:
+    """A real segment: one FFN on a fresh session's first position."""
+    x = np.random.default_rng(0).standard_normal((1, 576)).astype(np.float32)
+    return protocol.encode_request(
+        session=uuid.uuid4(),
+        step=0,
+        position=0,
+        segment=0,
+        model_hash=MODEL_HASH,
+        ops=[protocol.Op(protocol.OpKind.FFN, 3)],
+        tensor=x,
+        codec="f32",
+    )
+
+
 def test_measured_profile_is_a_planner_profile(mosquitto_broker, connect) -> None:  # type: ignore[no-untyped-def]
-    profiles = WorkerProfiles(connect(), POOL, MODEL_HASH)
+    profiles = settled_collector(connect())
+    edge = connect()
+    rpc = RpcClient(edge, f"edge/reply/{uuid.uuid4().hex}")
+    subscriptions_settled(edge)
     worker = new_worker(mosquitto_broker, "measure", worker_id="wm", threads=1)
     started = time.monotonic()
     worker.start()
     try:
-        # The worker serves while it profiles: it is online at once.
-        assert profiles.profiles() == {}
+        # The worker serves while it profiles: a real segment is answered before the profile is out.
+        subscriptions_settled(worker.connection)
+        at_reply: dict[str, object] = {}
+        _, future = rpc.request(protocol.worker_segment_topic("wm"), segment_request())
+        future.add_done_callback(
+            lambda _f: at_reply.update(profile_done=worker.profile_done.is_set(), collected=sorted(profiles.profiles()))
+        )
+        reply = protocol.decode_frame(future.result(timeout=120).payload)
+        answered = time.monotonic() - started
+        assert reply.kind is protocol.FrameKind.RESPONSE and reply.tensor().shape == (1, 576)
+        assert at_reply == {"profile_done": False, "collected": []}, (
+            f"the worker answered its first segment ({answered:.1f} s after start) only once its profile "
+            f"was out: {at_reply}"
+        )
         assert profiles.wait_for_any(120), "no profile within 120 s"
         elapsed = time.monotonic() - started
         entry = profiles.entries()["wm"]
@@ -107,13 +152,14 @@ def test_measured_profile_is_a_planner_profile(mosquitto_broker, connect) -> Non
         assert profile.model.startswith(bundled_model_path().name)
         assert MODEL_HASH.hex() in profile.note or model_sha256(bundled_model_path()).hex()[:16] in profile.model
         assert worker.profile_seconds is not None
-        print(f"\nmeasured worker profile: {worker.profile_seconds:.1f} s profiling, {elapsed:.1f} s to arrive")
+        print(f"\nmeasured worker profile: {worker.profile_seconds:.1f} s profiling, {elapsed:.1f} s to arrive; "
+              f"a segment answered {answered * 1e3:.0f} ms after start")  # fmt: skip
     finally:
         worker.stop()
 
 
 def test_invalid_profile_messages_are_ignored(mosquitto_broker, connect) -> None:  # type: ignore[no-untyped-def]
-    collector = WorkerProfiles(connect(), POOL, MODEL_HASH)
+    collector = settled_collector(connect())
     pub = connect()
     good = json.loads(PROFILE_FILE.read_text())
 
@@ -163,7 +209,7 @@ def test_off_publishes_nothing(mosquitto_broker, connect) -> None:  # type: igno
     worker = new_worker(mosquitto_broker, "off", worker_id="woff")
     worker.start()
     try:
-        collector = WorkerProfiles(connect(), POOL, MODEL_HASH)
+        collector = settled_collector(connect())
         assert not collector.wait_for_any(0.5)
     finally:
         worker.stop()
@@ -228,4 +274,4 @@ def test_stop_while_measuring_publishes_nothing(mosquitto_broker, connect) -> No
     assert time.monotonic() - started < 5
     assert worker.profile_done.wait(10)  # the profiler noticed the stop and gave up
     assert worker.profile_seconds is None
-    assert not WorkerProfiles(connect(), POOL, MODEL_HASH).wait_for_any(1.0)
+    assert not settled_collector(connect()).wait_for_any(1.0)
