@@ -19,6 +19,7 @@ from cloud_offload.worker import CloudWorker
 from splitwise_device import codecs
 from splitwise_device.estimators import LinkEstimator
 from splitwise_device.tokenizer import bundled_model_path
+from tests.integration.test_mqtt import subscriptions_settled
 
 pytestmark = pytest.mark.broker
 POOL = "probes"
@@ -34,6 +35,7 @@ def worker(mosquitto_broker) -> Iterator[CloudWorker]:  # type: ignore[no-untype
         profile="off",
     )
     w.start()
+    subscriptions_settled(w.connection)  # its segment topics
     yield w
     w.stop()
 
@@ -43,7 +45,7 @@ def rpc(mosquitto_broker) -> Iterator[RpcClient]:  # type: ignore[no-untyped-def
     conn = MqttConnection(BrokerSettings(mosquitto_broker.host, mosquitto_broker.port), f"dev-{uuid.uuid4().hex[:6]}")
     client = RpcClient(conn, protocol.device_reply_topic("dev1", uuid.uuid4().hex[:8]))
     conn.start()
-    time.sleep(0.2)  # let the reply subscription land
+    subscriptions_settled(conn)  # the reply topic
     yield client
     conn.stop()
 
@@ -88,10 +90,13 @@ def test_rate_limit(worker: CloudWorker, rpc: RpcClient) -> None:
     assert (prober.sent, worker.stats.probes) == (2, 2)
     assert prober.probe(now=101.0) is None
     assert prober.probe(now=104.9) is None
-    time.sleep(0.3)  # anything sent would have arrived by now
-    assert (prober.sent, worker.stats.probes) == (2, 2)
+    # A barrier instead of a sleep: the worker answers its inbox in order, and one connection's
+    # messages reach it in order, so anything those calls sent would have been counted by now.
+    frame, _, _ = call(rpc, protocol.pool_segment_topic(POOL), protocol.encode_probe())
+    assert frame.kind is FrameKind.PROBE_REPLY
+    assert (prober.sent, worker.stats.probes) == (2, 3)
     again = prober.probe(now=105.0)
-    assert again is not None and len(again) == 2 and worker.stats.probes == 4
+    assert again is not None and len(again) == 2 and worker.stats.probes == 5
     # Real clock: a fresh prober probes once, then is limited.
     live = LinkProber(rpc, protocol.pool_segment_topic(POOL), min_interval_s=60.0)
     assert live.probe() is not None and live.probe() is None and live.sent == 2
