@@ -8,6 +8,7 @@ Run with `-s` to see the measured figures.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import socket
@@ -41,7 +42,8 @@ class Server:
         self.sock.listen(16)
         self.port: int = self.sock.getsockname()[1]
         self.handler = handler
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._thread = threading.Thread(target=self._accept, name="test-server-accept", daemon=True)
+        self._thread.start()
 
     def _accept(self) -> None:
         while True:
@@ -50,7 +52,7 @@ class Server:
             except OSError:
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn,), name="test-server-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -61,7 +63,12 @@ class Server:
             conn.close()
 
     def close(self) -> None:
+        # close() alone does not wake a thread blocked in accept() on Linux; shutdown() does.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        self._thread.join(5)
+        assert not self._thread.is_alive(), "the server's accept thread did not end"
 
 
 def echo(conn: socket.socket) -> None:
@@ -92,6 +99,18 @@ def sink(conn: socket.socket) -> None:
 def source(conn: socket.socket) -> None:
     """Reads "<n>\\n", then sends n bytes."""
     conn.sendall(b"y" * read_count(conn))
+
+
+@pytest.fixture(autouse=True)
+def no_threads_left_behind() -> Iterator[None]:
+    """Every test here ends the threads it started: servers, proxies, clients (threads that were
+    running before the test are not its business)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5
+    while (left := [t for t in threading.enumerate() if t not in before]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not left, f"threads still running after the test: {sorted(t.name for t in left)}"
 
 
 @pytest.fixture
@@ -233,36 +252,49 @@ def test_one_bottleneck_shared_by_all_connections(proxies: list[LinkProxy]) -> N
 def test_jitter_keeps_byte_order(echo_server: Server, proxies: list[LinkProxy]) -> None:
     proxy = LinkProxy("127.0.0.1", echo_server.port, delay_s=0.005, jitter_s=0.02).start()
     proxies.append(proxy)
-    sent = bytearray()
+    messages = [f"<{i}>".encode() for i in range(2000)]
+    sent = b"".join(messages)
     received = bytearray()
     with connect(proxy.port) as sock:
 
         def reader() -> None:
-            while len(received) < len(sent) or not done.is_set():
+            while len(received) < len(sent):
                 data = sock.recv(65536)
                 if not data:
                     return
                 received.extend(data)
 
-        done = threading.Event()
-        thread = threading.Thread(target=reader, daemon=True)
+        thread = threading.Thread(target=reader, name="test-jitter-reader", daemon=True)
         thread.start()
-        for i in range(2000):  # many small writes, each its own chunk with its own random delay
-            msg = f"<{i}>".encode()
-            sent.extend(msg)
+        for i, msg in enumerate(messages):  # many small writes, each its own chunk with its own random delay
             sock.sendall(msg)
             if i % 50 == 0:
-                time.sleep(0.002)
-        done.set()
-        deadline = time.monotonic() + 10
-        while len(received) < len(sent) and time.monotonic() < deadline:
-            time.sleep(0.01)
+                time.sleep(0.002)  # pacing: spread the writes out a little
+        thread.join(10)  # the reader stops once every byte came back (or the connection closed)
+        assert not thread.is_alive(), f"{len(received)} of {len(sent)} bytes came back within 10 s"
         times = rtts(sock, 30)
-    assert bytes(received) == bytes(sent)
+    assert bytes(received) == sent
     spread = max(times) - min(times)
     print(f"\njitter 20 ms: RTT min {min(times) * 1e3:.1f} ms, max {max(times) * 1e3:.1f} ms")
     assert min(times) >= 0.01
     assert spread > 0.005  # jitter does vary the delay
+
+
+def connection_lost(sock: socket.socket, send: bytes, expect: int) -> str:
+    """Sends `send`, then reads `expect` bytes; returns how the connection failed: "reset" or
+    "closed" (EOF). A timeout is no such failure: it raises, and so does getting all the bytes."""
+    try:
+        if send:
+            sock.sendall(send)
+        recv_exactly(sock, expect)
+    except TimeoutError:
+        pytest.fail(f"the connection neither reset nor closed within {sock.gettimeout()} s: it hangs")
+    except (ConnectionResetError, BrokenPipeError):
+        return "reset"
+    except ConnectionError as err:  # recv_exactly's EOF
+        assert str(err).startswith("closed after"), err
+        return "closed"
+    raise AssertionError(f"the connection still works: {expect} bytes came back")
 
 
 def test_cut_and_restore_with_shaping(echo_server: Server, proxies: list[LinkProxy]) -> None:
@@ -272,18 +304,18 @@ def test_cut_and_restore_with_shaping(echo_server: Server, proxies: list[LinkPro
     assert min(rtts(sock, 3)) >= 0.04
     sock.sendall(b"x" * 200_000)  # bytes still in flight when the link goes
     proxy.cut()
-    with pytest.raises((ConnectionError, OSError)):
-        recv_exactly(sock, 200_000)
-        sock.sendall(b"more")
-        recv_exactly(sock, 4)
+    # The open connection goes down at once (reset or EOF), long before the 5 s socket timeout.
+    sock.settimeout(5)
+    started = time.monotonic()
+    how = connection_lost(sock, b"", 200_000 + 1)
     sock.close()
+    print(f"\ncut: the open connection was {how} after {(time.monotonic() - started) * 1e3:.0f} ms")
+    assert time.monotonic() - started < 2
     assert proxy.dropped == 1 and proxy.open_connections == 0 and proxy.is_cut
+    # While cut, a new connection is accepted and closed straight away.
     with connect(proxy.port) as refused:
         refused.settimeout(5)
-        with pytest.raises((ConnectionError, OSError)):
-            refused.sendall(b"hello")
-            if not refused.recv(5):
-                raise ConnectionError("closed")
+        connection_lost(refused, b"hello", 5)
     assert proxy.refused >= 1
     proxy.restore()
     with connect(proxy.port) as again:
