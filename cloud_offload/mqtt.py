@@ -11,7 +11,9 @@ import logging
 import os
 import socket
 import ssl
+import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -25,11 +27,17 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from cloud_offload.protocol import validate_topic_name
 from splitwise_device.errors import InvalidArgumentError, SplitwiseError
 
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[mqtt.MQTTMessage], None]
+
+REPORT_FIRST_S = 1.0
+"""While the broker stays unreachable, the first failure is logged with its reason, then a reminder
+after REPORT_FIRST_S, twice that, and so on up to REPORT_MAX_S between reminders."""
+REPORT_MAX_S = 60.0
 
 
 class BrokerUnavailableError(SplitwiseError, ConnectionError):
@@ -71,8 +79,52 @@ class BrokerSettings:
         return cls(**fields)
 
 
+class Publication:
+    """What :meth:`MqttConnection.publish` returns: paho's ``MQTTMessageInfo`` (``rc``, ``mid``),
+    except that waiting never raises. While disconnected paho keeps a QoS>0 message (rc
+    ``MQTT_ERR_NO_CONN``) and sends it after reconnecting; a shutdown during a broker outage must
+    not fail over the status message it could not send."""
+
+    __slots__ = ("info",)
+
+    def __init__(self, info: mqtt.MQTTMessageInfo) -> None:
+        self.info = info
+
+    @property
+    def rc(self) -> MQTTErrorCode:
+        return self.info.rc
+
+    @property
+    def mid(self) -> int:
+        return self.info.mid
+
+    def is_published(self) -> bool:
+        """True once the broker acknowledged the message (QoS 1) or it was written (QoS 0)."""
+        try:
+            return self.info.is_published()
+        except (RuntimeError, ValueError):
+            return False
+
+    def wait_for_publish(self, timeout: float | None = None) -> bool:
+        """Waits up to `timeout` s; True if the message was published. Returns False at once when it
+        could not be sent now (not connected, paho's queue full, any other failure)."""
+        if self.info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
+            return False
+        try:
+            self.info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError):
+            return False
+        return self.is_published()
+
+
 class MqttConnection:
-    """A paho client whose network loop runs in paho's thread."""
+    """A paho client whose network loop runs in paho's thread.
+
+    Connection state is logged once per change: the first failure to connect with its reason (a
+    socket error, or the broker's refusal such as a bad password), then reminders with a growing
+    gap (1 s, 2 s, 4 s … at most 60 s) while it lasts, and the connection once it succeeds.
+    `last_error` holds the latest reason (None once connected).
+    """
 
     def __init__(
         self,
@@ -89,6 +141,12 @@ class MqttConnection:
         self._lock = threading.Lock()
         self._on_connect_hooks: list[Callable[[], None]] = []
         self._pending_subacks: dict[int, threading.Event] = {}
+        self.last_error: str | None = None
+        self._stopping = False
+        self._failures = 0
+        self._failing_since = 0.0
+        self._next_report = 0.0
+        self._report_gap = REPORT_FIRST_S
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         client.reconnect_delay_set(settings.reconnect_min_s, settings.reconnect_max_s)
         if settings.username is not None:
@@ -109,6 +167,7 @@ class MqttConnection:
             client.will_set(topic, payload, qos=1, retain=retain, properties=props)
         client.on_socket_open = _no_delay
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
@@ -128,11 +187,14 @@ class MqttConnection:
         )
         self.client.loop_start()
         if timeout is not None and not self.connected.wait(timeout):
+            reason = f": {self.last_error}" if self.last_error else ""
             raise BrokerUnavailableError(
-                f"no connection to the broker at {self.settings.host}:{self.settings.port} within {timeout:g}s"
+                f"no connection to the broker at {self.settings.host}:{self.settings.port} within {timeout:g}s{reason}"
             )
 
     def stop(self) -> None:
+        """Disconnects and ends paho's thread; never raises, connected or not."""
+        self._stopping = True
         self.client.disconnect()
         self.client.loop_stop()
         self.connected.clear()
@@ -176,7 +238,11 @@ class MqttConnection:
         correlation_data: bytes | None = None,
         expiry_s: float | None = None,
         user_properties: list[tuple[str, str]] | None = None,
-    ) -> mqtt.MQTTMessageInfo:
+    ) -> Publication:
+        """Queues one message (paho keeps QoS>0 messages while disconnected and sends them after
+        reconnecting). Raises InvalidArgumentError (a ValueError) for a topic that is not a valid
+        topic name (protocol.validate_topic_name): the broker would drop the connection over it."""
+        validate_topic_name(topic)
         props = None
         if response_topic or correlation_data is not None or expiry_s is not None or user_properties:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -188,29 +254,70 @@ class MqttConnection:
                 props.MessageExpiryInterval = max(1, int(expiry_s + 0.999))
             if user_properties:
                 props.UserProperty = user_properties
-        return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        return Publication(self.client.publish(topic, payload, qos=qos, retain=retain, properties=props))
 
     def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any) -> None:
         if reason.is_failure:
-            log.warning("broker refused the connection: %s", reason)
+            self._connect_failed(f"the broker refused the connection: {reason}")
             return
         with self._lock:
             subscriptions = list(self._subscriptions.items())
         for topic, (qos, _handler) in subscriptions:
             client.subscribe(topic, qos=qos)
         self.connected.set()
-        log.info("connected to %s:%d as %s", self.settings.host, self.settings.port, self.client_id)
+        if self._failures:
+            log.info(
+                "connected to %s:%d as %s after %d failed attempts over %.0f s",
+                self.settings.host,
+                self.settings.port,
+                self.client_id,
+                self._failures,
+                time.monotonic() - self._failing_since,
+            )
+        else:
+            log.info("connected to %s:%d as %s", self.settings.host, self.settings.port, self.client_id)
+        self.last_error = None
+        self._failures = 0
         for hook in self._on_connect_hooks:
             try:
                 hook()
             except Exception:
                 log.exception("on-connect hook failed")
 
+    def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
+        # paho calls this from inside its `except OSError` around the connection attempt.
+        err = sys.exc_info()[1]
+        self._connect_failed(_os_reason(err) if err is not None else "connection failed")
+
+    def _connect_failed(self, reason: str) -> None:
+        """One failed attempt: the first is logged with its reason, later ones as spaced reminders."""
+        now = time.monotonic()
+        self.last_error = reason
+        where = f"{self.settings.host}:{self.settings.port}"
+        if self._failures == 0:
+            self._failing_since = now
+            self._report_gap = REPORT_FIRST_S
+            self._next_report = now + self._report_gap
+            log.warning("cannot connect to the broker at %s: %s; retrying in the background", where, reason)
+        elif now >= self._next_report:
+            self._report_gap = min(2 * self._report_gap, REPORT_MAX_S)
+            self._next_report = now + self._report_gap
+            log.warning(
+                "still no connection to the broker at %s after %d attempts over %.0f s: %s",
+                where,
+                self._failures + 1,
+                now - self._failing_since,
+                reason,
+            )
+        self._failures += 1
+
     def _on_disconnect(
         self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
     ) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
-        log.info("disconnected from the broker (%s); paho reconnects", reason)
+        if was_connected and not self._stopping:
+            log.warning("lost the connection to the broker (%s); reconnecting", reason)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
@@ -225,6 +332,12 @@ class MqttConnection:
             except Exception:
                 # One bad message must never take the connection's thread down.
                 log.exception("handler for %s failed", msg.topic)
+
+
+def _os_reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err) or type(err).__name__
 
 
 def _no_delay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
