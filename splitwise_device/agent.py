@@ -5,20 +5,30 @@ with the request's CorrelationData, or to ``reply_to`` for MQTT 3.1.1 clients. A
 wait in a bounded queue (full → an ``overloaded`` error) and run one at a time through the split
 executor. The retained status topic says online/offline (a will message covers crashes).
 SIGTERM stops intake, finishes what was accepted (up to ``drain_timeout_s``) and exits; systemd
-gets READY/STOPPING and watchdog pings when it supervises the process.
+gets READY (once the model is loaded and the broker connected), STOPPING and watchdog pings when
+it supervises the process.
+
+Intake runs in paho's network thread and is cheap and bounded: a reply topic (ResponseTopic or
+``reply_to``) must be a valid topic name (``protocol.topic_name_problem``); a payload over
+``max_request_bytes`` or nested deeper than ``max_json_depth`` is refused before it is parsed; an
+inline plan is checked against the model. Nothing that goes wrong with one request may end the
+serving thread: replies that cannot be published are logged and dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
+import re
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
@@ -26,7 +36,7 @@ from cloud_offload import protocol
 from cloud_offload.mqtt import MqttConnection, RpcClient, settings_from_config
 from cloud_offload.probe import LinkProber
 from cloud_offload.profiles import WorkerProfile, WorkerProfiles
-from cloud_offload.protocol import ErrorCode, InferRequest
+from cloud_offload.protocol import ErrorCode, InferRequest, topic_name_problem
 from policies.cost import Profile
 from policies.plan import Plan
 from policies.segments import ModelDims
@@ -53,6 +63,11 @@ class Job:
     request: InferRequest
     reply: ReplyPath
     received_at: float
+    plan: Plan | None = None  # the request's inline plan, validated at intake
+
+
+class IntakeError(ValueError):
+    """A request refused at intake before or beside the schema (size, depth, reply topic, plan)."""
 
 
 class DeviceAgent:
@@ -120,7 +135,10 @@ class DeviceAgent:
         self.served = 0
         self._worker = threading.Thread(target=self._serve_loop, name="requests", daemon=True)
         self._watchdog: threading.Thread | None = None
-        self.connection.add_on_connect(self._publish_status)
+        self._ready_lock = threading.Lock()
+        self._started = False
+        self._ready_sent = False
+        self.connection.add_on_connect(self._on_connected)
 
     def _new_link(self) -> CloudLink:
         return CloudLink(
@@ -181,7 +199,25 @@ class DeviceAgent:
         ).encode()
 
     def _publish_status(self) -> None:
-        self.connection.publish(self.status_topic, self._status("online"), retain=True)
+        if not self.connection.connected.is_set():
+            return  # paho would queue a stale status per interval; on_connect publishes a fresh one
+        try:
+            self.connection.publish(self.status_topic, self._status("online"), retain=True)
+        except Exception as err:
+            log.warning("could not publish the status: %s", err)
+
+    def _on_connected(self) -> None:
+        self._publish_status()
+        self._notify_ready()
+
+    def _notify_ready(self) -> None:
+        """READY=1 once, when start() is done (model loaded) and the broker has connected."""
+        with self._ready_lock:
+            if self._ready_sent or not self._started or not self.connection.connected.is_set():
+                return
+            self._ready_sent = True
+        systemd.ready(f"serving {protocol.device_infer_topic(self.device_id)}")
+        log.info("ready: connected to the broker, serving %s", protocol.device_infer_topic(self.device_id))
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -196,19 +232,27 @@ class DeviceAgent:
             if connect_timeout is not None or self.connection.connected.is_set():
                 self.worker_profiles.wait_for_any(PROFILE_WAIT_S)
         self.accepting.set()
-        systemd.ready()
         interval = systemd.watchdog_interval()
         if interval:
             self._watchdog = threading.Thread(target=self._ping_watchdog, args=(interval / 2,), daemon=True)
             self._watchdog.start()
-        log.info("device %s serving %s", self.device_id, protocol.device_infer_topic(self.device_id))
+        with self._ready_lock:
+            self._started = True
+        if not self.connection.connected.is_set():
+            where = f"{self.connection.settings.host}:{self.connection.settings.port}"
+            systemd.status(f"waiting for the broker at {where}")
+            log.info("device %s waiting for the broker at %s before it reports ready", self.device_id, where)
+        self._notify_ready()
 
     def _ping_watchdog(self, period: float) -> None:
         # Pings come from their own thread, so the watchdog catches a dead or frozen process, not
-        # one slow request (requests are bounded by max_tokens and the segment deadlines).
-        while self.accepting.is_set() or self.busy.is_set():
+        # one slow request (requests are bounded by max_tokens and the segment deadlines). They
+        # stop if the requests thread has died: systemd then restarts a unit that cannot serve.
+        while (self.accepting.is_set() or self.busy.is_set()) and self._worker.is_alive():
             systemd.watchdog_ping()
             time.sleep(period)
+        if self.accepting.is_set():
+            log.critical("watchdog pings stopped: the requests thread is gone")
 
     def drain(self, timeout: float | None = None) -> bool:
         """Stops intake, lets accepted requests finish; True if all finished in time."""
@@ -217,16 +261,33 @@ class DeviceAgent:
         self.accepting.clear()
         self.connection.unsubscribe(protocol.device_infer_topic(self.device_id))
         deadline = time.monotonic() + timeout
-        while (self.busy.is_set() or not self.jobs.empty()) and time.monotonic() < deadline:
+        while (self.busy.is_set() or not self.jobs.empty()) and self._worker.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
         finished = not self.busy.is_set() and self.jobs.empty()
-        self.jobs.put(None)
+        # Requests still queued will not run: tell their apps (never block on a full queue).
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                message = "device shut down before this request ran"
+                self._send(
+                    job.reply, protocol.error_reply(ErrorCode.OVERLOADED, message, request_id=job.request.request_id)
+                )
+        with contextlib.suppress(queue.Full):  # a request accepted in the meantime; the thread is a daemon
+            self.jobs.put_nowait(None)
         self._worker.join(timeout=1)
         return finished
 
     def stop(self) -> None:
-        info = self.connection.publish(self.status_topic, self._status("offline"), retain=True)
-        info.wait_for_publish(2)
+        """Publishes the offline status (if connected: waits up to 2 s) and disconnects; never raises
+        over a broker that is down, so a SIGTERM during an outage still exits cleanly."""
+        if self.connection.connected.is_set():
+            try:
+                self.connection.publish(self.status_topic, self._status("offline"), retain=True).wait_for_publish(2)
+            except Exception as err:
+                log.warning("could not publish the offline status: %s", err)
         self.connection.stop()
 
     # --- intake (paho's network thread: validate, enqueue, never compute) -------------------------
@@ -235,22 +296,44 @@ class DeviceAgent:
         props = msg.properties
         response_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
-        request_id = None
+        correlation = bytes(correlation) if correlation is not None else None
+        payload = bytes(msg.payload)
+        # A ResponseTopic the broker forwarded may still be no topic we can publish to.
+        topic_problem = None if response_topic is None else topic_name_problem(response_topic)
+        response = ReplyPath(response_topic, correlation) if response_topic and topic_problem is None else None
+        limits = self.config.agent
+        try:
+            if len(payload) > limits.max_request_bytes:
+                raise IntakeError(f"request of {len(payload)} bytes exceeds the limit of {limits.max_request_bytes}")
+            if json_nesting_depth(payload, limits.max_json_depth + 1) > limits.max_json_depth:
+                raise IntakeError(f"request JSON is nested deeper than {limits.max_json_depth} levels")
+        except IntakeError as err:
+            # Not parsed, so its reply_to is unknown: only a ResponseTopic can get the error.
+            self._refuse(response, response_topic, topic_problem, None, str(err), request_id=None)
+            return
         try:
             request = InferRequest.parse(
-                bytes(msg.payload),
-                max_prompt_bytes=self.config.agent.max_prompt_bytes,
-                max_tokens_limit=self.config.agent.max_tokens_limit,
+                payload, max_prompt_bytes=limits.max_prompt_bytes, max_tokens_limit=limits.max_tokens_limit
             )
         except (ValidationError, ValueError) as err:
-            reply = self._reply_path(response_topic, correlation, _reply_to_of(bytes(msg.payload)))
-            self._send(reply, protocol.error_reply(ErrorCode.BAD_REQUEST, _validation_message(err), request_id=None))
+            self._refuse(response, response_topic, topic_problem, _reply_to_of(payload), _validation_message(err))
             return
         request_id = request.request_id
-        reply = self._reply_path(response_topic, correlation, request.reply_to)
+        if topic_problem is not None:
+            message = f"ResponseTopic {str(response_topic)[:200]!r} is not a valid topic name: {topic_problem}"
+            self._refuse(None, response_topic, topic_problem, request.reply_to, message, request_id=request_id)
+            return
+        reply = response or (ReplyPath(request.reply_to, None) if request.reply_to else None)
         if reply is None:
             log.warning("request without ResponseTopic or reply_to dropped (nowhere to answer)")
             return
+        plan: Plan | None = None
+        if isinstance(request.plan, dict):
+            try:
+                plan = Plan.from_dict(request.plan).validate_for(self.n_layer, self.n_head)
+            except SplitwiseError as err:  # PlanError
+                self._send(reply, protocol.error_reply(ErrorCode.BAD_REQUEST, f"plan: {err}", request_id=request_id))
+                return
         if not self.accepting.is_set():
             self._send(
                 reply, protocol.error_reply(ErrorCode.OVERLOADED, "device is shutting down", request_id=request_id)
@@ -258,7 +341,7 @@ class DeviceAgent:
             return
         self.controller.arrival()
         try:
-            self.jobs.put_nowait(Job(request, reply, time.monotonic()))
+            self.jobs.put_nowait(Job(request, reply, time.monotonic(), plan))
         except queue.Full:
             self._send(
                 reply,
@@ -269,45 +352,88 @@ class DeviceAgent:
                 ),
             )
 
-    @staticmethod
-    def _reply_path(topic: str | None, correlation: bytes | None, reply_to: str | None) -> ReplyPath | None:
-        if topic:
-            return ReplyPath(topic, bytes(correlation) if correlation is not None else None)
-        if reply_to:
-            return ReplyPath(reply_to, None)
-        return None
-
-    def _send(self, reply: ReplyPath | None, message: dict[str, Any]) -> None:
+    def _refuse(
+        self,
+        response: ReplyPath | None,
+        response_topic: str | None,
+        topic_problem: str | None,
+        reply_to: str | None,
+        message: str,
+        request_id: str | None = None,
+    ) -> None:
+        """A bad_request error to the valid ResponseTopic, else to a valid reply_to; with neither,
+        one warning line and the request is dropped."""
+        reply = response or (ReplyPath(reply_to, None) if reply_to else None)
         if reply is None:
+            if topic_problem is not None:
+                log.warning(
+                    "request dropped: its ResponseTopic %r is not a valid topic name (%s) and it has no valid "
+                    "reply_to: %s",
+                    (response_topic or "")[:200],
+                    topic_problem,
+                    message[:500],
+                )
+            else:
+                log.warning(
+                    "request dropped, nowhere valid to answer (no ResponseTopic, no valid reply_to): %s", message[:500]
+                )
             return
+        self._send(reply, protocol.error_reply(ErrorCode.BAD_REQUEST, message, request_id=request_id))
+
+    def _publish_reply(self, reply: ReplyPath, message: dict[str, Any]) -> None:
         self.connection.publish(reply.topic, protocol.dumps(message), correlation_data=reply.correlation)
+
+    def _send(self, reply: ReplyPath | None, message: dict[str, Any]) -> bool:
+        """Publishes one reply; never raises (a reply that cannot be published is logged and
+        dropped). True if it was handed to paho."""
+        if reply is None:
+            return False
+        try:
+            self._publish_reply(reply, message)
+        except Exception as err:
+            log.warning("could not send a %s reply to %r: %s", message.get("type"), reply.topic[:200], err)
+            return False
+        return True
 
     # --- serving (one request at a time) ---------------------------------------------------------
 
     def _serve_loop(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            self.busy.set()
-            try:
-                self._serve(job)
-            except SplitwiseError as err:
-                self._send(
-                    job.reply, protocol.error_reply(ErrorCode.BAD_REQUEST, str(err), request_id=job.request.request_id)
-                )
-            except Exception as err:
-                log.exception("request failed")
-                self._send(
-                    job.reply, protocol.error_reply(ErrorCode.INTERNAL, repr(err), request_id=job.request.request_id)
-                )
-            finally:
-                self.served += 1
-                self.busy.clear()
+        try:
+            while (job := self.jobs.get()) is not None:
+                self.busy.set()
+                try:
+                    self._serve(job)
+                except SplitwiseError as err:
+                    self._send(
+                        job.reply,
+                        protocol.error_reply(ErrorCode.BAD_REQUEST, str(err), request_id=job.request.request_id),
+                    )
+                except Exception as err:
+                    log.exception("request failed")
+                    self._send(
+                        job.reply,
+                        protocol.error_reply(ErrorCode.INTERNAL, repr(err), request_id=job.request.request_id),
+                    )
+                finally:
+                    self.served += 1
+                    self.busy.clear()
+        finally:
+            if self.accepting.is_set():
+                # Only a BaseException gets here (a bug per request is caught above); the watchdog
+                # notices the dead thread and stops pinging, so systemd restarts the unit.
+                log.critical("the requests thread stopped; no more requests will be served")
 
-    def choose_plan(self, request: InferRequest, prompt_len: int, max_tokens: int) -> Decision:
-        """The request's own plan (a plan or a plan name), its planner's, or the configured planner's."""
+    def choose_plan(
+        self, request: InferRequest, prompt_len: int, max_tokens: int, inline: Plan | None = None
+    ) -> Decision:
+        """The request's own plan (a plan or a plan name), its planner's, or the configured planner's.
+        `inline`: the request's inline plan, already validated at intake."""
         plan: Plan | None = None
         planner: str = self.config.agent.planner
         if isinstance(request.plan, dict):
-            plan, planner = Plan.from_dict(request.plan).validate_for(self.n_layer, self.n_head), "request"
+            if inline is None:
+                inline = Plan.from_dict(request.plan).validate_for(self.n_layer, self.n_head)
+            plan, planner = inline, "request"
         elif isinstance(request.plan, str):
             planner = request.plan
         elif request.planner is not None:
@@ -326,7 +452,7 @@ class DeviceAgent:
         max_tokens = min(request.max_tokens or self.config.agent.default_max_tokens, context - len(prompt))
         if max_tokens < 1:
             raise SplitwiseError(f"prompt of {len(prompt)} tokens leaves no room in the context of {context}")
-        decision = self.choose_plan(request, len(prompt), max_tokens)
+        decision = self.choose_plan(request, len(prompt), max_tokens, job.plan)
         plan = decision.plan
         started = time.monotonic()
         emitted: list[int] = []
@@ -373,7 +499,8 @@ class DeviceAgent:
         summary = plan.summary()
         summary["fell_back_to_edge"] = result.fell_back_to_edge
         summary.update(decision.to_json(len(result.steps)))
-        self._send(
+        # Not _send: a final reply that cannot be published ends the request with an error reply.
+        self._publish_reply(
             job.reply,
             protocol.final_reply(
                 text=tokenizer.decode(result.tokens),
@@ -389,15 +516,34 @@ class DeviceAgent:
 
 
 def _reply_to_of(payload: bytes) -> str | None:
-    """Best effort for invalid requests: answer on their reply_to if it is a plausible topic."""
+    """Best effort for invalid requests: their reply_to if it is a valid topic name. The payload has
+    passed the size and depth checks, so parsing it is bounded."""
     try:
         value = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     reply_to = value.get("reply_to") if isinstance(value, dict) else None
-    if isinstance(reply_to, str) and reply_to and not reply_to.startswith("$") and not set(reply_to) & {"+", "#"}:
-        return reply_to
-    return None
+    return reply_to if isinstance(reply_to, str) and topic_name_problem(reply_to) is None else None
+
+
+# A JSON string (an unterminated one runs to the end), and every byte that is not a bracket.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_nesting_depth(payload: bytes, stop_at: int | None = None) -> int:
+    """The deepest nesting of arrays and objects in a JSON text (the largest count of open minus
+    closed brackets over its prefixes), brackets inside strings ignored, without parsing or
+    recursion (linear time, vectorised). With `stop_at`, a result below it may be an upper bound
+    (the count of opening brackets) instead: enough to compare against a limit of stop_at - 1."""
+    if stop_at is not None and payload.count(b"[") + payload.count(b"{") < stop_at:
+        return payload.count(b"[") + payload.count(b"{")  # an upper bound below the limit: fine
+    brackets = _JSON_STRING.sub(b"", payload).translate(None, _NOT_BRACKETS)
+    if not brackets:
+        return 0
+    codes = np.frombuffer(brackets, dtype=np.uint8)
+    steps = np.where((codes == ord("[")) | (codes == ord("{")), 1, -1).astype(np.int64)
+    return int(np.cumsum(steps).max(initial=0))
 
 
 def _validation_message(err: Exception) -> str:

@@ -16,6 +16,7 @@ from splitwise_device import __version__, codecs
 from splitwise_device.errors import SplitwiseError
 
 if TYPE_CHECKING:
+    from splitwise_device.config import DeviceConfig
     from splitwise_device.engine import Engine
 
 
@@ -208,12 +209,38 @@ def _shard(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    """Prints ``FILE: OK`` and a summary (exit 0), or every problem on stderr (exit 1)."""
+    """Prints ``FILE: OK`` and a summary (exit 0), or every problem on stderr (exit 1). With
+    ``--connect``, then also connects to the broker and reports the outcome."""
     from splitwise_device.config import check_config_command, load_device_config
 
-    return check_config_command(
+    code = check_config_command(
         args.config, load_device_config, out=print, err=lambda line: print(line, file=sys.stderr)
     )
+    if code != 0 or not args.connect:
+        return code
+    return _check_connect(args.config, load_device_config(args.config), args.connect_timeout)
+
+
+def _check_connect(label: str, config: DeviceConfig, timeout: float) -> int:
+    """One connection with the config's broker settings (under a client id of its own, so a running
+    agent keeps its session); 0 on a CONNACK, else 1 with the reason."""
+    import uuid
+
+    from cloud_offload.mqtt import MqttConnection, settings_from_config
+
+    where = f"{config.broker.host}:{config.broker.port}"
+    try:
+        settings = settings_from_config(config.broker)
+        connection = MqttConnection(settings, f"{config.client_id}-check-{uuid.uuid4().hex[:6]}")
+        try:
+            connection.start(timeout)
+        finally:
+            connection.stop()
+    except (SplitwiseError, OSError, ValueError) as err:
+        print(f"{label}: broker: cannot connect to {where}: {err}", file=sys.stderr)
+        return 1
+    print(f"{label}: broker: connected to {where} (TLS {'on' if settings.tls else 'off'})")
+    return 0
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -341,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config", help="validate a device.toml and the files it names (model, TLS, password)"
     )
     check_config.add_argument("--config", required=True, help="device config file (TOML)")
+    check_config.add_argument(
+        "--connect", action="store_true", help="also connect to the broker and report success or the reason"
+    )
+    check_config.add_argument(
+        "--connect-timeout", type=float, default=10.0, metavar="S", help="seconds to wait for the broker (default 10)"
+    )
     check_config.set_defaults(handler=_check_config)
     profile = commands.add_parser("profile", help="measure sub-block, codec and prefill costs on this machine")
     profile.add_argument("--model", help="GGUF model file or shard directory (default: the bundled SmolLM2)")

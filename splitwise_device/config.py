@@ -416,13 +416,21 @@ Planner = Annotated[str, AfterValidator(_runnable_planner)]
 """A planner the agent can run: one of :func:`agent_planners`."""
 
 
+REQUEST_OVERHEAD_BYTES = 512 * 1024
+"""What a request payload may hold besides its prompt (see :attr:`AgentConfig.max_request_bytes`)."""
+
+
 class AgentConfig(StrictSection):
     """``[agent]``: how the device serves requests."""
 
     queue_size: int = Field(default=16, ge=1, le=100_000)
     """Requests that may wait while one runs; beyond that apps get an ``overloaded`` error."""
     max_prompt_bytes: ByteSize = Field(default=32768, ge=1, le=2**28)
-    """Largest accepted prompt (UTF-8 bytes of ``prompt``/``messages``); larger requests are refused."""
+    """Largest accepted prompt (UTF-8 bytes of ``prompt``/``messages``); larger requests are refused.
+    It also bounds the whole request payload: see :attr:`max_request_bytes`."""
+    max_json_depth: int = Field(default=32, ge=2, le=1000)
+    """Deepest nesting of JSON arrays and objects a request may have; deeper payloads are refused
+    with a ``bad_request`` error before they are parsed (a valid request nests 4 levels at most)."""
     max_tokens_limit: int = Field(default=2048, ge=1, le=1_000_000)
     """Largest ``max_tokens`` a request may ask for."""
     default_max_tokens: int = Field(default=256, ge=1)
@@ -448,6 +456,14 @@ class AgentConfig(StrictSection):
         if planner != FIXED_PLANNER and "plan" in data:
             return [f"plan is only used with planner = 'fixed' (planner is {planner!r})"]
         return []
+
+    @property
+    def max_request_bytes(self) -> int:
+        """Largest request payload the agent reads at all; larger ones are refused unparsed. Room
+        for a prompt of ``max_prompt_bytes`` written entirely as JSON escapes (at most 6 bytes per
+        UTF-8 byte), plus 512 KiB for the rest (messages, a reply_to of up to 65,535 bytes, an
+        inline plan)."""
+        return 6 * self.max_prompt_bytes + REQUEST_OVERHEAD_BYTES
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -575,6 +591,7 @@ class DeviceConfig(StrictSection):
             f"broker    {broker_summary(b, self.client_id)}",
             f"agent     planner={planner} codec={a.codec} queue_size={a.queue_size} "
             f"max_tokens={a.default_max_tokens}/{a.max_tokens_limit} max_prompt={format_size(a.max_prompt_bytes)} "
+            f"max_request={format_size(a.max_request_bytes)} max_json_depth={a.max_json_depth} "
             f"drain={a.drain_timeout_s:g}s",
             f"cloud     pool={c.pool} segment_timeout={c.segment_timeout_s:g}s session_ttl={c.session_ttl_s:g}s",
             f"recovery  backoff {r.base_s:g}s x{r.factor:g} up to {r.cap_s:g}s (jitter {r.jitter:g}), "
