@@ -82,6 +82,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             kv_memory_cap=w.kv_memory_cap,
             max_sessions=w.max_sessions,
             profile=w.profile,
+            max_rows_per_frame=w.max_rows_per_frame,
         )
     else:
         if not args.broker or not args.model:

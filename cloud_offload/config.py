@@ -68,6 +68,11 @@ class WorkerSection(StrictSection):
     dropped (their devices rebuild them from checkpoints)."""
     max_sessions: int = Field(default=64, ge=1, le=1_000_000)
     """Most sessions held at once; new sessions beyond it evict the least recently used one."""
+    max_rows_per_frame: int = Field(default=512, ge=1, le=1_000_000)
+    """Most tensor rows (tokens) one request frame may carry (1-1,000,000); a bigger frame is refused
+    ``bad_frame`` (``too_many_rows``) before any work. Attention over T rows costs O(T²) on the
+    worker's only compute thread: 512 (llama.cpp's default batch) keeps one frame well under a second
+    per layer. Frames past the model's context are refused whatever this says."""
     profile: ProfileSource = "measure"
     """The cost profile this worker publishes (retained, ``splitwise/v1/cloud/{pool}/profile/{id}``):
     "measure" (the profiler's quick settings, in the background after start, a few seconds), "off",
@@ -105,6 +110,7 @@ class CloudConfig(StrictSection):
             f"worker    id={w.id} pool={w.pool} model={w.model} threads={threads}",
             f"          sessions<={w.max_sessions} kv_memory_cap={format_size(w.kv_memory_cap)} "
             f"session_ttl={w.session_ttl_s:g}s profile={w.profile}",
+            f"          max_rows_per_frame={w.max_rows_per_frame}",
             f"broker    {broker_summary(self.broker, self.client_id)}",
             f"logging   level={self.logging.level}",
         ]

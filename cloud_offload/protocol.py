@@ -76,6 +76,9 @@ class FrameFault(StrEnum):
     BAD_ERROR_PAYLOAD = "bad_error_payload"
     MODEL_MISMATCH = "model_mismatch"
     BAD_PROBE = "bad_probe"  # a probe's fields: reserved fields not 0, reply size out of range
+    # Checked by the receiving worker against its model and limits (CloudWorker.check_request):
+    TOO_MANY_ROWS = "too_many_rows"  # more tensor rows than the worker's max_rows_per_frame
+    POSITION_OUT_OF_RANGE = "position_out_of_range"  # position + rows beyond the model's context
 
 
 __all__ = [

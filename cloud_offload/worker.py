@@ -7,6 +7,14 @@ redeliveries and edge retries of a segment are answered from the stored response
 being computed twice. Sessions expire after a TTL and are evicted least-recently-used when their
 KV exceeds the memory cap.
 
+The front door assumes anyone on the broker may publish to the pool: every limit is checked before
+any work. A request is validated whole
+before anything is created or computed: its tensor's shape against the model (2-D, the first op's
+width), its rows against ``max_rows_per_frame`` and the model's context (``position + T``), its
+payload (no NaN/Inf), and the session's KV history for every attention op; only then does the
+session entry exist, and the KV cap makes room (evicting least recently used sessions) before the
+frame's KV is added.
+
 Link probes (``FrameKind.PROBE``) are answered at once with a reply of the requested size; they go
 through the same inbox as segments (so their round trip includes queueing here) and never create
 a session. At start the worker publishes its cost profile, retained, on
@@ -35,11 +43,15 @@ import paho.mqtt.client as mqtt
 
 from cloud_offload import profiles, protocol
 from cloud_offload.mqtt import BrokerSettings, MqttConnection
-from cloud_offload.protocol import ErrorCode, Flags, Frame, FrameKind, OpKind
+from cloud_offload.protocol import ErrorCode, Flags, Frame, FrameFault, FrameKind, OpKind
 from splitwise_device import __version__
 from splitwise_device.engine import Model, Session, model_sha256
 from splitwise_device.errors import FrameError, SplitwiseError
 
+DEFAULT_MAX_ROWS_PER_FRAME = 512
+"""Rows (tokens) one request frame may carry. llama.cpp's default batch: attention over T rows costs
+O(T²) and a residual run of every layer O(n_layer · T), all on the worker's only compute thread (512
+rows: ~0.3 s per layer on one busy core; 8,192: ~30 s). A longer prompt has to come in chunks."""
 log = logging.getLogger(__name__)
 
 STOP = object()
@@ -86,6 +98,7 @@ class CloudWorker:
         kv_memory_cap: int = 512 << 20,
         max_sessions: int = 256,
         profile: ProfileSource = None,
+        max_rows_per_frame: int = DEFAULT_MAX_ROWS_PER_FRAME,
     ) -> None:
         self.worker_id = protocol.validate_id(worker_id, "worker id")
         self.pool = protocol.validate_id(pool, "pool")
@@ -96,6 +109,9 @@ class CloudWorker:
         self.session_ttl_s = session_ttl_s
         self.kv_memory_cap = kv_memory_cap
         self.max_sessions = max_sessions
+        if isinstance(max_rows_per_frame, bool) or not isinstance(max_rows_per_frame, int) or max_rows_per_frame < 1:
+            raise SplitwiseError(f"max_rows_per_frame must be a positive integer, got {max_rows_per_frame!r}")
+        self.max_rows_per_frame = max_rows_per_frame
         self.sessions: OrderedDict[uuid.UUID, WorkerSession] = OrderedDict()
         self.stats = WorkerStats()
         self._inbox: queue.Queue[Any] = queue.Queue()
@@ -195,6 +211,7 @@ class CloudWorker:
                 "version": __version__,
                 "model_hash": self.model_hash.hex(),
                 "sessions": len(self.sessions),
+                "max_rows_per_frame": self.max_rows_per_frame,
             }
         ).encode()
 
@@ -256,9 +273,7 @@ class CloudWorker:
 
     def handle(self, msg: mqtt.MQTTMessage, queued_s: float = 0.0) -> None:
         """Validates and answers one message; `queued_s` is how long it waited in our inbox."""
-        props = msg.properties
-        reply_topic = getattr(props, "ResponseTopic", None) if props else None
-        correlation = getattr(props, "CorrelationData", None) if props else None
+        reply_topic, correlation = _reply_address(msg)
         try:
             frame = protocol.decode_frame(
                 msg.payload,
@@ -287,7 +302,10 @@ class CloudWorker:
         self._reply(reply_topic, correlation, reply, compute_s=time.perf_counter() - started, queued_s=queued_s)
 
     def answer(self, frame: Frame) -> bytes | None:
-        """The reply frame for a request (None: a bare CLOSE, which gets no reply)."""
+        """The reply frame for a request (None: a bare CLOSE, which gets no reply).
+
+        The frame is checked whole before anything is created or computed: a frame that fails gets
+        an error reply and leaves no trace (no session entry, no KV)."""
         self.stats.requests += 1
         state = self.sessions.get(frame.session)
         if state is not None and frame.step == state.answered_step and frame.segment in state.answers:
@@ -296,13 +314,23 @@ class CloudWorker:
         if frame.flags & Flags.CLOSE and not frame.ops:
             self.sessions.pop(frame.session, None)
             return None
+        try:
+            x = self.check_request(frame)
+            growth = self._check_history(None if state is None else state.session, frame, x.shape[0])
+        except KvMismatch as err:
+            return protocol.encode_error(ErrorCode.UNKNOWN_SESSION, str(err), request=frame)
+        except FrameError as err:
+            self.stats.errors += 1
+            log.warning("refused a request of session %s: %s", frame.session, err)
+            return protocol.encode_error(ErrorCode.BAD_FRAME, str(err), request=frame)
+        self._make_room(frame.session, growth)
         if state is None:
             state = WorkerSession(self.model.new_session(), time.monotonic())
             self.sessions[frame.session] = state
         self.sessions.move_to_end(frame.session)
         state.last_used = time.monotonic()
         try:
-            output = self.run_ops(state.session, frame)
+            output = self.run_ops(state.session, frame, x)
             reply = protocol.encode_response(frame, output)
         except KvMismatch as err:
             return protocol.encode_error(ErrorCode.UNKNOWN_SESSION, str(err), request=frame)
@@ -317,10 +345,66 @@ class CloudWorker:
         self._enforce_memory_cap()
         return reply
 
-    def run_ops(self, session: Session, frame: Frame) -> npt.NDArray[np.float32]:
-        x = frame.tensor()
-        if x.ndim != 2:
-            raise FrameError("bad_dims", f"expected a 2-D tensor (tokens × width), got shape {x.shape}")
+    def check_request(self, frame: Frame) -> npt.NDArray[np.float32]:
+        """The request's input tensor, once the frame passed every check this worker can make
+        before computing (FrameError otherwise), cheapest first: a 2-D tensor as wide as the first
+        op's input, at most `max_rows_per_frame` rows, rows within the model's context, and a
+        payload without NaN/Inf."""
+        if len(frame.shape) != 2:
+            raise FrameError(FrameFault.BAD_DIMS, f"expected a 2-D tensor (tokens × width), got shape {frame.shape}")
+        rows, width = frame.shape
+        wanted = int(self.config["n_ff" if frame.ops[0].kind is OpKind.FFN_DOWN else "n_embd"])
+        if width != wanted:
+            raise FrameError(
+                FrameFault.BAD_DIMS, f"{frame.ops[0].kind.name} takes rows of width {wanted}, got shape {frame.shape}"
+            )
+        if rows > self.max_rows_per_frame:
+            raise FrameError(
+                FrameFault.TOO_MANY_ROWS,
+                f"{rows} rows, this worker computes at most {self.max_rows_per_frame} per frame (send them in chunks)",
+            )
+        context = int(self.config["context_length"])
+        if frame.position + rows > context:
+            raise FrameError(
+                FrameFault.POSITION_OUT_OF_RANGE,
+                f"rows at positions {frame.position}…{frame.position + rows - 1}, the model's context holds {context}",
+            )
+        return frame.tensor()  # FrameError bad_payload for NaN/Inf
+
+    def _attention_groups(self, frame: Frame) -> list[tuple[int, list[int]]]:
+        """(layer, KV groups) read and extended by each attention op of the frame."""
+        per_group = int(self.config["n_head"]) // int(self.config["n_head_kv"])
+        groups = []
+        for op in frame.ops:
+            if op.kind is OpKind.ATTN_PART:
+                groups.append((op.layer, sorted({h // per_group for h in op.heads})))
+            elif op.kind is OpKind.LAYER:
+                groups.append((op.layer, list(range(int(self.config["n_head_kv"])))))
+        return groups
+
+    def _check_history(self, session: Session | None, frame: Frame, rows: int) -> int:
+        """KvMismatch unless the session's KV ends where every attention op of the frame starts
+        (a new session: at position 0); else the KV bytes the frame will add (an estimate)."""
+        new_rows = 0
+        for layer, groups in self._attention_groups(frame):
+            for group in groups:
+                cached = 0 if session is None else session.cached(layer, group)
+                if cached not in (frame.position, frame.position + rows):
+                    holds = "no KV" if session is None else f"{cached} positions"
+                    raise KvMismatch(
+                        f"layer {layer} KV group {group}: this worker holds {holds} for session {frame.session}; "
+                        f"the frame starts at {frame.position}"
+                    )
+                if cached == frame.position:
+                    new_rows += rows
+        return new_rows * 2 * int(self.config["head_dim"]) * 4  # K and V rows in f32
+
+    def run_ops(
+        self, session: Session, frame: Frame, x: npt.NDArray[np.float32] | None = None
+    ) -> npt.NDArray[np.float32]:
+        """Runs the frame's ops on `x` (default: its decoded tensor; call check_request first)."""
+        if x is None:
+            x = self.check_request(frame)
         positions = list(range(frame.position, frame.position + x.shape[0]))
         all_heads = list(range(int(self.config["n_head"])))
         m = self.model
@@ -383,6 +467,20 @@ class CloudWorker:
     def kv_bytes(self) -> int:
         return sum(s.session.memory_bytes for s in self.sessions.values())
 
+    def _make_room(self, keep: uuid.UUID, growth: int) -> None:
+        """Before computing: evicts least recently used sessions (never `keep`) until the KV the
+        frame adds fits under the cap with what stays. The session being served is never evicted,
+        so it alone may exceed a cap smaller than one session's KV (bounded by the context)."""
+        while self.kv_bytes() + growth > self.kv_memory_cap:
+            victim = next((sid for sid in self.sessions if sid != keep), None)
+            if victim is None:
+                return
+            del self.sessions[victim]
+            self.stats.sessions_evicted += 1
+            log.info(
+                "evicted session %s to make room for %d bytes of KV (cap %d bytes)", victim, growth, self.kv_memory_cap
+            )
+
     def _enforce_memory_cap(self) -> None:
         while len(self.sessions) > 1 and (
             self.kv_bytes() > self.kv_memory_cap or len(self.sessions) > self.max_sessions
@@ -390,3 +488,11 @@ class CloudWorker:
             sid, _ = self.sessions.popitem(last=False)
             self.stats.sessions_evicted += 1
             log.info("evicted session %s (KV cap %d bytes)", sid, self.kv_memory_cap)
+
+
+def _reply_address(msg: mqtt.MQTTMessage) -> tuple[str | None, bytes | None]:
+    """The message's MQTT v5 ResponseTopic and CorrelationData (None when absent)."""
+    props = msg.properties
+    reply_topic = getattr(props, "ResponseTopic", None) if props else None
+    correlation = getattr(props, "CorrelationData", None) if props else None
+    return reply_topic, correlation
