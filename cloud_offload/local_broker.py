@@ -11,6 +11,10 @@ command_prefix=link.prefix)` runs `ip netns exec NAME mosquitto -c ...` listenin
 namespace's veth address; the readiness check connects to host:port from this process's namespace.
 The port comes from `free_port()` (free on the root namespace's loopback); a fresh namespace has
 every port free, so that choice is good there too.
+
+The log (`log`) has errors, warnings and notices; `log_types` adds more of mosquitto's log types,
+e.g. ``("debug",)``: a line per packet, such as ``Sending PUBLISH to CLIENT_ID (d0, q1, r0, m3,
+'TOPIC', ... (N bytes))``, which shows which client a shared subscription handed a message to.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class LocalBroker:
         settings: str = "allow_anonymous true\n",
         host: str = "127.0.0.1",
         command_prefix: Sequence[str] = (),
+        log_types: Sequence[str] = (),
     ) -> None:
         self.host = host
         self.command_prefix = list(command_prefix)
@@ -73,10 +78,11 @@ class LocalBroker:
         self.log = workdir / f"mosquitto-{self.port}.log"
         # As root mosquitto switches to its own user, which cannot write into private temp dirs.
         user = "user root\n" if os.geteuid() == 0 else ""
+        log_lines = "".join(f"log_type {t}\n" for t in ("error", "warning", "notice", *log_types))
         self.config.write_text(
             f"{user}listener {self.port} {self.host}\n{settings}persistence false\n"
             f"{'set_tcp_nodelay true' if nodelay else ''}\n"
-            f"log_dest file {self.log}\nlog_type error\nlog_type warning\nlog_type notice\n"
+            f"log_dest file {self.log}\n{log_lines}"
         )
         self._process: subprocess.Popen[bytes] | None = None
 
