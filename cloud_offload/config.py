@@ -73,6 +73,12 @@ class WorkerSection(StrictSection):
     ``bad_frame`` (``too_many_rows``) before any work. Attention over T rows costs O(T²) on the
     worker's only compute thread: 512 (llama.cpp's default batch) keeps one frame well under a second
     per layer. Frames past the model's context are refused whatever this says."""
+    max_frames_per_s_per_device: float = Field(default=1000.0, gt=0, le=1e9)
+    """Frames per second one device may send this worker (token bucket per device, named by its reply
+    topic); beyond it frames are refused ``overloaded`` before they are decoded, so one device cannot
+    starve the pool. 1000 lets a device round-trip a frame per layer per token on a fast LAN."""
+    frame_burst_per_device: int = Field(default=2000, ge=1, le=1_000_000_000)
+    """How many frames a device may send at once above that rate (the bucket's size)."""
     profile: ProfileSource = "measure"
     """The cost profile this worker publishes (retained, ``splitwise/v1/cloud/{pool}/profile/{id}``):
     "measure" (the profiler's quick settings, in the background after start, a few seconds), "off",
@@ -110,7 +116,8 @@ class CloudConfig(StrictSection):
             f"worker    id={w.id} pool={w.pool} model={w.model} threads={threads}",
             f"          sessions<={w.max_sessions} kv_memory_cap={format_size(w.kv_memory_cap)} "
             f"session_ttl={w.session_ttl_s:g}s profile={w.profile}",
-            f"          max_rows_per_frame={w.max_rows_per_frame}",
+            f"          max_rows_per_frame={w.max_rows_per_frame} "
+            f"frames/s per device<={w.max_frames_per_s_per_device:g} (burst {w.frame_burst_per_device})",
             f"broker    {broker_summary(self.broker, self.client_id)}",
             f"logging   level={self.logging.level}",
         ]

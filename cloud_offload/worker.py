@@ -8,7 +8,8 @@ being computed twice. Sessions expire after a TTL and are evicted least-recently
 KV exceeds the memory cap.
 
 The front door assumes anyone on the broker may publish to the pool: every limit is checked before
-any work. A request is validated whole
+any work. Frames beyond a device's rate (token bucket per device, named by the reply topic) are
+refused ``overloaded`` as they arrive, before they are even decoded. A request is validated whole
 before anything is created or computed: its tensor's shape against the model (2-D, the first op's
 width), its rows against ``max_rows_per_frame`` and the model's context (``position + T``), its
 payload (no NaN/Inf), and the session's KV history for every attention op; only then does the
@@ -28,6 +29,7 @@ import datetime as _dt
 import json
 import logging
 import queue
+import re
 import threading
 import time
 import uuid
@@ -52,6 +54,13 @@ DEFAULT_MAX_ROWS_PER_FRAME = 512
 """Rows (tokens) one request frame may carry. llama.cpp's default batch: attention over T rows costs
 O(T²) and a residual run of every layer O(n_layer · T), all on the worker's only compute thread (512
 rows: ~0.3 s per layer on one busy core; 8,192: ~30 s). A longer prompt has to come in chunks."""
+DEFAULT_MAX_FRAMES_PER_S_PER_DEVICE = 1000.0
+DEFAULT_FRAME_BURST_PER_DEVICE = 2000
+"""A device decoding with every layer's heads split sends one frame per layer per token (30 for
+SmolLM2) one after the other: on a LAN round trip of ~1 ms that is up to ~1000 frames/s, and a
+prompt plus a few dozen tokens fit in the burst. A device sending faster is refused."""
+_DEVICE_REPLY_TOPIC = re.compile(r"splitwise/v1/device/([A-Za-z0-9_-]{1,64})/reply/[^/]+")
+
 log = logging.getLogger(__name__)
 
 STOP = object()
@@ -79,6 +88,43 @@ class WorkerStats:
     errors: int = 0
     sessions_evicted: int = 0
     probes: int = 0
+    rate_limited: int = 0  # frames refused by the per-device rate limit (never decoded)
+
+
+class FrameRateLimiter:
+    """Token buckets per sender: `rate` frames per second, up to `burst` at once. Thread-safe; idle
+    senders' buckets are dropped once there are many, so made-up sender names cannot grow it."""
+
+    MAX_SENDERS = 4096
+
+    def __init__(self, rate: float, burst: int) -> None:
+        if not rate > 0 or burst < 1:
+            raise SplitwiseError(f"frame rate limit: rate must be > 0 and burst >= 1 (got {rate!r}, {burst!r})")
+        self.rate, self.burst = float(rate), int(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}  # sender -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def allow(self, sender: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, at = self._buckets.get(sender, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+            allowed = tokens >= 1.0
+            self._buckets[sender] = (tokens - 1.0 if allowed else tokens, now)
+            if len(self._buckets) > self.MAX_SENDERS:
+                full_after = self.burst / self.rate
+                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
+            return allowed
+
+
+def sender_of(reply_topic: str | None) -> str:
+    """Who a frame comes from, for rate limiting: the device id of a device reply topic
+    (``splitwise/v1/device/{id}/reply/{nonce}``: every connection of a device shares its budget),
+    else the reply topic itself, else "" (frames without a reply topic share one budget)."""
+    if reply_topic is None:
+        return ""
+    match = _DEVICE_REPLY_TOPIC.fullmatch(reply_topic)
+    return f"device {match.group(1)}" if match else f"reply topic {reply_topic[:200]}"
 
 
 class KvMismatch(SplitwiseError, ValueError):
@@ -99,6 +145,8 @@ class CloudWorker:
         max_sessions: int = 256,
         profile: ProfileSource = None,
         max_rows_per_frame: int = DEFAULT_MAX_ROWS_PER_FRAME,
+        max_frames_per_s_per_device: float = DEFAULT_MAX_FRAMES_PER_S_PER_DEVICE,
+        frame_burst_per_device: int = DEFAULT_FRAME_BURST_PER_DEVICE,
     ) -> None:
         self.worker_id = protocol.validate_id(worker_id, "worker id")
         self.pool = protocol.validate_id(pool, "pool")
@@ -112,6 +160,7 @@ class CloudWorker:
         if isinstance(max_rows_per_frame, bool) or not isinstance(max_rows_per_frame, int) or max_rows_per_frame < 1:
             raise SplitwiseError(f"max_rows_per_frame must be a positive integer, got {max_rows_per_frame!r}")
         self.max_rows_per_frame = max_rows_per_frame
+        self.rate_limiter = FrameRateLimiter(max_frames_per_s_per_device, frame_burst_per_device)
         self.sessions: OrderedDict[uuid.UUID, WorkerSession] = OrderedDict()
         self.stats = WorkerStats()
         self._inbox: queue.Queue[Any] = queue.Queue()
@@ -252,6 +301,24 @@ class CloudWorker:
     # --- request handling (compute thread) -----------------------------------------------------
 
     def _enqueue(self, msg: mqtt.MQTTMessage) -> None:
+        """On paho's thread: the per-device rate limit, before the frame is even decoded."""
+        reply_topic, correlation = _reply_address(msg)
+        sender = sender_of(reply_topic)
+        if not self.rate_limiter.allow(sender):
+            self.stats.rate_limited += 1
+            if self.stats.rate_limited & (self.stats.rate_limited - 1) == 0:  # 1st, 2nd, 4th, 8th … refusal
+                log.warning(
+                    "%s exceeds %g frames/s: refused %d frames so far",
+                    sender or "no reply topic",
+                    self.rate_limiter.rate,
+                    self.stats.rate_limited,
+                )
+            message = (
+                f"{sender or 'frames without a reply topic'}: more than {self.rate_limiter.rate:g} frames/s "
+                f"(burst {self.rate_limiter.burst}); frame refused, send slower"
+            )
+            self._reply(reply_topic, correlation, protocol.encode_error(ErrorCode.OVERLOADED, message))
+            return
         self._inbox.put((time.perf_counter(), msg))
 
     def _compute_loop(self) -> None:

@@ -191,6 +191,28 @@ def test_a_kv_jump_on_a_known_session_is_refused_and_keeps_its_kv(worker_edges: 
     assert ok.kind is protocol.FrameKind.RESPONSE
 
 
+# --- defect 4: frames per second per device -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "worker_edges", [{"max_frames_per_s_per_device": 5.0, "frame_burst_per_device": 10}], indirect=True
+)
+def test_a_flooding_device_is_refused_while_another_is_served(worker_edges: Any) -> None:
+    worker, (flood, other), model_hash = worker_edges
+    ffn = [protocol.Op(protocol.OpKind.FFN, 1)]
+    futures = [flood.request(protocol.pool_segment_topic(POOL), _request(model_hash, 1, ops=ffn))[1] for _ in range(60)]
+    frames = [protocol.decode_frame(f.result(timeout=30).payload) for f in futures]
+    refused = [f for f in frames if f.kind is protocol.FrameKind.ERROR]
+    served = [f for f in frames if f.kind is protocol.FrameKind.RESPONSE]
+    assert 10 <= len(served) <= 25 and len(refused) >= 35, (len(served), len(refused))
+    code, message = refused[0].error()
+    assert code == "overloaded" and "dev-a" in message and "frames/s" in message, message
+    # The second device still gets its frames computed while the first one is throttled.
+    for _ in range(5):
+        assert _answer(other, _request(model_hash, 1, ops=ffn)).kind is protocol.FrameKind.RESPONSE
+    assert worker.stats.rate_limited == len(refused)
+
+
 # --- defect 5: SIGTERM with no broker -----------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from cloud_offload.config import load_cloud_config
 from cloud_offload.local_broker import free_port
 from cloud_offload.mqtt import BrokerSettings
 from cloud_offload.protocol import FrameKind, Op, OpKind
-from cloud_offload.worker import CloudWorker
+from cloud_offload.worker import CloudWorker, FrameRateLimiter, sender_of
 from splitwise_device import codecs
 from splitwise_device.config import ConfigError
 from splitwise_device.engine import model_sha256
@@ -159,6 +159,40 @@ def test_the_status_message_names_the_row_limit(worker: CloudWorker) -> None:
     assert b'"max_rows_per_frame": 32' in worker._status("online")
 
 
+# --- the token bucket ------------------------------------------------------------------------------
+
+
+def test_token_bucket_burst_refill_and_independent_senders() -> None:
+    limiter = FrameRateLimiter(rate=2.0, burst=5)
+    assert [limiter.allow("a", now=100.0) for _ in range(7)] == [True] * 5 + [False] * 2
+    assert limiter.allow("b", now=100.0)  # another device is not affected
+    assert not limiter.allow("a", now=100.25)  # half a token
+    assert [limiter.allow("a", now=101.0) for _ in range(3)] == [True, True, False]  # 0.5 + 0.75 s · 2/s
+    assert sum(limiter.allow("a", now=200.0) for _ in range(10)) == 5  # refills to the burst, no more
+
+
+def test_token_bucket_forgets_idle_senders_when_there_are_many() -> None:
+    limiter = FrameRateLimiter(rate=1000.0, burst=2)
+    for i in range(FrameRateLimiter.MAX_SENDERS + 1):
+        limiter.allow(f"s{i}", now=0.0)
+    limiter.allow("late", now=10.0)
+    assert len(limiter._buckets) == 1
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(0.0, 5), (-1.0, 5), (float("nan"), 5), (1.0, 0)])
+def test_token_bucket_rejects_nonsense(rate: float, burst: int) -> None:
+    with pytest.raises(SplitwiseError, match="rate must be > 0 and burst >= 1"):
+        FrameRateLimiter(rate, burst)
+
+
+def test_sender_of_a_frame() -> None:
+    assert sender_of(protocol.device_reply_topic("pi5-kitchen", "abc")) == "device pi5-kitchen"
+    assert sender_of("edge/reply/x") == "reply topic edge/reply/x"
+    assert sender_of("splitwise/v1/device/a/reply/b/c") == "reply topic splitwise/v1/device/a/reply/b/c"
+    assert sender_of(None) == ""
+    assert len(sender_of("t" * 70000)) < 300
+
+
 # --- config ---------------------------------------------------------------------------------------
 
 
@@ -167,13 +201,15 @@ def test_config_keys_defaults_and_errors(tmp_path: Path) -> None:
     path = tmp_path / "cloud.toml"
     path.write_text(minimal)
     w = load_cloud_config(path).worker
-    assert w.max_rows_per_frame == 512
+    assert (w.max_rows_per_frame, w.max_frames_per_s_per_device, w.frame_burst_per_device) == (512, 1000.0, 2000)
     assert any("max_rows_per_frame=512" in line for line in load_cloud_config(path).summary())
-    path.write_text(minimal + "max_rows_per_frame = 0\n")
+    path.write_text(minimal + "max_rows_per_frame = 0\nmax_frames_per_s_per_device = 0\nframe_burst_per_device = 0\n")
     with pytest.raises(ConfigError) as info:
         load_cloud_config(path)
     assert [line.removeprefix(f"{path}: ") for line in info.value.problems] == [
         "worker.max_rows_per_frame: must be >= 1 (got 0)",
+        "worker.max_frames_per_s_per_device: must be > 0 (got 0)",
+        "worker.frame_burst_per_device: must be >= 1 (got 0)",
     ]
 
 
