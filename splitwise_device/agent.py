@@ -368,14 +368,14 @@ class DeviceAgent:
             if topic_problem is not None:
                 log.warning(
                     "request dropped: its ResponseTopic %r is not a valid topic name (%s) and it has no valid "
-                    "reply_to: %s",
+                    "reply_to: %r",
                     (response_topic or "")[:200],
                     topic_problem,
                     message[:500],
                 )
             else:
                 log.warning(
-                    "request dropped, nowhere valid to answer (no ResponseTopic, no valid reply_to): %s", message[:500]
+                    "request dropped, nowhere valid to answer (no ResponseTopic, no valid reply_to): %r", message[:500]
                 )
             return
         self._send(reply, protocol.error_reply(ErrorCode.BAD_REQUEST, message, request_id=request_id))
