@@ -448,6 +448,10 @@ class DeviceAgent:
         tokenizer = self.engine.tokenizer
         messages = [m.model_dump() for m in request.messages] if request.messages else None
         prompt = self.engine.prompt_tokens(request.prompt, messages)
+        if len(prompt) > self.config.agent.max_prompt_tokens:
+            raise SplitwiseError(
+                f"prompt has {len(prompt)} tokens; this device accepts at most {self.config.agent.max_prompt_tokens}"
+            )
         context = int(self.engine.config["context_length"])
         max_tokens = min(request.max_tokens or self.config.agent.default_max_tokens, context - len(prompt))
         if max_tokens < 1:

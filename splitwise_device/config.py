@@ -431,6 +431,10 @@ class AgentConfig(StrictSection):
     max_json_depth: int = Field(default=32, ge=2, le=1000)
     """Deepest nesting of JSON arrays and objects a request may have; deeper payloads are refused
     with a ``bad_request`` error before they are parsed (a valid request nests 4 levels at most)."""
+    max_prompt_tokens: int = Field(default=2048, ge=1, le=1_000_000)
+    """Longest accepted prompt in tokens (after the chat template); longer requests are refused with
+    ``bad_request`` before any compute. Prefill time grows with it: 2048 tokens take seconds on a
+    Raspberry Pi class device."""
     max_tokens_limit: int = Field(default=2048, ge=1, le=1_000_000)
     """Largest ``max_tokens`` a request may ask for."""
     default_max_tokens: int = Field(default=256, ge=1)
@@ -591,6 +595,7 @@ class DeviceConfig(StrictSection):
             f"broker    {broker_summary(b, self.client_id)}",
             f"agent     planner={planner} codec={a.codec} queue_size={a.queue_size} "
             f"max_tokens={a.default_max_tokens}/{a.max_tokens_limit} max_prompt={format_size(a.max_prompt_bytes)} "
+            f"max_prompt_tokens={a.max_prompt_tokens} "
             f"max_request={format_size(a.max_request_bytes)} max_json_depth={a.max_json_depth} "
             f"drain={a.drain_timeout_s:g}s",
             f"cloud     pool={c.pool} segment_timeout={c.segment_timeout_s:g}s session_ttl={c.session_ttl_s:g}s",

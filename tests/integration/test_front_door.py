@@ -402,3 +402,25 @@ def test_ready_is_sent_only_after_the_broker_connects(
         a.stop()
         sock.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# --- limits: prompt tokens ------------------------------------------------------------------------
+
+
+def test_a_prompt_over_max_prompt_tokens_is_refused_before_any_compute(
+    tmp_path: Path, mosquitto_broker: LocalBroker, app: MqttConnection
+) -> None:
+    a = start_agent(tmp_path, mosquitto_broker, max_prompt_tokens=40)
+    try:
+        computed: list[int] = []
+        original = a.executor.generate
+        a.executor.generate = lambda *args, **kwargs: computed.append(1) or original(*args, **kwargs)  # type: ignore[method-assign]
+        replies = ask(app, json.dumps({"prompt": "word " * 60, "max_tokens": 2}))
+        assert replies[-1]["error"]["code"] == "bad_request", replies
+        assert "accepts at most 40" in replies[-1]["error"]["message"], replies
+        assert computed == []
+        assert ask(app, json.dumps({"prompt": "Hi", "max_tokens": 1}))[-1]["type"] == "final"
+        assert computed == [1]
+    finally:
+        a.drain(timeout=5)
+        a.stop()
