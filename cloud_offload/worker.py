@@ -4,8 +4,9 @@ Sessions arrive through the pool's shared subscription; once a worker holds a se
 edge talks to it on its own topic (affinity). Frames are validated before anything runs; a bad
 frame gets an error reply (when it names a reply topic) and the worker keeps serving. QoS 1
 redeliveries and edge retries of a segment are answered from the stored response instead of
-being computed twice. Sessions expire after a TTL and are evicted least-recently-used when their
-KV exceeds the memory cap.
+being computed twice (at most ``4·n_layer + 16`` answers per session, newest step only). Sessions
+expire after a TTL and are evicted least-recently-used when their KV plus the answers they keep
+exceed the memory cap.
 
 The front door assumes anyone on the broker may publish to the pool: every limit is checked before
 any work. Frames beyond a device's rate (token bucket per device, named by the reply topic) are
@@ -79,6 +80,20 @@ class WorkerSession:
     # The answers of the newest step, by segment id: what a duplicate or retry gets back.
     answered_step: int = -1
     answers: dict[int, bytes] = field(default_factory=dict)
+    answer_bytes: int = 0  # their total size, counted against the memory cap
+
+    def remember(self, step: int, segment: int, reply: bytes, most: int) -> None:
+        """Keeps `reply` for retries of (step, segment): only the newest step's, at most `most`
+        of them (the oldest goes first; a step of a real schedule has far fewer segments)."""
+        if step != self.answered_step:
+            self.answered_step, self.answers, self.answer_bytes = step, {}, 0
+        old = self.answers.pop(segment, None)
+        if old is not None:
+            self.answer_bytes -= len(old)
+        while len(self.answers) >= most:
+            self.answer_bytes -= len(self.answers.pop(next(iter(self.answers))))
+        self.answers[segment] = reply
+        self.answer_bytes += len(reply)
 
 
 @dataclass
@@ -160,6 +175,9 @@ class CloudWorker:
         if isinstance(max_rows_per_frame, bool) or not isinstance(max_rows_per_frame, int) or max_rows_per_frame < 1:
             raise SplitwiseError(f"max_rows_per_frame must be a positive integer, got {max_rows_per_frame!r}")
         self.max_rows_per_frame = max_rows_per_frame
+        # A step of a compiled schedule has at most two segments per layer and the LM head; beyond
+        # this, stored answers (kept for retries) are dropped oldest first.
+        self.max_answers_per_session = 4 * int(self.config["n_layer"]) + 16
         self.rate_limiter = FrameRateLimiter(max_frames_per_s_per_device, frame_burst_per_device)
         self.sessions: OrderedDict[uuid.UUID, WorkerSession] = OrderedDict()
         self.stats = WorkerStats()
@@ -404,9 +422,7 @@ class CloudWorker:
         except SplitwiseError as err:
             self.stats.errors += 1
             return protocol.encode_error(ErrorCode.BAD_REQUEST, str(err), request=frame)
-        if frame.step != state.answered_step:
-            state.answered_step, state.answers = frame.step, {}
-        state.answers[frame.segment] = reply
+        state.remember(frame.step, frame.segment, reply, self.max_answers_per_session)
         if frame.flags & Flags.CLOSE:
             self.sessions.pop(frame.session, None)
         self._enforce_memory_cap()
@@ -531,6 +547,10 @@ class CloudWorker:
             del self.sessions[sid]
             self.stats.sessions_evicted += 1
 
+    def memory_bytes(self) -> int:
+        """What the cap bounds: every session's KV plus the answers it keeps for retries."""
+        return sum(s.session.memory_bytes + s.answer_bytes for s in self.sessions.values())
+
     def kv_bytes(self) -> int:
         return sum(s.session.memory_bytes for s in self.sessions.values())
 
@@ -538,7 +558,7 @@ class CloudWorker:
         """Before computing: evicts least recently used sessions (never `keep`) until the KV the
         frame adds fits under the cap with what stays. The session being served is never evicted,
         so it alone may exceed a cap smaller than one session's KV (bounded by the context)."""
-        while self.kv_bytes() + growth > self.kv_memory_cap:
+        while self.memory_bytes() + growth > self.kv_memory_cap:
             victim = next((sid for sid in self.sessions if sid != keep), None)
             if victim is None:
                 return
@@ -550,7 +570,7 @@ class CloudWorker:
 
     def _enforce_memory_cap(self) -> None:
         while len(self.sessions) > 1 and (
-            self.kv_bytes() > self.kv_memory_cap or len(self.sessions) > self.max_sessions
+            self.memory_bytes() > self.kv_memory_cap or len(self.sessions) > self.max_sessions
         ):
             sid, _ = self.sessions.popitem(last=False)
             self.stats.sessions_evicted += 1

@@ -155,6 +155,35 @@ def test_a_kv_jump_on_a_known_session_leaves_its_kv_alone(worker: CloudWorker) -
     assert reply is not None and protocol.decode_frame(reply).kind is FrameKind.RESPONSE
 
 
+def test_answers_kept_for_retries_are_bounded_and_count_against_the_cap(worker: CloudWorker) -> None:
+    """One session's step with thousands of distinct segment ids must not pile up replies (each up
+    to max_rows × d floats) outside the memory cap."""
+    session, most = uuid.uuid4(), worker.max_answers_per_session
+    assert most == 4 * 30 + 16
+    for segment in range(most + 20):
+        frame = protocol.encode_request(
+            session=session,
+            step=0,
+            position=0,
+            segment=segment,
+            model_hash=MODEL_HASH,
+            ops=[Op(OpKind.FFN, 1)],
+            tensor=np.ones((4, D), dtype=np.float32),
+            codec="f32",
+        )
+        worker.answer(protocol.decode_frame(frame, model_hash=MODEL_HASH))
+    state = worker.sessions[session]
+    assert len(state.answers) == most and min(state.answers) == 20  # the oldest went first
+    assert state.answer_bytes == sum(len(a) for a in state.answers.values())
+    assert worker.memory_bytes() == worker.kv_bytes() + state.answer_bytes > 0
+    # A retry of a kept segment is answered from memory; of a dropped one, computed again.
+    duplicates = worker.stats.duplicates
+    assert worker.answer(protocol.decode_frame(frame, model_hash=MODEL_HASH)) == state.answers[most + 19]
+    assert worker.stats.duplicates == duplicates + 1
+    dropped = request(4, ops=[Op(OpKind.FFN, 1)], session=session)  # step 0, segment 0
+    assert worker.answer(dropped) is not None and worker.stats.duplicates == duplicates + 1
+
+
 def test_the_status_message_names_the_row_limit(worker: CloudWorker) -> None:
     assert b'"max_rows_per_frame": 32' in worker._status("online")
 
