@@ -85,6 +85,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             max_rows_per_frame=w.max_rows_per_frame,
             max_frames_per_s_per_device=w.max_frames_per_s_per_device,
             frame_burst_per_device=w.frame_burst_per_device,
+            max_queued_bytes=w.max_queued_bytes,
         )
     else:
         if not args.broker or not args.model:

@@ -79,6 +79,10 @@ class WorkerSection(StrictSection):
     starve the pool. 1000 lets a device round-trip a frame per layer per token on a fast LAN."""
     frame_burst_per_device: int = Field(default=2000, ge=1, le=1_000_000_000)
     """How many frames a device may send at once above that rate (the bucket's size)."""
+    max_queued_bytes: ByteSize = Field(default=256 * 2**20, ge=1)
+    """Frame bytes that may wait for the compute thread (bytes or "256MiB"); beyond it frames are
+    refused ``overloaded`` on arrival. Frames larger than any this worker could compute (from
+    max_rows_per_frame) are refused ``bad_frame`` (``too_large``) on arrival too, never queued."""
     profile: ProfileSource = "measure"
     """The cost profile this worker publishes (retained, ``splitwise/v1/cloud/{pool}/profile/{id}``):
     "measure" (the profiler's quick settings, in the background after start, a few seconds), "off",
@@ -117,7 +121,8 @@ class CloudConfig(StrictSection):
             f"          sessions<={w.max_sessions} kv_memory_cap={format_size(w.kv_memory_cap)} "
             f"session_ttl={w.session_ttl_s:g}s profile={w.profile}",
             f"          max_rows_per_frame={w.max_rows_per_frame} "
-            f"frames/s per device<={w.max_frames_per_s_per_device:g} (burst {w.frame_burst_per_device})",
+            f"frames/s per device<={w.max_frames_per_s_per_device:g} (burst {w.frame_burst_per_device}) "
+            f"max_queued={format_size(w.max_queued_bytes)}",
             f"broker    {broker_summary(self.broker, self.client_id)}",
             f"logging   level={self.logging.level}",
         ]

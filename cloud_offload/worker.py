@@ -60,6 +60,9 @@ DEFAULT_FRAME_BURST_PER_DEVICE = 2000
 """A device decoding with every layer's heads split sends one frame per layer per token (30 for
 SmolLM2) one after the other: on a LAN round trip of ~1 ms that is up to ~1000 frames/s, and a
 prompt plus a few dozen tokens fit in the burst. A device sending faster is refused."""
+DEFAULT_MAX_QUEUED_BYTES = 256 << 20
+"""Payload bytes that may wait in the inbox; beyond, frames are refused ``overloaded`` on arrival.
+Room for ~80 of the largest frames (512 rows × n_ff in f32, 3 MiB for SmolLM2) or ~100,000 decode frames."""
 _DEVICE_REPLY_TOPIC = re.compile(r"splitwise/v1/device/([A-Za-z0-9_-]{1,64})/reply/[^/]+")
 
 log = logging.getLogger(__name__)
@@ -104,6 +107,7 @@ class WorkerStats:
     sessions_evicted: int = 0
     probes: int = 0
     rate_limited: int = 0  # frames refused by the per-device rate limit (never decoded)
+    refused_on_arrival: int = 0  # larger than any frame this worker computes, or the inbox was full
 
 
 class FrameRateLimiter:
@@ -162,6 +166,7 @@ class CloudWorker:
         max_rows_per_frame: int = DEFAULT_MAX_ROWS_PER_FRAME,
         max_frames_per_s_per_device: float = DEFAULT_MAX_FRAMES_PER_S_PER_DEVICE,
         frame_burst_per_device: int = DEFAULT_FRAME_BURST_PER_DEVICE,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
     ) -> None:
         self.worker_id = protocol.validate_id(worker_id, "worker id")
         self.pool = protocol.validate_id(pool, "pool")
@@ -179,6 +184,24 @@ class CloudWorker:
         # this, stored answers (kept for retries) are dropped oldest first.
         self.max_answers_per_session = 4 * int(self.config["n_layer"]) + 16
         self.rate_limiter = FrameRateLimiter(max_frames_per_s_per_device, frame_burst_per_device)
+        if isinstance(max_queued_bytes, bool) or not isinstance(max_queued_bytes, int) or max_queued_bytes < 1:
+            raise SplitwiseError(f"max_queued_bytes must be a positive integer, got {max_queued_bytes!r}")
+        self.max_queued_bytes = max_queued_bytes
+        self._queued_bytes = 0  # payload bytes in the inbox (added on paho's thread, taken on ours)
+        self._queued_lock = threading.Lock()
+        # The largest message this worker could compute: every op, max_rows_per_frame rows of the
+        # widest input (n_ff) in f32, the widest codec; or a probe.
+        widest = max(int(self.config["n_embd"]), int(self.config["n_ff"]))
+        self.max_frame_bytes = max(
+            protocol.MAX_PROBE_SIZE,
+            protocol.HEADER_SIZE
+            + protocol.MAX_OPS * protocol.OP_SIZE
+            + 1
+            + 4 * protocol.MAX_DIMS
+            + 4
+            + 4 * widest * max_rows_per_frame
+            + 4,
+        )
         self.sessions: OrderedDict[uuid.UUID, WorkerSession] = OrderedDict()
         self.stats = WorkerStats()
         self._inbox: queue.Queue[Any] = queue.Queue()
@@ -319,7 +342,8 @@ class CloudWorker:
     # --- request handling (compute thread) -----------------------------------------------------
 
     def _enqueue(self, msg: mqtt.MQTTMessage) -> None:
-        """On paho's thread: the per-device rate limit, before the frame is even decoded."""
+        """On paho's thread, before the frame is even decoded: the per-device rate limit, the size
+        of the largest frame this worker could compute, and the bytes waiting in the inbox."""
         reply_topic, correlation = _reply_address(msg)
         sender = sender_of(reply_topic)
         if not self.rate_limiter.allow(sender):
@@ -337,7 +361,39 @@ class CloudWorker:
             )
             self._reply(reply_topic, correlation, protocol.encode_error(ErrorCode.OVERLOADED, message))
             return
+        size = len(msg.payload)
+        if size > self.max_frame_bytes:
+            self._refuse_on_arrival(
+                msg,
+                ErrorCode.BAD_FRAME,
+                f"{FrameFault.TOO_LARGE}: {size} bytes; this worker computes frames of at most {self.max_frame_bytes} "
+                f"bytes ({self.max_rows_per_frame} rows)",
+            )
+            return
+        with self._queued_lock:
+            queued = self._queued_bytes
+            if queued + size <= self.max_queued_bytes:
+                self._queued_bytes += size
+        if queued + size > self.max_queued_bytes:
+            self._refuse_on_arrival(
+                msg,
+                ErrorCode.OVERLOADED,
+                f"worker busy: {queued} bytes of frames queued, at most {self.max_queued_bytes}; frame refused",
+            )
+            return
         self._inbox.put((time.perf_counter(), msg))
+
+    def _refuse_on_arrival(self, msg: mqtt.MQTTMessage, code: str, message: str) -> None:
+        self.stats.refused_on_arrival += 1
+        if self.stats.refused_on_arrival & (self.stats.refused_on_arrival - 1) == 0:  # 1st, 2nd, 4th … refusal
+            log.warning(
+                "refused a frame on %s before decoding it: %s (%d so far)",
+                msg.topic,
+                message,
+                self.stats.refused_on_arrival,
+            )
+        reply_topic, correlation = _reply_address(msg)
+        self._reply(reply_topic, correlation, protocol.encode_error(code, message))
 
     def _compute_loop(self) -> None:
         while True:
@@ -350,6 +406,8 @@ class CloudWorker:
             if item is STOP:
                 return
             arrived, msg = item
+            with self._queued_lock:
+                self._queued_bytes -= len(msg.payload)
             try:
                 self.handle(msg, queued_s=time.perf_counter() - arrived)
             except Exception:

@@ -9,6 +9,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -125,9 +126,10 @@ def test_the_default_row_limit_refuses_a_frame_past_the_context(worker_edges: An
     worker, (rpc, _), model_hash = worker_edges
     started = time.perf_counter()
     code, message = _error(_answer(rpc, _request(model_hash, 8_300)))
-    assert code == "bad_frame" and message.startswith(("too_many_rows:", "position_out_of_range:")), message
+    # 19 MB: refused on arrival as larger than any frame this worker computes, before decoding.
+    assert code == "bad_frame" and message.startswith(("too_large:", "too_many_rows:")), message
     assert time.perf_counter() - started < 5.0
-    assert not worker.sessions and worker.stats.errors == 1
+    assert not worker.sessions and worker.kv_bytes() == 0
 
 
 @pytest.mark.parametrize("worker_edges", [{"kv_memory_cap": 600_000}], indirect=True)
@@ -211,6 +213,46 @@ def test_a_flooding_device_is_refused_while_another_is_served(worker_edges: Any)
     for _ in range(5):
         assert _answer(other, _request(model_hash, 1, ops=ffn)).kind is protocol.FrameKind.RESPONSE
     assert worker.stats.rate_limited == len(refused)
+
+
+# --- oversized messages and a full inbox are refused on arrival, never queued -----------------------
+
+
+def test_a_message_larger_than_any_computable_frame_is_refused_undecoded(worker_edges: Any) -> None:
+    worker, (rpc, _), model_hash = worker_edges
+    assert worker.max_frame_bytes < 4 << 20  # 512 rows of n_ff = 1536 floats, plus headers
+    big = _request(model_hash, 2_000)  # a well-formed 4.6 MB frame
+    code, message = _error(_answer(rpc, big))
+    assert code == "bad_frame" and message.startswith("too_large: "), message
+    code, message = _error(_answer(rpc, bytes(20 << 20)))  # 20 MB of zeros
+    assert code == "bad_frame" and message.startswith("too_large: "), message
+    assert worker.stats.requests == 0 and worker.stats.refused_on_arrival == 2
+
+
+@pytest.mark.parametrize("worker_edges", [{"max_queued_bytes": 100_000}], indirect=True)
+def test_frames_beyond_the_queued_bytes_are_refused_while_the_worker_is_busy(worker_edges: Any) -> None:
+    worker, (rpc, other), model_hash = worker_edges
+    release, busy = threading.Event(), threading.Event()
+    original = worker.handle
+
+    def slow(msg: Any, queued_s: float = 0.0) -> None:
+        busy.set()
+        release.wait(30)
+        original(msg, queued_s)
+
+    worker.handle = slow  # type: ignore[method-assign]
+    ffn = [protocol.Op(protocol.OpKind.FFN, 1)]
+    frame = _request(model_hash, 17, ops=ffn)  # ~39 kB: two fit in 100 kB
+    topic = protocol.pool_segment_topic(POOL)
+    first = rpc.request(topic, frame)[1]
+    assert busy.wait(10)  # the first one is being handled, out of the inbox
+    waiting = [other.request(topic, _request(model_hash, 17, ops=ffn))[1] for _ in range(5)]
+    refused = [protocol.decode_frame(f.result(timeout=10).payload) for f in waiting[2:]]
+    assert all(f.error()[0] == "overloaded" and "worker busy" in f.error()[1] for f in refused)
+    release.set()
+    for future in [first, *waiting[:2]]:
+        assert protocol.decode_frame(future.result(timeout=30).payload).kind is protocol.FrameKind.RESPONSE
+    assert worker._queued_bytes == 0 and worker.stats.refused_on_arrival == 3
 
 
 # --- defect 5: SIGTERM with no broker -----------------------------------------------------------

@@ -231,14 +231,20 @@ def test_config_keys_defaults_and_errors(tmp_path: Path) -> None:
     path.write_text(minimal)
     w = load_cloud_config(path).worker
     assert (w.max_rows_per_frame, w.max_frames_per_s_per_device, w.frame_burst_per_device) == (512, 1000.0, 2000)
+    assert w.max_queued_bytes == 256 << 20
     assert any("max_rows_per_frame=512" in line for line in load_cloud_config(path).summary())
-    path.write_text(minimal + "max_rows_per_frame = 0\nmax_frames_per_s_per_device = 0\nframe_burst_per_device = 0\n")
+    path.write_text(
+        minimal
+        + "max_rows_per_frame = 0\nmax_frames_per_s_per_device = 0\nframe_burst_per_device = 0\n"
+        + 'max_queued_bytes = "0B"\n'
+    )
     with pytest.raises(ConfigError) as info:
         load_cloud_config(path)
     assert [line.removeprefix(f"{path}: ") for line in info.value.problems] == [
         "worker.max_rows_per_frame: must be >= 1 (got 0)",
         "worker.max_frames_per_s_per_device: must be > 0 (got 0)",
         "worker.frame_burst_per_device: must be >= 1 (got 0)",
+        "worker.max_queued_bytes: must be >= 1 (got 0)",
     ]
 
 
