@@ -9,8 +9,10 @@ expire after a TTL and are evicted least-recently-used when their KV plus the an
 exceed the memory cap.
 
 The front door assumes anyone on the broker may publish to the pool: every limit is checked before
-any work. Frames beyond a device's rate (token bucket per device, named by the reply topic) are
-refused ``overloaded`` as they arrive, before they are even decoded. A request is validated whole
+any work. As a message arrives, before it is even decoded: beyond its device's rate (token bucket
+per device, named by the reply topic) or past the bytes the inbox may hold it is refused
+``overloaded``, and larger than any frame this worker could compute ``bad_frame`` (``too_large``);
+none of these is queued. A request is validated whole
 before anything is created or computed: its tensor's shape against the model (2-D, the first op's
 width), its rows against ``max_rows_per_frame`` and the model's context (``position + T``), its
 payload (no NaN/Inf), and the session's KV history for every attention op; only then does the
