@@ -109,12 +109,20 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    # READY=1 only once the broker has connected: until then the unit is "activating", as
+    # deploy/README.md promises; the MQTT layer logs why it cannot connect.
+    connected = threading.Event()
+    worker.connection.add_on_connect(connected.set)
     worker.start(connect_timeout=None)
-    systemd.ready()
-    logging.getLogger(__name__).info("worker %s serving pool %s", worker.worker_id, worker.pool)
     period = (systemd.watchdog_interval() or 10.0) / 2
-    while not stop.wait(period):
+    ready_sent = False
+    while not stop.is_set():
+        if not ready_sent and connected.is_set():
+            systemd.ready()
+            ready_sent = True
+            logging.getLogger(__name__).info("worker %s serving pool %s", worker.worker_id, worker.pool)
         systemd.watchdog_ping()
+        stop.wait(period if ready_sent else 0.2)
     systemd.stopping()
     worker.stop()
     return 0

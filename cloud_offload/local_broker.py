@@ -70,10 +70,12 @@ class LocalBroker:
         host: str = "127.0.0.1",
         command_prefix: Sequence[str] = (),
         log_types: Sequence[str] = (),
+        port: int | None = None,
     ) -> None:
+        """`port`: a given one (a service that keeps retrying it, say), else a free one."""
         self.host = host
         self.command_prefix = list(command_prefix)
-        self.port = free_port()
+        self.port = free_port() if port is None else port
         self.config = workdir / f"mosquitto-{self.port}.conf"
         self.log = workdir / f"mosquitto-{self.port}.log"
         # As root mosquitto switches to its own user, which cannot write into private temp dirs.

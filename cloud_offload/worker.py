@@ -51,7 +51,7 @@ from cloud_offload.mqtt import BrokerSettings, MqttConnection
 from cloud_offload.protocol import ErrorCode, Flags, Frame, FrameFault, FrameKind, OpKind
 from splitwise_device import __version__
 from splitwise_device.engine import Model, Session, model_sha256
-from splitwise_device.errors import FrameError, SplitwiseError
+from splitwise_device.errors import FrameError, InvalidArgumentError, SplitwiseError
 
 DEFAULT_MAX_ROWS_PER_FRAME = 512
 """Rows (tokens) one request frame may carry. llama.cpp's default batch: attention over T rows costs
@@ -597,7 +597,10 @@ class CloudWorker:
             ("compute_us", str(int(compute_s * 1e6))),
             ("queue_us", str(int(queued_s * 1e6))),
         ]
-        self.connection.publish(topic, payload, correlation_data=correlation, user_properties=props)
+        try:
+            self.connection.publish(topic, payload, correlation_data=correlation, user_properties=props)
+        except InvalidArgumentError as err:  # a ResponseTopic no broker would take: one line, no traceback
+            log.warning("reply dropped: %s", str(err)[:300])
 
     # --- session housekeeping ------------------------------------------------------------------
 

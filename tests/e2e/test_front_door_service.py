@@ -176,3 +176,77 @@ def test_check_config_connect_reports_the_broker(tmp_path: Path) -> None:
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert f"broker: cannot connect to 127.0.0.1:{port}" in bad.stderr and "refused" in bad.stderr.lower()
     assert "Traceback" not in bad.stderr
+
+
+def worker_command(broker_url: str, worker_id: str) -> list[str]:
+    model = str(bundled_model_path())
+    return [exe("splitwise-cloud"), "serve", "--broker", broker_url, "--model", model, "--worker-id", worker_id]
+
+
+def test_cloud_worker_sends_ready_only_after_the_broker_connects(tmp_path: Path, notify_socket: socket.socket) -> None:
+    """The broker is down at start: no READY=1; it comes up: READY=1, once."""
+    port = free_port()
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        popen = subprocess.Popen(
+            [*worker_command(f"mqtt://127.0.0.1:{port}", "fd-ready"), "--profile", "off"], stderr=out, stdout=out
+        )
+    broker = None
+    try:
+        wait_for_line(log, "cannot connect to the broker", 60)
+        assert not any("READY=1" in m for m in drain(notify_socket)), "READY=1 while the broker is down"
+        (tmp_path / "broker").mkdir()
+        broker = LocalBroker(tmp_path / "broker", port=port)  # the address the worker keeps trying
+        broker.start()
+        wait_for_line(log, "serving pool", 60)
+        time.sleep(0.5)
+        readies = [m for m in drain(notify_socket) if "READY=1" in m]
+        assert len(readies) == 1, readies
+        sigterm(popen, log)
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+        if broker is not None:
+            broker.stop()
+
+
+def test_a_worker_reply_to_an_invalid_response_topic_is_one_log_line(tmp_path: Path) -> None:
+    """A frame whose ResponseTopic has a wildcard: the reply is dropped with one warning, no traceback."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from cloud_offload import protocol
+
+    (tmp_path / "broker").mkdir()
+    broker = LocalBroker(tmp_path / "broker")
+    broker.start()
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        popen = subprocess.Popen(
+            [*worker_command(broker.url, "fd-bad"), "--pool", "fdbad", "--profile", "off"], stderr=out, stdout=out
+        )
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fd-sender", protocol=mqtt.MQTTv5)
+    try:
+        wait_for_line(log, "serving pool", 60)
+        client.connect(broker.host, broker.port)
+        client.loop_start()
+        for _ in range(5):
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ResponseTopic = "fd/replies/#"
+            client.publish(
+                protocol.pool_segment_topic("fdbad"), b"not a frame", qos=1, properties=props
+            ).wait_for_publish(5)
+        text = wait_for_line(log, "reply dropped", 30)
+        time.sleep(1)
+        text = log.read_text(errors="replace")
+        assert "Traceback" not in text, text
+        assert text.count("reply dropped") == 5, text
+        assert popen.poll() is None, text
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        if popen.poll() is None:
+            sigterm(popen, log)
+        broker.stop()
