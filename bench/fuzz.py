@@ -19,26 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud_offload import protocol
-from tests.support.fuzz import (
-    DEVICE_ID,
-    POOL,
-    FuzzRun,
-    ask_normally,
-    classify_agent_reply,
-    classify_worker_reply,
-    frame_attempts,
-    front_door_attempts,
-    fuzz_system,
-)
+from tests.support.fuzz import ask_normally, fuzz_round, fuzz_system
 
 
-def progress(what: str, total: int) -> object:
-    def report(done: int) -> None:
-        if done % 100 == 0 or done == total:
-            print(f"  {what}: {done}/{total} sent", flush=True)
-
-    return report
+def progress(what: str, done: int, total: int) -> None:
+    if done % 100 == 0 or done == total:
+        print(f"  {what}: {done}/{total} sent", flush=True)
 
 
 def main() -> int:
@@ -56,24 +42,15 @@ def main() -> int:
         rss = []
         for round_ in range(1, args.rounds + 1):
             started = time.monotonic()
-            run = FuzzRun(system.broker, f"round{round_:04d}")
-            try:
-                agent = run.throw(
-                    protocol.device_infer_topic(DEVICE_ID),
-                    front_door_attempts(args.seed, args.payloads, f"{run.reply_prefix}/a"),
-                    classify_agent_reply,
-                    settle_s=args.settle,
-                    progress=progress("requests", args.payloads),  # type: ignore[arg-type]
-                )
-                workers = run.throw(
-                    protocol.pool_segment_topic(POOL),
-                    frame_attempts(args.seed, args.frames, f"{run.reply_prefix}/w", system.model_hash),
-                    classify_worker_reply,
-                    settle_s=args.settle,
-                    progress=progress("frames", args.frames),  # type: ignore[arg-type]
-                )
-            finally:
-                run.close()
+            agent, workers = fuzz_round(
+                system,
+                f"round{round_:04d}",
+                seed=args.seed,
+                payloads=args.payloads,
+                frames=args.frames,
+                settle_s=args.settle,
+                progress=progress,
+            )
             alive = system.alive()
             try:
                 final = ask_normally(system.broker)

@@ -18,20 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_offload import protocol
-from tests.support.fuzz import (
-    CLEAR_ERROR,
-    DEVICE_ID,
-    POOL,
-    FuzzRun,
-    Report,
-    ask_normally,
-    classify_agent_reply,
-    classify_worker_reply,
-    frame_attempts,
-    front_door_attempts,
-    fuzz_system,
-)
+from tests.support.fuzz import CLEAR_ERROR, Report, ask_normally, fuzz_round, fuzz_system
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(900)]
 
@@ -54,22 +41,9 @@ def test_agent_and_workers_survive_two_identical_rounds(tmp_path: Path) -> None:
     with fuzz_system(tmp_path) as system:
         rss = []
         for round_ in (1, 2):
-            run = FuzzRun(system.broker, f"round{round_}")
-            try:
-                agent = run.throw(
-                    protocol.device_infer_topic(DEVICE_ID),
-                    front_door_attempts(SEED, PAYLOADS, f"{run.reply_prefix}/a"),
-                    classify_agent_reply,
-                    settle_s=SETTLE_S,
-                )
-                workers = run.throw(
-                    protocol.pool_segment_topic(POOL),
-                    frame_attempts(SEED, FRAMES, f"{run.reply_prefix}/w", system.model_hash),
-                    classify_worker_reply,
-                    settle_s=SETTLE_S,
-                )
-            finally:
-                run.close()
+            agent, workers = fuzz_round(
+                system, f"round{round_}", seed=SEED, payloads=PAYLOADS, frames=FRAMES, settle_s=SETTLE_S
+            )
             assert all(system.alive().values()), f"{system.alive()}\n{system.logs()}"
             check(agent, f"round {round_}: {PAYLOADS} requests at the agent")
             check(workers, f"round {round_}: {FRAMES} frames at the workers")

@@ -636,6 +636,42 @@ def fuzz_system(workdir: Path) -> Iterator[FuzzSystem]:
         broker.stop()
 
 
+def fuzz_round(
+    system: FuzzSystem,
+    name: str,
+    *,
+    seed: int,
+    payloads: int,
+    frames: int,
+    settle_s: float,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[Report, Report]:
+    """One round: `payloads` requests at the agent, then `frames` frames at the pool; the two reports."""
+    run = FuzzRun(system.broker, name)
+
+    def counter(what: str, total: int) -> Callable[[int], None] | None:
+        return None if progress is None else (lambda done: progress(what, done, total))
+
+    try:
+        agent = run.throw(
+            protocol.device_infer_topic(DEVICE_ID),
+            front_door_attempts(seed, payloads, f"{run.reply_prefix}/a"),
+            classify_agent_reply,
+            settle_s=settle_s,
+            progress=counter("requests", payloads),
+        )
+        workers = run.throw(
+            protocol.pool_segment_topic(POOL),
+            frame_attempts(seed, frames, f"{run.reply_prefix}/w", system.model_hash),
+            classify_worker_reply,
+            settle_s=settle_s,
+            progress=counter("frames", frames),
+        )
+    finally:
+        run.close()
+    return agent, workers
+
+
 def ask_normally(broker: LocalBroker, timeout: float = 60.0) -> dict[str, Any]:
     """A normal request, as an app would send it; returns the final reply."""
     run = FuzzRun(broker, uuid.uuid4().hex[:8])
