@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from splitwise_device.engine import model_sha256
 from tests.support import model_factory as mf
 
 CRASH_ENV = "SPLITWISE_ORACLE_CRASH"
@@ -120,21 +121,6 @@ def llama_cpp_build() -> str:
     return f"{version('llama_cpp_python')} {llama_cpp.llama_print_system_info().decode().strip()}"
 
 
-_hashes: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    stat = path.stat()
-    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if memo not in _hashes:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-        _hashes[memo] = digest.hexdigest()
-    return _hashes[memo]
-
-
 def llama_cpp_logits(
     model: Path, tokens: list[int], *, n_ctx: int = 1024, threads: int = 2, n_batch: int = 512
 ) -> np.ndarray:
@@ -143,7 +129,7 @@ def llama_cpp_logits(
     matmul), whose results differ from the batched one by more than rounding."""
     key = {
         "oracle": ORACLE_VERSION,
-        "model_sha256": file_sha256(Path(model)),
+        "model_sha256": model_sha256(model).hex(),
         "tokens": hashlib.sha256(np.asarray(tokens, dtype=np.int64).tobytes()).hexdigest(),
         "n_tokens": len(tokens),
         "n_ctx": n_ctx,
