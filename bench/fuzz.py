@@ -7,6 +7,7 @@ processes are alive, whether a normal request still succeeds, and every process'
 RSS change from the first round to the last. tests/integration/test_fuzz.py is the bounded CI
 version of the same run.
 Run: python bench/fuzz.py [--payloads 1000] [--frames 1000] [--rounds 2] [--seed N]
+     [--worker-max-sessions N] [--worker-session-ttl S]
 """
 
 from __future__ import annotations
@@ -34,11 +35,23 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=20261130)
     parser.add_argument("--settle", type=float, default=30.0, help="seconds without a new reply that end a wait")
+    parser.add_argument(
+        "--worker-max-sessions", type=int, default=None, help="the workers' max_sessions (default: the config's)"
+    )
+    parser.add_argument(
+        "--worker-session-ttl", type=float, default=None, help="the workers' session_ttl_s (default: the config's)"
+    )
     args = parser.parse_args()
     if min(args.payloads, args.frames, args.rounds) < 1:
         parser.error("--payloads, --frames and --rounds must be at least 1")
     failures = 0
-    with tempfile.TemporaryDirectory() as tmp, fuzz_system(Path(tmp)) as system:
+    worker_settings = {
+        key: value
+        for key, value in (("max_sessions", args.worker_max_sessions), ("session_ttl_s", args.worker_session_ttl))
+        if value is not None
+    }
+    print(f"worker settings: {worker_settings or 'the config defaults'}")
+    with tempfile.TemporaryDirectory() as tmp, fuzz_system(Path(tmp), worker_settings) as system:
         rss = []
         for round_ in range(1, args.rounds + 1):
             started = time.monotonic()

@@ -263,6 +263,9 @@ MAX_FRAME = HEADER_SIZE + MAX_OPS * OP_SIZE + 1 + 4 * MAX_DIMS + 4 + MAX_PAYLOAD
 # Probes: header, ndim 0, payload length, the u32 size field (+ padding), CRC.
 PROBE_MIN_SIZE = _MIN_FRAME + 4  # 69 bytes
 MAX_PROBE_SIZE = 1 << 20  # both a probe and the reply it asks for
+DEFAULT_MAX_ROWS_PER_FRAME = 512
+"""Tensor rows (tokens) a worker computes per frame unless configured otherwise; devices send a longer
+prompt's prefill in chunks of at most this many rows."""
 
 
 class FrameKind(IntEnum):

@@ -53,7 +53,7 @@ from splitwise_device import __version__
 from splitwise_device.engine import Model, Session, model_sha256
 from splitwise_device.errors import FrameError, InvalidArgumentError, SplitwiseError
 
-DEFAULT_MAX_ROWS_PER_FRAME = 512
+DEFAULT_MAX_ROWS_PER_FRAME = protocol.DEFAULT_MAX_ROWS_PER_FRAME
 """Rows (tokens) one request frame may carry. llama.cpp's default batch: attention over T rows costs
 O(T²) and a residual run of every layer O(n_layer · T), all on the worker's only compute thread (512
 rows: ~0.3 s per layer on one busy core; 8,192: ~30 s). A longer prompt has to come in chunks."""

@@ -361,11 +361,23 @@ class SplitResult:
 class SplitExecutor:
     """Generates tokens for one request under a plan."""
 
-    def __init__(self, model: Model, eos_id: int, link_factory: Callable[[], CloudLink] | None) -> None:
+    def __init__(
+        self,
+        model: Model,
+        eos_id: int,
+        link_factory: Callable[[], CloudLink] | None,
+        *,
+        max_rows_per_frame: int = protocol.DEFAULT_MAX_ROWS_PER_FRAME,
+    ) -> None:
+        if isinstance(max_rows_per_frame, bool) or not isinstance(max_rows_per_frame, int) or max_rows_per_frame < 1:
+            raise SplitwiseError(f"max_rows_per_frame must be a positive integer, got {max_rows_per_frame!r}")
         self.model = model
         self.eos_id = eos_id
         self.dims = ModelDims.from_config(model.config)
         self.link_factory = link_factory
+        # Workers refuse frames with more rows than their max_rows_per_frame, so a longer batch (a
+        # prompt's prefill) goes as several wire steps of at most this many tokens each.
+        self.max_rows_per_frame = max_rows_per_frame
 
     def generate(
         self,
@@ -388,12 +400,17 @@ class SplitExecutor:
         batch, position, generated, timings = list(prompt), 0, [], []
         fell_back, stop = False, "max_tokens"
         edge_compute: dict[str, float] = {}
+        wire_steps = itertools.count()  # a token step is one wire step per chunk of its batch
         try:
             for step in range(max_tokens):
                 start = time.perf_counter()
                 if link is not None and not fell_back:
                     try:
-                        logits = self._step(schedule, session, link, step, batch, position, edge_compute)
+                        for chunk_start in range(0, len(batch), self.max_rows_per_frame):
+                            chunk = batch[chunk_start : chunk_start + self.max_rows_per_frame]
+                            wire_step = next(wire_steps)
+                            chunk_position = position + chunk_start
+                            logits = self._step(schedule, session, link, wire_step, chunk, chunk_position, edge_compute)
                     except CloudUnavailableError as err:
                         link.events.append(RecoveryEvent("edge_fallback", step, -1, str(err)))
                         fell_back = True

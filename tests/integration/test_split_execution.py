@@ -13,6 +13,7 @@ from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
 from cloud_offload.worker import CloudWorker
 from policies.plan import parse_plan
 from splitwise_device.engine import Engine, model_sha256
+from splitwise_device.errors import SplitwiseError
 from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
 from splitwise_device.tokenizer import bundled_model_path
 
@@ -85,3 +86,48 @@ def test_transfers_feed_the_link_estimator(engine, worker, mosquitto_broker) -> 
         assert estimator.rtt_s is not None and 0 < estimator.rtt_s < 0.05
     finally:
         conn.stop()
+
+
+@pytest.fixture
+def small_frame_worker(mosquitto_broker) -> Iterator[CloudWorker]:  # type: ignore[no-untyped-def]
+    w = CloudWorker(
+        bundled_model_path(),
+        worker_id=f"w{uuid.uuid4().hex[:6]}",
+        pool="test",
+        broker=BrokerSettings(mosquitto_broker.host, mosquitto_broker.port),
+        max_rows_per_frame=16,
+    )
+    w.start()
+    yield w
+    w.stop()
+
+
+def test_a_prompt_longer_than_a_frame_is_sent_in_chunks(engine, small_frame_worker, executor) -> None:  # type: ignore[no-untyped-def]
+    """Workers refuse frames with more rows than their max_rows_per_frame; a longer prefill goes as
+    chunks, and the text is still the local greedy text (no refusal, no edge fallback)."""
+    split_executor, _rpc = executor
+    chunked = SplitExecutor(
+        split_executor.model, split_executor.eos_id, split_executor.link_factory, max_rows_per_frame=16
+    )
+    text = " ".join([PROMPT] * 4)
+    prompt = engine.tokenizer.encode(text)
+    assert len(prompt) > 2 * 16
+    cfg = engine.config
+    plan = parse_plan("layer-split:15", cfg["n_layer"], cfg["n_head"])
+    local = engine.generate(text, max_tokens=6)
+    result = chunked.generate(prompt, plan, 6)
+    assert result.events == [] and not result.fell_back_to_edge, [e.to_json() for e in result.events]
+    assert result.tokens == local.tokens
+    chunks = -(-len(prompt) // 16)
+    assert result.transfer.requests == chunks + len(result.tokens) - (result.stop_reason == "max_tokens")
+    assert small_frame_worker.stats.errors == 0
+
+    # The same request unchunked is refused by this worker (too many rows) and falls back to the edge.
+    unchunked = split_executor.generate(prompt, plan, 2)
+    assert unchunked.fell_back_to_edge
+    assert "too_many_rows" in " ".join(e.detail for e in unchunked.events)
+
+
+def test_max_rows_per_frame_must_be_positive(engine) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SplitwiseError, match="max_rows_per_frame must be a positive integer"):
+        SplitExecutor(engine.model, engine.tokenizer.eos_id, None, max_rows_per_frame=0)

@@ -601,9 +601,10 @@ def _wait_retained(broker: LocalBroker, topic: str, state: str, procs: list[Proc
 
 
 @contextmanager
-def fuzz_system(workdir: Path) -> Iterator[FuzzSystem]:
+def fuzz_system(workdir: Path, worker_settings: dict[str, Any] | None = None) -> Iterator[FuzzSystem]:
     """mosquitto, two workers and the agent (plan: the first layers on the device, the rest in the
-    pool), each a real process; stopped afterwards."""
+    pool), each a real process; stopped afterwards. `worker_settings` go into the workers'
+    ``[worker]`` config section (e.g. ``max_sessions``)."""
     model = bundled_model_path()
     broker = LocalBroker(workdir)
     broker.start()
@@ -611,8 +612,21 @@ def fuzz_system(workdir: Path) -> Iterator[FuzzSystem]:
     try:
         workers = []
         for worker_id in ("fz1", "fz2"):
-            args = ["cloud_offload.cli", "serve", "--broker", broker.url, "--model", str(model)]
-            args += ["--worker-id", worker_id, "--pool", POOL, "--profile", "off"]
+            worker_config = write_toml(
+                workdir / f"worker-{worker_id}.toml",
+                {
+                    "worker": {
+                        "id": worker_id,
+                        "pool": POOL,
+                        "model": str(model),
+                        "threads": 1,
+                        "profile": "off",
+                        **(worker_settings or {}),
+                    },
+                    "broker": {"url": broker.url},
+                },
+            )
+            args = ["cloud_offload.cli", "serve", "--config", str(worker_config)]
             workers.append(Proc(f"worker {worker_id}", args, workdir / f"worker-{worker_id}.log"))
         procs += workers
         config = write_toml(
