@@ -16,7 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from splitwise_device import codecs
+from splitwise_core import codecs
 
 SIZES = {"4 KB": 4 << 10, "64 KB": 64 << 10, "4 MB": 4 << 20}
 GGUF = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}

@@ -21,8 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from splitwise_device.engine import Model
-from splitwise_device.tokenizer import Tokenizer, bundled_model_path
+from splitwise_core.engine import Model
+from splitwise_core.tokenizer import Tokenizer, bundled_model_path
 from tests.support.corpus import english_text
 from tests.support.oracle import isolated, llama_cpp_build
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from splitwise_device.shards import shard_model
-from splitwise_device.tokenizer import bundled_model_path
+from splitwise_core.shards import shard_model
+from splitwise_core.tokenizer import bundled_model_path
 
 # Other work on a shared machine makes single runs noisy.
 REPEATS = 3
@@ -31,7 +31,7 @@ REPEATS = 3
 CHILD = textwrap.dedent(
     """
     import json, sys, time
-    from splitwise_device._core import Model
+    from splitwise_core._core import Model
 
     def rss_kb(field):
         with open("/proc/self/status") as status:

@@ -61,9 +61,9 @@ from cloud_offload.local_broker import LocalBroker
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
 from cloud_offload.protocol import Op, OpKind
 from policies.plan import parse_plan
-from splitwise_device.engine import Engine, model_sha256
+from splitwise_core.engine import Engine, model_sha256
+from splitwise_core.tokenizer import bundled_model_path
 from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
-from splitwise_device.tokenizer import bundled_model_path
 
 PROMPT = "The three most useful things to know about MQTT are"
 PLANS = ("edge-only", "cloud-only", "layer-split:15", "heads:4")

@@ -11,8 +11,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from splitwise_device import __version__
-from splitwise_device.errors import SplitwiseError
+from splitwise_core import __version__
+from splitwise_core.errors import SplitwiseError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_config(config: str) -> int:
     """Prints ``FILE: OK`` and a summary (exit 0), or every problem on stderr (exit 1)."""
     from cloud_offload.config import load_cloud_config
-    from splitwise_device.config import check_config_command
+    from splitwise_core.config import check_config_command
 
     return check_config_command(config, load_cloud_config, out=print, err=lambda line: print(line, file=sys.stderr))
 
@@ -56,7 +56,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cloud_offload.mqtt import BrokerSettings, settings_from_config
     from cloud_offload.profiles import profile_file_problems
     from cloud_offload.worker import CloudWorker
-    from splitwise_device import systemd
+    from splitwise_core import systemd
 
     if args.config:
         from cloud_offload.config import ConfigError, load_cloud_config

@@ -1,6 +1,6 @@
 """Configuration of a cloud worker (``cloud.toml``).
 
-Same rules as the device config (:mod:`splitwise_device.config`): strict pydantic v2 models,
+Same rules as the device config (:mod:`splitwise_core.config`): strict pydantic v2 models,
 unknown keys rejected with their exact path, all problems reported at once with the file name,
 relative paths taken relative to the config file. ``[broker]`` and ``[logging]`` are the very
 models the device uses.
@@ -15,7 +15,7 @@ from typing import Annotated
 from pydantic import BeforeValidator, Field, ValidationInfo
 
 from cloud_offload.profiles import profile_file_problems
-from splitwise_device.config import (
+from splitwise_core.config import (
     BrokerConfig,
     ByteSize,
     ConfigError,
@@ -26,11 +26,11 @@ from splitwise_device.config import (
     StrictSection,
     broker_file_problems,
     broker_summary,
+    config_path,
     format_size,
     load_toml_model,
     model_problems,
 )
-from splitwise_device.config import _path as _config_path
 
 PROFILE_MODES = ("measure", "off")
 
@@ -40,7 +40,7 @@ def _profile_source(value: object, info: ValidationInfo) -> str | Path:
         return value
     if not isinstance(value, str | os.PathLike) or (isinstance(value, str) and not value.strip()):
         raise ValueError(f"expected 'measure', 'off' or the path of a profile JSON file (got {value!r})")
-    return _config_path(value, info)
+    return config_path(value, info)
 
 
 ProfileSource = Annotated[str | Path, BeforeValidator(_profile_source)]

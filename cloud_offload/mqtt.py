@@ -28,7 +28,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from cloud_offload.protocol import validate_topic_name
-from splitwise_device.errors import InvalidArgumentError, SplitwiseError
+from splitwise_core.errors import InvalidArgumentError, SplitwiseError
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +411,7 @@ def new_client_id(prefix: str) -> str:
 
 
 def settings_from_config(broker: Any) -> BrokerSettings:
-    """From a validated `splitwise_device.config.BrokerConfig` (reads the password file now)."""
+    """From a validated `splitwise_core.config.BrokerConfig` (reads the password file now)."""
     tls = broker.tls
     return BrokerSettings(
         host=broker.host,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from cloud_offload import protocol
 from cloud_offload.mqtt import RpcClient, user_property
 from cloud_offload.protocol import FrameKind
-from splitwise_device.errors import FrameError, InvalidArgumentError, SplitwiseError
+from splitwise_core.errors import FrameError, InvalidArgumentError, SplitwiseError
 
 __all__ = ["LinkProber", "ProbeResult"]
 

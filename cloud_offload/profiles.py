@@ -6,7 +6,7 @@ Every cloud worker publishes one retained message on
     {"worker_id": "w1", "pool": "default", "model_hash": "<32 hex>", "threads": 4,
      "measured_at": "2026-11-28T13:20:00+00:00", "source": "measured", "profile": {...}}
 
-``profile`` is the JSON form of the planner's ``policies.cost.Profile``. This module moves it and
+``profile`` is the JSON form of the planner's ``splitwise_core.profile.Profile``. This module moves it and
 checks its outline (a JSON object with the profile's required top-level keys); it never interprets
 it — that is the planner's business, and ``cloud_offload`` does not import ``policies``. An empty
 retained payload withdraws the worker's profile (a worker clears it when it stops gracefully).
@@ -32,7 +32,7 @@ import paho.mqtt.client as mqtt
 
 from cloud_offload import protocol
 from cloud_offload.mqtt import MqttConnection
-from splitwise_device.errors import InvalidArgumentError
+from splitwise_core.errors import InvalidArgumentError
 
 __all__ = [
     "MAX_PROFILE_BYTES",
@@ -49,7 +49,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# The required top-level keys of policies.cost.Profile (tests/integration/test_worker_profile.py
+# The required top-level keys of splitwise_core.profile.Profile (tests/integration/test_worker_profile.py
 # checks that this list still matches the planner's model).
 PROFILE_KEYS: frozenset[str] = frozenset(
     {
@@ -125,7 +125,7 @@ def measure_profile(
 ) -> dict[str, Any]:
     """Runs the profiler's quick settings (``splitwise-device profile --quick``) on this machine and
     returns the profile's JSON value. Takes a few seconds for SmolLM2-135M."""
-    from splitwise_device.profiler import Settings, measure, to_profile
+    from splitwise_core.profiler import Settings, measure, to_profile
 
     measurement = measure(model_path, threads, Settings.quick(), progress)
     profile: dict[str, Any] = to_profile(measurement).model_dump(mode="json")
@@ -268,7 +268,7 @@ class WorkerProfiles:
             self._changed.notify_all()
 
     def profiles(self) -> dict[str, dict[str, Any]]:
-        """worker id → its profile's JSON value (a policies.cost.Profile for the planner to parse)."""
+        """worker id → its profile's JSON value (a splitwise_core.profile.Profile for the planner to parse)."""
         with self._changed:
             return {wid: e.profile for wid, e in self._entries.items()}
 

@@ -48,8 +48,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from splitwise_device import codecs
-from splitwise_device.errors import CodecError, FrameError, InvalidArgumentError
+from splitwise_core import codecs
+from splitwise_core.errors import CodecError, FrameError, InvalidArgumentError
 
 
 class FrameFault(StrEnum):

@@ -49,9 +49,9 @@ import paho.mqtt.client as mqtt
 from cloud_offload import profiles, protocol
 from cloud_offload.mqtt import BrokerSettings, MqttConnection
 from cloud_offload.protocol import ErrorCode, Flags, Frame, FrameFault, FrameKind, OpKind
-from splitwise_device import __version__
-from splitwise_device.engine import Model, Session, model_sha256
-from splitwise_device.errors import FrameError, InvalidArgumentError, SplitwiseError
+from splitwise_core import __version__
+from splitwise_core.engine import Model, Session, model_sha256
+from splitwise_core.errors import FrameError, InvalidArgumentError, SplitwiseError
 
 DEFAULT_MAX_ROWS_PER_FRAME = protocol.DEFAULT_MAX_ROWS_PER_FRAME
 """Rows (tokens) one request frame may carry. llama.cpp's default batch: attention over T rows costs

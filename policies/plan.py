@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from splitwise_device.errors import PlanError
+from splitwise_core.errors import PlanError
 
 __all__ = [
     "PLAN_VERSION",

@@ -46,10 +46,11 @@ from typing import Protocol
 
 import numpy as np
 
-from policies.cost import CostModel, Observation, Profile, StepCtx, Terms, Weights, objective, predict
+from policies.cost import CostModel, Observation, StepCtx, Terms, Weights, objective, predict
 from policies.plan import FfnMode, LayerPlan, Plan, Side, cloud_only, edge_only, layer_split
 from policies.segments import FRAME_OP_BYTES, CloudOpKind, EdgeOpKind, ModelDims, Reg
-from splitwise_device.errors import InvalidArgumentError, PlanError
+from splitwise_core.errors import InvalidArgumentError, PlanError
+from splitwise_core.profile import Profile
 
 __all__ = [
     "PLANNER_NAMES",

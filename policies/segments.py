@@ -53,7 +53,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from policies.plan import FfnMode, Plan, PlanError, Side
-from splitwise_device.codecs import codec_size
+from splitwise_core.codecs import codec_size
 
 __all__ = [
     "FRAME_OP_BYTES",
@@ -171,7 +171,7 @@ class ModelDims:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelDims:
-        """From `splitwise_device.engine.Model.config`."""
+        """From `splitwise_core.engine.Model.config`."""
         return cls(
             n_layer=int(config["n_layer"]),
             n_head=int(config["n_head"]),

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from splitwise_device import __version__, codecs
-from splitwise_device.errors import SplitwiseError
+from splitwise_core import __version__, codecs
+from splitwise_core.errors import SplitwiseError
 
 if TYPE_CHECKING:
+    from splitwise_core.engine import Engine
     from splitwise_device.config import DeviceConfig
-    from splitwise_device.engine import Engine
 
 
 def _codec_demo(args: argparse.Namespace) -> int:
@@ -41,13 +41,13 @@ def _codec_demo(args: argparse.Namespace) -> int:
 
 
 def _model_path(args: argparse.Namespace) -> Path:
-    from splitwise_device.tokenizer import bundled_model_path
+    from splitwise_core.tokenizer import bundled_model_path
 
     return Path(args.model) if args.model else bundled_model_path()
 
 
 def _engine(args: argparse.Namespace) -> Engine:
-    from splitwise_device.engine import Engine
+    from splitwise_core.engine import Engine
 
     return Engine(_model_path(args), threads=args.threads, memory_budget_bytes=args.memory_budget)
 
@@ -93,7 +93,7 @@ def _generate_split(args: argparse.Namespace) -> int:
     from cloud_offload import protocol
     from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
     from policies.plan import parse_plan
-    from splitwise_device.engine import model_sha256
+    from splitwise_core.engine import model_sha256
     from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
 
     engine = _engine(args)
@@ -193,7 +193,7 @@ def _perplexity(args: argparse.Namespace) -> int:
 
 
 def _shard(args: argparse.Namespace) -> int:
-    from splitwise_device.shards import shard_model
+    from splitwise_core.shards import shard_model
 
     def progress(shard: dict[str, Any]) -> None:
         what = "base (embedding, output, tokenizer)" if shard["role"] == "base" else f"layer {shard['layer']}"
@@ -211,7 +211,8 @@ def _shard(args: argparse.Namespace) -> int:
 def _check_config(args: argparse.Namespace) -> int:
     """Prints ``FILE: OK`` and a summary (exit 0), or every problem on stderr (exit 1). With
     ``--connect``, then also connects to the broker and reports the outcome."""
-    from splitwise_device.config import check_config_command, load_device_config
+    from splitwise_core.config import check_config_command
+    from splitwise_device.config import load_device_config
 
     code = check_config_command(
         args.config, load_device_config, out=print, err=lambda line: print(line, file=sys.stderr)
@@ -244,8 +245,8 @@ def _check_connect(label: str, config: DeviceConfig, timeout: float) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    """Measures this machine (``splitwise_device.profiler``) and writes a ``policies.cost.Profile``."""
-    from splitwise_device.profiler import Settings, measure, stderr_progress, to_profile
+    """Measures this machine (``splitwise_core.profiler``) and writes a ``splitwise_core.profile.Profile``."""
+    from splitwise_core.profiler import Settings, measure, stderr_progress, to_profile
 
     model = _model_path(args)
     if not model.exists():
@@ -316,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cmd = commands.add_parser(
         "plan", help="what a planner chooses for a link and backlog, with the predicted costs"
     )
-    plan_cmd.add_argument("--profile", required=True, help="edge profile (JSON, policies.cost.Profile)")
+    plan_cmd.add_argument("--profile", required=True, help="edge profile (JSON, splitwise_core.profile.Profile)")
     plan_cmd.add_argument("--cloud-profile", required=True, help="cloud worker profile (JSON)")
     plan_cmd.add_argument("--bandwidth", required=True, help="e.g. 10mbit, 100Mbps, 1.5MB/s, 0 (cut)")
     plan_cmd.add_argument("--rtt", required=True, help="round-trip time, e.g. 20ms")
@@ -396,7 +397,7 @@ def _temperature(text: str) -> float:
 
 
 def _size(text: str) -> int:
-    from splitwise_device.shards import parse_size
+    from splitwise_core.shards import parse_size
 
     try:
         return parse_size(text)

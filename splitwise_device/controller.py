@@ -32,14 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from policies.cost import Observation, Prediction, Profile, Weights, predict
+from policies.cost import Observation, Prediction, Weights, predict
 from policies.plan import Plan, parse_plan
 from policies.planners import PLANNER_NAMES, PlanningContext, make_planner
 from policies.segments import ModelDims
+from splitwise_core.errors import InvalidArgumentError
+from splitwise_core.lyapunov import Ewma, QueueBank
+from splitwise_core.profile import Profile
 from splitwise_device.config import PlanningConfig
-from splitwise_device.errors import InvalidArgumentError
 from splitwise_device.estimators import LinkEstimator, RateEstimator
-from splitwise_device.lyapunov import Ewma, QueueBank
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +319,7 @@ def load_or_measure_profile(
             return Profile.load(cache)
         except InvalidArgumentError as err:
             log.warning("ignoring the cached profile: %s", err)
-    from splitwise_device.profiler import Settings, measure, to_profile
+    from splitwise_core.profiler import Settings, measure, to_profile
 
     log.info("measuring this device's profile (quick settings, %d threads); set planning.profile to skip", threads)
     measurement = measure(model_path, threads, Settings.quick())

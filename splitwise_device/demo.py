@@ -26,7 +26,7 @@ import paho.mqtt.client as mqtt
 from cloud_offload import protocol
 from cloud_offload.local_broker import LocalBroker
 from cloud_offload.mqtt import BrokerSettings, MqttConnection
-from splitwise_device.tokenizer import bundled_model_path
+from splitwise_core.tokenizer import bundled_model_path
 
 DEVICE_ID = "demo-device"
 POOL = "demo"

@@ -4,7 +4,7 @@
   the worker's compute time (reply user property `compute_us`). The network's share of a round
   trip is modelled as `rtt + 8·bytes/bandwidth`: small messages estimate the RTT, large ones the
   bandwidth once the RTT is known (averaged as seconds per bit, so a link that slows down is seen
-  at once). Both are EWMAs (`splitwise_device.lyapunov.Ewma`) weighted by the seconds since the
+  at once). Both are EWMAs (`splitwise_core.lyapunov.Ewma`) weighted by the seconds since the
   previous sample, so the estimate follows a changing link. An active probe (the agent's
   `Controller`) refreshes whichever estimate has gone without samples.
 - `RateEstimator`: request arrivals per second (EWMA of the instantaneous rate).
@@ -16,8 +16,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from splitwise_device.errors import InvalidArgumentError
-from splitwise_device.lyapunov import Ewma
+from splitwise_core.errors import InvalidArgumentError
+from splitwise_core.lyapunov import Ewma
 
 SMALL_MESSAGE_BYTES = 4096  # round trips of messages below this size measure latency, not bandwidth
 

@@ -48,8 +48,8 @@ from policies.segments import (
     Schedule,
     compile_plan,
 )
-from splitwise_device.engine import Model, Session, sample_token
-from splitwise_device.errors import FrameError, SplitwiseError
+from splitwise_core.engine import Model, Session, sample_token
+from splitwise_core.errors import FrameError, SplitwiseError
 from splitwise_device.estimators import LinkEstimator
 
 log = logging.getLogger(__name__)

@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from policies.cost import Observation, Prediction, Profile, predict
+from policies.cost import Observation, Prediction, predict
 from policies.plan import Plan, Side
 from policies.planners import PLANNER_NAMES, PlanningContext, make_planner
 from policies.segments import ModelDims
-from splitwise_device.errors import InvalidArgumentError
+from splitwise_core.errors import InvalidArgumentError
+from splitwise_core.profile import Profile
 
 _RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bit|kbit|mbit|gbit|bps|kbps|mbps|gbps|b/s|kb/s|mb/s|gb/s)?\s*$", re.I)
 _RATE_UNITS = {
@@ -59,8 +60,8 @@ def parse_duration(text: str) -> float:
 
 
 def _dims(model: str | None) -> ModelDims:
-    from splitwise_device.engine import Model
-    from splitwise_device.tokenizer import bundled_model_path
+    from splitwise_core.engine import Model
+    from splitwise_core.tokenizer import bundled_model_path
 
     return ModelDims.from_config(Model(str(Path(model) if model else bundled_model_path()), 1).config)
 

@@ -1,5 +1,5 @@
 //! The one error type of the numeric core. `py::errors` maps each variant to the class of the
-//! same name in `splitwise_device.errors`; nothing here knows about Python.
+//! same name in `splitwise_core.errors`; nothing here knows about Python.
 
 use std::fmt;
 

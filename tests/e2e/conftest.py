@@ -31,8 +31,8 @@ import pytest
 
 from cloud_offload import protocol
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, user_property
-from splitwise_device.engine import Engine
-from splitwise_device.tokenizer import bundled_model_path
+from splitwise_core.engine import Engine
+from splitwise_core.tokenizer import bundled_model_path
 from tests.conftest import MosquittoBroker
 from tests.support.linkproxy import LinkProxy
 from tests.support.processes import Proc, write_toml

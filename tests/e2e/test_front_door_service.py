@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cloud_offload.local_broker import LocalBroker, free_port
-from splitwise_device.tokenizer import bundled_model_path
+from splitwise_core.tokenizer import bundled_model_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 

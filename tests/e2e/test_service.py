@@ -76,8 +76,8 @@ def test_generate_command_runs_a_split_plan(system: System, reference: Any) -> N
     )
     assert result.returncode == 0, result.stderr
     reply = json.loads(result.stdout)
-    from splitwise_device.engine import Engine
-    from splitwise_device.tokenizer import bundled_model_path
+    from splitwise_core.engine import Engine
+    from splitwise_core.tokenizer import bundled_model_path
 
     local = Engine(bundled_model_path()).generate("The capital of France is", max_tokens=8)
     assert reply["tokens"] == local.tokens

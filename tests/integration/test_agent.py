@@ -20,10 +20,10 @@ import pytest
 from cloud_offload import protocol
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
 from cloud_offload.worker import CloudWorker
+from splitwise_core.engine import model_sha256
+from splitwise_core.tokenizer import bundled_model_path
 from splitwise_device.agent import DeviceAgent
 from splitwise_device.config import load_device_config
-from splitwise_device.engine import model_sha256
-from splitwise_device.tokenizer import bundled_model_path
 from tests.integration.test_mqtt import subscriptions_settled
 
 pytestmark = pytest.mark.broker

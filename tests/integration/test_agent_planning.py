@@ -17,13 +17,14 @@ import pytest
 
 from cloud_offload.mqtt import BrokerSettings, MqttConnection
 from cloud_offload.worker import CloudWorker
-from policies.cost import Observation, Profile
+from policies.cost import Observation
 from policies.plan import Plan
 from policies.planners import PlanningContext, make_planner
 from policies.segments import ModelDims
+from splitwise_core.profile import Profile
+from splitwise_core.tokenizer import bundled_model_path
 from splitwise_device.agent import DeviceAgent
 from splitwise_device.config import load_device_config
-from splitwise_device.tokenizer import bundled_model_path
 from tests.integration.test_agent import DEVICE, ask
 from tests.integration.test_mqtt import subscriptions_settled
 from tests.support.processes import write_toml

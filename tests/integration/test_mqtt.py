@@ -10,7 +10,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from cloud_offload.mqtt import BrokerSettings, BrokerUnavailableError, MqttConnection, RpcClient
-from splitwise_device.errors import InvalidArgumentError
+from splitwise_core.errors import InvalidArgumentError
 
 pytestmark = pytest.mark.broker
 

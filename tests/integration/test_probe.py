@@ -16,9 +16,9 @@ from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient, user_p
 from cloud_offload.probe import LinkProber, ProbeResult
 from cloud_offload.protocol import FrameKind, Op, OpKind
 from cloud_offload.worker import CloudWorker
-from splitwise_device import codecs
+from splitwise_core import codecs
+from splitwise_core.tokenizer import bundled_model_path
 from splitwise_device.estimators import LinkEstimator
-from splitwise_device.tokenizer import bundled_model_path
 from tests.integration.test_mqtt import subscriptions_settled
 
 pytestmark = pytest.mark.broker

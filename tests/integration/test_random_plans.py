@@ -23,9 +23,9 @@ from cloud_offload import protocol
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
 from cloud_offload.worker import CloudWorker
 from policies.plan import random_plan
-from splitwise_device.engine import Engine, log_softmax, mean_nll, model_sha256
+from splitwise_core.engine import Engine, log_softmax, mean_nll, model_sha256
+from splitwise_core.tokenizer import bundled_model_path
 from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
-from splitwise_device.tokenizer import bundled_model_path
 from tests.support.corpus import english_text
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(300)]  # measured up to 73 s on 2 busy cores

@@ -12,10 +12,10 @@ from cloud_offload import protocol
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
 from cloud_offload.worker import CloudWorker
 from policies.plan import parse_plan
-from splitwise_device.engine import Engine, model_sha256
-from splitwise_device.errors import SplitwiseError
+from splitwise_core.engine import Engine, model_sha256
+from splitwise_core.errors import SplitwiseError
+from splitwise_core.tokenizer import bundled_model_path
 from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
-from splitwise_device.tokenizer import bundled_model_path
 
 pytestmark = pytest.mark.broker
 PROMPT = "The three most useful things to know about MQTT are"

@@ -23,9 +23,9 @@ from cloud_offload import protocol
 from cloud_offload.local_broker import LocalBroker, free_port
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
 from cloud_offload.worker import CloudWorker
-from splitwise_device import codecs
-from splitwise_device.engine import model_sha256
-from splitwise_device.tokenizer import bundled_model_path
+from splitwise_core import codecs
+from splitwise_core.engine import model_sha256
+from splitwise_core.tokenizer import bundled_model_path
 
 POOL = "limits"
 D_MODEL = 576
@@ -303,8 +303,8 @@ def test_sigterm_without_a_broker_exits_0_without_a_traceback(tmp_path: Path) ->
 
 def test_loading_the_tokenizer_and_engine_prints_no_llama_cpp_warning() -> None:
     code = (
-        "from splitwise_device.engine import Engine\n"
-        "from splitwise_device.tokenizer import bundled_model_path\n"
+        "from splitwise_core.engine import Engine\n"
+        "from splitwise_core.tokenizer import bundled_model_path\n"
         "e = Engine(bundled_model_path())\n"
         "assert e.tokenizer.decode(e.tokenizer.encode('Hello world')) == 'Hello world'\n"
         "print('ok')\n"
@@ -321,8 +321,8 @@ def test_llama_cpp_errors_are_still_reported(tmp_path: Path) -> None:
     bad.write_bytes(b"GGUF" + bytes(100))
     code = (
         "import sys\n"
-        "from splitwise_device.errors import ModelFileError\n"
-        "from splitwise_device.tokenizer import Tokenizer\n"
+        "from splitwise_core.errors import ModelFileError\n"
+        "from splitwise_core.tokenizer import Tokenizer\n"
         f"try:\n    Tokenizer({str(bad)!r})\nexcept ModelFileError as err:\n    print('refused', err)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)

@@ -19,9 +19,9 @@ from cloud_offload.config import load_cloud_config
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
 from cloud_offload.profiles import PROFILE_KEYS, WorkerProfiles, profile_message
 from cloud_offload.worker import CloudWorker
-from policies.cost import Profile
-from splitwise_device.engine import model_sha256
-from splitwise_device.tokenizer import bundled_model_path
+from splitwise_core.engine import model_sha256
+from splitwise_core.profile import Profile
+from splitwise_core.tokenizer import bundled_model_path
 from tests.integration.test_mqtt import subscriptions_settled
 
 pytestmark = pytest.mark.broker
@@ -241,7 +241,7 @@ def test_profile_setting(tmp_path: Path) -> None:
     assert config.check_files() == [f"worker.model: {tmp_path / 'model.gguf'} does not exist"]
     (tmp_path / "p.json").write_text("[1]")
     assert config.check_files()[1:] == [f"worker.profile: {tmp_path / 'p.json'}: a profile is a JSON object, got list"]
-    from splitwise_device.errors import ConfigError
+    from splitwise_core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"worker\.profile: expected 'measure', 'off' or the path"):
         load_cloud_config(write(tmp_path, "profile = 3\n"))

@@ -121,7 +121,7 @@ def _atomic_output(dst: Path) -> Iterator[Path]:
 
 
 def default_source() -> Path:
-    from splitwise_device.tokenizer import bundled_model_path
+    from splitwise_core.tokenizer import bundled_model_path
 
     return bundled_model_path()
 

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from splitwise_device.engine import model_sha256
+from splitwise_core.engine import model_sha256
 from tests.support import model_factory as mf
 
 CRASH_ENV = "SPLITWISE_ORACLE_CRASH"

@@ -34,7 +34,7 @@ from cloud_offload import protocol
 from cloud_offload.local_broker import LocalBroker
 from cloud_offload.mqtt import BrokerSettings, MqttConnection
 from policies.plan import FfnMode, LayerPlan, Plan, Side, random_plan
-from splitwise_device.tokenizer import bundled_model_path
+from splitwise_core.tokenizer import bundled_model_path
 from tests.support.linkproxy import LinkProxy
 from tests.support.netns import ShapedLink
 from tests.support.processes import Proc, write_toml

@@ -10,10 +10,10 @@ import pytest
 
 from cloud_offload.protocol import InferRequest
 from policies.planners import PLANNER_NAMES
+from splitwise_core.errors import SplitwiseError
+from splitwise_core.tokenizer import bundled_model_path
 from splitwise_device.agent import DeviceAgent
 from splitwise_device.config import load_device_config
-from splitwise_device.errors import SplitwiseError
-from splitwise_device.tokenizer import bundled_model_path
 from tests.support.processes import write_toml
 
 

@@ -14,19 +14,16 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from cloud_offload.config import CloudConfig, load_cloud_config
+from splitwise_core.config import BrokerConfig, ConfigError, TlsConfig, parse_size
+from splitwise_core.errors import SplitwiseError
 from splitwise_device.config import (
     AgentConfig,
-    BrokerConfig,
-    ConfigError,
     DeviceConfig,
     DeviceSection,
     PlanningConfig,
     RecoveryConfig,
-    TlsConfig,
     load_device_config,
-    parse_size,
 )
-from splitwise_device.errors import SplitwiseError
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -645,7 +642,8 @@ def test_example_files_mention_every_key() -> None:
 
 def test_docs_describe_every_key() -> None:
     from cloud_offload.config import WorkerSection
-    from splitwise_device.config import CloudSection, LoggingConfig
+    from splitwise_core.config import LoggingConfig
+    from splitwise_device.config import CloudSection
 
     docs = (REPO / "docs" / "configuration.md").read_text()
     tables = {

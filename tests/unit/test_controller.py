@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from policies.cost import Observation, PowerModel, Profile, predict
+from policies.cost import Observation, predict
 from policies.plan import parse_plan
 from policies.planners import PlanningContext, make_planner
 from policies.segments import ModelDims
+from splitwise_core.errors import InvalidArgumentError
+from splitwise_core.profile import PowerModel, Profile
 from splitwise_device.config import PlanningConfig
 from splitwise_device.controller import Controller
-from splitwise_device.errors import InvalidArgumentError
 
 PROFILE = Path(__file__).parents[2] / "deploy/profiles/reference-vm.smollm2-135m.profile.json"
 DIMS = ModelDims(n_layer=30, n_head=9, n_head_kv=3, d_model=576, n_ff=1536, n_vocab=49152)  # SmolLM2-135M

@@ -13,20 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from policies.cost import (
-    CostModel,
-    Observation,
-    Prediction,
-    Profile,
-    Weights,
-    objective,
-    predict,
-)
+from policies.cost import CostModel, Observation, Prediction, Weights, objective, predict
 from policies.plan import FfnMode, LayerPlan, Plan, Side, cloud_only, edge_only, heads_plan, layer_split
 from policies.segments import FRAME_OP_BYTES, FRAME_OVERHEAD_BYTES, ModelDims, compile_plan
-from splitwise_device.codecs import codec_size
-from splitwise_device.errors import InvalidArgumentError
-from splitwise_device.lyapunov import QueueBank
+from splitwise_core.codecs import codec_size
+from splitwise_core.errors import InvalidArgumentError
+from splitwise_core.lyapunov import QueueBank
+from splitwise_core.profile import Profile
 
 SMOL = ModelDims(n_layer=30, n_head=9, n_head_kv=3, d_model=576, n_ff=1536, n_vocab=49152)
 KL = {"f32": 0.0, "f16": 1e-6, "q8_0": 1e-4, "q4_0": 3e-3}

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from splitwise_device import errors
-from splitwise_device.engine import Model
-from splitwise_device.tokenizer import bundled_model_path
+from splitwise_core import errors
+from splitwise_core.engine import Model
+from splitwise_core.tokenizer import bundled_model_path
 
 
 @pytest.fixture(scope="module")

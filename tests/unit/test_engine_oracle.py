@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from splitwise_device.engine import Engine, log_softmax, mean_nll
-from splitwise_device.tokenizer import bundled_model_path
+from splitwise_core.engine import Engine, log_softmax, mean_nll
+from splitwise_core.tokenizer import bundled_model_path
 from tests.support.corpus import english_text
 from tests.support.oracle import llama_cpp_logits
 

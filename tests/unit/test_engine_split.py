@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from splitwise_device.engine import Model, log_softmax
-from splitwise_device.tokenizer import Tokenizer, bundled_model_path
+from splitwise_core.engine import Model, log_softmax
+from splitwise_core.tokenizer import Tokenizer, bundled_model_path
 
 DECODE_STEPS = 50
 

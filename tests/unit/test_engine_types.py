@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from splitwise_device.engine import Engine
+from splitwise_core.engine import Engine
 from tests.support import model_factory as mf
 from tests.support.corpus import english_text
 from tests.support.oracle import llama_cpp_logits
@@ -176,7 +176,7 @@ def reference(model: Path, n_tokens: int) -> np.ndarray[Any, Any]:
 
 @functools.cache
 def text_tokens() -> list[int]:
-    from splitwise_device.tokenizer import Tokenizer
+    from splitwise_core.tokenizer import Tokenizer
 
     tokens: list[int] = Tokenizer(mf.default_source()).encode(english_text())
     return tokens

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitwise_device.errors import InvalidArgumentError
+from splitwise_core.errors import InvalidArgumentError
 from splitwise_device.estimators import LinkEstimator, RateEstimator
 
 

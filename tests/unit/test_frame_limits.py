@@ -19,11 +19,11 @@ from cloud_offload.local_broker import free_port
 from cloud_offload.mqtt import BrokerSettings
 from cloud_offload.protocol import FrameKind, Op, OpKind
 from cloud_offload.worker import CloudWorker, FrameRateLimiter, sender_of
-from splitwise_device import codecs
-from splitwise_device.config import ConfigError
-from splitwise_device.engine import model_sha256
-from splitwise_device.errors import SplitwiseError
-from splitwise_device.tokenizer import bundled_model_path
+from splitwise_core import codecs
+from splitwise_core.config import ConfigError
+from splitwise_core.engine import model_sha256
+from splitwise_core.errors import SplitwiseError
+from splitwise_core.tokenizer import bundled_model_path
 
 D, N_FF, CONTEXT = 576, 1536, 8192
 MODEL_HASH = protocol.model_hash_prefix(model_sha256(bundled_model_path()))

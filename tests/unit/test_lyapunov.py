@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from splitwise_device import errors
-from splitwise_device.lyapunov import Ewma, QuantileTracker, QueueBank
+from splitwise_core import errors
+from splitwise_core.lyapunov import Ewma, QuantileTracker, QueueBank
 
 
 def test_queue_bank_follows_the_queue_law_and_reports_exact_drift() -> None:

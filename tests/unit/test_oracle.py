@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitwise_device.tokenizer import bundled_model_path
+from splitwise_core.tokenizer import bundled_model_path
 from tests.support import oracle
 
 

@@ -22,7 +22,7 @@ from policies.plan import (
     layer_split,
     parse_plan,
 )
-from splitwise_device.errors import SplitwiseError
+from splitwise_core.errors import SplitwiseError
 
 
 def test_edge_only() -> None:

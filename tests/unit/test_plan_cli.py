@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from splitwise_device.errors import InvalidArgumentError
+from splitwise_core.errors import InvalidArgumentError
 from splitwise_device.planning import parse_duration, parse_rate
 from tests.unit.test_cost import synthetic_profile
 

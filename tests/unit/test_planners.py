@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from policies.cost import Observation, Profile, Weights, objective, predict
+from policies.cost import Observation, Weights, objective, predict
 from policies.plan import FfnMode, LayerPlan, Plan, Side, edge_only
 from policies.planners import (
     PLANNER_NAMES,
@@ -24,7 +24,8 @@ from policies.planners import (
     make_planner,
 )
 from policies.segments import ModelDims
-from splitwise_device.errors import InvalidArgumentError, PlanError
+from splitwise_core.errors import InvalidArgumentError, PlanError
+from splitwise_core.profile import Profile
 from tests.unit.test_cost import CLOUD, EDGE, SMOL, obs, synthetic_profile
 
 DIMS_3x3 = ModelDims(n_layer=3, n_head=3, n_head_kv=3, d_model=96, n_ff=256, n_vocab=500)

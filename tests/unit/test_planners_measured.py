@@ -24,10 +24,11 @@ from typing import Any
 
 import pytest
 
-from policies.cost import Observation, Profile, Weights, plan_memory, predict
+from policies.cost import Observation, Weights, plan_memory, predict
 from policies.plan import Plan, Side, edge_only, layer_split
 from policies.planners import PLANNER_NAMES, PlanningContext, SplitwiseDpPlanner, make_planner
 from policies.segments import ModelDims
+from splitwise_core.profile import Profile
 
 PROFILES = Path(__file__).resolve().parents[2] / "deploy" / "profiles"
 MEASURED = PROFILES / "reference-vm.smollm2-135m.profile.json"
@@ -41,8 +42,8 @@ SHAPES = [(p, t) for p in (16, 128, 512) for t in (16, 64)]  # (prompt_len, max_
 
 @cache
 def dims() -> ModelDims:
-    from splitwise_device.engine import Model
-    from splitwise_device.tokenizer import bundled_model_path
+    from splitwise_core.engine import Model
+    from splitwise_core.tokenizer import bundled_model_path
 
     return ModelDims.from_config(Model(str(bundled_model_path()), 1).config)
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from policies.cost import Profile
+from splitwise_core.profile import Profile
+from splitwise_core.profiler import Settings, _fit_affine, _kl, measure, to_profile
 from splitwise_device.cli import main
-from splitwise_device.profiler import Settings, _fit_affine, _kl, measure, to_profile
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = ROOT / "deploy" / "profiles"
@@ -85,7 +85,7 @@ def test_profile_drives_the_cost_model(quick: tuple[Profile, dict[str, Any]]) ->
 
 
 def test_to_profile_round_trips_through_json(tmp_path: Path) -> None:
-    from splitwise_device.tokenizer import bundled_model_path
+    from splitwise_core.tokenizer import bundled_model_path
 
     tiny = Settings(
         contexts=(1, 8), all_heads=False, prompt_lengths=(1, 4), codec_sizes=(1,), reps=1, kl_boundaries=1,

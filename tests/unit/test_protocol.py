@@ -15,8 +15,8 @@ from pydantic import ValidationError
 
 from cloud_offload import protocol as p
 from cloud_offload.protocol import FrameError, FrameFault, FrameKind, Op, OpKind
-from splitwise_device import codecs
-from splitwise_device.errors import InvalidArgumentError, SplitwiseError
+from splitwise_core import codecs
+from splitwise_core.errors import InvalidArgumentError, SplitwiseError
 
 SESSION = uuid.UUID("12345678-1234-5678-1234-567812345678")
 MODEL_HASH = p.model_hash_prefix(bytes(range(32)))

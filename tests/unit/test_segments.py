@@ -39,7 +39,7 @@ from policies.segments import (
     compile_plan,
     run_schedule,
 )
-from splitwise_device import codecs
+from splitwise_core import codecs
 
 Arr = npt.NDArray[np.float64]
 SMOL = ModelDims(n_layer=30, n_head=9, n_head_kv=3, d_model=576, n_ff=1536, n_vocab=49152)
@@ -465,8 +465,8 @@ class EngineSides:
     """Edge and cloud as two engine instances with their own KV, talking through f32 frames."""
 
     def __init__(self) -> None:
-        from splitwise_device.engine import Model
-        from splitwise_device.tokenizer import bundled_model_path
+        from splitwise_core.engine import Model
+        from splitwise_core.tokenizer import bundled_model_path
 
         path = str(bundled_model_path())
         self.edge_model, self.cloud_model = Model(path, 1), Model(path, 1)
@@ -565,8 +565,8 @@ def test_schedules_on_the_real_engine_match_local_generation(spec: str) -> None:
     split heads or the FFN add partial sums in another order, which the kernels' 8-bit activation
     quantization turns into a small drift (docs/engine.md: mean KL 5e-3, max 2e-2 per token).
     """
-    from splitwise_device.engine import Model
-    from splitwise_device.tokenizer import Tokenizer, bundled_model_path
+    from splitwise_core.engine import Model
+    from splitwise_core.tokenizer import Tokenizer, bundled_model_path
 
     plan = mixed_smollm_plan() if spec == "mixed" else parse_plan(spec, 30, 9)
     whole = all(lp.ffn is not FfnMode.SPLIT and (lp.all_on(Side.EDGE, 9) or not lp.edge_heads) for lp in plan.layers)

@@ -16,12 +16,12 @@ import gguf
 import numpy as np
 import pytest
 
+from splitwise_core._core import Model
+from splitwise_core.engine import Engine
+from splitwise_core.errors import InvalidArgumentError, ModelFileError
+from splitwise_core.shards import parse_size, shard_model
+from splitwise_core.tokenizer import Tokenizer, bundled_model_path
 from splitwise_device import cli
-from splitwise_device._core import Model
-from splitwise_device.engine import Engine
-from splitwise_device.errors import InvalidArgumentError, ModelFileError
-from splitwise_device.shards import parse_size, shard_model
-from splitwise_device.tokenizer import Tokenizer, bundled_model_path
 
 N_LAYER = 30
 TOKENS = [1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 1092]
@@ -356,7 +356,7 @@ def test_parse_size_rejects(text: str) -> None:
 PEAK_RSS_CHILD = textwrap.dedent(
     """
     import json, sys
-    from splitwise_device._core import Model
+    from splitwise_core._core import Model
 
     path, budget = sys.argv[1], json.loads(sys.argv[2])
     model = Model(path, memory_budget_bytes=budget)

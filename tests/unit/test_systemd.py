@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from splitwise_device import systemd
+from splitwise_core import systemd
 from splitwise_device.config import load_device_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -152,7 +152,7 @@ def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_notify_from_a_child_process(path_socket: socket.socket) -> None:
     """What systemd sees from a real process: a fresh interpreter notifying through the module."""
-    code = "from splitwise_device import systemd; raise SystemExit(0 if systemd.ready('child') else 3)"
+    code = "from splitwise_core import systemd; raise SystemExit(0 if systemd.ready('child') else 3)"
     result = subprocess.run(
         [sys.executable, "-c", code], env=os.environ.copy(), timeout=60, capture_output=True, text=True
     )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from splitwise_device import errors
-from splitwise_device.tokenizer import Tokenizer, bundled_model_path
+from splitwise_core import errors
+from splitwise_core.tokenizer import Tokenizer, bundled_model_path
 
 
 @pytest.fixture(scope="module")

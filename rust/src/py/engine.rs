@@ -9,13 +9,13 @@ use std::path::PathBuf;
 
 /// A llama-architecture model (a GGUF file, a gguf-split set or a shard directory), memory-mapped
 /// under an optional budget, computed on its quantized weights.
-#[pyclass(module = "splitwise_device._core", frozen)]
+#[pyclass(module = "splitwise_core._core", frozen)]
 pub struct Model {
     inner: CoreModel,
 }
 
 /// The KV cache of one generation on this side (per layer and KV group, created on demand).
-#[pyclass(module = "splitwise_device._core")]
+#[pyclass(module = "splitwise_core._core")]
 pub struct Session {
     inner: CoreSession,
 }

@@ -5,7 +5,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 /// Named virtual queues with drift and drift-plus-penalty.
-#[pyclass(module = "splitwise_device._core", from_py_object)]
+#[pyclass(module = "splitwise_core._core", from_py_object)]
 #[derive(Clone)]
 pub struct QueueBank {
     inner: core::QueueBank,
@@ -91,7 +91,7 @@ impl QueueBank {
 }
 
 /// Exponentially weighted moving average with a half-life in units of sample weight.
-#[pyclass(module = "splitwise_device._core", from_py_object)]
+#[pyclass(module = "splitwise_core._core", from_py_object)]
 #[derive(Clone)]
 pub struct Ewma {
     inner: core::Ewma,
@@ -152,7 +152,7 @@ impl Ewma {
 }
 
 /// Streaming quantiles within a relative error of the exact order statistic.
-#[pyclass(module = "splitwise_device._core", from_py_object)]
+#[pyclass(module = "splitwise_core._core", from_py_object)]
 #[derive(Clone)]
 pub struct QuantileTracker {
     inner: core::QuantileTracker,

@@ -5,7 +5,7 @@ K/V projections of one KV group, FFN parts, norms, residual add, embedding, LM h
 several prompt lengths, codec encode/decode at several sizes) and the accuracy cost (KL) of one
 residual-stream tensor crossing the link in each codec. Every figure is the median of repeated
 runs. The raw result (:class:`Measurement`, documented in ``docs/profiling.md``) is converted by
-:func:`to_profile` into exactly :class:`policies.cost.Profile`, the cost model's input.
+:func:`to_profile` into exactly :class:`splitwise_core.profile.Profile`, the cost model's input.
 
 All llama layers have the same shapes, so the per-layer figures are measured on one
 representative layer (the middle one) and used for every layer; the raw result also carries one
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from splitwise_device import __version__
+from splitwise_core import __version__
 
 __all__ = ["Measurement", "Settings", "machine_info", "measure", "to_profile"]
 
@@ -194,7 +194,7 @@ def _kl(ref: F32, other: F32) -> float:
 
 def _kl_tokens(model_path: Path, n_vocab: int, n: int) -> list[int]:
     try:
-        from splitwise_device.tokenizer import Tokenizer
+        from splitwise_core.tokenizer import Tokenizer
 
         tokens = Tokenizer(model_path).encode(KL_TEXT, special=False)
     except Exception:  # no tokenizer (e.g. a shard directory without vocabulary): fixed ids
@@ -211,8 +211,8 @@ def measure(
     progress: Progress | None = None,
 ) -> Measurement:
     """Profiles `model_path` with `threads` compute threads (see module docstring)."""
-    from splitwise_device import codecs
-    from splitwise_device.engine import Model, model_sha256
+    from splitwise_core import codecs
+    from splitwise_core.engine import Model, model_sha256
 
     global _FLUSH
     started = time.perf_counter()
@@ -456,8 +456,8 @@ def _param_count(cfg: dict[str, Any]) -> int:
 
 
 def to_profile(m: Measurement) -> Any:
-    """The measurement as :class:`policies.cost.Profile` (validated)."""
-    from policies.cost import Profile
+    """The measurement as :class:`splitwise_core.profile.Profile` (validated)."""
+    from splitwise_core.profile import Profile
 
     cfg = m.model["config"]
     path = Path(m.model["path"])

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from splitwise_device.errors import InvalidArgumentError, ModelFileError
+from splitwise_core.errors import InvalidArgumentError, ModelFileError
 
 CHAT_ROLES = ("system", "user", "assistant")
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

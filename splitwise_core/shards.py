@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from splitwise_device._core import write_shards
-from splitwise_device.errors import InvalidArgumentError, ModelFileError
+from splitwise_core._core import write_shards
+from splitwise_core.errors import InvalidArgumentError, ModelFileError
 
 __all__ = ["MANIFEST_FILE", "parse_size", "shard_model"]
 

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from splitwise_device._core import Model, Session
-from splitwise_device.errors import InvalidArgumentError, ModelFileError
-from splitwise_device.tokenizer import Tokenizer
+from splitwise_core._core import Model, Session
+from splitwise_core.errors import InvalidArgumentError, ModelFileError
+from splitwise_core.tokenizer import Tokenizer
 
 __all__ = ["Engine", "Generation", "Model", "Perplexity", "Session", "sample_token"]
 
@@ -210,7 +210,7 @@ def model_sha256(path: str | os.PathLike[str]) -> bytes:
 
     p = Path(path)
     if p.is_dir():
-        from splitwise_device.shards import MANIFEST_FILE
+        from splitwise_core.shards import MANIFEST_FILE
 
         try:
             return bytes.fromhex(json.loads((p / MANIFEST_FILE).read_text())["source_sha256"])

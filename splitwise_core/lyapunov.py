@@ -16,6 +16,6 @@ agent uses to persist its state across restarts.
 
 from __future__ import annotations
 
-from splitwise_device._core import Ewma, QuantileTracker, QueueBank
+from splitwise_core._core import Ewma, QuantileTracker, QueueBank
 
 __all__ = ["Ewma", "QuantileTracker", "QueueBank"]
