@@ -59,9 +59,9 @@ import paho.mqtt.client as mqtt
 from cloud_offload import protocol
 from cloud_offload.local_broker import LocalBroker
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
-from cloud_offload.protocol import Op, OpKind
 from policies.plan import parse_plan
 from splitwise_core.engine import Engine, model_sha256
+from splitwise_core.ops import Op, OpKind
 from splitwise_core.tokenizer import bundled_model_path
 from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
 

@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from splitwise_core import codecs
 from splitwise_core.errors import CodecError, FrameError, InvalidArgumentError
+from splitwise_core.ops import FRAME_HEADER, FRAME_OP, HEADER_SIZE, OP_SIZE, Op, OpKind, segment_problem
 
 
 class FrameFault(StrEnum):
@@ -83,7 +84,6 @@ class FrameFault(StrEnum):
 
 __all__ = [
     "CODEC_IDS",
-    "HEADER_SIZE",
     "MAGIC",
     "MAX_DIMS",
     "MAX_FRAME",
@@ -95,7 +95,6 @@ __all__ = [
     "MAX_TEMPERATURE",
     "MAX_TOKENS",
     "MAX_TOPIC_BYTES",
-    "OP_SIZE",
     "PROBE_MIN_SIZE",
     "TOPIC_ROOT",
     "VERSION",
@@ -108,8 +107,6 @@ __all__ = [
     "FrameFault",
     "FrameKind",
     "InferRequest",
-    "Op",
-    "OpKind",
     "chunk_reply",
     "decode_frame",
     "device_infer_topic",
@@ -251,13 +248,8 @@ MAX_OPS = 1024
 MAX_DIMS = 4
 MAX_HEADS = 64
 MAX_ERROR_PAYLOAD = 64 * 1024
-# struct formats: no padding with "<".
-_HEADER = struct.Struct("<4sBBH16sIIHH16sBBH")
-_OP = struct.Struct("<BHQ")
 _U8 = struct.Struct("<B")
 _U32 = struct.Struct("<I")
-HEADER_SIZE = _HEADER.size  # 56
-OP_SIZE = _OP.size  # 11
 _MIN_FRAME = HEADER_SIZE + 1 + 4 + 4
 MAX_FRAME = HEADER_SIZE + MAX_OPS * OP_SIZE + 1 + 4 * MAX_DIMS + 4 + MAX_PAYLOAD + 4
 # Probes: header, ndim 0, payload length, the u32 size field (+ padding), CRC.
@@ -287,32 +279,8 @@ class Flags(IntFlag):
 _KNOWN_FLAGS = int(Flags.REPLAY | Flags.CLOSE)
 
 
-class OpKind(IntEnum):
-    ATTN_PART = 1
-    FFN_DOWN = 2
-    FFN = 3
-    RESIDUAL_FFN = 4
-    LAYER = 5
-    LM_HEAD = 6
-
-
 CODEC_IDS: dict[str, int] = {"f32": 1, "f16": 2, "q8_0": 3, "q4_0": 4}
 _CODEC_NAMES: dict[int, str] = {v: k for k, v in CODEC_IDS.items()}
-_SINGLE_OPS = (OpKind.ATTN_PART, OpKind.FFN_DOWN, OpKind.FFN)
-
-
-@dataclass(frozen=True, slots=True)
-class Op:
-    kind: OpKind
-    layer: int = 0  # 0 for LM_HEAD
-    heads: tuple[int, ...] = ()  # ATTN_PART only
-
-    @property
-    def mask(self) -> int:
-        m = 0
-        for h in self.heads:
-            m |= 1 << h
-        return m
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,7 +389,7 @@ def _encode(
     if len(payload) > MAX_PAYLOAD:
         raise InvalidArgumentError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     out = bytearray(
-        _HEADER.pack(
+        FRAME_HEADER.pack(
             MAGIC,
             VERSION,
             kind,
@@ -439,7 +407,7 @@ def _encode(
     )
     for op in ops:
         _check_op_args(op)
-        out += _OP.pack(op.kind, op.layer, op.mask)
+        out += FRAME_OP.pack(op.kind, op.layer, op.mask)
     out += _U8.pack(len(shape))
     for n in shape:
         out += _U32.pack(n)
@@ -641,7 +609,7 @@ def decode_frame(
     if size < _MIN_FRAME:
         raise FrameError(FrameFault.TRUNCATED, f"{size} bytes, a frame has at least {_MIN_FRAME}")
     (_, version, kind, flags, sess, step, position, segment, attempt, mhash, codec_id, reply_id, n_ops) = (
-        _HEADER.unpack_from(mv, 0)
+        FRAME_HEADER.unpack_from(mv, 0)
     )
     if version != VERSION:
         raise FrameError(FrameFault.UNSUPPORTED_VERSION, f"version {version}, this side speaks {VERSION}")
@@ -758,7 +726,7 @@ def _codec_name(codec_id: int, what: str) -> str | None:
 
 
 def _decode_op(mv: memoryview, off: int, i: int, n_layer: int | None, n_head: int | None) -> Op:
-    kind_id, layer, mask = _OP.unpack_from(mv, off)
+    kind_id, layer, mask = FRAME_OP.unpack_from(mv, off)
     try:
         kind = OpKind(kind_id)
     except ValueError:
@@ -784,29 +752,12 @@ def _decode_op(mv: memoryview, off: int, i: int, n_layer: int | None, n_head: in
 def _check_sequence(ops: Sequence[Op], exc: type[InvalidArgumentError] | None) -> None:
     """The segment grammar: [ATTN_PART] | [FFN_DOWN] | [FFN] | [RESIDUAL_FFN?, LAYER*, LM_HEAD?]
     with consecutive layers; raises FrameError (exc None) or `exc`."""
-    problem = _sequence_problem(ops)
+    problem = segment_problem(ops)
     if problem is None:
         return
     if exc is None:
         raise FrameError(FrameFault.BAD_OP_SEQUENCE, problem)
     raise exc(problem)
-
-
-def _sequence_problem(ops: Sequence[Op]) -> str | None:
-    if any(op.kind in _SINGLE_OPS for op in ops):
-        return None if len(ops) == 1 else f"{[op.kind.name for op in ops]}: ATTN_PART, FFN_DOWN, FFN stand alone"
-    expected: int | None = None
-    for i, op in enumerate(ops):
-        if op.kind is OpKind.RESIDUAL_FFN and i:
-            return f"ops[{i}]: RESIDUAL_FFN only opens a residual run"
-        if op.kind is OpKind.LM_HEAD:
-            if i != len(ops) - 1:
-                return f"ops[{i}]: LM_HEAD only ends a residual run"
-            continue
-        if expected is not None and op.layer != expected:
-            return f"ops[{i}]: layer {op.layer} after layer {expected - 1}; a run covers consecutive layers"
-        expected = op.layer + 1
-    return None
 
 
 def _check_error_payload(payload: memoryview) -> None:

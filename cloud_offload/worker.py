@@ -48,10 +48,11 @@ import paho.mqtt.client as mqtt
 
 from cloud_offload import profiles, protocol
 from cloud_offload.mqtt import BrokerSettings, MqttConnection
-from cloud_offload.protocol import ErrorCode, Flags, Frame, FrameFault, FrameKind, OpKind
+from cloud_offload.protocol import ErrorCode, Flags, Frame, FrameFault, FrameKind
 from splitwise_core import __version__
 from splitwise_core.engine import Model, Session, model_sha256
 from splitwise_core.errors import FrameError, InvalidArgumentError, SplitwiseError
+from splitwise_core.ops import HEADER_SIZE, OP_SIZE, OpKind
 
 DEFAULT_MAX_ROWS_PER_FRAME = protocol.DEFAULT_MAX_ROWS_PER_FRAME
 """Rows (tokens) one request frame may carry. llama.cpp's default batch: attention over T rows costs
@@ -196,8 +197,8 @@ class CloudWorker:
         widest = max(int(self.config["n_embd"]), int(self.config["n_ff"]))
         self.max_frame_bytes = max(
             protocol.MAX_PROBE_SIZE,
-            protocol.HEADER_SIZE
-            + protocol.MAX_OPS * protocol.OP_SIZE
+            HEADER_SIZE
+            + protocol.MAX_OPS * OP_SIZE
             + 1
             + 4 * protocol.MAX_DIMS
             + 4

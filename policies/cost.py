@@ -24,9 +24,6 @@ from dataclasses import dataclass, field
 
 from policies.plan import Plan, Side
 from policies.segments import (
-    FRAME_OP_BYTES,
-    FRAME_OVERHEAD_BYTES,
-    CloudOpKind,
     CloudSegment,
     EdgeOpKind,
     LocalStep,
@@ -38,6 +35,7 @@ from policies.segments import (
 )
 from splitwise_core.codecs import codec_size
 from splitwise_core.errors import InvalidArgumentError
+from splitwise_core.ops import OpKind, frame_bytes
 from splitwise_core.profile import Profile
 
 __all__ = [
@@ -282,18 +280,18 @@ class CostModel:
             return self._block_s(e, "add", step) * (n_srcs - 1)
         return e.lm_head_s  # LM_HEAD: last row only
 
-    def cloud_op_s(self, kind: CloudOpKind, heads: tuple[int, ...], step: StepCtx) -> float:
+    def cloud_op_s(self, kind: OpKind, heads: tuple[int, ...], step: StepCtx) -> float:
         """Cloud compute of one op, already scaled by the observed cloud load."""
         c = self.cloud
-        if kind is CloudOpKind.ATTN_PART:
+        if kind is OpKind.ATTN_PART:
             s = self.attention_s(c, len(heads), self.groups(heads), step)
-        elif kind is CloudOpKind.FFN_DOWN:
+        elif kind is OpKind.FFN_DOWN:
             s = self._block_s(c, "down", step)
-        elif kind is CloudOpKind.FFN:
+        elif kind is OpKind.FFN:
             s = self._block_s(c, "ffn", step)
-        elif kind is CloudOpKind.RESIDUAL_FFN:
+        elif kind is OpKind.RESIDUAL_FFN:
             s = self._block_s(c, "norm", step) + self._block_s(c, "ffn", step) + self._block_s(c, "add", step)
-        elif kind is CloudOpKind.LAYER:
+        elif kind is OpKind.LAYER:
             s = self.layer_s(c, step)
         else:
             s = c.lm_head_s
@@ -334,7 +332,7 @@ class CostModel:
         )
 
     def frame_bytes(self, reg: Reg, step: StepCtx, n_ops: int) -> int:
-        return FRAME_OVERHEAD_BYTES + FRAME_OP_BYTES * n_ops + self.payload(reg, step)
+        return frame_bytes(n_ops, 2, self.payload(reg, step))
 
     # -- memory ----------------------------------------------------------------------------------
 

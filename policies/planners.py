@@ -48,8 +48,9 @@ import numpy as np
 
 from policies.cost import CostModel, Observation, StepCtx, Terms, Weights, objective, predict
 from policies.plan import FfnMode, LayerPlan, Plan, Side, cloud_only, edge_only, layer_split
-from policies.segments import FRAME_OP_BYTES, CloudOpKind, EdgeOpKind, ModelDims, Reg
+from policies.segments import EdgeOpKind, ModelDims, Reg
 from splitwise_core.errors import InvalidArgumentError, PlanError
+from splitwise_core.ops import OP_SIZE, OpKind
 from splitwise_core.profile import Profile
 
 __all__ = [
@@ -212,10 +213,10 @@ class _Tables:
 
         def op_share(step: StepCtx) -> Terms:
             # The op's 11 bytes in both frames of the residual run it belongs to.
-            wire = m.wire_s(2 * FRAME_OP_BYTES)
-            return Terms(latency=wire, tx=wire, bytes_up=FRAME_OP_BYTES, bytes_down=FRAME_OP_BYTES)
+            wire = m.wire_s(2 * OP_SIZE)
+            return Terms(latency=wire, tx=wire, bytes_up=OP_SIZE, bytes_down=OP_SIZE)
 
-        def cloud(kind: CloudOpKind, heads: tuple[int, ...] = ()) -> Callable[[StepCtx], Terms]:
+        def cloud(kind: OpKind, heads: tuple[int, ...] = ()) -> Callable[[StepCtx], Terms]:
             def f(step: StepCtx) -> Terms:
                 s = m.cloud_op_s(kind, heads, step)
                 return Terms(latency=s, cloud_compute=s)
@@ -231,9 +232,7 @@ class _Tables:
 
             return f
 
-        def segment(
-            reg_in: Reg, kind: CloudOpKind, reg_out: Reg, heads: tuple[int, ...] = ()
-        ) -> Callable[[StepCtx], Terms]:
+        def segment(reg_in: Reg, kind: OpKind, reg_out: Reg, heads: tuple[int, ...] = ()) -> Callable[[StepCtx], Terms]:
             return seq(msg(reg_in, True, 1), cloud(kind, heads), msg(reg_out, False, 1))
 
         def edge(kind: EdgeOpKind, heads: tuple[int, ...] = (), n_srcs: int = 2) -> Callable[[StepCtx], Terms]:
@@ -249,7 +248,7 @@ class _Tables:
 
         # LM head, from each state: (objective, lm side)
         lm_edge = sc(edge(EdgeOpKind.LM_HEAD))
-        lm_tail = seq(cloud(CloudOpKind.LM_HEAD), op_share, msg(Reg.LOGITS, False, 0))
+        lm_tail = seq(cloud(OpKind.LM_HEAD), op_share, msg(Reg.LOGITS, False, 0))
         lm_cloud_tail = sc(lm_tail) if self.link else inf
         self.lm: dict[St, list[tuple[float, Side]]] = {
             St.E: [(lm_edge, Side.EDGE), (self.open + lm_cloud_tail, Side.CLOUD)],
@@ -264,7 +263,7 @@ class _Tables:
         )
         self.whole_cloud = _Choice((), FfnMode.CLOUD, "cloud", 0)
         self.whole_edge_cost = sc(edge(EdgeOpKind.LAYER, (), 1))
-        self.whole_cloud_cost = sc(seq(cloud(CloudOpKind.LAYER), op_share)) if self.link else inf
+        self.whole_cloud_cost = sc(seq(cloud(OpKind.LAYER), op_share)) if self.link else inf
 
         # Mixed choices: attention part (x on the edge) + FFN part (h on the edge) → out state.
         self.mixed: list[tuple[_Choice, float, St]] = []
@@ -288,7 +287,7 @@ class _Tables:
                 elif not eh:
                     f = seq(
                         edge(EdgeOpKind.ATTN_NORM),
-                        segment(Reg.X_NORM, CloudOpKind.ATTN_PART, Reg.ATTN_CLOUD, ch),
+                        segment(Reg.X_NORM, OpKind.ATTN_PART, Reg.ATTN_CLOUD, ch),
                         edge(EdgeOpKind.ADD, (), 2),
                     )
                     cost = sc(f)
@@ -312,7 +311,7 @@ class _Tables:
                             seq(
                                 edge(EdgeOpKind.FFN_NORM),
                                 edge(EdgeOpKind.GATE_UP),
-                                segment(Reg.FFN_MID, CloudOpKind.FFN_DOWN, Reg.FFN_OUT),
+                                segment(Reg.FFN_MID, OpKind.FFN_DOWN, Reg.FFN_OUT),
                                 edge(EdgeOpKind.ADD),
                             )
                         ),
@@ -323,7 +322,7 @@ class _Tables:
                         sc(
                             seq(
                                 edge(EdgeOpKind.FFN_NORM),
-                                segment(Reg.H_NORM, CloudOpKind.FFN, Reg.FFN_OUT),
+                                segment(Reg.H_NORM, OpKind.FFN, Reg.FFN_OUT),
                                 edge(EdgeOpKind.ADD),
                             )
                         ),
@@ -331,7 +330,7 @@ class _Tables:
                     ),
                     (
                         FfnMode.CLOUD,
-                        sc(seq(msg(Reg.H, True, 0), cloud(CloudOpKind.RESIDUAL_FFN), op_share)),
+                        sc(seq(msg(Reg.H, True, 0), cloud(OpKind.RESIDUAL_FFN), op_share)),
                         St.C_STAR,
                     ),
                 ]
@@ -346,7 +345,7 @@ class _Tables:
         def f(step: StepCtx) -> Terms:
             up = m.message(Reg.X_NORM, step, True, m.frame_bytes(Reg.X_NORM, step, 1))
             down = m.message(Reg.ATTN_CLOUD, step, False, m.frame_bytes(Reg.ATTN_CLOUD, step, 1))
-            work = m.cloud_op_s(CloudOpKind.ATTN_PART, ch, step)
+            work = m.cloud_op_s(OpKind.ATTN_PART, ch, step)
             local = m.edge_op_s(EdgeOpKind.ATTN, eh, 1, step)
             t = Terms(cloud_compute=work)
             t.add(up)

@@ -54,12 +54,9 @@ from typing import Any, TypeVar
 
 from policies.plan import FfnMode, Plan, PlanError, Side
 from splitwise_core.codecs import codec_size
+from splitwise_core.ops import Op, OpKind, frame_bytes, segment_problem
 
 __all__ = [
-    "FRAME_OP_BYTES",
-    "FRAME_OVERHEAD_BYTES",
-    "CloudOp",
-    "CloudOpKind",
     "CloudSegment",
     "EdgeOp",
     "EdgeOpKind",
@@ -74,11 +71,6 @@ __all__ = [
     "compile_plan",
     "run_schedule",
 ]
-
-# Frame size without ops and dims (see cloud_offload/protocol.py; duplicated here because policies
-# must not import the offload layer): header 56 + ndim 1 + payload length 4 + CRC 4, plus 2 dims.
-FRAME_OVERHEAD_BYTES = 56 + 1 + 4 + 4 + 2 * 4
-FRAME_OP_BYTES = 11
 
 
 class Reg(StrEnum):
@@ -105,16 +97,6 @@ class EdgeOpKind(StrEnum):
     LM_HEAD = "lm_head"  # logits ← output_logits(x[-1:])
 
 
-class CloudOpKind(StrEnum):
-    # Names equal cloud_offload.protocol.OpKind member names: OpKind[op.kind.name].
-    ATTN_PART = "ATTN_PART"
-    FFN_DOWN = "FFN_DOWN"
-    FFN = "FFN"
-    RESIDUAL_FFN = "RESIDUAL_FFN"
-    LAYER = "LAYER"
-    LM_HEAD = "LM_HEAD"
-
-
 @dataclass(frozen=True)
 class EdgeOp:
     kind: EdgeOpKind
@@ -125,13 +107,6 @@ class EdgeOp:
 
 
 @dataclass(frozen=True)
-class CloudOp:
-    kind: CloudOpKind
-    layer: int = 0  # 0 for LM_HEAD (the frame's layer field is unused there)
-    heads: tuple[int, ...] = ()  # ATTN_PART only
-
-
-@dataclass(frozen=True)
 class LocalStep:
     ops: tuple[EdgeOp, ...]
 
@@ -139,7 +114,7 @@ class LocalStep:
 @dataclass(frozen=True)
 class CloudSegment:
     index: int  # segment id within the token step
-    ops: tuple[CloudOp, ...]
+    ops: tuple[Op, ...]
     input: Reg  # the edge register sent
     output: Reg  # the edge register the reply is written to
 
@@ -226,7 +201,7 @@ class Schedule:
             raise PlanError(f"n_tokens must be ≥ 1, got {n_tokens}")
         out = []
         for seg in self.cloud_segments:
-            overhead = FRAME_OVERHEAD_BYTES + FRAME_OP_BYTES * len(seg.ops)
+            overhead = frame_bytes(len(seg.ops), 2, 0)
             up = overhead + codec_size(codec, n_tokens * self.dims.cols(seg.input))
             if seg.output is Reg.LOGITS:
                 down = overhead + codec_size(logits_codec, self.dims.n_vocab)
@@ -239,29 +214,11 @@ class Schedule:
         return sum(b.up + b.down for b in self.segment_bytes(codec, n_tokens, logits_codec))
 
 
-def check_cloud_ops(ops: Sequence[CloudOp]) -> None:
-    """Raise PlanError unless `ops` is one valid cloud segment (rule 2 of the module docstring)."""
-    if not ops:
-        raise PlanError("cloud segment: empty op list")
-    kinds = [op.kind.value for op in ops]
-    for op in ops:
-        if (op.kind is CloudOpKind.ATTN_PART) != bool(op.heads):
-            raise PlanError(f"cloud segment: {op.kind.value} with heads {op.heads} (only ATTN_PART has heads)")
-    if any(op.kind in (CloudOpKind.ATTN_PART, CloudOpKind.FFN_DOWN, CloudOpKind.FFN) for op in ops):
-        if len(ops) != 1:
-            raise PlanError(f"cloud segment: ATTN_PART, FFN_DOWN and FFN stand alone, got {kinds}")
-        return
-    expected: int | None = None
-    for i, op in enumerate(ops):
-        if op.kind is CloudOpKind.RESIDUAL_FFN and i != 0:
-            raise PlanError("cloud segment: RESIDUAL_FFN only opens a residual run")
-        if op.kind is CloudOpKind.LM_HEAD:
-            if i != len(ops) - 1:
-                raise PlanError("cloud segment: LM_HEAD only ends a residual run")
-            continue
-        if expected is not None and op.layer != expected:
-            raise PlanError(f"cloud segment: layer {op.layer} follows layer {expected - 1}; runs are consecutive")
-        expected = op.layer + 1
+def check_cloud_ops(ops: Sequence[Op]) -> None:
+    """Raise PlanError unless `ops` is one valid cloud segment (:func:`splitwise_core.ops.segment_problem`)."""
+    problem = segment_problem(ops)
+    if problem is not None:
+        raise PlanError(f"cloud segment: {problem}")
 
 
 def compile_plan(plan: Plan, dims: ModelDims) -> Schedule:
@@ -278,7 +235,7 @@ class _Compiler:
         self.n_head = plan.n_head
         self.steps: list[Step] = []
         self.local: list[EdgeOp] = []
-        self.run_ops: list[CloudOp] = []  # open residual run (x on the cloud)
+        self.run_ops: list[Op] = []  # open residual run (x on the cloud)
         self.run_input = Reg.X
         self.n_segments = 0
 
@@ -290,7 +247,7 @@ class _Compiler:
                 if not self.run_ops:
                     self.flush_local()
                     self.run_input = Reg.X
-                self.run_ops.append(CloudOp(CloudOpKind.LAYER, ell))
+                self.run_ops.append(Op(OpKind.LAYER, ell))
                 continue
             self.close_run()
             if lp.all_on(Side.EDGE, self.n_head):
@@ -304,7 +261,7 @@ class _Compiler:
             elif lp.ffn is FfnMode.SPLIT:
                 self.edge(EdgeOp(EdgeOpKind.FFN_NORM, Reg.H_NORM, (Reg.H,), ell))
                 self.edge(EdgeOp(EdgeOpKind.GATE_UP, Reg.FFN_MID, (Reg.H_NORM,), ell))
-                self.remote((CloudOp(CloudOpKind.FFN_DOWN, ell),), Reg.FFN_MID, Reg.FFN_OUT)
+                self.remote((Op(OpKind.FFN_DOWN, ell),), Reg.FFN_MID, Reg.FFN_OUT)
                 self.edge(EdgeOp(EdgeOpKind.ADD, Reg.X, (Reg.H, Reg.FFN_OUT)))
             else:
                 last = ell == n - 1
@@ -316,16 +273,16 @@ class _Compiler:
                 if run_goes_on:
                     self.flush_local()
                     self.run_input = Reg.H
-                    self.run_ops.append(CloudOp(CloudOpKind.RESIDUAL_FFN, ell))
+                    self.run_ops.append(Op(OpKind.RESIDUAL_FFN, ell))
                 else:
                     self.edge(EdgeOp(EdgeOpKind.FFN_NORM, Reg.H_NORM, (Reg.H,), ell))
-                    self.remote((CloudOp(CloudOpKind.FFN, ell),), Reg.H_NORM, Reg.FFN_OUT)
+                    self.remote((Op(OpKind.FFN, ell),), Reg.H_NORM, Reg.FFN_OUT)
                     self.edge(EdgeOp(EdgeOpKind.ADD, Reg.X, (Reg.H, Reg.FFN_OUT)))
         if self.plan.lm_head is Side.CLOUD:
             if not self.run_ops:
                 self.flush_local()
                 self.run_input = Reg.X
-            self.run_ops.append(CloudOp(CloudOpKind.LM_HEAD))
+            self.run_ops.append(Op(OpKind.LM_HEAD))
             self.close_run(Reg.LOGITS)
         else:
             self.close_run()
@@ -339,7 +296,7 @@ class _Compiler:
             self.edge(EdgeOp(EdgeOpKind.ATTN, Reg.ATTN_EDGE, (Reg.X_NORM,), ell, edge_heads))
             self.edge(EdgeOp(EdgeOpKind.ADD, Reg.H, (Reg.X, Reg.ATTN_EDGE)))
             return
-        part = (CloudOp(CloudOpKind.ATTN_PART, ell, cloud_heads),)
+        part = (Op(OpKind.ATTN_PART, ell, cloud_heads),)
         if edge_heads:
             self.flush_local()
             local = LocalStep((EdgeOp(EdgeOpKind.ATTN, Reg.ATTN_EDGE, (Reg.X_NORM,), ell, edge_heads),))
@@ -357,13 +314,13 @@ class _Compiler:
             self.steps.append(LocalStep(tuple(self.local)))
             self.local = []
 
-    def segment(self, ops: tuple[CloudOp, ...], input: Reg, output: Reg) -> CloudSegment:
+    def segment(self, ops: tuple[Op, ...], input: Reg, output: Reg) -> CloudSegment:
         check_cloud_ops(ops)
         seg = CloudSegment(index=self.n_segments, ops=ops, input=input, output=output)
         self.n_segments += 1
         return seg
 
-    def remote(self, ops: tuple[CloudOp, ...], input: Reg, output: Reg) -> None:
+    def remote(self, ops: tuple[Op, ...], input: Reg, output: Reg) -> None:
         self.flush_local()
         self.steps.append(self.segment(ops, input, output))
 

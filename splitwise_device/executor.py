@@ -35,7 +35,7 @@ import paho.mqtt.client as mqtt
 
 from cloud_offload import protocol
 from cloud_offload.mqtt import RpcClient, user_property
-from cloud_offload.protocol import EncodedTensor, ErrorCode, Flags, FrameKind, Op, OpKind
+from cloud_offload.protocol import EncodedTensor, ErrorCode, Flags, FrameKind
 from policies.plan import Plan
 from policies.segments import (
     CloudSegment,
@@ -50,6 +50,7 @@ from policies.segments import (
 )
 from splitwise_core.engine import Model, Session, sample_token
 from splitwise_core.errors import FrameError, SplitwiseError
+from splitwise_core.ops import Op, OpKind
 from splitwise_device.estimators import LinkEstimator
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ class CloudLink:
 
     def send(self, step: int, position: int, segment: CloudSegment, x: Array) -> Callable[[], Array]:
         """Publishes the segment now; the returned callable waits for (and recovers) its answer."""
-        ops = tuple(Op(OpKind[op.kind.name], op.layer, op.heads) for op in segment.ops)
+        ops = segment.ops
         reply_codec = "f32" if segment.output is Reg.LOGITS else self.codec
         tensor = protocol.encode_tensor(x, self.codec)
         self.used = True

@@ -21,6 +21,7 @@ from cloud_offload import protocol
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
 from cloud_offload.worker import CloudWorker
 from splitwise_core.engine import model_sha256
+from splitwise_core.ops import Op, OpKind
 from splitwise_core.tokenizer import bundled_model_path
 from splitwise_device.agent import DeviceAgent
 from splitwise_device.config import load_device_config
@@ -279,7 +280,7 @@ def test_worker_rejects_bad_frames_and_keeps_serving(mosquitto_broker) -> None: 
             position=0,
             segment=0,
             model_hash=model_hash,
-            ops=[protocol.Op(protocol.OpKind.FFN, 3)],
+            ops=[Op(OpKind.FFN, 3)],
             tensor=x,
             codec="f32",
         )
@@ -291,7 +292,7 @@ def test_worker_rejects_bad_frames_and_keeps_serving(mosquitto_broker) -> None: 
             position=0,
             segment=0,
             model_hash=bytes(16),
-            ops=[protocol.Op(protocol.OpKind.FFN, 3)],
+            ops=[Op(OpKind.FFN, 3)],
             tensor=x,
             codec="f32",
         )
@@ -302,7 +303,7 @@ def test_worker_rejects_bad_frames_and_keeps_serving(mosquitto_broker) -> None: 
             position=5,
             segment=0,
             model_hash=model_hash,
-            ops=[protocol.Op(protocol.OpKind.ATTN_PART, 0, (0, 1))],
+            ops=[Op(OpKind.ATTN_PART, 0, (0, 1))],
             tensor=x,
             codec="f32",
         )
@@ -331,7 +332,7 @@ def test_worker_rejects_bad_frames_and_keeps_serving(mosquitto_broker) -> None: 
                     position=0,
                     segment=0,
                     model_hash=model_hash,
-                    ops=[protocol.Op(protocol.OpKind.FFN, 1)],
+                    ops=[Op(OpKind.FFN, 1)],
                     tensor=x,
                     codec="q8_0",
                 ),
@@ -358,7 +359,7 @@ def test_worker_sessions_expire_and_respect_the_memory_cap(mosquitto_broker) -> 
                 position=0,
                 segment=0,
                 model_hash=model_hash,
-                ops=[protocol.Op(protocol.OpKind.LAYER, 0)],
+                ops=[Op(OpKind.LAYER, 0)],
                 tensor=x,
                 codec="f32",
             )

@@ -14,9 +14,10 @@ import pytest
 from cloud_offload import protocol
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient, user_property
 from cloud_offload.probe import LinkProber, ProbeResult
-from cloud_offload.protocol import FrameKind, Op, OpKind
+from cloud_offload.protocol import FrameKind
 from cloud_offload.worker import CloudWorker
 from splitwise_core import codecs
+from splitwise_core.ops import HEADER_SIZE, Op, OpKind
 from splitwise_core.tokenizer import bundled_model_path
 from splitwise_device.estimators import LinkEstimator
 from tests.integration.test_mqtt import subscriptions_settled
@@ -116,12 +117,12 @@ def _reseal(body: bytes | bytearray) -> bytes:
 def test_bad_probes_get_error_replies_and_the_worker_keeps_serving(worker: CloudWorker, rpc: RpcClient) -> None:
     topic = protocol.pool_segment_topic(POOL)
     good = protocol.encode_probe(size=200, reply_size=300)
-    size_off = protocol.HEADER_SIZE + 1 + 4
+    size_off = HEADER_SIZE + 1 + 4
     oversize = bytearray(good[:-4])
     oversize[size_off : size_off + 4] = struct.pack("<I", protocol.MAX_PROBE_SIZE + 1)
     corrupt = bytearray(good)
     corrupt[150] ^= 0xFF
-    too_big = bytearray(good[: protocol.HEADER_SIZE + 1])
+    too_big = bytearray(good[: HEADER_SIZE + 1])
     payload = struct.pack("<I", 100) + bytes(protocol.MAX_PROBE_SIZE)
     too_big += struct.pack("<I", len(payload)) + payload
     for data, reason in (

@@ -25,6 +25,7 @@ from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
 from cloud_offload.worker import CloudWorker
 from splitwise_core import codecs
 from splitwise_core.engine import model_sha256
+from splitwise_core.ops import Op, OpKind
 from splitwise_core.tokenizer import bundled_model_path
 
 POOL = "limits"
@@ -72,7 +73,7 @@ def _request(model_hash: bytes, rows: int, *, position: int = 0, session: uuid.U
         position=position,
         segment=kw.pop("segment", 0),
         model_hash=model_hash,
-        ops=kw.pop("ops", [protocol.Op(protocol.OpKind.ATTN_PART, 0, (0, 1, 2))]),
+        ops=kw.pop("ops", [Op(OpKind.ATTN_PART, 0, (0, 1, 2))]),
         tensor=x,
         codec=kw.pop("codec", "f32"),
         **kw,
@@ -111,7 +112,7 @@ def test_rows_past_the_limit_or_the_context_are_refused_before_any_work(worker_e
     code, message = _error(_answer(rpc, _request(model_hash, 1, position=2**32 - 1)))
     assert code == "bad_frame" and message.startswith("position_out_of_range:"), message
     # A FFN frame has no KV but is still bounded by the context and the row limit.
-    ffn = [protocol.Op(protocol.OpKind.FFN, 2)]
+    ffn = [Op(OpKind.FFN, 2)]
     assert _error(_answer(rpc, _request(model_hash, 65, ops=ffn)))[1].startswith("too_many_rows:")
     assert time.perf_counter() - started < 5.0  # nothing was computed
     assert not worker.sessions  # and nothing was created
@@ -148,7 +149,7 @@ def test_the_kv_cap_makes_room_before_computing(worker_edges: Any) -> None:
 
     worker.run_ops = spy
     first, second = uuid.uuid4(), uuid.uuid4()
-    layer0 = [protocol.Op(protocol.OpKind.LAYER, 0)]
+    layer0 = [Op(OpKind.LAYER, 0)]
     assert _answer(rpc, _request(model_hash, 256, session=first, ops=layer0)).kind is protocol.FrameKind.RESPONSE
     assert _answer(rpc, _request(model_hash, 256, session=second, ops=layer0)).kind is protocol.FrameKind.RESPONSE
     assert list(worker.sessions) == [second] and worker.stats.sessions_evicted == 1
@@ -201,7 +202,7 @@ def test_a_kv_jump_on_a_known_session_is_refused_and_keeps_its_kv(worker_edges: 
 )
 def test_a_flooding_device_is_refused_while_another_is_served(worker_edges: Any) -> None:
     worker, (flood, other), model_hash = worker_edges
-    ffn = [protocol.Op(protocol.OpKind.FFN, 1)]
+    ffn = [Op(OpKind.FFN, 1)]
     futures = [flood.request(protocol.pool_segment_topic(POOL), _request(model_hash, 1, ops=ffn))[1] for _ in range(60)]
     frames = [protocol.decode_frame(f.result(timeout=30).payload) for f in futures]
     refused = [f for f in frames if f.kind is protocol.FrameKind.ERROR]
@@ -241,7 +242,7 @@ def test_frames_beyond_the_queued_bytes_are_refused_while_the_worker_is_busy(wor
         original(msg, queued_s)
 
     worker.handle = slow  # type: ignore[method-assign]
-    ffn = [protocol.Op(protocol.OpKind.FFN, 1)]
+    ffn = [Op(OpKind.FFN, 1)]
     frame = _request(model_hash, 17, ops=ffn)  # ~39 kB: two fit in 100 kB
     topic = protocol.pool_segment_topic(POOL)
     first = rpc.request(topic, frame)[1]

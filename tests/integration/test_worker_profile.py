@@ -20,6 +20,7 @@ from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
 from cloud_offload.profiles import PROFILE_KEYS, WorkerProfiles, profile_message
 from cloud_offload.worker import CloudWorker
 from splitwise_core.engine import model_sha256
+from splitwise_core.ops import Op, OpKind
 from splitwise_core.profile import Profile
 from splitwise_core.tokenizer import bundled_model_path
 from tests.integration.test_mqtt import subscriptions_settled
@@ -115,7 +116,7 @@ def segment_request() -> bytes:
         position=0,
         segment=0,
         model_hash=MODEL_HASH,
-        ops=[protocol.Op(protocol.OpKind.FFN, 3)],
+        ops=[Op(OpKind.FFN, 3)],
         tensor=x,
         codec="f32",
     )

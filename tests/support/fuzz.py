@@ -44,6 +44,7 @@ from cloud_offload import protocol
 from cloud_offload.local_broker import LocalBroker
 from splitwise_core import codecs
 from splitwise_core.engine import model_sha256
+from splitwise_core.ops import OP_SIZE, Op, OpKind
 from splitwise_core.tokenizer import bundled_model_path
 from tests.support.processes import Proc, write_toml
 
@@ -326,7 +327,7 @@ def frame_attempts(seed: int, count: int, reply_prefix: str, model_hash: bytes, 
         *,
         session: uuid.UUID | None = None,
         position: int = 0,
-        ops: list[protocol.Op] | None = None,
+        ops: list[Op] | None = None,
         rows: int = 1,
         codec: str = "f32",
         mhash: bytes | None = None,
@@ -337,7 +338,7 @@ def frame_attempts(seed: int, count: int, reply_prefix: str, model_hash: bytes, 
             position=position,
             segment=0,
             model_hash=model_hash if mhash is None else mhash,
-            ops=ops or [protocol.Op(protocol.OpKind.FFN, rng.randrange(n_layer))],
+            ops=ops or [Op(OpKind.FFN, rng.randrange(n_layer))],
             tensor=x(rows),
             codec=codec,
         )
@@ -375,24 +376,24 @@ def frame_attempts(seed: int, count: int, reply_prefix: str, model_hash: bytes, 
         elif field_ == 4:
             struct.pack_into("<H", data, _NOPS_AT, rng.choice([0, 2, 1024, 65535]))
         elif field_ == 5:  # the first dimension (rows) of the shape, after the one op
-            dims_at = _HEADER.size + protocol.OP_SIZE + 1
+            dims_at = _HEADER.size + OP_SIZE + 1
             struct.pack_into("<I", data, dims_at, rng.choice([0, 2, 10**6, 2**32 - 1]))
         else:  # the op's layer
             struct.pack_into("<H", data, _HEADER.size + 1, rng.choice([n_layer, 999, 65535]))
         add("resealed header", reseal(data))
 
     def unknown_session() -> None:
-        op = protocol.Op(protocol.OpKind.ATTN_PART, rng.randrange(n_layer), (0, 1))
+        op = Op(OpKind.ATTN_PART, rng.randrange(n_layer), (0, 1))
         add("unknown session", frame(position=rng.choice([1, 5, 500]), ops=[op]))
 
     def kv_jump() -> None:
         session = uuid.UUID(int=rng.getrandbits(128))
-        op = protocol.Op(protocol.OpKind.ATTN_PART, 0, (0,))
+        op = Op(OpKind.ATTN_PART, 0, (0,))
         add("KV jump", frame(session=session, position=0, ops=[op]))
         add("KV jump", frame(session=session, position=rng.choice([2, 50, 4000]), ops=[op]))
 
     def rows_past_context() -> None:
-        op = protocol.Op(protocol.OpKind.ATTN_PART, 0, (0,))
+        op = Op(OpKind.ATTN_PART, 0, (0,))
         rows = rng.choice([600, 1200])
         add("rows past context", frame(position=rng.choice([0, 7900, 8100]), ops=[op], rows=rows, codec="q8_0"))
 

@@ -15,10 +15,11 @@ import pytest
 
 from policies.cost import CostModel, Observation, Prediction, Weights, objective, predict
 from policies.plan import FfnMode, LayerPlan, Plan, Side, cloud_only, edge_only, heads_plan, layer_split
-from policies.segments import FRAME_OP_BYTES, FRAME_OVERHEAD_BYTES, ModelDims, compile_plan
+from policies.segments import ModelDims, compile_plan
 from splitwise_core.codecs import codec_size
 from splitwise_core.errors import InvalidArgumentError
 from splitwise_core.lyapunov import QueueBank
+from splitwise_core.ops import frame_bytes
 from splitwise_core.profile import Profile
 
 SMOL = ModelDims(n_layer=30, n_head=9, n_head_kv=3, d_model=576, n_ff=1536, n_vocab=49152)
@@ -149,7 +150,7 @@ def test_cloud_only_message_costs_use_segment_bytes() -> None:
     p = _pred(plan, o)
     sched = compile_plan(plan, SMOL)
     (b,) = sched.segment_bytes("q8_0", 8)
-    assert b.up == FRAME_OVERHEAD_BYTES + FRAME_OP_BYTES * 31 + codec_size("q8_0", 8 * 576)
+    assert b.up == frame_bytes(31, 2, codec_size("q8_0", 8 * 576))
     c, e = CLOUD, EDGE
     f = 1.0 + (8 - 1) / 15 * (0.5 - 1.0)  # per-token factor at 8 rows: between 1 (1 row) and 0.5 (16)
     layer = 8 * f * (2 * c.norm_s + c.attention.cost(9, 4.5) + 3 * c.kv_group_s + 2 * c.add_s + c.ffn_full_s)
@@ -184,7 +185,7 @@ def test_parallel_section_takes_the_max_of_both_sides() -> None:
     codec_s = payload * (e.codecs["q8_0"].encode_s_per_byte + e.codecs["q8_0"].decode_s_per_byte)
     local = e.attention.cost(2, ctx) + e.kv_group_s
     rest = e.embed_s + 2 * e.norm_s + 2 * e.add_s + e.ffn_full_s + e.add_s + e.lm_head_s
-    wire = 2 * (FRAME_OVERHEAD_BYTES + FRAME_OP_BYTES + payload) * 8 / 1e18
+    wire = 2 * frame_bytes(1, 2, payload) * 8 / 1e18
     assert p.decode_s_per_token == pytest.approx(rest + codec_s + max(local, wire), rel=1e-12)
     # the cloud load scales only the cloud side
     loaded = _pred(plan, obs(rtt_s=0.0, cloud_load=1000.0), dims)

@@ -17,12 +17,13 @@ from cloud_offload import protocol
 from cloud_offload.config import load_cloud_config
 from cloud_offload.local_broker import free_port
 from cloud_offload.mqtt import BrokerSettings
-from cloud_offload.protocol import FrameKind, Op, OpKind
+from cloud_offload.protocol import FrameKind
 from cloud_offload.worker import CloudWorker, FrameRateLimiter, sender_of
 from splitwise_core import codecs
 from splitwise_core.config import ConfigError
 from splitwise_core.engine import model_sha256
 from splitwise_core.errors import SplitwiseError
+from splitwise_core.ops import Op, OpKind
 from splitwise_core.tokenizer import bundled_model_path
 
 D, N_FF, CONTEXT = 576, 1536, 8192

@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from cloud_offload import protocol as p
-from cloud_offload.protocol import FrameError, FrameFault, FrameKind, Op, OpKind
+from cloud_offload.protocol import FrameError, FrameFault, FrameKind
 from splitwise_core import codecs
 from splitwise_core.errors import InvalidArgumentError, SplitwiseError
+from splitwise_core.ops import HEADER_SIZE, OP_SIZE, Op, OpKind
 
 SESSION = uuid.UUID("12345678-1234-5678-1234-567812345678")
 MODEL_HASH = p.model_hash_prefix(bytes(range(32)))
@@ -67,11 +68,11 @@ def fault(data: bytes, **kw: Any) -> FrameFault:
     return FrameFault(info.value.reason)
 
 
-OPS_OFF = p.HEADER_SIZE  # first op
+OPS_OFF = HEADER_SIZE  # first op
 
 
 def desc_off(n_ops: int) -> int:
-    return p.HEADER_SIZE + n_ops * p.OP_SIZE
+    return HEADER_SIZE + n_ops * OP_SIZE
 
 
 # --- topics -------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def test_dedup_key_ignores_the_attempt() -> None:
 
 def test_frame_layout() -> None:
     data, _ = request([Op(OpKind.ATTN_PART, 513, (0, 63))], rows=2, cols=32, codec="f32", attempt=1)
-    assert p.HEADER_SIZE == 56 and p.OP_SIZE == 11
+    assert HEADER_SIZE == 56 and OP_SIZE == 11
     assert data[:4] == b"SWSG" and data[4] == 1 and data[5] == FrameKind.REQUEST
     assert data[8:24] == SESSION.bytes and data[36:52] == MODEL_HASH
     assert struct.unpack_from("<H", data, 6) == (0,)
@@ -211,7 +212,7 @@ def test_bad_magic_version_truncation_length_crc() -> None:
     assert fault(patched(data, 4, b"\x02")) is FrameFault.UNSUPPORTED_VERSION
     assert fault(data[:3]) is FrameFault.TRUNCATED
     assert fault(b"") is FrameFault.TRUNCATED
-    for cut in (10, p.HEADER_SIZE + 5, len(data) - 1):
+    for cut in (10, HEADER_SIZE + 5, len(data) - 1):
         assert fault(data[:cut]) is FrameFault.TRUNCATED
     assert fault(data + b"\x00") is FrameFault.LENGTH_MISMATCH
     corrupt = bytearray(data)
@@ -573,7 +574,7 @@ def test_probe_round_trip_and_sizes() -> None:
 
 def test_probe_validation() -> None:
     data = p.encode_probe(size=200, reply_size=500)
-    size_off = p.HEADER_SIZE + 1 + 4  # no ops, ndim 0, payload length, then the u32 size field
+    size_off = HEADER_SIZE + 1 + 4  # no ops, ndim 0, payload length, then the u32 size field
     assert fault(patched(data, size_off, struct.pack("<I", p.MAX_PROBE_SIZE + 1))) is FrameFault.TOO_LARGE
     assert fault(patched(data, size_off, struct.pack("<I", 68))) is FrameFault.BAD_PROBE
     assert fault(patched(data, 6, b"\x01\x00")) is FrameFault.BAD_FLAGS
@@ -586,16 +587,16 @@ def test_probe_validation() -> None:
     corrupt[100] ^= 0x10
     assert fault(bytes(corrupt)) is FrameFault.CRC_MISMATCH
     # A payload without the u32 size field.
-    body = bytearray(data[: p.HEADER_SIZE + 1])
+    body = bytearray(data[: HEADER_SIZE + 1])
     body += struct.pack("<I", 2) + b"\x00\x00"
     assert fault(reseal(body + b"\x00" * 4)) is FrameFault.BAD_PROBE
     # With an op: probes carry none.
-    with_op = bytearray(data[: p.HEADER_SIZE])
+    with_op = bytearray(data[:HEADER_SIZE])
     with_op[54:56] = struct.pack("<H", 1)
-    with_op += struct.pack("<BHQ", OpKind.FFN, 0, 0) + data[p.HEADER_SIZE : -4] + b"\x00" * 4
+    with_op += struct.pack("<BHQ", OpKind.FFN, 0, 0) + data[HEADER_SIZE:-4] + b"\x00" * 4
     assert fault(reseal(with_op)) is FrameFault.BAD_OP_SEQUENCE
     # A probe frame beyond MAX_PROBE_SIZE (but within the segment frame limits).
-    big = bytearray(data[: p.HEADER_SIZE + 1])
+    big = bytearray(data[: HEADER_SIZE + 1])
     payload = struct.pack("<I", 100) + bytes(p.MAX_PROBE_SIZE)
     big += struct.pack("<I", len(payload)) + payload + b"\x00" * 4
     assert fault(reseal(big)) is FrameFault.TOO_LARGE

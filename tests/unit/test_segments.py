@@ -23,10 +23,6 @@ from hypothesis import strategies as st
 from cloud_offload import protocol
 from policies.plan import FfnMode, LayerPlan, Plan, PlanError, Side, parse_plan
 from policies.segments import (
-    FRAME_OP_BYTES,
-    FRAME_OVERHEAD_BYTES,
-    CloudOp,
-    CloudOpKind,
     CloudSegment,
     EdgeOp,
     EdgeOpKind,
@@ -40,6 +36,7 @@ from policies.segments import (
     run_schedule,
 )
 from splitwise_core import codecs
+from splitwise_core.ops import Op, OpKind, frame_bytes
 
 Arr = npt.NDArray[np.float64]
 SMOL = ModelDims(n_layer=30, n_head=9, n_head_kv=3, d_model=576, n_ff=1536, n_vocab=49152)
@@ -165,7 +162,7 @@ class Interpreters:
                 position=0,
                 segment=seg.index,
                 model_hash=MODEL_HASH,
-                ops=[protocol.Op(protocol.OpKind[op.kind.name], op.layer, op.heads) for op in seg.ops],
+                ops=seg.ops,
                 tensor=x.astype(np.float32),
                 codec="f32",
             ),
@@ -173,23 +170,23 @@ class Interpreters:
             n_head=m.dims.n_head,
             model_hash=MODEL_HASH,
         )
-        assert [op.kind.name for op in frame.ops] == [op.kind.value for op in seg.ops]
+        assert frame.ops == seg.ops
         assert x.shape[1] == m.dims.cols(seg.input)
         for op in seg.ops:
             ell = op.layer
-            if op.kind is CloudOpKind.ATTN_PART:
+            if op.kind is OpKind.ATTN_PART:
                 self.events.update(("cloud", ell, f"head{h}") for h in op.heads)
                 x = m.attention(ell, op.heads, x)
-            elif op.kind is CloudOpKind.FFN_DOWN:
+            elif op.kind is OpKind.FFN_DOWN:
                 self.events[("cloud", ell, "down")] += 1
                 x = m.down(ell, x)
-            elif op.kind is CloudOpKind.FFN:
+            elif op.kind is OpKind.FFN:
                 self.events.update([("cloud", ell, "gate_up"), ("cloud", ell, "down")])
                 x = m.down(ell, m.gate_up(ell, x))
-            elif op.kind is CloudOpKind.RESIDUAL_FFN:
+            elif op.kind is OpKind.RESIDUAL_FFN:
                 self.events.update([("cloud", ell, "gate_up"), ("cloud", ell, "down")])
                 x = x + m.down(ell, m.gate_up(ell, m.ffn_norm(ell, x)))
-            elif op.kind is CloudOpKind.LAYER:
+            elif op.kind is OpKind.LAYER:
                 self.events.update(_layer_events("cloud", ell, m.dims.n_head))
                 x = m.layer(ell, x)
             else:
@@ -306,7 +303,7 @@ def test_segment_bytes_are_the_frame_sizes(case: tuple[Plan, ModelDims], n_token
     assert [s.segment for s in sizes] == [seg.index for seg in schedule.cloud_segments]
     rng = np.random.default_rng(0)
     for seg, size in zip(schedule.cloud_segments, sizes, strict=True):
-        ops = [protocol.Op(protocol.OpKind[op.kind.name], op.layer, op.heads) for op in seg.ops]
+        ops = [op for op in seg.ops]
         x = rng.normal(size=(n_tokens, dims.cols(seg.input))).astype(np.float32)
         request = protocol.encode_request(
             session=uuid.uuid4(),
@@ -360,7 +357,7 @@ def test_edge_only_is_fused_layers() -> None:
 def test_cloud_only_is_one_residual_run() -> None:
     schedule = compile_plan(parse_plan("cloud-only", 30, 9), SMOL)
     (seg,) = schedule.cloud_segments
-    assert seg.ops == (*(CloudOp(CloudOpKind.LAYER, i) for i in range(30)), CloudOp(CloudOpKind.LM_HEAD))
+    assert seg.ops == (*(Op(OpKind.LAYER, i) for i in range(30)), Op(OpKind.LM_HEAD))
     assert (seg.input, seg.output) == (Reg.X, Reg.LOGITS)
     assert isinstance(schedule.steps[0], LocalStep) and schedule.steps[0].ops[0].kind is EdgeOpKind.EMBED
     assert len(schedule.steps) == 2
@@ -370,7 +367,7 @@ def test_layer_split_runs_the_tail_in_one_request() -> None:
     schedule = compile_plan(parse_plan("layer-split:12", 30, 9), SMOL)
     (seg,) = schedule.cloud_segments
     assert [op.layer for op in seg.ops[:-1]] == list(range(12, 30))
-    assert seg.ops[-1].kind is CloudOpKind.LM_HEAD
+    assert seg.ops[-1].kind is OpKind.LM_HEAD
 
 
 def test_heads_plan_is_parallel_attention_per_layer() -> None:
@@ -379,7 +376,7 @@ def test_heads_plan_is_parallel_attention_per_layer() -> None:
     assert len(sections) == 30
     for ell, sec in enumerate(sections):
         assert sec.local.ops == (EdgeOp(EdgeOpKind.ATTN, Reg.ATTN_EDGE, (Reg.X_NORM,), ell, (0, 1, 2, 3)),)
-        assert sec.remote.ops == (CloudOp(CloudOpKind.ATTN_PART, ell, (4, 5, 6, 7, 8)),)
+        assert sec.remote.ops == (Op(OpKind.ATTN_PART, ell, (4, 5, 6, 7, 8)),)
 
 
 def layer(heads: Sequence[int], ffn: FfnMode) -> LayerPlan:
@@ -403,9 +400,9 @@ def test_cloud_ffn_opens_a_run_into_cloud_layers() -> None:
     schedule, _, _ = run(plan, dims, [1, 2])
     segs = schedule.cloud_segments
     assert [s.ops for s in segs] == [
-        (CloudOp(CloudOpKind.ATTN_PART, 0, tuple(range(2, 9))),),
-        (CloudOp(CloudOpKind.RESIDUAL_FFN, 0), CloudOp(CloudOpKind.LAYER, 1), CloudOp(CloudOpKind.LAYER, 2)),
-        (CloudOp(CloudOpKind.LM_HEAD),),
+        (Op(OpKind.ATTN_PART, 0, tuple(range(2, 9))),),
+        (Op(OpKind.RESIDUAL_FFN, 0), Op(OpKind.LAYER, 1), Op(OpKind.LAYER, 2)),
+        (Op(OpKind.LM_HEAD),),
     ]
     assert (segs[1].input, segs[1].output) == (Reg.H, Reg.X)
 
@@ -413,7 +410,7 @@ def test_cloud_ffn_opens_a_run_into_cloud_layers() -> None:
 def test_cloud_ffn_before_edge_work_stays_a_plain_ffn() -> None:
     plan = Plan(2, 9, (layer([0], FfnMode.CLOUD), layer(range(9), FfnMode.EDGE)), Side.EDGE)
     schedule = compile_plan(plan, ModelDims(2, 9, 3, 8, 12, 10))
-    assert [s.ops for s in schedule.cloud_segments][1] == (CloudOp(CloudOpKind.FFN, 0),)
+    assert [s.ops for s in schedule.cloud_segments][1] == (Op(OpKind.FFN, 0),)
     assert (schedule.cloud_segments[1].input, schedule.cloud_segments[1].output) == (Reg.H_NORM, Reg.FFN_OUT)
 
 
@@ -421,27 +418,27 @@ def test_split_ffn_sends_the_intermediate() -> None:
     plan = Plan(1, 9, (layer(range(9), FfnMode.SPLIT),), Side.EDGE)
     schedule = compile_plan(plan, ModelDims(1, 9, 3, 576, 1536, 49152))
     (seg,) = schedule.cloud_segments
-    assert seg.ops == (CloudOp(CloudOpKind.FFN_DOWN, 0),)
+    assert seg.ops == (Op(OpKind.FFN_DOWN, 0),)
     assert (seg.input, seg.output) == (Reg.FFN_MID, Reg.FFN_OUT)
     (size,) = schedule.segment_bytes("q8_0", 1)
-    assert size.up == FRAME_OVERHEAD_BYTES + FRAME_OP_BYTES + codecs.codec_size("q8_0", 1536)
-    assert size.down == FRAME_OVERHEAD_BYTES + FRAME_OP_BYTES + codecs.codec_size("q8_0", 576)
+    assert size.up == frame_bytes(1, 2, 0) + codecs.codec_size("q8_0", 1536)
+    assert size.down == frame_bytes(1, 2, 0) + codecs.codec_size("q8_0", 576)
 
 
 @pytest.mark.parametrize(
     "ops",
     [
         (),
-        (CloudOp(CloudOpKind.ATTN_PART, 0, (1,)), CloudOp(CloudOpKind.LAYER, 1)),
-        (CloudOp(CloudOpKind.FFN, 0), CloudOp(CloudOpKind.FFN, 1)),
-        (CloudOp(CloudOpKind.LAYER, 1), CloudOp(CloudOpKind.RESIDUAL_FFN, 2)),
-        (CloudOp(CloudOpKind.LAYER, 1), CloudOp(CloudOpKind.LAYER, 3)),
-        (CloudOp(CloudOpKind.LM_HEAD), CloudOp(CloudOpKind.LAYER, 3)),
-        (CloudOp(CloudOpKind.ATTN_PART, 0),),
-        (CloudOp(CloudOpKind.LAYER, 0, (1,)),),
+        (Op(OpKind.ATTN_PART, 0, (1,)), Op(OpKind.LAYER, 1)),
+        (Op(OpKind.FFN, 0), Op(OpKind.FFN, 1)),
+        (Op(OpKind.LAYER, 1), Op(OpKind.RESIDUAL_FFN, 2)),
+        (Op(OpKind.LAYER, 1), Op(OpKind.LAYER, 3)),
+        (Op(OpKind.LM_HEAD), Op(OpKind.LAYER, 3)),
+        (Op(OpKind.ATTN_PART, 0),),
+        (Op(OpKind.LAYER, 0, (1,)),),
     ],
 )
-def test_invalid_cloud_op_lists_are_rejected(ops: tuple[CloudOp, ...]) -> None:
+def test_invalid_cloud_op_lists_are_rejected(ops: tuple[Op, ...]) -> None:
     with pytest.raises(PlanError):
         check_cloud_ops(ops)
 
@@ -499,7 +496,7 @@ class EngineSides:
                 return m.output_logits(np.ascontiguousarray(x[-1:]))
 
     def cloud(self, seg: CloudSegment, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        ops = [protocol.Op(protocol.OpKind[op.kind.name], op.layer, op.heads) for op in seg.ops]
+        ops = [op for op in seg.ops]
         wire = protocol.encode_request(
             session=uuid.uuid4(),
             step=0,
@@ -516,15 +513,15 @@ class EngineSides:
         y = frame.tensor()
         for op in frame.ops:
             match op.kind:
-                case protocol.OpKind.ATTN_PART:
+                case OpKind.ATTN_PART:
                     y = m.attention(s, op.layer, list(op.heads), y, pos)
-                case protocol.OpKind.FFN_DOWN:
+                case OpKind.FFN_DOWN:
                     y = m.ffn(op.layer, "down", y)
-                case protocol.OpKind.FFN:
+                case OpKind.FFN:
                     y = m.ffn(op.layer, "full", y)
-                case protocol.OpKind.RESIDUAL_FFN:
+                case OpKind.RESIDUAL_FFN:
                     y = y + m.ffn(op.layer, "full", m.ffn_norm(op.layer, y))
-                case protocol.OpKind.LAYER:
+                case OpKind.LAYER:
                     y = m.layer_fused(s, op.layer, y, pos)
                 case _:
                     y = m.output_logits(np.ascontiguousarray(y[-1:]))
