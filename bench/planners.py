@@ -1,6 +1,6 @@
 """The five planners on the loopback testbed: latency per request under Poisson arrivals.
 
-The testbed (tests/support/testbed.py): mosquitto and one cloud worker process behind a shaped
+The testbed (evaluation/testbed.py): mosquitto and one cloud worker process behind a shaped
 link, the device agent as a process, each with one compute thread (2-core machine). The agent
 plans every request itself: the request names the planner (`"planner": "splitwise-dp"` etc.), the
 agent observes its link estimate, backlog, cloud load and energy queue and runs that planner.
@@ -43,8 +43,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evaluation.testbed import LinkCondition, Testbed
 from policies.planners import PLANNER_NAMES
-from tests.support.testbed import LinkCondition, Testbed
 
 CONDITIONS = (LinkCondition("100mbit-5ms", 100e6, 0.005), LinkCondition("10mbit-40ms", 10e6, 0.040))
 PROMPT = "Write a long story about a robot who learns to paint. Describe every painting in detail."

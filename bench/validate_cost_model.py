@@ -1,6 +1,6 @@
 """Predicted vs measured latency of random plans on the real system (the cost-model validation).
 
-The loopback testbed (tests/support/testbed.py): mosquitto and one cloud worker process behind a
+The loopback testbed (evaluation/testbed.py): mosquitto and one cloud worker process behind a
 shaped link, the device agent as a process. The worker measures its own profile at start and
 publishes it; the agent measures its own profile too (nothing is read from deploy/profiles), and
 estimates the link from its transfers and probes. Each request carries a random plan; the final
@@ -40,8 +40,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evaluation.testbed import MESSAGES, LinkCondition, Testbed, validation_plan
 from policies.segments import ModelDims, compile_plan
-from tests.support.testbed import MESSAGES, LinkCondition, Testbed, validation_plan
 
 CONDITIONS = (
     LinkCondition("lan", None, 0.0),

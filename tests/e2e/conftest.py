@@ -31,11 +31,11 @@ import pytest
 
 from cloud_offload import protocol
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, user_property
+from evaluation.linkproxy import LinkProxy
+from evaluation.processes import Proc, write_toml
 from splitwise_core.engine import Engine
 from splitwise_core.tokenizer import bundled_model_path
 from tests.conftest import MosquittoBroker
-from tests.support.linkproxy import LinkProxy
-from tests.support.processes import Proc, write_toml
 
 T = TypeVar("T")
 

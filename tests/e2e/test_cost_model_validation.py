@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support.testbed import MESSAGES, LinkCondition, Testbed, validation_plan
+from evaluation.testbed import MESSAGES, LinkCondition, Testbed, validation_plan
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(300)]  # measured up to 73 s on 2 busy cores
 LINK = LinkCondition("20mbit-20ms", 20e6, 0.020)

@@ -17,6 +17,7 @@ import pytest
 
 from cloud_offload.mqtt import BrokerSettings, MqttConnection
 from cloud_offload.worker import CloudWorker
+from evaluation.processes import write_toml
 from policies.cost import Observation
 from policies.plan import Plan
 from policies.planners import PlanningContext, make_planner
@@ -27,7 +28,6 @@ from splitwise_device.agent import DeviceAgent
 from splitwise_device.config import load_device_config
 from tests.integration.test_agent import DEVICE, ask
 from tests.integration.test_mqtt import subscriptions_settled
-from tests.support.processes import write_toml
 
 pytestmark = pytest.mark.broker
 POOL = "planningtest"

@@ -25,8 +25,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_offload.local_broker import LocalBroker
-from tests.support import netns
-from tests.support.linkproxy import LinkProxy
+from evaluation import netns
+from evaluation.linkproxy import LinkProxy
 
 pytestmark = pytest.mark.broker
 

@@ -42,11 +42,11 @@ from paho.mqtt.properties import Properties
 
 from cloud_offload import protocol
 from cloud_offload.local_broker import LocalBroker
+from evaluation.processes import Proc, write_toml
 from splitwise_core import codecs
 from splitwise_core.engine import model_sha256
 from splitwise_core.ops import OP_SIZE, Op, OpKind
 from splitwise_core.tokenizer import bundled_model_path
-from tests.support.processes import Proc, write_toml
 
 DEVICE_ID = "fuzz-dev"
 POOL = "fuzz"

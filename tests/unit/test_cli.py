@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from cloud_offload.protocol import InferRequest
+from evaluation.processes import write_toml
 from policies.planners import PLANNER_NAMES
 from splitwise_core.errors import SplitwiseError
 from splitwise_core.tokenizer import bundled_model_path
 from splitwise_device.agent import DeviceAgent
 from splitwise_device.config import load_device_config
-from tests.support.processes import write_toml
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -5,10 +5,10 @@ device agent process (``python -m splitwise_device run``), all real. The device'
 broker is shaped:
 
 - bandwidth by a token-bucket qdisc on a veth pair into a network namespace that holds the broker
-  and the workers (:class:`tests.support.netns.ShapedLink`; needs root), or, where namespaces are
+  and the workers (:class:`evaluation.netns.ShapedLink`; needs root), or, where namespaces are
   not available, by the TCP link emulator itself;
 - delay (RTT/2 each way), jitter and outages by the TCP link emulator
-  (:class:`tests.support.linkproxy.LinkProxy`) between the agent and the broker.
+  (:class:`evaluation.linkproxy.LinkProxy`) between the agent and the broker.
 
 Workers talk to the broker inside the cloud side, unshaped, as in a data centre. `ask()` sends an
 infer request the way an IoT app does (MQTT v5 ResponseTopic + CorrelationData) and returns the
@@ -33,11 +33,11 @@ import paho.mqtt.client as mqtt
 from cloud_offload import protocol
 from cloud_offload.local_broker import LocalBroker
 from cloud_offload.mqtt import BrokerSettings, MqttConnection
+from evaluation.linkproxy import LinkProxy
+from evaluation.netns import ShapedLink
+from evaluation.processes import Proc, write_toml
 from policies.plan import FfnMode, LayerPlan, Plan, Side, random_plan
 from splitwise_core.tokenizer import bundled_model_path
-from tests.support.linkproxy import LinkProxy
-from tests.support.netns import ShapedLink
-from tests.support.processes import Proc, write_toml
 
 DEVICE_ID = "testbed-dev"
 MESSAGES = [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]
