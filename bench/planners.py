@@ -44,7 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.testbed import LinkCondition, Testbed
-from policies.planners import PLANNER_NAMES
+from policies.planners.registry import PLANNER_NAMES
 
 CONDITIONS = (LinkCondition("100mbit-5ms", 100e6, 0.005), LinkCondition("10mbit-40ms", 10e6, 0.040))
 PROMPT = "Write a long story about a robot who learns to paint. Describe every painting in detail."

@@ -38,13 +38,14 @@ from cloud_offload.probe import LinkProber
 from cloud_offload.profiles import WorkerProfile, WorkerProfiles
 from cloud_offload.protocol import ErrorCode, InferRequest, topic_name_problem
 from policies.plan import Plan
+from policies.planners.registry import COST_MODEL_PLANNERS
 from policies.segments import ModelDims
 from splitwise_core import __version__, systemd
 from splitwise_core.engine import Engine, model_sha256
 from splitwise_core.errors import SplitwiseError
 from splitwise_core.profile import Profile
 from splitwise_device.config import FIXED_PLANNER, DeviceConfig
-from splitwise_device.controller import COST_MODEL_PLANNERS, Controller, Decision, load_or_measure_profile
+from splitwise_device.controller import Controller, Decision, load_or_measure_profile
 from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
 
 log = logging.getLogger(__name__)

@@ -92,14 +92,14 @@ FIXED_PLANNER = "fixed"
 
 def agent_planners() -> tuple[str, ...]:
     """The values ``agent.planner`` may take: every planner of the registry
-    (:data:`policies.planners.PLANNER_NAMES`) and ``fixed``.
+    (:data:`policies.planners.registry.PLANNER_NAMES`) and ``fixed``.
 
     The registry holds exactly the planners the agent can build, so a config that loads (and so passes
     ``check-config``) names a planner that ``splitwise-device run`` can run; nothing else is accepted.
     """
     # Imported here: the registry brings numpy and the planners' cost model, which loading a config
     # (e.g. the cloud worker's) does not otherwise need.
-    from policies.planners import PLANNER_NAMES
+    from policies.planners.registry import PLANNER_NAMES
 
     return (*PLANNER_NAMES, FIXED_PLANNER)
 

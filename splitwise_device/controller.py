@@ -34,7 +34,8 @@ from typing import Any, Protocol
 
 from policies.cost import Observation, Prediction, Weights, predict
 from policies.plan import Plan, parse_plan
-from policies.planners import PLANNER_NAMES, PlanningContext, make_planner
+from policies.planners.context import PlanningContext
+from policies.planners.registry import COST_MODEL_PLANNERS, make_planner
 from policies.segments import ModelDims
 from splitwise_core.errors import InvalidArgumentError
 from splitwise_core.lyapunov import Ewma, QueueBank
@@ -43,8 +44,6 @@ from splitwise_device.config import PlanningConfig
 from splitwise_device.estimators import LinkEstimator, RateEstimator
 
 log = logging.getLogger(__name__)
-
-COST_MODEL_PLANNERS = frozenset(PLANNER_NAMES) - {"edge-only", "cloud-only"}
 
 
 class ProbeSample(Protocol):

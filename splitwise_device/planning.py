@@ -17,7 +17,8 @@ from typing import Any
 
 from policies.cost import Observation, Prediction, predict
 from policies.plan import Plan, Side
-from policies.planners import PLANNER_NAMES, PlanningContext, make_planner
+from policies.planners.context import PlanningContext
+from policies.planners.registry import PLANNER_NAMES, make_planner
 from policies.segments import ModelDims
 from splitwise_core.errors import InvalidArgumentError
 from splitwise_core.profile import Profile

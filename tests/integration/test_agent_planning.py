@@ -20,7 +20,8 @@ from cloud_offload.worker import CloudWorker
 from evaluation.processes import write_toml
 from policies.cost import Observation
 from policies.plan import Plan
-from policies.planners import PlanningContext, make_planner
+from policies.planners.context import PlanningContext
+from policies.planners.registry import make_planner
 from policies.segments import ModelDims
 from splitwise_core.profile import Profile
 from splitwise_core.tokenizer import bundled_model_path

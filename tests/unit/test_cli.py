@@ -10,7 +10,7 @@ import pytest
 
 from cloud_offload.protocol import InferRequest
 from evaluation.processes import write_toml
-from policies.planners import PLANNER_NAMES
+from policies.planners.registry import PLANNER_NAMES
 from splitwise_core.errors import SplitwiseError
 from splitwise_core.tokenizer import bundled_model_path
 from splitwise_device.agent import DeviceAgent

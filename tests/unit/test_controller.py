@@ -14,7 +14,8 @@ import pytest
 
 from policies.cost import Observation, predict
 from policies.plan import parse_plan
-from policies.planners import PlanningContext, make_planner
+from policies.planners.context import PlanningContext
+from policies.planners.registry import make_planner
 from policies.segments import ModelDims
 from splitwise_core.errors import InvalidArgumentError
 from splitwise_core.profile import PowerModel, Profile
@@ -292,7 +293,7 @@ def test_requests_may_name_exactly_the_planners_there_are() -> None:
     import typing
 
     from cloud_offload.protocol import InferRequest
-    from policies.planners import PLANNER_NAMES
+    from policies.planners.registry import PLANNER_NAMES
 
     annotation = InferRequest.model_fields["planner"].annotation
     literal = next(arg for arg in typing.get_args(annotation) if arg is not type(None))

@@ -15,14 +15,9 @@ import pytest
 
 from policies.cost import Observation, Weights, objective, predict
 from policies.plan import FfnMode, LayerPlan, Plan, Side, edge_only
-from policies.planners import (
-    PLANNER_NAMES,
-    LayerDpPlanner,
-    PlanningContext,
-    SplitwiseDpPlanner,
-    benchmark_dp,
-    make_planner,
-)
+from policies.planners.context import PlanningContext
+from policies.planners.dp import LayerDpPlanner, SplitwiseDpPlanner, benchmark_dp
+from policies.planners.registry import COST_MODEL_PLANNERS, PLANNER_NAMES, PLANNERS, make_planner
 from policies.segments import ModelDims
 from splitwise_core.errors import InvalidArgumentError, PlanError
 from splitwise_core.profile import Profile
@@ -202,6 +197,15 @@ def test_make_planner_and_context_validation() -> None:
     assert make_planner("cloud-only", _ctx(SMOL)).plan(obs()).summary()["layers"]["cloud"] == 30
 
 
+def test_the_registry_names_each_planner_once_and_knows_which_use_the_cost_model() -> None:
+    assert tuple(spec.name for spec in PLANNERS) == PLANNER_NAMES
+    assert len(set(PLANNER_NAMES)) == len(PLANNER_NAMES)
+    for spec in PLANNERS:
+        assert make_planner(spec.name, _ctx(SMOL)).name == spec.name
+    # The fixed baselines are the only planners that plan without the cost model.
+    assert frozenset(PLANNER_NAMES) - COST_MODEL_PLANNERS == {"edge-only", "cloud-only"}
+
+
 def test_dp_objective_equals_predict_on_random_observations() -> None:
     rng = random.Random(5)
     seen_ffn: set[str] = set()
@@ -284,11 +288,11 @@ def _reference_pareto(ctx: PlanningContext, o: Observation) -> float:
     """Unpruned Pareto-front DP over the planner's own transition table (no bounds, no
     incumbent): checks the branch and bound of the budgeted search on models too deep for brute
     force. The tables themselves are checked against brute force above."""
-    from policies.planners import St, _Tables
+    from policies.planners.tables import St, Tables
 
     budget = o.memory_budget_bytes
     assert budget is not None
-    tab = _Tables(ctx, o, True)
+    tab = Tables(ctx, o, True)
     k = ctx.min_edge_layers
     tables = (tab.transitions(False), tab.transitions(True))
     fronts: dict[St, list[tuple[float, int]]] = {St.E: [(tab.embed, 0)]}

@@ -26,7 +26,9 @@ import pytest
 
 from policies.cost import Observation, Weights, plan_memory, predict
 from policies.plan import Plan, Side, edge_only, layer_split
-from policies.planners import PLANNER_NAMES, PlanningContext, SplitwiseDpPlanner, make_planner
+from policies.planners.context import PlanningContext
+from policies.planners.dp import SplitwiseDpPlanner
+from policies.planners.registry import PLANNER_NAMES, make_planner
 from policies.segments import ModelDims
 from splitwise_core.profile import Profile
 
