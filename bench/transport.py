@@ -56,9 +56,9 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from cloud_offload import protocol
 from cloud_offload.local_broker import LocalBroker
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
+from cloud_offload.protocol import frames, topics
 from policies.plan import parse_plan
 from splitwise_core.engine import Engine, model_sha256
 from splitwise_core.ops import Op, OpKind
@@ -177,8 +177,8 @@ class MqttPath:
             responder.publish(props.ResponseTopic, payload, correlation_data=props.CorrelationData)  # type: ignore[union-attr]
 
         def on_frame(msg: mqtt.MQTTMessage) -> None:
-            frame = protocol.decode_frame(msg.payload)
-            reply(msg, protocol.encode_response(frame, frame.tensor()))
+            frame = frames.decode_frame(msg.payload)
+            reply(msg, frames.encode_response(frame, frame.tensor()))
 
         responder.subscribe(self.echo_topic, lambda msg: reply(msg, msg.payload))
         responder.subscribe(self.frame_topic, on_frame)
@@ -198,7 +198,7 @@ class MqttPath:
         t0 = time.perf_counter()
         _corr, future = self.rpc.request(self.frame_topic, self.request_frame(step))
         msg = future.result(timeout=10)
-        y = protocol.decode_frame(msg.payload).tensor()
+        y = frames.decode_frame(msg.payload).tensor()
         elapsed = time.perf_counter() - t0
         assert y.shape == (1, 576)
         return elapsed
@@ -212,7 +212,7 @@ def segment_round_trips(tuned: BrokerSettings, stock: BrokerSettings, n: int, st
     ops = (Op(OpKind.ATTN_PART, 7, (0, 1, 2)),)
 
     def request_frame(step: int) -> bytes:
-        return protocol.encode_request(
+        return frames.encode_request(
             session=session,
             step=step,
             position=16 + step,
@@ -224,7 +224,7 @@ def segment_round_trips(tuned: BrokerSettings, stock: BrokerSettings, n: int, st
         )
 
     wire = request_frame(0)
-    resp = protocol.encode_response(protocol.decode_frame(wire), x)
+    resp = frames.encode_response(frames.decode_frame(wire), x)
 
     # Framing alone: the same chain as one MQTT + framing round trip, without any I/O.
     enc_s: list[float] = []
@@ -234,10 +234,10 @@ def segment_round_trips(tuned: BrokerSettings, stock: BrokerSettings, n: int, st
         t0 = time.perf_counter()
         req = request_frame(step)
         t1 = time.perf_counter()
-        frame = protocol.decode_frame(req)
+        frame = frames.decode_frame(req)
         y = frame.tensor()
         t2 = time.perf_counter()
-        back = protocol.decode_frame(protocol.encode_response(frame, y)).tensor()
+        back = frames.decode_frame(frames.encode_response(frame, y)).tensor()
         t3 = time.perf_counter()
         assert back.shape == x.shape
         enc_s.append(t1 - t0)
@@ -372,7 +372,7 @@ def start_worker(settings: BrokerSettings, stock: bool, workdir: Path, stack: Ex
             pass
 
     watcher = connect(settings, "bench-watch", stack, force_nodelay=False)
-    watcher.subscribe(protocol.worker_status_topic(worker_id), on_status)
+    watcher.subscribe(topics.worker_status_topic(worker_id), on_status)
     deadline = time.monotonic() + 120
     while not online.wait(0.1):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -396,8 +396,8 @@ def run_plans(
     cfg = engine.config
     prompt = engine.tokenizer.encode(PROMPT)
     conn = connect(settings, "bench-edge", stack, force_nodelay=force_nodelay)
-    rpc = RpcClient(conn, protocol.device_reply_topic("bench-edge", uuid.uuid4().hex[:8]))
-    model_hash = protocol.model_hash_prefix(model_sha256(engine.path))
+    rpc = RpcClient(conn, topics.device_reply_topic("bench-edge", uuid.uuid4().hex[:8]))
+    model_hash = frames.model_hash_prefix(model_sha256(engine.path))
     policy = RecoveryPolicy(segment_timeout_s=10.0)
     time.sleep(0.3)
 

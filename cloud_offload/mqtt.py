@@ -7,6 +7,7 @@ restored in ``on_connect`` because a broker restarted without persistence has fo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -15,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from cloud_offload.protocol import validate_topic_name
+from cloud_offload.protocol.topics import validate_topic_name
 from splitwise_core.errors import InvalidArgumentError, SplitwiseError
 
 log = logging.getLogger(__name__)
@@ -427,3 +428,8 @@ def settings_from_config(broker: Any) -> BrokerSettings:
         reconnect_min_s=max(1, int(broker.reconnect_min_s)),
         reconnect_max_s=max(1, int(broker.reconnect_max_s)),
     )
+
+
+def mqtt_payload(msg: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON for an MQTT payload (status, profiles, app replies)."""
+    return json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -21,9 +21,9 @@ import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
-from cloud_offload import protocol
 from cloud_offload.mqtt import RpcClient, user_property
-from cloud_offload.protocol import FrameKind
+from cloud_offload.protocol import frames
+from cloud_offload.protocol.frames import FrameKind
 from splitwise_core.errors import FrameError, InvalidArgumentError, SplitwiseError
 
 __all__ = ["LinkProber", "ProbeResult"]
@@ -92,7 +92,7 @@ class LinkProber:
 
     def _one(self, size: int) -> ProbeResult | None:
         probe_id = uuid.uuid4()
-        payload = protocol.encode_probe(size=size, reply_size=size, probe_id=probe_id)
+        payload = frames.encode_probe(size=size, reply_size=size, probe_id=probe_id)
         started = time.perf_counter()
         correlation, future = self.rpc.request(self.topic, payload, expiry_s=self.timeout_s)
         self.sent += 1
@@ -109,7 +109,7 @@ class LinkProber:
             return None
         round_trip = time.perf_counter() - started
         try:
-            frame = protocol.decode_frame(msg.payload)
+            frame = frames.decode_frame(msg.payload)
             if frame.kind is FrameKind.ERROR:
                 code, message = frame.error()
                 raise FrameError("bad_probe", f"the worker answered {code}: {message}")
@@ -135,4 +135,4 @@ class LinkProber:
 
 
 def _clamp(n: int) -> int:
-    return min(max(int(n), protocol.PROBE_MIN_SIZE), protocol.MAX_PROBE_SIZE)
+    return min(max(int(n), frames.PROBE_MIN_SIZE), frames.MAX_PROBE_SIZE)

@@ -30,8 +30,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from cloud_offload import protocol
-from cloud_offload.mqtt import MqttConnection
+from cloud_offload.mqtt import MqttConnection, mqtt_payload
+from cloud_offload.protocol import frames, topics
 from splitwise_core.errors import InvalidArgumentError
 
 __all__ = [
@@ -147,10 +147,10 @@ def profile_message(
     source: str = "measured",
 ) -> bytes:
     """The retained payload a worker publishes on ``worker_profile_topic(pool, worker_id)``."""
-    return protocol.dumps(
+    return mqtt_payload(
         {
-            "worker_id": protocol.validate_id(worker_id, "worker id"),
-            "pool": protocol.validate_id(pool, "pool"),
+            "worker_id": topics.validate_id(worker_id, "worker id"),
+            "pool": topics.validate_id(pool, "pool"),
             "model_hash": _hash16(model_hash).hex(),
             "threads": int(threads),
             "measured_at": measured_at or utc_now(),
@@ -178,10 +178,10 @@ def parse_profile_message(
     """The profile in one message of ``pool_profile_filter(pool)``; None for an empty payload (the
     worker withdrew it). Raises InvalidArgumentError, saying why, for anything else that is not a
     valid profile of our pool and model."""
-    prefix = protocol.pool_profile_filter(pool)[:-1]
+    prefix = topics.pool_profile_filter(pool)[:-1]
     if not topic.startswith(prefix):
         raise InvalidArgumentError(f"topic {topic!r} is not a profile topic of pool {pool!r}")
-    worker_id = protocol.validate_id(topic[len(prefix) :], "worker id in the topic")
+    worker_id = topics.validate_id(topic[len(prefix) :], "worker id in the topic")
     if not payload:
         return None
     if len(payload) > MAX_PROFILE_BYTES:
@@ -223,7 +223,7 @@ def _hash16(model_hash: bytes) -> bytes:
     """The frame's 16-byte model hash field, from itself or from a whole SHA-256 digest."""
     raw = bytes(model_hash)
     if len(raw) == 32:
-        return protocol.model_hash_prefix(raw)
+        return frames.model_hash_prefix(raw)
     if len(raw) != 16:
         raise InvalidArgumentError(f"model hash must be 16 bytes (or a 32-byte SHA-256), got {len(raw)}")
     return raw
@@ -238,9 +238,9 @@ class WorkerProfiles:
 
     def __init__(self, connection: MqttConnection, pool: str, model_hash: bytes) -> None:
         self.connection = connection
-        self.pool = protocol.validate_id(pool, "pool")
+        self.pool = topics.validate_id(pool, "pool")
         self.model_hash = _hash16(model_hash)
-        self.filter = protocol.pool_profile_filter(self.pool)
+        self.filter = topics.pool_profile_filter(self.pool)
         self.ignored = 0  # messages dropped as invalid (for tests and diagnostics)
         self._entries: dict[str, WorkerProfile] = {}
         self._changed = threading.Condition()

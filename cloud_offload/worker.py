@@ -46,15 +46,16 @@ import numpy as np
 import numpy.typing as npt
 import paho.mqtt.client as mqtt
 
-from cloud_offload import profiles, protocol
+from cloud_offload import profiles
 from cloud_offload.mqtt import BrokerSettings, MqttConnection
-from cloud_offload.protocol import ErrorCode, Flags, Frame, FrameFault, FrameKind
+from cloud_offload.protocol import frames, topics
+from cloud_offload.protocol.frames import ErrorCode, Flags, Frame, FrameFault, FrameKind
 from splitwise_core import __version__
 from splitwise_core.engine import Model, Session, model_sha256
 from splitwise_core.errors import FrameError, InvalidArgumentError, SplitwiseError
 from splitwise_core.ops import HEADER_SIZE, OP_SIZE, OpKind
 
-DEFAULT_MAX_ROWS_PER_FRAME = protocol.DEFAULT_MAX_ROWS_PER_FRAME
+DEFAULT_MAX_ROWS_PER_FRAME = frames.DEFAULT_MAX_ROWS_PER_FRAME
 """Rows (tokens) one request frame may carry. llama.cpp's default batch: attention over T rows costs
 O(T²) and a residual run of every layer O(n_layer · T), all on the worker's only compute thread (512
 rows: ~0.3 s per layer on one busy core; 8,192: ~30 s). A longer prompt has to come in chunks."""
@@ -171,12 +172,12 @@ class CloudWorker:
         frame_burst_per_device: int = DEFAULT_FRAME_BURST_PER_DEVICE,
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
     ) -> None:
-        self.worker_id = protocol.validate_id(worker_id, "worker id")
-        self.pool = protocol.validate_id(pool, "pool")
+        self.worker_id = topics.validate_id(worker_id, "worker id")
+        self.pool = topics.validate_id(pool, "pool")
         self.model_path = Path(model_path)
         self.model = Model(str(self.model_path), threads)
         self.config = dict(self.model.config)
-        self.model_hash = protocol.model_hash_prefix(model_sha256(self.model_path))
+        self.model_hash = frames.model_hash_prefix(model_sha256(self.model_path))
         self.session_ttl_s = session_ttl_s
         self.kv_memory_cap = kv_memory_cap
         self.max_sessions = max_sessions
@@ -196,19 +197,13 @@ class CloudWorker:
         # widest input (n_ff) in f32, the widest codec; or a probe.
         widest = max(int(self.config["n_embd"]), int(self.config["n_ff"]))
         self.max_frame_bytes = max(
-            protocol.MAX_PROBE_SIZE,
-            HEADER_SIZE
-            + protocol.MAX_OPS * OP_SIZE
-            + 1
-            + 4 * protocol.MAX_DIMS
-            + 4
-            + 4 * widest * max_rows_per_frame
-            + 4,
+            frames.MAX_PROBE_SIZE,
+            HEADER_SIZE + frames.MAX_OPS * OP_SIZE + 1 + 4 * frames.MAX_DIMS + 4 + 4 * widest * max_rows_per_frame + 4,
         )
         self.sessions: OrderedDict[uuid.UUID, WorkerSession] = OrderedDict()
         self.stats = WorkerStats()
         self._inbox: queue.Queue[Any] = queue.Queue()
-        self._status_topic = protocol.worker_status_topic(self.worker_id)
+        self._status_topic = topics.worker_status_topic(self.worker_id)
         self.connection = MqttConnection(
             broker, f"splitwise-cloud-{self.worker_id}", will=(self._status_topic, self._status("offline"), True)
         )
@@ -220,7 +215,7 @@ class CloudWorker:
     # --- the worker's cost profile (retained, per worker) --------------------------------------
 
     def _init_profile(self, source: ProfileSource) -> None:
-        self.profile_topic = protocol.worker_profile_topic(self.pool, self.worker_id)
+        self.profile_topic = topics.worker_profile_topic(self.pool, self.worker_id)
         self._profile_lock = threading.Lock()
         self._profile_payload: bytes | None = None
         self._stopping = False
@@ -313,8 +308,8 @@ class CloudWorker:
 
     def start(self, connect_timeout: float | None = 10.0) -> None:
         self._compute.start()
-        self.connection.subscribe(protocol.pool_segment_share(self.pool), self._enqueue)
-        self.connection.subscribe(protocol.worker_segment_topic(self.worker_id), self._enqueue)
+        self.connection.subscribe(topics.pool_segment_share(self.pool), self._enqueue)
+        self.connection.subscribe(topics.worker_segment_topic(self.worker_id), self._enqueue)
         self.connection.start(connect_timeout)
         if self._measure:
             threading.Thread(target=self._measure_profile, name="worker-profile", daemon=True).start()
@@ -362,7 +357,7 @@ class CloudWorker:
                 f"{sender or 'frames without a reply topic'}: more than {self.rate_limiter.rate:g} frames/s "
                 f"(burst {self.rate_limiter.burst}); frame refused, send slower"
             )
-            self._reply(reply_topic, correlation, protocol.encode_error(ErrorCode.OVERLOADED, message))
+            self._reply(reply_topic, correlation, frames.encode_error(ErrorCode.OVERLOADED, message))
             return
         size = len(msg.payload)
         if size > self.max_frame_bytes:
@@ -396,7 +391,7 @@ class CloudWorker:
                 self.stats.refused_on_arrival,
             )
         reply_topic, correlation = _reply_address(msg)
-        self._reply(reply_topic, correlation, protocol.encode_error(code, message))
+        self._reply(reply_topic, correlation, frames.encode_error(code, message))
 
     def _compute_loop(self) -> None:
         while True:
@@ -421,7 +416,7 @@ class CloudWorker:
         """Validates and answers one message; `queued_s` is how long it waited in our inbox."""
         reply_topic, correlation = _reply_address(msg)
         try:
-            frame = protocol.decode_frame(
+            frame = frames.decode_frame(
                 msg.payload,
                 n_layer=int(self.config["n_layer"]),
                 n_head=int(self.config["n_head"]),
@@ -431,13 +426,13 @@ class CloudWorker:
             self.stats.errors += 1
             log.warning("dropped a bad frame on %s: %s", msg.topic, err)
             code = ErrorCode.MODEL_MISMATCH if err.reason == "model_mismatch" else ErrorCode.BAD_FRAME
-            self._reply(reply_topic, correlation, protocol.encode_error(code, str(err)), queued_s=queued_s)
+            self._reply(reply_topic, correlation, frames.encode_error(code, str(err)), queued_s=queued_s)
             return
         if frame.kind is FrameKind.PROBE:
             # Answered at once; no session, no KV. Its round trip includes the wait in our inbox.
             started = time.perf_counter()
             self.stats.probes += 1
-            answer = protocol.encode_probe_reply(frame, len(msg.payload))
+            answer = frames.encode_probe_reply(frame, len(msg.payload))
             self._reply(reply_topic, correlation, answer, compute_s=time.perf_counter() - started, queued_s=queued_s)
             return
         if frame.kind is not FrameKind.REQUEST:
@@ -464,11 +459,11 @@ class CloudWorker:
             x = self.check_request(frame)
             growth = self._check_history(None if state is None else state.session, frame, x.shape[0])
         except KvMismatch as err:
-            return protocol.encode_error(ErrorCode.UNKNOWN_SESSION, str(err), request=frame)
+            return frames.encode_error(ErrorCode.UNKNOWN_SESSION, str(err), request=frame)
         except FrameError as err:
             self.stats.errors += 1
             log.warning("refused a request of session %s: %s", frame.session, err)
-            return protocol.encode_error(ErrorCode.BAD_FRAME, str(err), request=frame)
+            return frames.encode_error(ErrorCode.BAD_FRAME, str(err), request=frame)
         self._make_room(frame.session, growth)
         if state is None:
             state = WorkerSession(self.model.new_session(), time.monotonic())
@@ -477,12 +472,12 @@ class CloudWorker:
         state.last_used = time.monotonic()
         try:
             output = self.run_ops(state.session, frame, x)
-            reply = protocol.encode_response(frame, output)
+            reply = frames.encode_response(frame, output)
         except KvMismatch as err:
-            return protocol.encode_error(ErrorCode.UNKNOWN_SESSION, str(err), request=frame)
+            return frames.encode_error(ErrorCode.UNKNOWN_SESSION, str(err), request=frame)
         except SplitwiseError as err:
             self.stats.errors += 1
-            return protocol.encode_error(ErrorCode.BAD_REQUEST, str(err), request=frame)
+            return frames.encode_error(ErrorCode.BAD_REQUEST, str(err), request=frame)
         state.remember(frame.step, frame.segment, reply, self.max_answers_per_session)
         if frame.flags & Flags.CLOSE:
             self.sessions.pop(frame.session, None)

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from cloud_offload import protocol
 from cloud_offload.local_broker import LocalBroker
 from cloud_offload.mqtt import BrokerSettings, MqttConnection
+from cloud_offload.protocol import topics
 from evaluation.linkproxy import LinkProxy
 from evaluation.netns import ShapedLink
 from evaluation.processes import Proc, write_toml
@@ -158,17 +158,17 @@ class Testbed:
             self._replies: dict[bytes, queue.Queue[dict[str, Any]]] = {}
             self._status: dict[str, str] = {}
             self.app.subscribe(self.app_topic, self._on_reply)
-            self.app.subscribe(protocol.device_status_topic(DEVICE_ID), self._on_status)
-            self.app.subscribe(f"{protocol.TOPIC_ROOT}/cloud/worker/+/status", self._on_status)
-            self.app.subscribe(protocol.pool_profile_filter(POOL), self._on_profile)
+            self.app.subscribe(topics.device_status_topic(DEVICE_ID), self._on_status)
+            self.app.subscribe(f"{topics.TOPIC_ROOT}/cloud/worker/+/status", self._on_status)
+            self.app.subscribe(topics.pool_profile_filter(POOL), self._on_profile)
             self.app.start()
             self.worker_ids = [f"w{i}" for i in range(workers)]
             for worker_id in self.worker_ids:
                 self._start_worker(worker_id, worker_profile)
             for worker_id in self.worker_ids:
-                self._wait_status(protocol.worker_status_topic(worker_id), "online", 60)
+                self._wait_status(topics.worker_status_topic(worker_id), "online", 60)
                 if worker_profile != "off":  # the agent should plan with it from the first request
-                    self._wait_status(protocol.worker_profile_topic(POOL, worker_id), "published", 120)
+                    self._wait_status(topics.worker_profile_topic(POOL, worker_id), "published", 120)
             self._start_agent(agent or {})
         except BaseException:
             self.close()
@@ -219,7 +219,7 @@ class Testbed:
         self.procs.append(self.agent)
         if self.cpu_limit is not None:
             self.cpu_limit.add(self.agent.popen.pid)  # before it profiles itself: the profile sees the limit
-        self._wait_status(protocol.device_status_topic(DEVICE_ID), "online", 120)
+        self._wait_status(topics.device_status_topic(DEVICE_ID), "online", 120)
 
     def _on_status(self, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -264,7 +264,7 @@ class Testbed:
         box: queue.Queue[dict[str, Any]] = queue.Queue()
         self._replies[correlation] = box
         self.app.publish(
-            protocol.device_infer_topic(DEVICE_ID),
+            topics.device_infer_topic(DEVICE_ID),
             json.dumps(request).encode(),
             response_topic=self.app_topic,
             correlation_data=correlation,

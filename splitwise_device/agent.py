@@ -32,11 +32,12 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
-from cloud_offload import protocol
-from cloud_offload.mqtt import MqttConnection, RpcClient, settings_from_config
+from cloud_offload.mqtt import MqttConnection, RpcClient, mqtt_payload, settings_from_config
 from cloud_offload.probe import LinkProber
 from cloud_offload.profiles import WorkerProfile, WorkerProfiles
-from cloud_offload.protocol import ErrorCode, InferRequest, topic_name_problem
+from cloud_offload.protocol import frames, topics
+from cloud_offload.protocol.frames import ErrorCode
+from cloud_offload.protocol.topics import topic_name_problem
 from policies.plan import Plan
 from policies.planners.registry import COST_MODEL_PLANNERS
 from policies.segments import ModelDims
@@ -44,6 +45,8 @@ from splitwise_core import __version__, systemd
 from splitwise_core.engine import Engine, model_sha256
 from splitwise_core.errors import SplitwiseError
 from splitwise_core.profile import Profile
+from splitwise_device import app_messages
+from splitwise_device.app_messages import InferRequest
 from splitwise_device.config import FIXED_PLANNER, DeviceConfig
 from splitwise_device.controller import Controller, Decision, load_or_measure_profile
 from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
@@ -84,8 +87,8 @@ class DeviceAgent:
         cfg = self.engine.config
         self.n_layer, self.n_head = int(cfg["n_layer"]), int(cfg["n_head"])
         model_sha = model_sha256(self.engine.path)
-        self.model_hash = protocol.model_hash_prefix(model_sha)
-        self.status_topic = protocol.device_status_topic(self.device_id)
+        self.model_hash = frames.model_hash_prefix(model_sha)
+        self.status_topic = topics.device_status_topic(self.device_id)
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=config.agent.queue_size)
         self.connection = MqttConnection(
             settings_from_config(config.broker),
@@ -93,7 +96,7 @@ class DeviceAgent:
             will=(self.status_topic, self._status("offline"), True),
             will_delay_s=5,
         )
-        self.rpc = RpcClient(self.connection, protocol.device_reply_topic(self.device_id, uuid.uuid4().hex[:12]))
+        self.rpc = RpcClient(self.connection, topics.device_reply_topic(self.device_id, uuid.uuid4().hex[:12]))
         r = config.recovery
         self.policy = RecoveryPolicy(
             segment_timeout_s=config.cloud.segment_timeout_s,
@@ -117,7 +120,7 @@ class DeviceAgent:
         self._parsed_profiles: dict[str, tuple[WorkerProfile, Profile | None]] = {}
         self.prober = LinkProber(
             self.rpc,
-            protocol.pool_segment_topic(config.cloud.pool),
+            topics.pool_segment_topic(config.cloud.pool),
             min_interval_s=config.planning.probe_interval_s,
             timeout_s=min(2.0, config.cloud.segment_timeout_s),
         )
@@ -217,14 +220,14 @@ class DeviceAgent:
             if self._ready_sent or not self._started or not self.connection.connected.is_set():
                 return
             self._ready_sent = True
-        systemd.ready(f"serving {protocol.device_infer_topic(self.device_id)}")
-        log.info("ready: connected to the broker, serving %s", protocol.device_infer_topic(self.device_id))
+        systemd.ready(f"serving {topics.device_infer_topic(self.device_id)}")
+        log.info("ready: connected to the broker, serving %s", topics.device_infer_topic(self.device_id))
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self, connect_timeout: float | None = 30.0) -> None:
         self._worker.start()
-        self.connection.subscribe(protocol.device_infer_topic(self.device_id), self._on_infer)
+        self.connection.subscribe(topics.device_infer_topic(self.device_id), self._on_infer)
         self.connection.start(connect_timeout)
         if self.config.agent.planner in COST_MODEL_PLANNERS:
             # Plan the first request like the later ones: measure (or load) our profile now, and give
@@ -260,7 +263,7 @@ class DeviceAgent:
         timeout = self.config.agent.drain_timeout_s if timeout is None else timeout
         systemd.stopping()
         self.accepting.clear()
-        self.connection.unsubscribe(protocol.device_infer_topic(self.device_id))
+        self.connection.unsubscribe(topics.device_infer_topic(self.device_id))
         deadline = time.monotonic() + timeout
         while (self.busy.is_set() or not self.jobs.empty()) and self._worker.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -274,7 +277,8 @@ class DeviceAgent:
             if job is not None:
                 message = "device shut down before this request ran"
                 self._send(
-                    job.reply, protocol.error_reply(ErrorCode.OVERLOADED, message, request_id=job.request.request_id)
+                    job.reply,
+                    app_messages.error_reply(ErrorCode.OVERLOADED, message, request_id=job.request.request_id),
                 )
         with contextlib.suppress(queue.Full):  # a request accepted in the meantime; the thread is a daemon
             self.jobs.put_nowait(None)
@@ -333,11 +337,13 @@ class DeviceAgent:
             try:
                 plan = Plan.from_dict(request.plan).validate_for(self.n_layer, self.n_head)
             except SplitwiseError as err:  # PlanError
-                self._send(reply, protocol.error_reply(ErrorCode.BAD_REQUEST, f"plan: {err}", request_id=request_id))
+                self._send(
+                    reply, app_messages.error_reply(ErrorCode.BAD_REQUEST, f"plan: {err}", request_id=request_id)
+                )
                 return
         if not self.accepting.is_set():
             self._send(
-                reply, protocol.error_reply(ErrorCode.OVERLOADED, "device is shutting down", request_id=request_id)
+                reply, app_messages.error_reply(ErrorCode.OVERLOADED, "device is shutting down", request_id=request_id)
             )
             return
         self.controller.arrival()
@@ -346,7 +352,7 @@ class DeviceAgent:
         except queue.Full:
             self._send(
                 reply,
-                protocol.error_reply(
+                app_messages.error_reply(
                     ErrorCode.OVERLOADED,
                     f"request queue is full ({self.config.agent.queue_size} waiting); retry later",
                     request_id=request_id,
@@ -379,10 +385,10 @@ class DeviceAgent:
                     "request dropped, nowhere valid to answer (no ResponseTopic, no valid reply_to): %r", message[:500]
                 )
             return
-        self._send(reply, protocol.error_reply(ErrorCode.BAD_REQUEST, message, request_id=request_id))
+        self._send(reply, app_messages.error_reply(ErrorCode.BAD_REQUEST, message, request_id=request_id))
 
     def _publish_reply(self, reply: ReplyPath, message: dict[str, Any]) -> None:
-        self.connection.publish(reply.topic, protocol.dumps(message), correlation_data=reply.correlation)
+        self.connection.publish(reply.topic, mqtt_payload(message), correlation_data=reply.correlation)
 
     def _send(self, reply: ReplyPath | None, message: dict[str, Any]) -> bool:
         """Publishes one reply; never raises (a reply that cannot be published is logged and
@@ -407,13 +413,13 @@ class DeviceAgent:
                 except SplitwiseError as err:
                     self._send(
                         job.reply,
-                        protocol.error_reply(ErrorCode.BAD_REQUEST, str(err), request_id=job.request.request_id),
+                        app_messages.error_reply(ErrorCode.BAD_REQUEST, str(err), request_id=job.request.request_id),
                     )
                 except Exception as err:
                     log.exception("request failed")
                     self._send(
                         job.reply,
-                        protocol.error_reply(ErrorCode.INTERNAL, repr(err), request_id=job.request.request_id),
+                        app_messages.error_reply(ErrorCode.INTERNAL, repr(err), request_id=job.request.request_id),
                     )
                 finally:
                     self.served += 1
@@ -475,7 +481,8 @@ class DeviceAgent:
                 return
             if len(text) > len(sent_text):
                 self._send(
-                    job.reply, protocol.chunk_reply(chunk_index, text[len(sent_text) :], request_id=request.request_id)
+                    job.reply,
+                    app_messages.chunk_reply(chunk_index, text[len(sent_text) :], request_id=request.request_id),
                 )
                 sent_text, chunk_index = text, chunk_index + 1
 
@@ -507,7 +514,7 @@ class DeviceAgent:
         # Not _send: a final reply that cannot be published ends the request with an error reply.
         self._publish_reply(
             job.reply,
-            protocol.final_reply(
+            app_messages.final_reply(
                 text=tokenizer.decode(result.tokens),
                 prompt_tokens=len(prompt),
                 completion_tokens=len(result.tokens),

@@ -90,8 +90,8 @@ def _generate_split(args: argparse.Namespace) -> int:
     """One request through the split path: local sub-blocks here, the rest on the pool's workers."""
     import uuid
 
-    from cloud_offload import protocol
     from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
+    from cloud_offload.protocol import frames, topics
     from policies.plan import parse_plan
     from splitwise_core.engine import model_sha256
     from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
@@ -105,8 +105,8 @@ def _generate_split(args: argparse.Namespace) -> int:
     connection = MqttConnection(BrokerSettings.from_url(args.broker), f"splitwise-cli-{uuid.uuid4().hex[:8]}")
     connection.start(timeout=10)
     try:
-        rpc = RpcClient(connection, protocol.device_reply_topic("cli", uuid.uuid4().hex[:12]))
-        model_hash = protocol.model_hash_prefix(model_sha256(engine.path))
+        rpc = RpcClient(connection, topics.device_reply_topic("cli", uuid.uuid4().hex[:12]))
+        model_hash = frames.model_hash_prefix(model_sha256(engine.path))
         policy = RecoveryPolicy()
         executor = SplitExecutor(
             engine.model, engine.tokenizer.eos_id, lambda: CloudLink(rpc, args.pool, model_hash, args.codec, policy)

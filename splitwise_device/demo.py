@@ -23,9 +23,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from cloud_offload import protocol
 from cloud_offload.local_broker import LocalBroker
 from cloud_offload.mqtt import BrokerSettings, MqttConnection
+from cloud_offload.protocol import topics
 from splitwise_core.tokenizer import bundled_model_path
 
 DEVICE_ID = "demo-device"
@@ -104,8 +104,8 @@ def run_demo(args: argparse.Namespace) -> int:
         app.subscribe(reply_topic, inbox.put)
         online: dict[str, bool] = {}
         device_status, worker_status = (
-            protocol.device_status_topic(DEVICE_ID),
-            protocol.worker_status_topic("demo-worker"),
+            topics.device_status_topic(DEVICE_ID),
+            topics.worker_status_topic("demo-worker"),
         )
 
         def on_status(msg: mqtt.MQTTMessage) -> None:
@@ -139,7 +139,7 @@ def run_demo(args: argparse.Namespace) -> int:
         _say(f"asking over MQTT: {json.dumps(request)}")
         correlation = uuid.uuid4().bytes
         app.publish(
-            protocol.device_infer_topic(DEVICE_ID),
+            topics.device_infer_topic(DEVICE_ID),
             json.dumps(request),
             response_topic=reply_topic,
             correlation_data=correlation,

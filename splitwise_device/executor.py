@@ -33,9 +33,9 @@ import numpy as np
 import numpy.typing as npt
 import paho.mqtt.client as mqtt
 
-from cloud_offload import protocol
 from cloud_offload.mqtt import RpcClient, user_property
-from cloud_offload.protocol import EncodedTensor, ErrorCode, Flags, FrameKind
+from cloud_offload.protocol import frames, topics
+from cloud_offload.protocol.frames import EncodedTensor, ErrorCode, Flags, FrameKind
 from policies.plan import Plan
 from policies.segments import (
     CloudSegment,
@@ -153,14 +153,14 @@ class CloudLink:
 
     def _topic(self) -> str:
         if self.worker is not None and self.banned.get(self.worker, 0.0) <= time.monotonic():
-            return protocol.worker_segment_topic(self.worker)
-        return protocol.pool_segment_topic(self.pool)
+            return topics.worker_segment_topic(self.worker)
+        return topics.pool_segment_topic(self.pool)
 
     def send(self, step: int, position: int, segment: CloudSegment, x: Array) -> Callable[[], Array]:
         """Publishes the segment now; the returned callable waits for (and recovers) its answer."""
         ops = segment.ops
         reply_codec = "f32" if segment.output is Reg.LOGITS else self.codec
-        tensor = protocol.encode_tensor(x, self.codec)
+        tensor = frames.encode_tensor(x, self.codec)
         self.used = True
         first = self._publish(step, position, segment.index, ops, tensor, reply_codec, attempt=0, flags=0)
         if any(op.kind in KV_OPS for op in ops):
@@ -179,7 +179,7 @@ class CloudLink:
         attempt: int,
         flags: int,
     ) -> tuple[float, Future[mqtt.MQTTMessage], bytes]:
-        frame = protocol.encode_request(
+        frame = frames.encode_request(
             session=self.session,
             step=step,
             position=position,
@@ -235,7 +235,7 @@ class CloudLink:
             answered_by = user_property(msg, "worker_id")
             self._observe_link(correlation, len(msg.payload), round_trip, _worker_time_us(msg))
             try:
-                frame = protocol.decode_frame(msg.payload)
+                frame = frames.decode_frame(msg.payload)
             except FrameError as err:
                 self.events.append(RecoveryEvent("worker_error", step, segment, str(err), answered_by))
                 continue
@@ -315,13 +315,13 @@ class CloudLink:
             except FutureTimeout:
                 self.rpc.cancel(correlation)
                 raise CloudUnavailableError(f"worker {worker} did not answer the checkpoint replay") from None
-            frame = protocol.decode_frame(msg.payload)
+            frame = frames.decode_frame(msg.payload)
             if frame.kind is FrameKind.ERROR:
                 raise CloudUnavailableError(f"worker {worker} rejected the checkpoint replay: {frame.error()}")
 
     def close(self) -> None:
         if self.used:
-            frame = protocol.encode_request(
+            frame = frames.encode_request(
                 session=self.session,
                 step=0,
                 position=0,
@@ -368,7 +368,7 @@ class SplitExecutor:
         eos_id: int,
         link_factory: Callable[[], CloudLink] | None,
         *,
-        max_rows_per_frame: int = protocol.DEFAULT_MAX_ROWS_PER_FRAME,
+        max_rows_per_frame: int = frames.DEFAULT_MAX_ROWS_PER_FRAME,
     ) -> None:
         if isinstance(max_rows_per_frame, bool) or not isinstance(max_rows_per_frame, int) or max_rows_per_frame < 1:
             raise SplitwiseError(f"max_rows_per_frame must be a positive integer, got {max_rows_per_frame!r}")

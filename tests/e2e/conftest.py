@@ -29,8 +29,8 @@ from typing import Any, TypeVar
 import paho.mqtt.client as mqtt
 import pytest
 
-from cloud_offload import protocol
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, user_property
+from cloud_offload.protocol import topics
 from evaluation.linkproxy import LinkProxy
 from evaluation.processes import Proc, write_toml
 from splitwise_core.engine import Engine
@@ -136,11 +136,11 @@ class App:
         self.segment_replies: list[SegmentReply] = []
         self._changed = threading.Condition()  # guards the above; notified on every change
         self.conn.subscribe(self.reply_topic, self._on_reply)
-        self.conn.subscribe(protocol.device_status_topic(DEVICE_ID), self._on_status)
-        self.conn.subscribe(f"{protocol.TOPIC_ROOT}/cloud/worker/+/status", self._on_status)
-        self.conn.subscribe(protocol.device_reply_filter(DEVICE_ID), self._on_segment_reply)
-        self.conn.subscribe(protocol.pool_segment_topic(POOL), self._on_segment_request)
-        self.conn.subscribe(f"{protocol.TOPIC_ROOT}/cloud/worker/+/segment", self._on_segment_request)
+        self.conn.subscribe(topics.device_status_topic(DEVICE_ID), self._on_status)
+        self.conn.subscribe(f"{topics.TOPIC_ROOT}/cloud/worker/+/status", self._on_status)
+        self.conn.subscribe(topics.device_reply_filter(DEVICE_ID), self._on_segment_reply)
+        self.conn.subscribe(topics.pool_segment_topic(POOL), self._on_segment_request)
+        self.conn.subscribe(f"{topics.TOPIC_ROOT}/cloud/worker/+/segment", self._on_segment_request)
 
     def start(self) -> None:
         self.conn.start(timeout=10)
@@ -191,7 +191,7 @@ class App:
         with self._changed:
             self.asked[correlation] = asked
         info = self.conn.publish(
-            protocol.device_infer_topic(DEVICE_ID),
+            topics.device_infer_topic(DEVICE_ID),
             json.dumps(request),
             response_topic=self.reply_topic,
             correlation_data=correlation,
@@ -342,12 +342,12 @@ class System:
         self.procs.append(proc)
         self.workers[worker_id] = proc
         if wait:
-            self.app.wait_status(protocol.worker_status_topic(worker_id), "online", 60, [proc])
+            self.app.wait_status(topics.worker_status_topic(worker_id), "online", 60, [proc])
         return proc
 
     def wait_workers(self, timeout: float = 60.0) -> None:
         for worker_id, proc in self.workers.items():
-            self.app.wait_status(protocol.worker_status_topic(worker_id), "online", timeout, [proc])
+            self.app.wait_status(topics.worker_status_topic(worker_id), "online", timeout, [proc])
 
     def start_agent(self, **overrides: dict[str, Any]) -> Proc:
         sections: dict[str, dict[str, Any]] = {
@@ -367,7 +367,7 @@ class System:
         proc = Proc("device agent", ["splitwise_device", "run", "--config", str(config)], self.workdir / "agent.log")
         self.procs.append(proc)
         self.agent = proc
-        self.app.wait_status(protocol.device_status_topic(DEVICE_ID), "online", 60, [proc])
+        self.app.wait_status(topics.device_status_topic(DEVICE_ID), "online", 60, [proc])
         return proc
 
     def serving_worker(self, timeout: float = 10.0) -> str:
@@ -392,7 +392,7 @@ class System:
         """Publishes a junk frame on the pool topic and reads in the broker's log which worker the
         shared subscription handed it to (it need not answer: a hung one cannot). Moves the pool's
         round robin by one. Needs `logged_system`."""
-        topic, me = protocol.pool_segment_topic(POOL), self.app.conn.client_id
+        topic, me = topics.pool_segment_topic(POOL), self.app.conn.client_id
         before = len(self.broker_log.publishes())
         self.app.conn.publish(topic, PROBE_FRAME).wait_for_publish(5)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from cloud_offload import protocol
+from cloud_offload.protocol import topics
 from tests.e2e.conftest import DEVICE_ID, POOL, PROBE_FRAME, WORKER_CLIENT, Asked, System
 
 # Up to 89 s per test measured (the queued-requests one) with 4 busy loops beside other test runs
@@ -136,7 +136,7 @@ def test_pool_hands_the_retry_to_the_hung_worker(logged_system: System, referenc
     hung worker between the app's "paused" and "resumed" markers, and once resumed the worker
     answers an attempt that only ever went out on the pool topic (its CorrelationData)."""
     system = logged_system
-    pool = protocol.pool_segment_topic(POOL)
+    pool = topics.pool_segment_topic(POOL)
     expected = reference(PROMPT, MAX_TOKENS)
     system.start_worker("w1", wait=False)
     system.start_worker("w2", wait=False)
@@ -230,8 +230,8 @@ def test_broker_restart_mid_request(system: System, reference: Any) -> None:
     print("broker restart recovery:", final["plan"]["fell_back_to_edge"], final["recovery"])
     check_final(queued.wait(FINAL_WITHIN_S), reference(PROMPT, 16))
     # Both services come back (retained status again after the broker forgot everything).
-    system.app.wait_status(protocol.device_status_topic(DEVICE_ID), "online", 20, system.procs)
-    system.app.wait_status(protocol.worker_status_topic("w1"), "online", 20, system.procs)
+    system.app.wait_status(topics.device_status_topic(DEVICE_ID), "online", 20, system.procs)
+    system.app.wait_status(topics.worker_status_topic("w1"), "online", 20, system.procs)
     # And serve the next request through the cloud again.
     again = system.app.ask(infer(max_tokens=8))
     final = check_final(again.wait(FINAL_WITHIN_S), reference(PROMPT, 8))

@@ -217,7 +217,7 @@ def test_a_worker_reply_to_an_invalid_response_topic_is_one_log_line(tmp_path: P
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    from cloud_offload import protocol
+    from cloud_offload.protocol import topics
 
     (tmp_path / "broker").mkdir()
     broker = LocalBroker(tmp_path / "broker")
@@ -236,7 +236,7 @@ def test_a_worker_reply_to_an_invalid_response_topic_is_one_log_line(tmp_path: P
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.ResponseTopic = "fd/replies/#"
             client.publish(
-                protocol.pool_segment_topic("fdbad"), b"not a frame", qos=1, properties=props
+                topics.pool_segment_topic("fdbad"), b"not a frame", qos=1, properties=props
             ).wait_for_publish(5)
         text = wait_for_line(log, "reply dropped", 30)
         time.sleep(1)

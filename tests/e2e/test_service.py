@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cloud_offload import protocol
+from cloud_offload.protocol import topics
 from tests.e2e.conftest import DEVICE_ID, POOL, System
 from tests.e2e.test_faults import PROMPT, check_final, infer
 
@@ -34,7 +34,7 @@ def test_sigterm_drains_the_request_in_flight_and_notifies_systemd(
     agent.popen.terminate()  # SIGTERM while the request is half done
     check_final(asked.wait(60), reference(PROMPT, 24))
     assert agent.popen.wait(timeout=30) == 0
-    system.app.wait_status(protocol.device_status_topic(DEVICE_ID), "offline", 10, [])
+    system.app.wait_status(topics.device_status_topic(DEVICE_ID), "offline", 10, [])
     # The agent has exited: everything it sent is queued on the socket already, no need to wait.
     notify.setblocking(False)
     messages = []

@@ -17,8 +17,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from cloud_offload import protocol
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
+from cloud_offload.protocol import frames, topics
 from cloud_offload.worker import CloudWorker
 from splitwise_core.engine import model_sha256
 from splitwise_core.ops import Op, OpKind
@@ -81,7 +81,7 @@ def ask(app: MqttConnection, payload: bytes | str, timeout: float = 60) -> list[
             done.set()
 
     app.subscribe(rpc_topic, on_reply, wait_s=5)
-    app.publish(protocol.device_infer_topic(DEVICE), payload, response_topic=rpc_topic, correlation_data=correlation)
+    app.publish(topics.device_infer_topic(DEVICE), payload, response_topic=rpc_topic, correlation_data=correlation)
     finished = done.wait(timeout)
     app.unsubscribe(rpc_topic)
     got = list(received)
@@ -116,7 +116,7 @@ def test_mosquitto_command_line_clients_get_answers(agent: DeviceAgent, mosquitt
             "-p",
             port,
             "-t",
-            protocol.device_infer_topic(DEVICE),
+            topics.device_infer_topic(DEVICE),
             "-m",
             json.dumps(request),
         ],
@@ -156,7 +156,7 @@ def test_mosquitto_command_line_clients_get_answers(agent: DeviceAgent, mosquitt
             "-p",
             port,
             "-t",
-            protocol.device_infer_topic(DEVICE),
+            topics.device_infer_topic(DEVICE),
             "-D",
             "publish",
             "response-topic",
@@ -232,7 +232,7 @@ def test_full_queue_answers_overloaded(agent: DeviceAgent, app: MqttConnection) 
     app.subscribe(topic, on_reply, wait_s=5)
     for i in range(6):  # one runs, two wait (queue_size=2), the rest are refused
         app.publish(
-            protocol.device_infer_topic(DEVICE),
+            topics.device_infer_topic(DEVICE),
             json.dumps({"prompt": "Count to ten:", "max_tokens": 24, "request_id": str(i)}),
             response_topic=topic,
             correlation_data=b"c",
@@ -261,7 +261,7 @@ def worker_and_edge(
         rpc = RpcClient(conn, f"edge/reply/{uuid.uuid4().hex}")
         subscriptions_settled(conn)  # the reply topic
         subscriptions_settled(worker.connection)  # the pool and worker topics
-        yield worker, rpc, protocol.model_hash_prefix(model_sha256(bundled_model_path()))
+        yield worker, rpc, frames.model_hash_prefix(model_sha256(bundled_model_path()))
     finally:
         conn.stop()
         worker.stop()
@@ -274,7 +274,7 @@ def test_worker_rejects_bad_frames_and_keeps_serving(mosquitto_broker) -> None: 
         import numpy as np
 
         x = np.random.default_rng(0).standard_normal((1, 576)).astype(np.float32)
-        good = protocol.encode_request(
+        good = frames.encode_request(
             session=session,
             step=0,
             position=0,
@@ -286,7 +286,7 @@ def test_worker_rejects_bad_frames_and_keeps_serving(mosquitto_broker) -> None: 
         )
         bad_crc = bytearray(good)
         bad_crc[-1] ^= 0xFF
-        other_model = protocol.encode_request(
+        other_model = frames.encode_request(
             session=session,
             step=0,
             position=0,
@@ -297,7 +297,7 @@ def test_worker_rejects_bad_frames_and_keeps_serving(mosquitto_broker) -> None: 
             codec="f32",
         )
         # Attention at position 5 for a session this worker never saw: the KV history is missing.
-        out_of_order = protocol.encode_request(
+        out_of_order = frames.encode_request(
             session=uuid.uuid4(),
             step=5,
             position=5,
@@ -307,11 +307,11 @@ def test_worker_rejects_bad_frames_and_keeps_serving(mosquitto_broker) -> None: 
             tensor=x,
             codec="f32",
         )
-        topic = protocol.pool_segment_topic(POOL)
+        topic = topics.pool_segment_topic(POOL)
 
         def error_code(payload: bytes) -> str:
-            frame = protocol.decode_frame(rpc.request(topic, payload)[1].result(timeout=10).payload)
-            assert frame.kind is protocol.FrameKind.ERROR
+            frame = frames.decode_frame(rpc.request(topic, payload)[1].result(timeout=10).payload)
+            assert frame.kind is frames.FrameKind.ERROR
             return frame.error()[0]
 
         assert error_code(bytes(range(200))) == "bad_frame"
@@ -320,13 +320,13 @@ def test_worker_rejects_bad_frames_and_keeps_serving(mosquitto_broker) -> None: 
         assert error_code(out_of_order) == "unknown_session"
         first = rpc.request(topic, good)[1].result(timeout=10).payload
         replay = rpc.request(topic, good)[1].result(timeout=10).payload  # a redelivery: answered from memory
-        assert protocol.decode_frame(first).kind is protocol.FrameKind.RESPONSE and replay == first
+        assert frames.decode_frame(first).kind is frames.FrameKind.RESPONSE and replay == first
         assert worker.stats.duplicates == 1
         conn.publish(topic, b"no reply topic at all")  # logged and dropped
-        again = protocol.decode_frame(
+        again = frames.decode_frame(
             rpc.request(
                 topic,
-                protocol.encode_request(
+                frames.encode_request(
                     session=uuid.uuid4(),
                     step=0,
                     position=0,
@@ -340,7 +340,7 @@ def test_worker_rejects_bad_frames_and_keeps_serving(mosquitto_broker) -> None: 
             .result(timeout=10)
             .payload
         )
-        assert again.kind is protocol.FrameKind.RESPONSE and again.tensor().shape == (1, 576)
+        assert again.kind is frames.FrameKind.RESPONSE and again.tensor().shape == (1, 576)
 
 
 def test_worker_sessions_expire_and_respect_the_memory_cap(mosquitto_broker) -> None:  # type: ignore[no-untyped-def]
@@ -353,7 +353,7 @@ def test_worker_sessions_expire_and_respect_the_memory_cap(mosquitto_broker) -> 
     ):
         x = np.random.default_rng(1).standard_normal((1, 576)).astype(np.float32)
         for _ in range(3):  # three sessions with KV; a 1-byte cap keeps only the newest
-            frame = protocol.encode_request(
+            frame = frames.encode_request(
                 session=uuid.uuid4(),
                 step=0,
                 position=0,
@@ -363,7 +363,7 @@ def test_worker_sessions_expire_and_respect_the_memory_cap(mosquitto_broker) -> 
                 tensor=x,
                 codec="f32",
             )
-            rpc.request(protocol.pool_segment_topic("ttl"), frame)[1].result(timeout=10)
+            rpc.request(topics.pool_segment_topic("ttl"), frame)[1].result(timeout=10)
         assert len(worker.sessions) == 1 and worker.stats.sessions_evicted == 2
         deadline = time.monotonic() + 10
         while worker.sessions and time.monotonic() < deadline:  # idle: the TTL still frees it

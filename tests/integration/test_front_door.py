@@ -24,17 +24,18 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from cloud_offload import protocol
 from cloud_offload.local_broker import LocalBroker
 from cloud_offload.mqtt import BrokerSettings, MqttConnection
+from cloud_offload.protocol import topics
 from splitwise_device import agent as agent_module
+from splitwise_device import app_messages
 from splitwise_device.agent import DeviceAgent
 from splitwise_device.config import load_device_config
 from tests.integration.test_agent import DEVICE, ask, write_config
 from tests.integration.test_mqtt import subscriptions_settled
 
 pytestmark = pytest.mark.broker
-INFER = protocol.device_infer_topic(DEVICE)
+INFER = topics.device_infer_topic(DEVICE)
 HELLO = json.dumps({"prompt": "Hello", "max_tokens": 2})
 
 
@@ -181,7 +182,7 @@ def test_invalid_reply_to_with_a_valid_response_topic_gets_bad_request(
 def test_send_never_raises(front: tuple[DeviceAgent, Disconnects], caplog: pytest.LogCaptureFixture) -> None:
     a, _ = front
     reply = agent_module.ReplyPath("x/#", None)
-    a._send(reply, protocol.error_reply("internal", "x"))  # logged and dropped
+    a._send(reply, app_messages.error_reply("internal", "x"))  # logged and dropped
     assert any("x/#" in r.getMessage() for r in caplog.records)
 
 
@@ -308,7 +309,7 @@ def test_a_dead_requests_thread_stops_the_watchdog(
 
         assert pings(1.0) >= 3
         monkeypatch.setattr(a, "_serve", lambda job: (_ for _ in ()).throw(SystemExit("killed for the test")))
-        a.jobs.put(agent_module.Job(protocol.InferRequest(prompt="x"), agent_module.ReplyPath("app/x", None), 0.0))
+        a.jobs.put(agent_module.Job(app_messages.InferRequest(prompt="x"), agent_module.ReplyPath("app/x", None), 0.0))
         assert wait_for(lambda: not a._worker.is_alive(), 10)
         pings(0.5)  # one may be on its way
         assert pings(1.0) == 0

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud_offload import protocol
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
+from cloud_offload.protocol import frames, topics
 from cloud_offload.worker import CloudWorker
 from policies.plan import random_plan
 from splitwise_core.engine import Engine, log_softmax, mean_nll, model_sha256
@@ -49,9 +49,9 @@ def setup(tmp_path_factory) -> Iterator[tuple[Engine, SplitExecutor, SplitExecut
     worker.start()
     conn = MqttConnection(settings, f"edge-{uuid.uuid4().hex[:6]}")
     conn.start()
-    rpc = RpcClient(conn, protocol.device_reply_topic("random", uuid.uuid4().hex[:8]))
+    rpc = RpcClient(conn, topics.device_reply_topic("random", uuid.uuid4().hex[:8]))
     engine = Engine(bundled_model_path(), threads=1)
-    model_hash = protocol.model_hash_prefix(model_sha256(engine.path))
+    model_hash = frames.model_hash_prefix(model_sha256(engine.path))
     policy = RecoveryPolicy(segment_timeout_s=10)
 
     def executor(codec: str) -> SplitExecutor:

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from cloud_offload import protocol
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
+from cloud_offload.protocol import frames, topics
 from cloud_offload.worker import CloudWorker
 from policies.plan import parse_plan
 from splitwise_core.engine import Engine, model_sha256
@@ -43,8 +43,8 @@ def worker(mosquitto_broker) -> Iterator[CloudWorker]:  # type: ignore[no-untype
 def executor(mosquitto_broker, engine: Engine) -> Iterator[tuple[SplitExecutor, RpcClient]]:  # type: ignore[no-untyped-def]
     conn = MqttConnection(BrokerSettings(mosquitto_broker.host, mosquitto_broker.port), f"edge-{uuid.uuid4().hex[:6]}")
     conn.start()
-    rpc = RpcClient(conn, protocol.device_reply_topic("dev1", uuid.uuid4().hex[:8]))
-    model_hash = protocol.model_hash_prefix(model_sha256(engine.path))
+    rpc = RpcClient(conn, topics.device_reply_topic("dev1", uuid.uuid4().hex[:8]))
+    model_hash = frames.model_hash_prefix(model_sha256(engine.path))
     policy = RecoveryPolicy(segment_timeout_s=5.0)
 
     def link(codec: str = "f32") -> CloudLink:
@@ -72,9 +72,9 @@ def test_transfers_feed_the_link_estimator(engine, worker, mosquitto_broker) -> 
     conn = MqttConnection(BrokerSettings(mosquitto_broker.host, mosquitto_broker.port), "edge-estimate")
     conn.start()
     try:
-        rpc = RpcClient(conn, protocol.device_reply_topic("dev2", uuid.uuid4().hex[:8]))
+        rpc = RpcClient(conn, topics.device_reply_topic("dev2", uuid.uuid4().hex[:8]))
         estimator = LinkEstimator()
-        model_hash = protocol.model_hash_prefix(model_sha256(engine.path))
+        model_hash = frames.model_hash_prefix(model_sha256(engine.path))
         executor = SplitExecutor(
             engine.model,
             engine.tokenizer.eos_id,

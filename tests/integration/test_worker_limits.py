@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cloud_offload import protocol
 from cloud_offload.local_broker import LocalBroker, free_port
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
+from cloud_offload.protocol import frames, topics
 from cloud_offload.worker import CloudWorker
 from splitwise_core import codecs
 from splitwise_core.engine import model_sha256
@@ -42,7 +42,7 @@ def subscriptions_settled(conn: MqttConnection, wait_s: float = 5.0) -> None:
 def _edge(broker: LocalBroker, device: str) -> tuple[MqttConnection, RpcClient]:
     conn = MqttConnection(BrokerSettings(broker.host, broker.port), f"edge-{device}-{uuid.uuid4().hex[:6]}")
     conn.start()
-    rpc = RpcClient(conn, protocol.device_reply_topic(device, uuid.uuid4().hex[:12]))
+    rpc = RpcClient(conn, topics.device_reply_topic(device, uuid.uuid4().hex[:12]))
     subscriptions_settled(conn)  # the reply topic
     return conn, rpc
 
@@ -56,7 +56,7 @@ def worker_edges(mosquitto_broker: LocalBroker, request: pytest.FixtureRequest) 
     edges = [_edge(mosquitto_broker, name) for name in ("dev-a", "dev-b")]
     subscriptions_settled(worker.connection)  # the pool and worker topics
     try:
-        yield worker, [rpc for _, rpc in edges], protocol.model_hash_prefix(model_sha256(bundled_model_path()))
+        yield worker, [rpc for _, rpc in edges], frames.model_hash_prefix(model_sha256(bundled_model_path()))
     finally:
         for conn, _ in edges:
             conn.stop()
@@ -67,7 +67,7 @@ def _request(model_hash: bytes, rows: int, *, position: int = 0, session: uuid.U
     x = kw.pop("tensor", None)
     if x is None:
         x = np.random.default_rng(rows).standard_normal((rows, D_MODEL)).astype(np.float32)
-    return protocol.encode_request(
+    return frames.encode_request(
         session=session or uuid.uuid4(),
         step=kw.pop("step", 0),
         position=position,
@@ -87,13 +87,13 @@ def _with_nan_last(frame: bytes) -> bytes:
     return body + struct.pack("<I", codecs.crc32c(body))
 
 
-def _answer(rpc: RpcClient, payload: bytes, timeout: float = 30.0) -> protocol.Frame:
-    msg = rpc.request(protocol.pool_segment_topic(POOL), payload)[1].result(timeout=timeout)
-    return protocol.decode_frame(msg.payload)
+def _answer(rpc: RpcClient, payload: bytes, timeout: float = 30.0) -> frames.Frame:
+    msg = rpc.request(topics.pool_segment_topic(POOL), payload)[1].result(timeout=timeout)
+    return frames.decode_frame(msg.payload)
 
 
-def _error(frame: protocol.Frame) -> tuple[str, str]:
-    assert frame.kind is protocol.FrameKind.ERROR, f"expected an error frame, got {frame.kind.name}"
+def _error(frame: frames.Frame) -> tuple[str, str]:
+    assert frame.kind is frames.FrameKind.ERROR, f"expected an error frame, got {frame.kind.name}"
     return frame.error()
 
 
@@ -117,7 +117,7 @@ def test_rows_past_the_limit_or_the_context_are_refused_before_any_work(worker_e
     assert time.perf_counter() - started < 5.0  # nothing was computed
     assert not worker.sessions  # and nothing was created
     # The limit itself is served, and the worker says what its limit is.
-    assert _answer(rpc, _request(model_hash, 64)).kind is protocol.FrameKind.RESPONSE
+    assert _answer(rpc, _request(model_hash, 64)).kind is frames.FrameKind.RESPONSE
     assert b'"max_rows_per_frame": 64' in worker._status("online")
 
 
@@ -141,7 +141,7 @@ def test_the_kv_cap_makes_room_before_computing(worker_edges: Any) -> None:
     peaks: list[int] = []
     original = worker.run_ops
 
-    def spy(session: Any, frame: protocol.Frame, x: Any = None) -> Any:
+    def spy(session: Any, frame: frames.Frame, x: Any = None) -> Any:
         peaks.append(worker.kv_bytes())
         out = original(session, frame, x)
         peaks.append(worker.kv_bytes())
@@ -150,8 +150,8 @@ def test_the_kv_cap_makes_room_before_computing(worker_edges: Any) -> None:
     worker.run_ops = spy
     first, second = uuid.uuid4(), uuid.uuid4()
     layer0 = [Op(OpKind.LAYER, 0)]
-    assert _answer(rpc, _request(model_hash, 256, session=first, ops=layer0)).kind is protocol.FrameKind.RESPONSE
-    assert _answer(rpc, _request(model_hash, 256, session=second, ops=layer0)).kind is protocol.FrameKind.RESPONSE
+    assert _answer(rpc, _request(model_hash, 256, session=first, ops=layer0)).kind is frames.FrameKind.RESPONSE
+    assert _answer(rpc, _request(model_hash, 256, session=second, ops=layer0)).kind is frames.FrameKind.RESPONSE
     assert list(worker.sessions) == [second] and worker.stats.sessions_evicted == 1
     assert max(peaks) <= 600_000, peaks
 
@@ -179,19 +179,19 @@ def test_frames_that_are_not_computed_create_no_session(worker_edges: Any) -> No
     assert code == "unknown_session"
     assert not worker.sessions
     # The same session, well-formed from position 0, is then served.
-    assert _answer(rpc, _request(model_hash, 2, session=session)).kind is protocol.FrameKind.RESPONSE
+    assert _answer(rpc, _request(model_hash, 2, session=session)).kind is frames.FrameKind.RESPONSE
     assert list(worker.sessions) == [session]
 
 
 def test_a_kv_jump_on_a_known_session_is_refused_and_keeps_its_kv(worker_edges: Any) -> None:
     worker, (rpc, _), model_hash = worker_edges
     session = uuid.uuid4()
-    assert _answer(rpc, _request(model_hash, 3, session=session)).kind is protocol.FrameKind.RESPONSE
+    assert _answer(rpc, _request(model_hash, 3, session=session)).kind is frames.FrameKind.RESPONSE
     code, _ = _error(_answer(rpc, _request(model_hash, 1, position=5000, session=session, step=1)))
     assert code == "unknown_session"
     assert worker.sessions[session].session.cached(0, 0) == 3
     ok = _answer(rpc, _request(model_hash, 1, position=3, session=session, step=1))
-    assert ok.kind is protocol.FrameKind.RESPONSE
+    assert ok.kind is frames.FrameKind.RESPONSE
 
 
 # --- defect 4: frames per second per device -----------------------------------------------------
@@ -203,16 +203,16 @@ def test_a_kv_jump_on_a_known_session_is_refused_and_keeps_its_kv(worker_edges: 
 def test_a_flooding_device_is_refused_while_another_is_served(worker_edges: Any) -> None:
     worker, (flood, other), model_hash = worker_edges
     ffn = [Op(OpKind.FFN, 1)]
-    futures = [flood.request(protocol.pool_segment_topic(POOL), _request(model_hash, 1, ops=ffn))[1] for _ in range(60)]
-    frames = [protocol.decode_frame(f.result(timeout=30).payload) for f in futures]
-    refused = [f for f in frames if f.kind is protocol.FrameKind.ERROR]
-    served = [f for f in frames if f.kind is protocol.FrameKind.RESPONSE]
+    futures = [flood.request(topics.pool_segment_topic(POOL), _request(model_hash, 1, ops=ffn))[1] for _ in range(60)]
+    replies = [frames.decode_frame(f.result(timeout=30).payload) for f in futures]
+    refused = [f for f in replies if f.kind is frames.FrameKind.ERROR]
+    served = [f for f in replies if f.kind is frames.FrameKind.RESPONSE]
     assert 10 <= len(served) <= 25 and len(refused) >= 35, (len(served), len(refused))
     code, message = refused[0].error()
     assert code == "overloaded" and "dev-a" in message and "frames/s" in message, message
     # The second device still gets its frames computed while the first one is throttled.
     for _ in range(5):
-        assert _answer(other, _request(model_hash, 1, ops=ffn)).kind is protocol.FrameKind.RESPONSE
+        assert _answer(other, _request(model_hash, 1, ops=ffn)).kind is frames.FrameKind.RESPONSE
     assert worker.stats.rate_limited == len(refused)
 
 
@@ -244,15 +244,15 @@ def test_frames_beyond_the_queued_bytes_are_refused_while_the_worker_is_busy(wor
     worker.handle = slow  # type: ignore[method-assign]
     ffn = [Op(OpKind.FFN, 1)]
     frame = _request(model_hash, 17, ops=ffn)  # ~39 kB: two fit in 100 kB
-    topic = protocol.pool_segment_topic(POOL)
+    topic = topics.pool_segment_topic(POOL)
     first = rpc.request(topic, frame)[1]
     assert busy.wait(10)  # the first one is being handled, out of the inbox
     waiting = [other.request(topic, _request(model_hash, 17, ops=ffn))[1] for _ in range(5)]
-    refused = [protocol.decode_frame(f.result(timeout=10).payload) for f in waiting[2:]]
+    refused = [frames.decode_frame(f.result(timeout=10).payload) for f in waiting[2:]]
     assert all(f.error()[0] == "overloaded" and "worker busy" in f.error()[1] for f in refused)
     release.set()
     for future in [first, *waiting[:2]]:
-        assert protocol.decode_frame(future.result(timeout=30).payload).kind is protocol.FrameKind.RESPONSE
+        assert frames.decode_frame(future.result(timeout=30).payload).kind is frames.FrameKind.RESPONSE
     assert worker._queued_bytes == 0 and worker.stats.refused_on_arrival == 3
 
 

@@ -14,10 +14,10 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from cloud_offload import protocol
 from cloud_offload.config import load_cloud_config
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
 from cloud_offload.profiles import PROFILE_KEYS, WorkerProfiles, profile_message
+from cloud_offload.protocol import frames, topics
 from cloud_offload.worker import CloudWorker
 from splitwise_core.engine import model_sha256
 from splitwise_core.ops import Op, OpKind
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.broker
 POOL = "prof"
 REPO = Path(__file__).resolve().parents[2]
 PROFILE_FILE = REPO / "deploy" / "profiles" / "reference-vm.smollm2-135m.profile.json"
-MODEL_HASH = protocol.model_hash_prefix(model_sha256(bundled_model_path()))
+MODEL_HASH = frames.model_hash_prefix(model_sha256(bundled_model_path()))
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_file_profile_is_retained_for_late_subscribers_and_cleared_on_stop(mosqu
             raw.append(bytes(msg.payload))
             arrived.set()
 
-        connect().subscribe(protocol.worker_profile_topic(POOL, "w1"), on_raw, wait_s=5)
+        connect().subscribe(topics.worker_profile_topic(POOL, "w1"), on_raw, wait_s=5)
         assert arrived.wait(5), "no profile message"
         msg = json.loads(raw[0])
         assert set(msg) == {"worker_id", "pool", "model_hash", "threads", "measured_at", "source", "profile"}
@@ -110,7 +110,7 @@ def test_file_profile_is_retained_for_late_subscribers_and_cleared_on_stop(mosqu
 def segment_request() -> bytes:
     """A real segment: one FFN on a fresh session's first position."""
     x = np.random.default_rng(0).standard_normal((1, 576)).astype(np.float32)
-    return protocol.encode_request(
+    return frames.encode_request(
         session=uuid.uuid4(),
         step=0,
         position=0,
@@ -134,13 +134,13 @@ def test_measured_profile_is_a_planner_profile(mosquitto_broker, connect) -> Non
         # The worker serves while it profiles: a real segment is answered before the profile is out.
         subscriptions_settled(worker.connection)
         at_reply: dict[str, object] = {}
-        _, future = rpc.request(protocol.worker_segment_topic("wm"), segment_request())
+        _, future = rpc.request(topics.worker_segment_topic("wm"), segment_request())
         future.add_done_callback(
             lambda _f: at_reply.update(profile_done=worker.profile_done.is_set(), collected=sorted(profiles.profiles()))
         )
-        reply = protocol.decode_frame(future.result(timeout=120).payload)
+        reply = frames.decode_frame(future.result(timeout=120).payload)
         answered = time.monotonic() - started
-        assert reply.kind is protocol.FrameKind.RESPONSE and reply.tensor().shape == (1, 576)
+        assert reply.kind is frames.FrameKind.RESPONSE and reply.tensor().shape == (1, 576)
         assert at_reply == {"profile_done": False, "collected": []}, (
             f"the worker answered its first segment ({answered:.1f} s after start) only once its profile "
             f"was out: {at_reply}"
@@ -181,9 +181,9 @@ def test_invalid_profile_messages_are_ignored(mosquitto_broker, connect) -> None
         ("wg", b"\xff\xfe"),
     ]
     for wid, payload in bad:
-        pub.publish(protocol.worker_profile_topic(POOL, wid), payload).wait_for_publish(2)
+        pub.publish(topics.worker_profile_topic(POOL, wid), payload).wait_for_publish(2)
     pub.publish(f"splitwise/v1/cloud/{POOL}/profile/not.an.id", message("x")).wait_for_publish(2)
-    pub.publish(protocol.worker_profile_topic(POOL, "ok"), message("ok")).wait_for_publish(2)
+    pub.publish(topics.worker_profile_topic(POOL, "ok"), message("ok")).wait_for_publish(2)
     assert collector.wait_for_any(5)
     deadline = time.monotonic() + 5
     while collector.ignored < len(bad) + 1 and time.monotonic() < deadline:
@@ -191,13 +191,13 @@ def test_invalid_profile_messages_are_ignored(mosquitto_broker, connect) -> None
     assert collector.ignored == len(bad) + 1
     assert collector.profiles() == {"ok": good}
     # Still working: another worker arrives, then withdraws; a bad message does not remove "ok".
-    pub.publish(protocol.worker_profile_topic(POOL, "ok2"), message("ok2")).wait_for_publish(2)
-    pub.publish(protocol.worker_profile_topic(POOL, "ok"), b"{").wait_for_publish(2)
+    pub.publish(topics.worker_profile_topic(POOL, "ok2"), message("ok2")).wait_for_publish(2)
+    pub.publish(topics.worker_profile_topic(POOL, "ok"), b"{").wait_for_publish(2)
     deadline = time.monotonic() + 5
     while len(collector.profiles()) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert set(collector.profiles()) == {"ok", "ok2"}
-    pub.publish(protocol.worker_profile_topic(POOL, "ok2"), b"").wait_for_publish(2)
+    pub.publish(topics.worker_profile_topic(POOL, "ok2"), b"").wait_for_publish(2)
     deadline = time.monotonic() + 5
     while "ok2" in collector.profiles() and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -40,8 +40,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from cloud_offload import protocol
 from cloud_offload.local_broker import LocalBroker
+from cloud_offload.protocol import frames, topics
 from evaluation.processes import Proc, write_toml
 from splitwise_core import codecs
 from splitwise_core.engine import model_sha256
@@ -332,7 +332,7 @@ def frame_attempts(seed: int, count: int, reply_prefix: str, model_hash: bytes, 
         codec: str = "f32",
         mhash: bytes | None = None,
     ) -> bytes:
-        return protocol.encode_request(
+        return frames.encode_request(
             session=session or uuid.UUID(int=rng.getrandbits(128)),
             step=position,
             position=position,
@@ -426,13 +426,13 @@ def frame_attempts(seed: int, count: int, reply_prefix: str, model_hash: bytes, 
 
 def classify_worker_reply(payload: bytes) -> str:
     try:
-        frame = protocol.decode_frame(payload)
+        frame = frames.decode_frame(payload)
     except Exception:
         return UNEXPECTED_REPLY
-    if frame.kind is protocol.FrameKind.ERROR:
+    if frame.kind is frames.FrameKind.ERROR:
         code, message = frame.error()
         return CLEAR_ERROR if code and message else UNEXPECTED_REPLY
-    return ANSWERED if frame.kind is protocol.FrameKind.RESPONSE else UNEXPECTED_REPLY
+    return ANSWERED if frame.kind is frames.FrameKind.RESPONSE else UNEXPECTED_REPLY
 
 
 # ------------------------------------------------------------------------------------- the thrower
@@ -642,9 +642,9 @@ def fuzz_system(workdir: Path, worker_settings: dict[str, Any] | None = None) ->
         agent = Proc("device agent", ["splitwise_device", "run", "--config", str(config)], workdir / "agent.log")
         procs.append(agent)
         for worker_id, proc in zip(("fz1", "fz2"), workers, strict=True):
-            _wait_retained(broker, protocol.worker_status_topic(worker_id), "online", [proc], 120)
-        _wait_retained(broker, protocol.device_status_topic(DEVICE_ID), "online", [agent], 120)
-        yield FuzzSystem(broker, agent, workers, protocol.model_hash_prefix(model_sha256(model)))
+            _wait_retained(broker, topics.worker_status_topic(worker_id), "online", [proc], 120)
+        _wait_retained(broker, topics.device_status_topic(DEVICE_ID), "online", [agent], 120)
+        yield FuzzSystem(broker, agent, workers, frames.model_hash_prefix(model_sha256(model)))
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -669,14 +669,14 @@ def fuzz_round(
 
     try:
         agent = run.throw(
-            protocol.device_infer_topic(DEVICE_ID),
+            topics.device_infer_topic(DEVICE_ID),
             front_door_attempts(seed, payloads, f"{run.reply_prefix}/a"),
             classify_agent_reply,
             settle_s=settle_s,
             progress=counter("requests", payloads),
         )
         workers = run.throw(
-            protocol.pool_segment_topic(POOL),
+            topics.pool_segment_topic(POOL),
             frame_attempts(seed, frames, f"{run.reply_prefix}/w", system.model_hash),
             classify_worker_reply,
             settle_s=settle_s,
@@ -693,7 +693,7 @@ def ask_normally(broker: LocalBroker, timeout: float = 60.0) -> dict[str, Any]:
     try:
         topic = f"{run.reply_prefix}/0"
         attempt = Attempt("normal", _json({"prompt": "The capital of France is", "max_tokens": 4}), topic, b"n", topic)
-        run.throw(protocol.device_infer_topic(DEVICE_ID), [attempt], classify_agent_reply, settle_s=timeout)
+        run.throw(topics.device_infer_topic(DEVICE_ID), [attempt], classify_agent_reply, settle_s=timeout)
         replies = [json.loads(p) for p in run.replies.get(topic, [])]
         finals = [r for r in replies if r.get("type") == "final"]
         if not finals:

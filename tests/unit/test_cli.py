@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from cloud_offload.protocol import InferRequest
 from evaluation.processes import write_toml
 from policies.planners.registry import PLANNER_NAMES
 from splitwise_core.errors import SplitwiseError
 from splitwise_core.tokenizer import bundled_model_path
 from splitwise_device.agent import DeviceAgent
+from splitwise_device.app_messages import InferRequest
 from splitwise_device.config import load_device_config
 
 

@@ -292,8 +292,8 @@ def test_requests_may_name_exactly_the_planners_there_are() -> None:
     # cloud_offload may not import policies, so the request schema spells the names out itself.
     import typing
 
-    from cloud_offload.protocol import InferRequest
     from policies.planners.registry import PLANNER_NAMES
+    from splitwise_device.app_messages import InferRequest
 
     annotation = InferRequest.model_fields["planner"].annotation
     literal = next(arg for arg in typing.get_args(annotation) if arg is not type(None))

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cloud_offload import protocol
 from cloud_offload.config import load_cloud_config
 from cloud_offload.local_broker import free_port
 from cloud_offload.mqtt import BrokerSettings
-from cloud_offload.protocol import FrameKind
+from cloud_offload.protocol import frames, topics
+from cloud_offload.protocol.frames import FrameKind
 from cloud_offload.worker import CloudWorker, FrameRateLimiter, sender_of
 from splitwise_core import codecs
 from splitwise_core.config import ConfigError
@@ -27,7 +27,7 @@ from splitwise_core.ops import Op, OpKind
 from splitwise_core.tokenizer import bundled_model_path
 
 D, N_FF, CONTEXT = 576, 1536, 8192
-MODEL_HASH = protocol.model_hash_prefix(model_sha256(bundled_model_path()))
+MODEL_HASH = frames.model_hash_prefix(model_sha256(bundled_model_path()))
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +56,9 @@ def request(
     session: uuid.UUID | None = None,
     shape: tuple[int, ...] | None = None,
     step: int = 0,
-) -> protocol.Frame:
+) -> frames.Frame:
     x = np.random.default_rng(rows).standard_normal(shape or (rows, width)).astype(np.float32)
-    data = protocol.encode_request(
+    data = frames.encode_request(
         session=session or uuid.uuid4(),
         step=step,
         position=position,
@@ -68,13 +68,13 @@ def request(
         tensor=x,
         codec="f32",
     )
-    return protocol.decode_frame(data, n_layer=30, n_head=9, model_hash=MODEL_HASH)
+    return frames.decode_frame(data, n_layer=30, n_head=9, model_hash=MODEL_HASH)
 
 
-def refusal(worker: CloudWorker, frame: protocol.Frame) -> tuple[str, str]:
+def refusal(worker: CloudWorker, frame: frames.Frame) -> tuple[str, str]:
     reply = worker.answer(frame)
     assert reply is not None
-    decoded = protocol.decode_frame(reply)
+    decoded = frames.decode_frame(reply)
     assert decoded.kind is FrameKind.ERROR, "the frame was computed"
     assert (decoded.session, decoded.position) == (frame.session, frame.position)  # header echoed
     return decoded.error()
@@ -105,15 +105,15 @@ def test_refused_before_any_work_and_without_a_trace(
 
 def test_the_limits_themselves_are_served(worker: CloudWorker) -> None:
     reply = worker.answer(request(32, position=CONTEXT - 32))  # a new session: no KV, so unknown_session
-    assert reply is not None and protocol.decode_frame(reply).error()[0] == "unknown_session"
+    assert reply is not None and frames.decode_frame(reply).error()[0] == "unknown_session"
     assert not worker.sessions
     for frame in (request(32), request(32, width=N_FF, ops=[Op(OpKind.FFN_DOWN, 3)])):
         reply = worker.answer(frame)
-        assert reply is not None and protocol.decode_frame(reply).kind is FrameKind.RESPONSE
+        assert reply is not None and frames.decode_frame(reply).kind is FrameKind.RESPONSE
 
 
 def test_a_nan_or_inf_payload_is_bad_frame_bad_payload(worker: CloudWorker) -> None:
-    good = protocol.encode_request(
+    good = frames.encode_request(
         session=uuid.uuid4(),
         step=0,
         position=0,
@@ -125,7 +125,7 @@ def test_a_nan_or_inf_payload_is_bad_frame_bad_payload(worker: CloudWorker) -> N
     )
     for value in (float("nan"), float("inf"), float("-inf")):
         body = good[:-8] + struct.pack("<f", value)
-        frame = protocol.decode_frame(body + struct.pack("<I", codecs.crc32c(body)), model_hash=MODEL_HASH)
+        frame = frames.decode_frame(body + struct.pack("<I", codecs.crc32c(body)), model_hash=MODEL_HASH)
         code, message = refusal(worker, frame)
         assert code == "bad_frame" and message.startswith("bad_payload: "), message
     assert not worker.sessions
@@ -140,7 +140,7 @@ def test_kv_history_is_checked_before_a_session_exists(worker: CloudWorker) -> N
     assert not worker.sessions
     # FFN-only frames hold no KV: served at any position (a plan with only FFNs on the cloud).
     reply = worker.answer(request(2, position=40, ops=[Op(OpKind.FFN, 2)], session=session))
-    assert reply is not None and protocol.decode_frame(reply).kind is FrameKind.RESPONSE
+    assert reply is not None and frames.decode_frame(reply).kind is FrameKind.RESPONSE
     assert session in worker.sessions and worker.kv_bytes() == 0
 
 
@@ -153,7 +153,7 @@ def test_a_kv_jump_on_a_known_session_leaves_its_kv_alone(worker: CloudWorker) -
     assert code == "unknown_session" and "holds 3 positions" in message, message
     assert worker.kv_bytes() == before and worker.sessions[session].session.cached(0, 2) == 3
     reply = worker.answer(request(1, position=3, ops=layer, session=session, step=1))  # where it ends: served
-    assert reply is not None and protocol.decode_frame(reply).kind is FrameKind.RESPONSE
+    assert reply is not None and frames.decode_frame(reply).kind is FrameKind.RESPONSE
 
 
 def test_answers_kept_for_retries_are_bounded_and_count_against_the_cap(worker: CloudWorker) -> None:
@@ -162,7 +162,7 @@ def test_answers_kept_for_retries_are_bounded_and_count_against_the_cap(worker: 
     session, most = uuid.uuid4(), worker.max_answers_per_session
     assert most == 4 * 30 + 16
     for segment in range(most + 20):
-        frame = protocol.encode_request(
+        frame = frames.encode_request(
             session=session,
             step=0,
             position=0,
@@ -172,14 +172,14 @@ def test_answers_kept_for_retries_are_bounded_and_count_against_the_cap(worker: 
             tensor=np.ones((4, D), dtype=np.float32),
             codec="f32",
         )
-        worker.answer(protocol.decode_frame(frame, model_hash=MODEL_HASH))
+        worker.answer(frames.decode_frame(frame, model_hash=MODEL_HASH))
     state = worker.sessions[session]
     assert len(state.answers) == most and min(state.answers) == 20  # the oldest went first
     assert state.answer_bytes == sum(len(a) for a in state.answers.values())
     assert worker.memory_bytes() == worker.kv_bytes() + state.answer_bytes > 0
     # A retry of a kept segment is answered from memory; of a dropped one, computed again.
     duplicates = worker.stats.duplicates
-    assert worker.answer(protocol.decode_frame(frame, model_hash=MODEL_HASH)) == state.answers[most + 19]
+    assert worker.answer(frames.decode_frame(frame, model_hash=MODEL_HASH)) == state.answers[most + 19]
     assert worker.stats.duplicates == duplicates + 1
     dropped = request(4, ops=[Op(OpKind.FFN, 1)], session=session)  # step 0, segment 0
     assert worker.answer(dropped) is not None and worker.stats.duplicates == duplicates + 1
@@ -216,7 +216,7 @@ def test_token_bucket_rejects_nonsense(rate: float, burst: int) -> None:
 
 
 def test_sender_of_a_frame() -> None:
-    assert sender_of(protocol.device_reply_topic("pi5-kitchen", "abc")) == "device pi5-kitchen"
+    assert sender_of(topics.device_reply_topic("pi5-kitchen", "abc")) == "device pi5-kitchen"
     assert sender_of("edge/reply/x") == "reply topic edge/reply/x"
     assert sender_of("splitwise/v1/device/a/reply/b/c") == "reply topic splitwise/v1/device/a/reply/b/c"
     assert sender_of(None) == ""

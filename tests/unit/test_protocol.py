@@ -13,14 +13,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from cloud_offload import protocol as p
-from cloud_offload.protocol import FrameError, FrameFault, FrameKind
+from cloud_offload.mqtt import mqtt_payload
+from cloud_offload.protocol import frames, topics
+from cloud_offload.protocol.frames import FrameFault, FrameKind
 from splitwise_core import codecs
-from splitwise_core.errors import InvalidArgumentError, SplitwiseError
+from splitwise_core.errors import FrameError, InvalidArgumentError, SplitwiseError
 from splitwise_core.ops import HEADER_SIZE, OP_SIZE, Op, OpKind
+from splitwise_device import app_messages
 
 SESSION = uuid.UUID("12345678-1234-5678-1234-567812345678")
-MODEL_HASH = p.model_hash_prefix(bytes(range(32)))
+MODEL_HASH = frames.model_hash_prefix(bytes(range(32)))
 OPS_BY_KIND: dict[OpKind, tuple[list[Op], int]] = {  # ops, input columns (d=64, n_ff=96)
     OpKind.ATTN_PART: ([Op(OpKind.ATTN_PART, 3, (0, 4, 8))], 64),
     OpKind.FFN_DOWN: ([Op(OpKind.FFN_DOWN, 29)], 96),
@@ -46,7 +48,7 @@ def request(
         "codec": codec,
     }
     args.update(kw)
-    return p.encode_request(**args), x
+    return frames.encode_request(**args), x
 
 
 def reseal(frame: bytes | bytearray) -> bytes:
@@ -63,7 +65,7 @@ def patched(frame: bytes, offset: int, value: bytes) -> bytes:
 
 def fault(data: bytes, **kw: Any) -> FrameFault:
     with pytest.raises(FrameError) as info:
-        p.decode_frame(data, **kw)
+        frames.decode_frame(data, **kw)
     assert isinstance(info.value, SplitwiseError) and isinstance(info.value, ValueError)
     return FrameFault(info.value.reason)
 
@@ -79,29 +81,34 @@ def desc_off(n_ops: int) -> int:
 
 
 def test_topics() -> None:
-    assert p.device_infer_topic("pi-5_a") == "splitwise/v1/device/pi-5_a/infer"
-    assert p.device_status_topic("pi") == "splitwise/v1/device/pi/status"
-    assert p.device_reply_topic("pi", "n0nce") == "splitwise/v1/device/pi/reply/n0nce"
-    assert p.device_reply_filter("pi") == "splitwise/v1/device/pi/reply/+"
-    assert p.pool_segment_topic("eu") == "splitwise/v1/cloud/eu/segment"
-    assert p.pool_segment_share("eu") == "$share/eu/splitwise/v1/cloud/eu/segment"
-    assert p.worker_segment_topic("w1") == "splitwise/v1/cloud/worker/w1/segment"
-    assert p.worker_status_topic("w1") == "splitwise/v1/cloud/worker/w1/status"
+    assert topics.device_infer_topic("pi-5_a") == "splitwise/v1/device/pi-5_a/infer"
+    assert topics.device_status_topic("pi") == "splitwise/v1/device/pi/status"
+    assert topics.device_reply_topic("pi", "n0nce") == "splitwise/v1/device/pi/reply/n0nce"
+    assert topics.device_reply_filter("pi") == "splitwise/v1/device/pi/reply/+"
+    assert topics.pool_segment_topic("eu") == "splitwise/v1/cloud/eu/segment"
+    assert topics.pool_segment_share("eu") == "$share/eu/splitwise/v1/cloud/eu/segment"
+    assert topics.worker_segment_topic("w1") == "splitwise/v1/cloud/worker/w1/segment"
+    assert topics.worker_status_topic("w1") == "splitwise/v1/cloud/worker/w1/status"
 
 
 @pytest.mark.parametrize("bad", ["", "a+b", "a#", "a/b", "x" * 65, "é", "a b", "$sys"])
 def test_bad_ids(bad: str) -> None:
-    for build in (p.device_infer_topic, p.pool_segment_topic, p.pool_segment_share, p.worker_status_topic):
+    for build in (
+        topics.device_infer_topic,
+        topics.pool_segment_topic,
+        topics.pool_segment_share,
+        topics.worker_status_topic,
+    ):
         with pytest.raises(InvalidArgumentError):
             build(bad)
     with pytest.raises(InvalidArgumentError):
-        p.device_reply_topic("ok", bad)
+        topics.device_reply_topic("ok", bad)
 
 
 def test_pool_named_worker_is_reserved() -> None:
     with pytest.raises(InvalidArgumentError, match="reserved"):
-        p.pool_segment_topic("worker")
-    assert p.validate_id("x" * 64) == "x" * 64
+        topics.pool_segment_topic("worker")
+    assert topics.validate_id("x" * 64) == "x" * 64
 
 
 # --- frame round trips ----------------------------------------------------------------------------
@@ -112,7 +119,7 @@ def test_pool_named_worker_is_reserved() -> None:
 def test_round_trip_every_op_and_codec(kind: OpKind, codec: str) -> None:
     ops, cols = OPS_BY_KIND[kind]
     data, x = request(ops, rows=5, cols=cols, codec=codec, attempt=3, reply_codec="f32")
-    frame = p.decode_frame(data, n_layer=30, n_head=9, model_hash=MODEL_HASH)
+    frame = frames.decode_frame(data, n_layer=30, n_head=9, model_hash=MODEL_HASH)
     assert frame.kind is FrameKind.REQUEST
     assert (frame.session, frame.step, frame.position, frame.segment, frame.attempt) == (SESSION, 7, 40, 2, 3)
     assert frame.model_hash == MODEL_HASH
@@ -123,12 +130,14 @@ def test_round_trip_every_op_and_codec(kind: OpKind, codec: str) -> None:
     assert frame.payload.obj is data  # a view, not a copy
 
     y = np.arange(5 * 64, dtype=np.float32).reshape(5, 64)
-    reply = p.decode_frame(p.encode_response(frame, y))
+    reply = frames.decode_frame(frames.encode_response(frame, y))
     assert reply.kind is FrameKind.RESPONSE and reply.codec == "f32"  # the requested reply codec
     assert reply.dedup_key == frame.dedup_key and reply.ops == frame.ops and reply.attempt == 3
     np.testing.assert_array_equal(reply.tensor(), y)
 
-    err = p.decode_frame(p.encode_error(p.ErrorCode.UNKNOWN_SESSION, "no KV for this session", request=frame))
+    err = frames.decode_frame(
+        frames.encode_error(frames.ErrorCode.UNKNOWN_SESSION, "no KV for this session", request=frame)
+    )
     assert err.kind is FrameKind.ERROR and err.dedup_key == frame.dedup_key
     assert err.error() == ("unknown_session", "no KV for this session")
     assert err.codec is None and err.shape == ()
@@ -136,16 +145,16 @@ def test_round_trip_every_op_and_codec(kind: OpKind, codec: str) -> None:
 
 def test_reply_codec_defaults_to_the_request_codec() -> None:
     data, _ = request(codec="f16")
-    frame = p.decode_frame(data)
+    frame = frames.decode_frame(data)
     assert frame.reply_codec == "f16"
-    assert p.decode_frame(p.encode_response(frame, np.ones((3, 64), np.float32))).codec == "f16"
-    assert p.decode_frame(p.encode_response(frame, np.ones((1, 9), np.float32), codec="q4_0")).codec == "q4_0"
+    assert frames.decode_frame(frames.encode_response(frame, np.ones((3, 64), np.float32))).codec == "f16"
+    assert frames.decode_frame(frames.encode_response(frame, np.ones((1, 9), np.float32), codec="q4_0")).codec == "q4_0"
 
 
 def test_checkpoint_resend_and_flags() -> None:
     x = np.random.default_rng(1).normal(size=(4, 64)).astype(np.float32)
-    checkpoint = p.encode_tensor(x, "q4_0")
-    data = p.encode_request(
+    checkpoint = frames.encode_tensor(x, "q4_0")
+    data = frames.encode_request(
         session=SESSION,
         step=3,
         position=9,
@@ -153,39 +162,46 @@ def test_checkpoint_resend_and_flags() -> None:
         model_hash=MODEL_HASH,
         ops=[Op(OpKind.LAYER, 4)],
         tensor=checkpoint,
-        flags=p.Flags.REPLAY,
+        flags=frames.Flags.REPLAY,
         attempt=70000,
     )
-    frame = p.decode_frame(data)
-    assert frame.flags == p.Flags.REPLAY and frame.attempt == 0xFFFF
+    frame = frames.decode_frame(data)
+    assert frame.flags == frames.Flags.REPLAY and frame.attempt == 0xFFFF
     assert frame.encoded() == checkpoint
     np.testing.assert_array_equal(frame.tensor(), checkpoint.decode())
 
 
 def test_session_close_has_no_tensor() -> None:
-    data = p.encode_request(
-        session=SESSION, step=9, position=0, segment=0, model_hash=MODEL_HASH, ops=[], tensor=None, flags=p.Flags.CLOSE
+    data = frames.encode_request(
+        session=SESSION,
+        step=9,
+        position=0,
+        segment=0,
+        model_hash=MODEL_HASH,
+        ops=[],
+        tensor=None,
+        flags=frames.Flags.CLOSE,
     )
-    frame = p.decode_frame(data)
-    assert frame.flags == p.Flags.CLOSE and frame.codec is None and frame.ops == () and len(frame.payload) == 0
+    frame = frames.decode_frame(data)
+    assert frame.flags == frames.Flags.CLOSE and frame.codec is None and frame.ops == () and len(frame.payload) == 0
     with pytest.raises(FrameError):
         frame.tensor()
     with pytest.raises(InvalidArgumentError):
-        p.encode_request(
+        frames.encode_request(
             session=SESSION, step=9, position=0, segment=0, model_hash=MODEL_HASH, ops=[Op(OpKind.FFN, 1)], tensor=None
         )
 
 
 def test_error_for_an_undecodable_frame() -> None:
-    frame = p.decode_frame(p.encode_error("bad_frame", "crc_mismatch: ..."))
+    frame = frames.decode_frame(frames.encode_error("bad_frame", "crc_mismatch: ..."))
     assert frame.session == uuid.UUID(int=0) and frame.error() == ("bad_frame", "crc_mismatch: ...")
 
 
 def test_dedup_key_ignores_the_attempt() -> None:
-    keys = {p.decode_frame(request(attempt=a)[0]).dedup_key for a in range(3)}
+    keys = {frames.decode_frame(request(attempt=a)[0]).dedup_key for a in range(3)}
     assert keys == {(SESSION, 7, 2)}
-    assert p.decode_frame(request(segment=3)[0]).dedup_key != (SESSION, 7, 2)
-    assert p.decode_frame(request(step=8)[0]).dedup_key != (SESSION, 7, 2)
+    assert frames.decode_frame(request(segment=3)[0]).dedup_key != (SESSION, 7, 2)
+    assert frames.decode_frame(request(step=8)[0]).dedup_key != (SESSION, 7, 2)
 
 
 def test_frame_layout() -> None:
@@ -195,7 +211,7 @@ def test_frame_layout() -> None:
     assert data[8:24] == SESSION.bytes and data[36:52] == MODEL_HASH
     assert struct.unpack_from("<H", data, 6) == (0,)
     assert struct.unpack_from("<IIHH", data, 24) == (7, 40, 2, 1)
-    assert struct.unpack_from("<BBH", data, 52) == (p.CODEC_IDS["f32"], p.CODEC_IDS["f32"], 1)
+    assert struct.unpack_from("<BBH", data, 52) == (frames.CODEC_IDS["f32"], frames.CODEC_IDS["f32"], 1)
     assert struct.unpack_from("<BHQ", data, 56) == (OpKind.ATTN_PART, 513, 1 | 1 << 63)
     assert struct.unpack_from("<BII", data, 67) == (2, 2, 32)
     assert struct.unpack_from("<I", data, 76) == (2 * 32 * 4,)
@@ -233,7 +249,7 @@ def test_unknown_kind_flags_codec_op() -> None:
 def test_op_fields() -> None:
     data, _ = request([Op(OpKind.ATTN_PART, 3, (1, 8))])
     mask_off = OPS_OFF + 3
-    assert p.decode_frame(data, n_head=9).ops[0].heads == (1, 8)
+    assert frames.decode_frame(data, n_head=9).ops[0].heads == (1, 8)
     assert fault(patched(data, mask_off, struct.pack("<Q", 1 << 9)), n_head=9) is FrameFault.HEADS_OUT_OF_RANGE
     assert fault(patched(data, mask_off, struct.pack("<Q", 0))) is FrameFault.BAD_OP
     assert fault(data, n_layer=3) is FrameFault.LAYER_OUT_OF_RANGE
@@ -289,8 +305,15 @@ def test_dims_and_payload_size() -> None:
     # a tensor with codec "none"
     assert fault(patched(data, 52, b"\x00")) is FrameFault.BAD_DIMS
     # a response must carry a tensor; an error must not
-    close = p.encode_request(
-        session=SESSION, step=0, position=0, segment=0, model_hash=MODEL_HASH, ops=[], tensor=None, flags=p.Flags.CLOSE
+    close = frames.encode_request(
+        session=SESSION,
+        step=0,
+        position=0,
+        segment=0,
+        model_hash=MODEL_HASH,
+        ops=[],
+        tensor=None,
+        flags=frames.Flags.CLOSE,
     )
     assert fault(patched(close, 5, bytes([FrameKind.RESPONSE]))) is FrameFault.BAD_DIMS
     assert fault(patched(data, 5, bytes([FrameKind.ERROR]))) is FrameFault.BAD_DIMS
@@ -300,14 +323,14 @@ def test_non_finite_payload_fails_when_decoded() -> None:
     data, _ = request(rows=1, cols=32, codec="q8_0")
     d = desc_off(1)
     payload_off = d + 1 + 8 + 4
-    frame = p.decode_frame(patched(data, payload_off, b"\x00\x7c"))  # float16 +inf block scale
+    frame = frames.decode_frame(patched(data, payload_off, b"\x00\x7c"))  # float16 +inf block scale
     with pytest.raises(FrameError) as info:
         frame.tensor()
     assert info.value.reason is FrameFault.BAD_PAYLOAD
 
 
 def test_error_payload_must_be_code_and_message() -> None:
-    good = p.encode_error("internal", "boom")
+    good = frames.encode_error("internal", "boom")
     d = desc_off(0)
     for payload in (b"\xff", b"[]", b'{"code":"x"}', b'{"code":1,"message":"m"}', b"not json"):
         raw = good[: d + 1] + struct.pack("<I", len(payload)) + payload + b"\0\0\0\0"
@@ -316,11 +339,11 @@ def test_error_payload_must_be_code_and_message() -> None:
 
 def test_model_hash_is_checked_when_given() -> None:
     data, _ = request()
-    other = p.model_hash_prefix("ab" * 32)
+    other = frames.model_hash_prefix("ab" * 32)
     assert fault(data, model_hash=other) is FrameFault.MODEL_MISMATCH
-    assert p.decode_frame(data).model_hash == MODEL_HASH  # always readable, e.g. to answer model_mismatch
+    assert frames.decode_frame(data).model_hash == MODEL_HASH  # always readable, e.g. to answer model_mismatch
     with pytest.raises(InvalidArgumentError):
-        p.model_hash_prefix(b"\0" * 16)
+        frames.model_hash_prefix(b"\0" * 16)
 
 
 def test_size_limits() -> None:
@@ -329,11 +352,11 @@ def test_size_limits() -> None:
     d = desc_off(1)
     ndim = data[d]
     len_off = d + 1 + 4 * ndim
-    assert fault(patched(data, len_off, struct.pack("<I", p.MAX_PAYLOAD + 1))) is FrameFault.TOO_LARGE
-    assert fault(b"SWSG" + bytes(p.MAX_FRAME)) is FrameFault.TOO_LARGE
-    big = np.zeros((p.MAX_PAYLOAD // 4 + 1,), np.float32)
+    assert fault(patched(data, len_off, struct.pack("<I", frames.MAX_PAYLOAD + 1))) is FrameFault.TOO_LARGE
+    assert fault(b"SWSG" + bytes(frames.MAX_FRAME)) is FrameFault.TOO_LARGE
+    big = np.zeros((frames.MAX_PAYLOAD // 4 + 1,), np.float32)
     with pytest.raises(InvalidArgumentError, match="exceeds"):
-        p.encode_request(
+        frames.encode_request(
             session=SESSION,
             step=0,
             position=0,
@@ -344,9 +367,9 @@ def test_size_limits() -> None:
             codec="f32",
         )
     # Exactly 64 MiB is allowed.
-    edge = np.zeros((4, p.MAX_PAYLOAD // 16), np.float32)
-    frame = p.decode_frame(
-        p.encode_request(
+    edge = np.zeros((4, frames.MAX_PAYLOAD // 16), np.float32)
+    frame = frames.decode_frame(
+        frames.encode_request(
             session=SESSION,
             step=0,
             position=0,
@@ -357,35 +380,35 @@ def test_size_limits() -> None:
             codec="f32",
         )
     )
-    assert len(frame.payload) == p.MAX_PAYLOAD
+    assert len(frame.payload) == frames.MAX_PAYLOAD
 
 
 def test_decode_accepts_bytearray_and_memoryview() -> None:
     data, _ = request()
-    assert p.decode_frame(bytearray(data)).dedup_key == p.decode_frame(memoryview(data)).dedup_key
+    assert frames.decode_frame(bytearray(data)).dedup_key == frames.decode_frame(memoryview(data)).dedup_key
     with pytest.raises(FrameError):
-        p.decode_frame("SWSG")  # type: ignore[arg-type]
+        frames.decode_frame("SWSG")  # type: ignore[arg-type]
 
 
 # --- fuzzing -----------------------------------------------------------------------------------
 
 VALID_FRAMES = [
     request(OPS_BY_KIND[k][0], rows=2, cols=OPS_BY_KIND[k][1], codec=c)[0] for k in OpKind for c in codecs.CODECS
-] + [p.encode_error("internal", "boom")]
+] + [frames.encode_error("internal", "boom")]
 
 
 @settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=400))
 def test_random_bytes_raise_frame_error(data: bytes) -> None:
     with pytest.raises(FrameError):
-        p.decode_frame(data, n_layer=30, n_head=9, model_hash=MODEL_HASH)
+        frames.decode_frame(data, n_layer=30, n_head=9, model_hash=MODEL_HASH)
 
 
 @settings(max_examples=500)
 @given(st.binary(max_size=300))
 def test_random_bytes_after_a_valid_prefix_raise_frame_error(tail: bytes) -> None:
     with pytest.raises(FrameError):
-        p.decode_frame(VALID_FRAMES[0][:56] + tail, n_layer=30, n_head=9)
+        frames.decode_frame(VALID_FRAMES[0][:56] + tail, n_layer=30, n_head=9)
 
 
 @settings(max_examples=1000)
@@ -395,7 +418,7 @@ def test_single_byte_corruption_is_always_detected(frame: bytes, data: st.DataOb
     new = data.draw(st.integers(0, 255).filter(lambda b: b != frame[i]))
     corrupt = frame[:i] + bytes([new]) + frame[i + 1 :]
     with pytest.raises(FrameError):
-        p.decode_frame(corrupt, n_layer=30, n_head=9)
+        frames.decode_frame(corrupt, n_layer=30, n_head=9)
 
 
 @settings(max_examples=1000)
@@ -422,7 +445,7 @@ def test_every_truncation_is_detected(frame: bytes, data: st.DataObject) -> None
 
 
 def test_infer_request_prompt_and_defaults() -> None:
-    req = p.InferRequest.parse(b'{"prompt": "Hi"}')
+    req = app_messages.InferRequest.parse(b'{"prompt": "Hi"}')
     assert (req.prompt, req.max_tokens, req.temperature, req.seed, req.stream, req.plan) == (
         "Hi",
         None,  # the device's configured default
@@ -444,12 +467,12 @@ def test_infer_request_full() -> None:
         "reply_to": "app/replies/1",
         "request_id": "r-1",
     }
-    req = p.InferRequest.parse(json.dumps(doc))
+    req = app_messages.InferRequest.parse(json.dumps(doc))
     assert req.messages is not None and req.messages[1].role == "user"
     assert req.plan == "heads:3" and req.reply_to == "app/replies/1"
     inline = {"version": 1, "n_layer": 1, "n_head": 9, "layers": [], "lm_head": "edge"}
-    assert p.InferRequest.parse(json.dumps({"prompt": "x", "plan": inline})).plan == inline
-    assert p.InferRequest.parse(b'{"prompt": "x", "planner": "splitwise-dp"}').planner == "splitwise-dp"
+    assert app_messages.InferRequest.parse(json.dumps({"prompt": "x", "plan": inline})).plan == inline
+    assert app_messages.InferRequest.parse(b'{"prompt": "x", "planner": "splitwise-dp"}').planner == "splitwise-dp"
 
 
 @pytest.mark.parametrize(
@@ -481,28 +504,34 @@ def test_infer_request_full() -> None:
 )
 def test_infer_request_rejects(doc: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
-        p.InferRequest.parse(json.dumps(doc))
+        app_messages.InferRequest.parse(json.dumps(doc))
 
 
 def test_device_limits_apply() -> None:
     doc = b'{"prompt": "abcd", "max_tokens": 300}'
-    assert p.InferRequest.parse(doc).max_tokens == 300
+    assert app_messages.InferRequest.parse(doc).max_tokens == 300
     with pytest.raises(ValidationError, match="exceeds the limit 256"):
-        p.InferRequest.parse(doc, max_tokens_limit=256)
+        app_messages.InferRequest.parse(doc, max_tokens_limit=256)
     with pytest.raises(ValidationError, match="longer than 3 bytes"):
-        p.InferRequest.parse(doc, max_prompt_bytes=3)
-    assert p.InferRequest.parse(b'{"prompt": "' + b"a" * 40000 + b'"}', max_prompt_bytes=1 << 20).prompt
+        app_messages.InferRequest.parse(doc, max_prompt_bytes=3)
+    assert app_messages.InferRequest.parse(b'{"prompt": "' + b"a" * 40000 + b'"}', max_prompt_bytes=1 << 20).prompt
 
 
 def test_prompt_limit_is_in_bytes() -> None:
-    assert p.InferRequest(prompt="a" * p.MAX_PROMPT_BYTES).prompt is not None
+    assert app_messages.InferRequest(prompt="a" * app_messages.MAX_PROMPT_BYTES).prompt is not None
     with pytest.raises(ValidationError):
-        p.InferRequest(messages=[p.ChatMessage(role="user", content="a" * (p.MAX_PROMPT_BYTES + 1))])
+        app_messages.InferRequest(
+            messages=[app_messages.ChatMessage(role="user", content="a" * (app_messages.MAX_PROMPT_BYTES + 1))]
+        )
 
 
 def test_reply_builders() -> None:
-    assert json.loads(p.dumps(p.chunk_reply(0, "Hel"))) == {"type": "chunk", "index": 0, "text": "Hel"}
-    final = p.final_reply(
+    assert json.loads(mqtt_payload(app_messages.chunk_reply(0, "Hel"))) == {
+        "type": "chunk",
+        "index": 0,
+        "text": "Hel",
+    }
+    final = app_messages.final_reply(
         text="Hello",
         prompt_tokens=5,
         completion_tokens=2,
@@ -512,7 +541,7 @@ def test_reply_builders() -> None:
         stop_reason="eos",
         request_id="r-1",
     )
-    assert json.loads(p.dumps(final)) == {
+    assert json.loads(mqtt_payload(final)) == {
         "type": "final",
         "text": "Hello",
         "tokens": {"prompt": 5, "completion": 2},
@@ -522,60 +551,62 @@ def test_reply_builders() -> None:
         "stop_reason": "eos",
         "request_id": "r-1",
     }
-    err = p.error_reply(p.ErrorCode.OVERLOADED, "queue full (8 waiting)")
-    assert json.loads(p.dumps(err)) == {
+    err = app_messages.error_reply(frames.ErrorCode.OVERLOADED, "queue full (8 waiting)")
+    assert json.loads(mqtt_payload(err)) == {
         "type": "error",
         "error": {"code": "overloaded", "message": "queue full (8 waiting)"},
     }
-    assert p.dumps({"t": "é"}) == '{"t":"é"}'.encode()
+    assert mqtt_payload({"t": "é"}) == '{"t":"é"}'.encode()
 
 
 # --- worker profile topics and link probes --------------------------------------------------------
 
 
 def test_profile_topics() -> None:
-    assert p.worker_profile_topic("eu", "w1") == "splitwise/v1/cloud/eu/profile/w1"
-    assert p.pool_profile_filter("eu") == "splitwise/v1/cloud/eu/profile/+"
+    assert topics.worker_profile_topic("eu", "w1") == "splitwise/v1/cloud/eu/profile/w1"
+    assert topics.pool_profile_filter("eu") == "splitwise/v1/cloud/eu/profile/+"
     for bad in ("", "a+b", "a#", "a/b", "x" * 65):
         with pytest.raises(InvalidArgumentError):
-            p.worker_profile_topic("eu", bad)
+            topics.worker_profile_topic("eu", bad)
         with pytest.raises(InvalidArgumentError):
-            p.worker_profile_topic(bad, "w1")
+            topics.worker_profile_topic(bad, "w1")
         with pytest.raises(InvalidArgumentError):
-            p.pool_profile_filter(bad)
+            topics.pool_profile_filter(bad)
     with pytest.raises(InvalidArgumentError, match="reserved"):
-        p.pool_profile_filter("worker")
+        topics.pool_profile_filter("worker")
 
 
 def test_probe_round_trip_and_sizes() -> None:
     pid = uuid.uuid4()
-    data = p.encode_probe(size=1000, reply_size=70_000, probe_id=pid, attempt=2)
+    data = frames.encode_probe(size=1000, reply_size=70_000, probe_id=pid, attempt=2)
     assert len(data) == 1000 and data[5] == FrameKind.PROBE
-    frame = p.decode_frame(data, n_layer=30, n_head=9, model_hash=MODEL_HASH)  # model hash not checked
+    frame = frames.decode_frame(data, n_layer=30, n_head=9, model_hash=MODEL_HASH)  # model hash not checked
     assert (frame.kind, frame.session, frame.attempt, frame.probe_size) == (FrameKind.PROBE, pid, 2, 70_000)
     assert frame.ops == () and frame.codec is None and frame.shape == ()
-    reply = p.encode_probe_reply(frame, len(data))
+    reply = frames.encode_probe_reply(frame, len(data))
     assert len(reply) == 70_000
-    back = p.decode_frame(reply)
+    back = frames.decode_frame(reply)
     assert (back.kind, back.session, back.attempt, back.probe_size) == (FrameKind.PROBE_REPLY, pid, 2, 1000)
-    smallest = p.encode_probe()
-    assert len(smallest) == p.PROBE_MIN_SIZE == 69
-    assert p.decode_frame(smallest).probe_size == p.PROBE_MIN_SIZE
-    assert len(p.encode_probe(size=p.MAX_PROBE_SIZE, reply_size=p.MAX_PROBE_SIZE)) == p.MAX_PROBE_SIZE
-    bad_sizes: list[dict[str, Any]] = [{"size": 68}, {"reply_size": 68}, {"size": p.MAX_PROBE_SIZE + 1}]
-    for kw in [*bad_sizes, {"reply_size": p.MAX_PROBE_SIZE + 1}]:
+    smallest = frames.encode_probe()
+    assert len(smallest) == frames.PROBE_MIN_SIZE == 69
+    assert frames.decode_frame(smallest).probe_size == frames.PROBE_MIN_SIZE
+    assert (
+        len(frames.encode_probe(size=frames.MAX_PROBE_SIZE, reply_size=frames.MAX_PROBE_SIZE)) == frames.MAX_PROBE_SIZE
+    )
+    bad_sizes: list[dict[str, Any]] = [{"size": 68}, {"reply_size": 68}, {"size": frames.MAX_PROBE_SIZE + 1}]
+    for kw in [*bad_sizes, {"reply_size": frames.MAX_PROBE_SIZE + 1}]:
         with pytest.raises(InvalidArgumentError):
-            p.encode_probe(**kw)
+            frames.encode_probe(**kw)
     with pytest.raises(InvalidArgumentError):
-        p.encode_probe_reply(back, 10)
+        frames.encode_probe_reply(back, 10)
     with pytest.raises(FrameError):
-        _ = p.decode_frame(request()[0]).probe_size
+        _ = frames.decode_frame(request()[0]).probe_size
 
 
 def test_probe_validation() -> None:
-    data = p.encode_probe(size=200, reply_size=500)
+    data = frames.encode_probe(size=200, reply_size=500)
     size_off = HEADER_SIZE + 1 + 4  # no ops, ndim 0, payload length, then the u32 size field
-    assert fault(patched(data, size_off, struct.pack("<I", p.MAX_PROBE_SIZE + 1))) is FrameFault.TOO_LARGE
+    assert fault(patched(data, size_off, struct.pack("<I", frames.MAX_PROBE_SIZE + 1))) is FrameFault.TOO_LARGE
     assert fault(patched(data, size_off, struct.pack("<I", 68))) is FrameFault.BAD_PROBE
     assert fault(patched(data, 6, b"\x01\x00")) is FrameFault.BAD_FLAGS
     assert fault(patched(data, 24, b"\x01")) is FrameFault.BAD_PROBE  # step
@@ -597,19 +628,19 @@ def test_probe_validation() -> None:
     assert fault(reseal(with_op)) is FrameFault.BAD_OP_SEQUENCE
     # A probe frame beyond MAX_PROBE_SIZE (but within the segment frame limits).
     big = bytearray(data[: HEADER_SIZE + 1])
-    payload = struct.pack("<I", 100) + bytes(p.MAX_PROBE_SIZE)
+    payload = struct.pack("<I", 100) + bytes(frames.MAX_PROBE_SIZE)
     big += struct.pack("<I", len(payload)) + payload + b"\x00" * 4
     assert fault(reseal(big)) is FrameFault.TOO_LARGE
     # A reply may name any received size, but must have the field.
-    reply = p.encode_probe_reply(p.decode_frame(data), 0)
-    assert p.decode_frame(reply).probe_size == 0
+    reply = frames.encode_probe_reply(frames.decode_frame(data), 0)
+    assert frames.decode_frame(reply).probe_size == 0
 
 
 @settings(max_examples=300)
 @given(st.data())
 def test_probe_corruption_is_always_detected(data: st.DataObject) -> None:
-    frame = p.encode_probe(size=120, reply_size=4096)
+    frame = frames.encode_probe(size=120, reply_size=4096)
     i = data.draw(st.integers(0, len(frame) - 1))
     new = data.draw(st.integers(0, 255).filter(lambda b: b != frame[i]))
     with pytest.raises(FrameError):
-        p.decode_frame(frame[:i] + bytes([new]) + frame[i + 1 :])
+        frames.decode_frame(frame[:i] + bytes([new]) + frame[i + 1 :])

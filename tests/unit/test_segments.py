@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud_offload import protocol
+from cloud_offload.protocol import frames
 from policies.plan import FfnMode, LayerPlan, Plan, PlanError, Side, parse_plan
 from policies.segments import (
     CloudSegment,
@@ -155,8 +155,8 @@ class Interpreters:
         m = self.model
         self.segments.append(seg)
         # The cloud's whole view is the frame: the ops must survive the wire format.
-        frame = protocol.decode_frame(
-            protocol.encode_request(
+        frame = frames.decode_frame(
+            frames.encode_request(
                 session=uuid.uuid4(),
                 step=0,
                 position=0,
@@ -305,7 +305,7 @@ def test_segment_bytes_are_the_frame_sizes(case: tuple[Plan, ModelDims], n_token
     for seg, size in zip(schedule.cloud_segments, sizes, strict=True):
         ops = [op for op in seg.ops]
         x = rng.normal(size=(n_tokens, dims.cols(seg.input))).astype(np.float32)
-        request = protocol.encode_request(
+        request = frames.encode_request(
             session=uuid.uuid4(),
             step=1,
             position=0,
@@ -319,7 +319,7 @@ def test_segment_bytes_are_the_frame_sizes(case: tuple[Plan, ModelDims], n_token
         assert len(request) == size.up
         rows = 1 if seg.output is Reg.LOGITS else n_tokens
         y = rng.normal(size=(rows, dims.cols(seg.output))).astype(np.float32)
-        assert len(protocol.encode_response(protocol.decode_frame(request), y)) == size.down
+        assert len(frames.encode_response(frames.decode_frame(request), y)) == size.down
     assert schedule.bytes_per_step(codec, n_tokens) == sum(s.up + s.down for s in sizes)
 
 
@@ -497,7 +497,7 @@ class EngineSides:
 
     def cloud(self, seg: CloudSegment, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         ops = [op for op in seg.ops]
-        wire = protocol.encode_request(
+        wire = frames.encode_request(
             session=uuid.uuid4(),
             step=0,
             position=self.positions[0],
@@ -507,7 +507,7 @@ class EngineSides:
             tensor=x,
             codec="f32",
         )
-        frame = protocol.decode_frame(wire, n_layer=30, n_head=9)
+        frame = frames.decode_frame(wire, n_layer=30, n_head=9)
         m, s = self.cloud_model, self.cloud_session
         pos = list(range(frame.position, frame.position + frame.shape[0]))
         y = frame.tensor()
@@ -525,7 +525,7 @@ class EngineSides:
                     y = m.layer_fused(s, op.layer, y, pos)
                 case _:
                     y = m.output_logits(np.ascontiguousarray(y[-1:]))
-        reply = protocol.decode_frame(protocol.encode_response(frame, y))
+        reply = frames.decode_frame(frames.encode_response(frame, y))
         return reply.tensor()
 
 

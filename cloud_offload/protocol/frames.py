@@ -1,4 +1,4 @@
-"""The offload wire protocol: MQTT topics, binary segment frames, app↔device JSON messages.
+"""The binary segment frames of the offload protocol: encode, decode, check.
 
 Specified in ``docs/protocol.md``; this module is the reference implementation. It moves bytes
 and knows no planning: a frame's op list is checked for well-formedness (known kinds, head and
@@ -36,21 +36,47 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag, StrEnum
-from typing import Annotated, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from splitwise_core import codecs
 from splitwise_core.errors import CodecError, FrameError, InvalidArgumentError
 from splitwise_core.ops import FRAME_HEADER, FRAME_OP, HEADER_SIZE, OP_SIZE, Op, OpKind, segment_problem
+
+__all__ = [
+    "CODEC_IDS",
+    "DEFAULT_MAX_ROWS_PER_FRAME",
+    "MAGIC",
+    "MAX_DIMS",
+    "MAX_ERROR_PAYLOAD",
+    "MAX_FRAME",
+    "MAX_HEADS",
+    "MAX_OPS",
+    "MAX_PAYLOAD",
+    "MAX_PROBE_SIZE",
+    "PROBE_MIN_SIZE",
+    "VERSION",
+    "EncodedTensor",
+    "ErrorCode",
+    "Flags",
+    "Frame",
+    "FrameFault",
+    "FrameKind",
+    "decode_frame",
+    "encode_error",
+    "encode_probe",
+    "encode_probe_reply",
+    "encode_request",
+    "encode_response",
+    "encode_tensor",
+    "model_hash_prefix",
+]
 
 
 class FrameFault(StrEnum):
@@ -81,165 +107,6 @@ class FrameFault(StrEnum):
     TOO_MANY_ROWS = "too_many_rows"  # more tensor rows than the worker's max_rows_per_frame
     POSITION_OUT_OF_RANGE = "position_out_of_range"  # position + rows beyond the model's context
 
-
-__all__ = [
-    "CODEC_IDS",
-    "MAGIC",
-    "MAX_DIMS",
-    "MAX_FRAME",
-    "MAX_HEADS",
-    "MAX_OPS",
-    "MAX_PAYLOAD",
-    "MAX_PROBE_SIZE",
-    "MAX_PROMPT_BYTES",
-    "MAX_TEMPERATURE",
-    "MAX_TOKENS",
-    "MAX_TOPIC_BYTES",
-    "PROBE_MIN_SIZE",
-    "TOPIC_ROOT",
-    "VERSION",
-    "ChatMessage",
-    "EncodedTensor",
-    "ErrorCode",
-    "Flags",
-    "Frame",
-    "FrameError",
-    "FrameFault",
-    "FrameKind",
-    "InferRequest",
-    "chunk_reply",
-    "decode_frame",
-    "device_infer_topic",
-    "device_reply_filter",
-    "device_reply_topic",
-    "device_status_topic",
-    "dumps",
-    "encode_error",
-    "encode_probe",
-    "encode_probe_reply",
-    "encode_request",
-    "encode_response",
-    "encode_tensor",
-    "error_reply",
-    "final_reply",
-    "model_hash_prefix",
-    "pool_profile_filter",
-    "pool_segment_share",
-    "pool_segment_topic",
-    "topic_name_problem",
-    "validate_id",
-    "validate_topic_name",
-    "worker_profile_topic",
-    "worker_segment_topic",
-    "worker_status_topic",
-]
-
-# --- topics -----------------------------------------------------------------------------------
-
-TOPIC_ROOT = "splitwise/v1"
-_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-# Characters a topic name must not hold: MQTT 5.0 section 1.5.4 forbids U+0000, and mosquitto
-# (mosquitto_validate_utf8) disconnects a client whose topic holds a C0/C1 control or a noncharacter
-# (U+FDD0..U+FDEF, U+xFFFE, U+xFFFF of every plane) as sending a malformed packet; lone surrogates
-# are not UTF-8 at all; + and # are wildcards, valid only in filters.
-_NONCHARACTERS = "".join(f"{chr(p | 0xFFFE)}{chr(p | 0xFFFF)}" for p in range(0, 0x110000, 0x10000))
-_TOPIC_NAME_FORBIDDEN = re.compile(f"[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef\ud800-\udfff{_NONCHARACTERS}+#]")
-MAX_TOPIC_BYTES = 65535
-
-
-def topic_name_problem(value: object) -> str | None:
-    """Why `value` cannot be the topic of a PUBLISH this side sends (a reply topic an app named), or
-    None if it can: a non-empty str of at most 65,535 UTF-8 bytes without U+0000, C0/C1 controls,
-    noncharacters (U+FDD0..U+FDEF, U+FFFE, U+FFFF), surrogates or the wildcards ``+`` ``#``, and not
-    a ``$``-prefixed system topic. The one check for ``reply_to`` and for a ResponseTopic."""
-    if not isinstance(value, str):
-        return f"expected a string, got {type(value).__name__}"
-    if not value:
-        return "empty"
-    if value.startswith("$"):
-        return "starts with '$' (a broker system topic)"
-    bad = _TOPIC_NAME_FORBIDDEN.search(value)
-    if bad is not None:
-        what = "wildcard" if bad.group() in "+#" else "character"
-        return f"contains the {what} {bad.group()!r} at index {bad.start()}"
-    if len(value) > MAX_TOPIC_BYTES // 3 and len(value.encode("utf-8")) > MAX_TOPIC_BYTES:
-        return f"longer than {MAX_TOPIC_BYTES} UTF-8 bytes"
-    return None
-
-
-def validate_topic_name(value: str, what: str = "topic") -> str:
-    """`value` if :func:`topic_name_problem` finds nothing, else InvalidArgumentError (a ValueError)."""
-    problem = topic_name_problem(value)
-    if problem is not None:
-        raise InvalidArgumentError(f"{what} is not a valid topic name: {problem}")
-    return value
-
-
-def validate_id(value: str, what: str = "id") -> str:
-    """Device, pool, worker ids and reply nonces: 1..64 of [A-Za-z0-9_-] (no MQTT wildcards or '/')."""
-    if not isinstance(value, str) or _ID.fullmatch(value) is None:
-        raise InvalidArgumentError(f"{what} must be 1..64 characters of [A-Za-z0-9_-], got {value!r}")
-    return value
-
-
-def device_infer_topic(device_id: str) -> str:
-    return f"{TOPIC_ROOT}/device/{validate_id(device_id, 'device id')}/infer"
-
-
-def device_status_topic(device_id: str) -> str:
-    return f"{TOPIC_ROOT}/device/{validate_id(device_id, 'device id')}/status"
-
-
-def device_reply_topic(device_id: str, nonce: str) -> str:
-    """The device's private topic for segment replies (its ResponseTopic)."""
-    return f"{TOPIC_ROOT}/device/{validate_id(device_id, 'device id')}/reply/{validate_id(nonce, 'nonce')}"
-
-
-def device_reply_filter(device_id: str) -> str:
-    return f"{TOPIC_ROOT}/device/{validate_id(device_id, 'device id')}/reply/+"
-
-
-def pool_segment_topic(pool: str) -> str:
-    """Where a device sends a session's segments until a worker holds its KV."""
-    return f"{TOPIC_ROOT}/cloud/{_pool(pool)}/segment"
-
-
-def pool_segment_share(pool: str) -> str:
-    """The shared subscription through which the pool's workers receive new sessions."""
-    p = _pool(pool)
-    return f"$share/{p}/{TOPIC_ROOT}/cloud/{p}/segment"
-
-
-def worker_segment_topic(worker_id: str) -> str:
-    """Where a device sends the segments of a session that this worker already holds."""
-    return f"{TOPIC_ROOT}/cloud/worker/{validate_id(worker_id, 'worker id')}/segment"
-
-
-def worker_status_topic(worker_id: str) -> str:
-    return f"{TOPIC_ROOT}/cloud/worker/{validate_id(worker_id, 'worker id')}/status"
-
-
-def worker_profile_topic(pool: str, worker_id: str) -> str:
-    """Retained: the worker's measured cost profile (JSON); an empty retained payload withdraws it."""
-    return f"{TOPIC_ROOT}/cloud/{_pool(pool)}/profile/{validate_id(worker_id, 'worker id')}"
-
-
-def pool_profile_filter(pool: str) -> str:
-    """Every worker profile of the pool (one retained message per worker)."""
-    return f"{TOPIC_ROOT}/cloud/{_pool(pool)}/profile/+"
-
-
-def _pool(pool: str) -> str:
-    validate_id(pool, "pool")
-    if pool == "worker":
-        # "worker" is the level that holds per-worker topics under splitwise/v1/cloud/.
-        raise InvalidArgumentError("pool 'worker' is reserved")
-    return pool
-
-
-# --- frames -----------------------------------------------------------------------------------
 
 MAGIC = b"SWSG"
 VERSION = 1
@@ -511,7 +378,9 @@ def encode_response(
 def encode_error(code: str, message: str, *, request: Frame | None = None) -> bytes:
     """An error frame answering `request` (header echoed) or, for a frame that did not decode,
     with zero header fields (the reply still carries the request's MQTT CorrelationData)."""
-    payload = dumps({"code": str(code), "message": str(message)[:4096]})
+    payload = json.dumps(
+        {"code": str(code), "message": str(message)[:4096]}, separators=(",", ":"), ensure_ascii=False
+    ).encode()
     if request is None:
         return _encode(FrameKind.ERROR, 0, uuid.UUID(int=0), 0, 0, 0, 0, bytes(16), None, None, (), (), payload)
     return _encode(
@@ -776,9 +645,6 @@ def _check_error_payload(payload: memoryview) -> None:
         raise FrameError(FrameFault.BAD_ERROR_PAYLOAD, 'error payload must be {"code": str, "message": str}')
 
 
-# --- app ↔ device JSON ------------------------------------------------------------------------
-
-
 class ErrorCode(StrEnum):
     """Error codes of app replies and of segment error frames."""
 
@@ -789,120 +655,3 @@ class ErrorCode(StrEnum):
     BAD_FRAME = "bad_frame"  # segment frame failed validation (message starts with the FrameFault)
     UNKNOWN_SESSION = "unknown_session"  # worker holds no KV for this session: replay checkpoints
     TIMEOUT = "timeout"  # the request could not finish in time
-
-
-MAX_PROMPT_BYTES = 32 * 1024
-MAX_TOKENS = 2048
-MAX_TEMPERATURE = 2.0
-_NAMED_PLAN = re.compile(r"edge-only|cloud-only|layer-split:[0-9]{1,6}|heads:[0-9]{1,6}")
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class InferRequest(BaseModel):
-    """App → device: `splitwise/v1/device/{device_id}/infer` (see docs/protocol.md)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    prompt: str | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)] | None = None
-    # None: the device's configured default. The upper bound is checked in _check (configurable).
-    max_tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE)] = 0.0
-    seed: Annotated[int, Field(ge=0, lt=1 << 63, strict=True)] | None = None
-    stream: bool = False
-    # A named plan, or an inline plan object (policies.plan JSON form). Never a file path: apps
-    # must not make the device read its files.
-    plan: str | dict[str, Any] | None = None
-    # Or a planner the device runs for this request instead of its configured one.
-    planner: Literal["edge-only", "cloud-only", "layer-split", "layer-dp", "splitwise-dp"] | None = None
-    reply_to: str | None = None  # for MQTT 3.1.1 clients, which have no ResponseTopic
-    request_id: Annotated[str, Field(max_length=128)] | None = None  # echoed in every reply
-
-    @model_validator(mode="after")
-    def _check(self, info: ValidationInfo) -> InferRequest:
-        limits = info.context if isinstance(info.context, Mapping) else {}
-        max_prompt = int(limits.get("max_prompt_bytes", MAX_PROMPT_BYTES))
-        max_tokens = int(limits.get("max_tokens_limit", MAX_TOKENS))
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
-        if self.plan is not None and self.planner is not None:
-            raise ValueError("give at most one of plan or planner")
-        if self.max_tokens is not None and self.max_tokens > max_tokens:
-            raise ValueError(f"max_tokens {self.max_tokens} exceeds the limit {max_tokens}")
-        text = self.prompt if self.prompt is not None else "".join(m.content for m in self.messages or ())
-        if len(text.encode("utf-8")) > max_prompt:
-            raise ValueError(f"prompt longer than {max_prompt} bytes")
-        return self
-
-    @field_validator("plan")
-    @classmethod
-    def _check_plan(cls, v: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        if isinstance(v, str) and _NAMED_PLAN.fullmatch(v) is None:
-            raise ValueError("plan must be edge-only, cloud-only, layer-split:K, heads:N or a plan object")
-        return v
-
-    @field_validator("reply_to")
-    @classmethod
-    def _check_reply_to(cls, v: str | None) -> str | None:
-        problem = None if v is None else topic_name_problem(v)
-        if problem is not None:
-            raise ValueError(f"reply_to is not a valid topic name: {problem}")
-        return v
-
-    @classmethod
-    def parse(
-        cls, payload: bytes | str, *, max_prompt_bytes: int = MAX_PROMPT_BYTES, max_tokens_limit: int = MAX_TOKENS
-    ) -> InferRequest:
-        """From an MQTT payload, under the device's limits; pydantic.ValidationError (a ValueError)
-        on anything invalid. The prompt limit counts UTF-8 bytes of the prompt or all messages."""
-        context = {"max_prompt_bytes": max_prompt_bytes, "max_tokens_limit": max_tokens_limit}
-        return cls.model_validate_json(payload, context=context)
-
-
-def _with_id(msg: dict[str, Any], request_id: str | None) -> dict[str, Any]:
-    if request_id is not None:
-        msg["request_id"] = request_id
-    return msg
-
-
-def chunk_reply(index: int, text: str, *, request_id: str | None = None) -> dict[str, Any]:
-    return _with_id({"type": "chunk", "index": index, "text": text}, request_id)
-
-
-def final_reply(
-    *,
-    text: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    plan: Mapping[str, Any],
-    timings: Mapping[str, float],
-    recovery: Sequence[Mapping[str, Any]] = (),
-    stop_reason: str | None = None,
-    request_id: str | None = None,
-) -> dict[str, Any]:
-    msg: dict[str, Any] = {
-        "type": "final",
-        "text": text,
-        "tokens": {"prompt": prompt_tokens, "completion": completion_tokens},
-        "plan": dict(plan),
-        "timings": dict(timings),
-        "recovery": [dict(r) for r in recovery],
-    }
-    if stop_reason is not None:
-        msg["stop_reason"] = stop_reason
-    return _with_id(msg, request_id)
-
-
-def error_reply(code: ErrorCode | str, message: str, *, request_id: str | None = None) -> dict[str, Any]:
-    return _with_id({"type": "error", "error": {"code": str(code), "message": message}}, request_id)
-
-
-def dumps(msg: Mapping[str, Any]) -> bytes:
-    """Compact UTF-8 JSON for an MQTT payload."""
-    return json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
