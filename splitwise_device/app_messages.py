@@ -8,10 +8,11 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from cloud_offload.protocol.frames import ErrorCode
 from cloud_offload.protocol.topics import topic_name_problem
+from policies.planners.registry import PLANNER_NAMES
 
 __all__ = [
     "MAX_PROMPT_BYTES",
@@ -29,6 +30,12 @@ MAX_PROMPT_BYTES = 32 * 1024
 MAX_TOKENS = 2048
 MAX_TEMPERATURE = 2.0
 _NAMED_PLAN = re.compile(r"edge-only|cloud-only|layer-split:[0-9]{1,6}|heads:[0-9]{1,6}")
+
+
+def _known_planner(name: str) -> str:
+    if name not in PLANNER_NAMES:
+        raise ValueError(f"unknown planner {name!r}; known: {', '.join(PLANNER_NAMES)}")
+    return name
 
 
 class ChatMessage(BaseModel):
@@ -54,7 +61,7 @@ class InferRequest(BaseModel):
     # must not make the device read its files.
     plan: str | dict[str, Any] | None = None
     # Or a planner the device runs for this request instead of its configured one.
-    planner: Literal["edge-only", "cloud-only", "layer-split", "layer-dp", "splitwise-dp"] | None = None
+    planner: Annotated[str, AfterValidator(_known_planner)] | None = None
     reply_to: str | None = None  # for MQTT 3.1.1 clients, which have no ResponseTopic
     request_id: Annotated[str, Field(max_length=128)] | None = None  # echoed in every reply
 
