@@ -21,10 +21,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evaluation.corpus import english_text
+from evaluation.oracle import isolated, llama_cpp_build
 from splitwise_core.engine import Model
 from splitwise_core.tokenizer import Tokenizer, bundled_model_path
-from tests.support.corpus import english_text
-from tests.support.oracle import isolated, llama_cpp_build
 
 
 def best_of(rounds: int, fn: Callable[[], float]) -> float:
@@ -53,7 +53,7 @@ def ours(model_path: Path, threads: int, prompt: list[int], n_decode: int, round
 
 
 def llama_cpp(model_path: Path, threads: int, prompt: list[int], n_decode: int, rounds: int) -> tuple[float, float]:
-    """Run in a child process (tests.support.oracle.isolated): a crash in llama.cpp ends that
+    """Run in a child process (evaluation.oracle.isolated): a crash in llama.cpp ends that
     measurement with a clear error, not the benchmark's process without one."""
     import llama_cpp
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.fuzz import ask_normally, fuzz_round, fuzz_system
+from evaluation.fuzz import ask_normally, fuzz_round, fuzz_system
 
 
 def progress(what: str, done: int, total: int) -> None:

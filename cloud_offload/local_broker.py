@@ -6,7 +6,7 @@ It can be stopped and started again on the same port (broker-restart tests), and
 stops the process it started.
 
 By default it listens on 127.0.0.1. `host` and `command_prefix` run it elsewhere, e.g. inside a
-network namespace (tests/support/netns.py): `LocalBroker(dir, host=link.cloud_ip,
+network namespace (evaluation/netns.py): `LocalBroker(dir, host=link.cloud_ip,
 command_prefix=link.prefix)` runs `ip netns exec NAME mosquitto -c ...` listening on the
 namespace's veth address; the readiness check connects to host:port from this process's namespace.
 The port comes from `free_port()` (free on the root namespace's loopback); a fresh namespace has

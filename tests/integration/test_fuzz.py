@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.fuzz import CLEAR_ERROR, Report, ask_normally, fuzz_round, fuzz_system
+from evaluation.fuzz import CLEAR_ERROR, Report, ask_normally, fuzz_round, fuzz_system
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(900)]
 

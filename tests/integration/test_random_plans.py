@@ -22,11 +22,12 @@ import pytest
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
 from cloud_offload.protocol import frames, topics
 from cloud_offload.worker import CloudWorker
-from policies.plan import random_plan
+from evaluation.corpus import english_text
+from policies.plan import Plan, random_plan
+from policies.segments import ModelDims, Schedule, compile_plan
 from splitwise_core.engine import Engine, log_softmax, mean_nll, model_sha256
 from splitwise_core.tokenizer import bundled_model_path
-from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
-from tests.support.corpus import english_text
+from splitwise_device.executor import RecoveryPolicy, SplitExecutor
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(300)]  # measured up to 73 s on 2 busy cores
 POOL = "randomplans"
@@ -55,8 +56,8 @@ def setup(tmp_path_factory) -> Iterator[tuple[Engine, SplitExecutor, SplitExecut
     policy = RecoveryPolicy(segment_timeout_s=10)
 
     def executor(codec: str) -> SplitExecutor:
-        return SplitExecutor(
-            engine.model, engine.tokenizer.eos_id, lambda: CloudLink(rpc, POOL, model_hash, codec, policy)
+        return SplitExecutor.over_mqtt(
+            engine.model, engine.tokenizer.eos_id, rpc, pool=POOL, model_hash=model_hash, codec=codec, policy=policy
         )
 
     try:
@@ -65,6 +66,10 @@ def setup(tmp_path_factory) -> Iterator[tuple[Engine, SplitExecutor, SplitExecut
         conn.stop()
         worker.stop()
         broker.stop()
+
+
+def compiled(engine: Engine, plan: Plan) -> Schedule:
+    return compile_plan(plan, ModelDims.from_config(engine.config))
 
 
 def test_random_plans_f32_give_the_local_greedy_text(setup) -> None:  # type: ignore[no-untyped-def]
@@ -83,7 +88,7 @@ def test_random_plans_f32_give_the_local_greedy_text(setup) -> None:  # type: ig
     same = []
     for i in range(N_PLANS):
         plan = random_plan(rng, cfg["n_layer"], cfg["n_head"], i)
-        result = f32.generate(prompt, plan, TOKENS)
+        result = f32.generate(prompt, compiled(engine, plan), TOKENS)
         assert result.events == [] and result.transfer.requests > 0
         if result.tokens == local.tokens:
             same.append(plan.name)
@@ -102,7 +107,7 @@ def test_random_plans_f32_logits_match_local(setup) -> None:  # type: ignore[no-
     rng = np.random.default_rng(99)
     for i in range(5):
         plan = random_plan(rng, cfg["n_layer"], cfg["n_head"], i)
-        split = f32.teacher_forced_logits(tokens, plan)
+        split = f32.teacher_forced_logits(tokens, compiled(engine, plan))
         kl = float((np.exp(p) * (p - log_softmax(split))).sum(-1).mean())
         agree = float((split.argmax(-1) == local.argmax(-1)).mean())
         print(f"f32 {plan.name}: KL to local {kl:.5f}, top-1 agreement {agree:.3f}")
@@ -119,7 +124,7 @@ def test_q8_0_agreement_and_perplexity(setup) -> None:  # type: ignore[no-untype
     rng = np.random.default_rng(7)
     for i in range(4):
         plan = random_plan(rng, cfg["n_layer"], cfg["n_head"], i)
-        split = q8.teacher_forced_logits(tokens, plan)
+        split = q8.teacher_forced_logits(tokens, compiled(engine, plan))
         agree = float((split.argmax(-1) == local.argmax(-1)).mean())
         ppl = float(np.exp(mean_nll(split, targets)))
         p = log_softmax(local)

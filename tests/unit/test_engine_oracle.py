@@ -17,10 +17,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from evaluation.corpus import english_text
+from evaluation.oracle import llama_cpp_logits
 from splitwise_core.engine import Engine, log_softmax, mean_nll
 from splitwise_core.tokenizer import bundled_model_path
-from tests.support.corpus import english_text
-from tests.support.oracle import llama_cpp_logits
 
 N_TOKENS = 320
 PPL_TOLERANCE = 0.01

@@ -1,10 +1,10 @@
 """The engine agrees with llama.cpp on every supported tensor type and on several model shapes.
 
-Models come from `tests.support.model_factory` (cached under $SPLITWISE_TEST_MODELS, default
+Models come from `evaluation.model_factory` (cached under $SPLITWISE_TEST_MODELS, default
 ~/.cache/splitwise/test-models; about 2.5 GB, built in ~1 min the first time):
 
 * SmolLM2-135M dequantized to F32, then quantized by llama.cpp to each of `FTYPES`; 256 tokens of
-  the GPL-3 text (tests/data). Checks: mean KL(llama.cpp‖ours) ≤ 0.01 nats/token, top-1
+  the GPL-3 text (evaluation/data). Checks: mean KL(llama.cpp‖ours) ≤ 0.01 nats/token, top-1
   agreement ≥ 0.93, and PPL within 1% of the range llama.cpp's batched and token-by-token paths
   span (they differ by up to 2% on these files; on this machine's CPU, not on another's).
 * Random llamas of several shapes (no GQA with 6 heads; GQA 4:1 with 12 heads of 32; SmolLM2's
@@ -61,10 +61,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from evaluation import model_factory as mf
+from evaluation.corpus import english_text
+from evaluation.oracle import llama_cpp_logits
 from splitwise_core.engine import Engine
-from tests.support import model_factory as mf
-from tests.support.corpus import english_text
-from tests.support.oracle import llama_cpp_logits
 
 N_TOKENS = 256
 THREADS = 2
@@ -170,7 +170,7 @@ def random_model(shape: str, ftype: str) -> Path:
 
 
 def reference(model: Path, n_tokens: int) -> np.ndarray[Any, Any]:
-    """llama.cpp's logits, from the on-disk oracle cache or a child process (tests.support.oracle)."""
+    """llama.cpp's logits, from the on-disk oracle cache or a child process (evaluation.oracle)."""
     return llama_cpp_logits(model, text_tokens()[:n_tokens], threads=THREADS)
 
 
@@ -313,7 +313,9 @@ def threshold_misses(
 @pytest.mark.parametrize(
     "ftype",
     [
-        pytest.param(f, marks=pytest.mark.xfail(raises=ThresholdMiss, reason=KNOWN_MISSES[f]))
+        # strict=False (xfail_strict is on in pyproject.toml): whether a known miss misses depends on
+        # the CPU (see KNOWN_MISSES), so on some CPUs these XPASS, and that must not fail the run.
+        pytest.param(f, marks=pytest.mark.xfail(raises=ThresholdMiss, reason=KNOWN_MISSES[f], strict=False))
         if f in KNOWN_MISSES
         else f
         for f in mf.FTYPES

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from evaluation import oracle
 from splitwise_core.tokenizer import bundled_model_path
-from tests.support import oracle
 
 
 def _raise_value_error(message: str) -> None:

@@ -227,8 +227,8 @@ def _captured_native_output() -> Iterator[Callable[[], str]]:
 
 def quantized_model(src: Path, dst: Path, ftype: str, threads: int = 2) -> Path:
     """llama.cpp's quantizer on `src` (an F32/F16 GGUF), output type `ftype` (one of `FTYPES`), in a
-    child process like every llama.cpp call of the tests (tests.support.oracle)."""
-    from tests.support.oracle import isolated
+    child process like every llama.cpp call of the tests (evaluation.oracle)."""
+    from evaluation.oracle import isolated
 
     if ftype not in _LLAMA_FTYPE_NAMES:
         raise ValueError(f"unknown ftype {ftype!r}; one of {FTYPES}")

@@ -133,7 +133,7 @@ def front_door_attempts(seed: int, count: int, reply_prefix: str) -> list[Attemp
         add("not JSON", payload)
 
     def wrong_types(_: int) -> None:
-        payload = rng.choice(
+        payload: Any = rng.choice(
             [
                 {"prompt": 1},
                 {"prompt": ["Hi"]},
@@ -224,7 +224,7 @@ def front_door_attempts(seed: int, count: int, reply_prefix: str) -> list[Attemp
         bad = rng.choice(["a/#", "+", "x/+/y", "$SYS/fuzz", "#"])
         if rng.random() < 0.2:  # long, but a valid topic: answered there
             long_topic = f"{reply(len(out))}/" + "x" * 65_000
-            body = {"prompt": 1, "max_tokens": 1}
+            body: dict[str, Any] = {"prompt": 1, "max_tokens": 1}
             out.append(Attempt("long ResponseTopic", _json(body), long_topic, b"l", long_topic))
         elif rng.random() < 0.5:  # a valid reply_to to fall back on
             body = {"prompt": "Hi", "max_tokens": 1, "reply_to": reply(len(out))}
@@ -249,7 +249,7 @@ def front_door_attempts(seed: int, count: int, reply_prefix: str) -> list[Attemp
         add("oversize", payload)
 
     def unknown_plan(_: int) -> None:
-        plan = rng.choice(
+        plan: dict[str, Any] = rng.choice(
             [
                 {"plan": "nonsense"},
                 {"plan": "layer-split:999"},
@@ -459,7 +459,7 @@ class FuzzRun:
         subscribed = threading.Event()
         client.on_subscribe = lambda *_: subscribed.set()
         for topic, handler in subscriptions:
-            client.message_callback_add(topic, lambda _c, _u, msg, h=handler: h(msg))
+            client.message_callback_add(topic, _calling(handler))
         client.connect(broker.host, broker.port)
         client.loop_start()
         for topic, _ in subscriptions:
@@ -701,3 +701,12 @@ def ask_normally(broker: LocalBroker, timeout: float = 60.0) -> dict[str, Any]:
         return dict(finals[0])
     finally:
         run.close()
+
+
+def _calling(handler: Callable[[mqtt.MQTTMessage], None]) -> Callable[[Any, Any, mqtt.MQTTMessage], None]:
+    """A paho message callback that hands the message to `handler`."""
+
+    def on_message(_client: Any, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        handler(msg)
+
+    return on_message

@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from evaluation import model_factory as mf
 from splitwise_core.engine import model_sha256
-from tests.support import model_factory as mf
 
 CRASH_ENV = "SPLITWISE_ORACLE_CRASH"
 DEFAULT_TIMEOUT_S = 900.0
@@ -140,7 +140,8 @@ def llama_cpp_logits(
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = mf.cache_dir() / "oracle" / f"logits-{digest}.npy"
     if path.is_file():
-        return np.load(path)
+        cached: np.ndarray = np.load(path)
+        return cached
     label = f"{Path(model).name}, {len(tokens)} tokens, n_batch {n_batch}"
     logits = isolated(_compute_logits, str(model), list(tokens), n_ctx, threads, n_batch, label=label)
     path.parent.mkdir(parents=True, exist_ok=True)

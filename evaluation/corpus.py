@@ -1,4 +1,4 @@
-"""Real English text for the engine tests and benches: the GNU GPL v3, shipped in tests/data
+"""Real English text for the engine tests and benches: the GNU GPL v3, shipped in evaluation/data
 (the licence allows verbatim copies), so no test depends on Debian's /usr/share/common-licenses."""
 
 from __future__ import annotations
