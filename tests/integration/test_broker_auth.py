@@ -31,12 +31,14 @@ def start_broker(conf: Path, port: int) -> subprocess.Popen[bytes]:
         except OSError:
             time.sleep(0.05)
     proc.kill()
-    raise RuntimeError(f"mosquitto did not start: {proc.stderr.read() if proc.stderr else ''}")
+    with proc:
+        raise RuntimeError(f"mosquitto did not start: {proc.stderr.read() if proc.stderr else ''}")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    proc.wait(timeout=5)
+    with proc:  # closes its stderr pipe too
+        proc.terminate()
+        proc.wait(timeout=5)
 
 
 def test_username_and_password(tmp_path: Path) -> None:
