@@ -60,6 +60,7 @@ from cloud_offload.local_broker import LocalBroker
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
 from cloud_offload.protocol import frames, topics
 from policies.plan import parse_plan
+from policies.segments import ModelDims, compile_plan
 from splitwise_core.engine import Engine, model_sha256
 from splitwise_core.ops import Op, OpKind
 from splitwise_core.tokenizer import bundled_model_path
@@ -402,11 +403,25 @@ def run_plans(
     time.sleep(0.3)
 
     def run(plan_name: str, codec: str, n_tokens: int) -> dict[str, Any]:
+        executor = SplitExecutor.over_mqtt(
+            engine.model,
+            engine.tokenizer.eos_id,
+            rpc,
+            pool=POOL,
+            model_hash=model_hash,
+            codec=codec if codec != "-" else CODEC,
+            policy=policy,
+        )
+        # Keep the links the executor opens, to read their counters after the prefill.
         links: list[CloudLink] = []
+        new_link = executor.link_factory
+        assert new_link is not None
 
         def link() -> CloudLink:
-            links.append(CloudLink(rpc, POOL, model_hash, codec if codec != "-" else CODEC, policy))
+            links.append(new_link())
             return links[-1]
+
+        executor.link_factory = link
 
         after_prefill: list[tuple[int, int, int, int]] = []
 
@@ -415,9 +430,8 @@ def run_plans(
                 s = links[0].stats
                 after_prefill.append((s.requests, s.bytes_up, s.bytes_down, len(s.round_trip_s)))
 
-        executor = SplitExecutor(engine.model, engine.tokenizer.eos_id, link)
-        plan = parse_plan(plan_name, cfg["n_layer"], cfg["n_head"])
-        result = executor.generate(prompt, plan, n_tokens, on_token=on_token)
+        schedule = compile_plan(parse_plan(plan_name, cfg["n_layer"], cfg["n_head"]), ModelDims.from_config(cfg))
+        result = executor.generate(prompt, schedule, n_tokens, on_token=on_token)
         if result.events or result.fell_back_to_edge:
             print(f"  warning: {plan_name}/{codec} had recovery events: {[e.to_json() for e in result.events]}")
         steps = max(1, len(result.steps) - 1)

@@ -21,12 +21,14 @@ import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
+import paho.mqtt.client as mqtt
+
 from cloud_offload.mqtt import RpcClient, user_property
 from cloud_offload.protocol import frames
 from cloud_offload.protocol.frames import FrameKind
 from splitwise_core.errors import FrameError, InvalidArgumentError, SplitwiseError
 
-__all__ = ["LinkProber", "ProbeResult"]
+__all__ = ["LinkProber", "ProbeResult", "worker_time_s"]
 
 log = logging.getLogger(__name__)
 
@@ -119,19 +121,30 @@ class LinkProber:
             self.failed += 1
             log.warning("probe of %d bytes to %s: %s", size, self.topic, err)
             return None
-        try:
-            # The worker's share: its own handling plus the wait in its inbox behind other work.
-            worker_us = int(user_property(msg, "compute_us") or 0) + int(user_property(msg, "queue_us") or 0)
-            compute_s = worker_us / 1e6
-        except ValueError:
-            compute_s = 0.0
         return ProbeResult(
             bytes_up=len(payload),
             bytes_down=len(msg.payload),
             round_trip_s=round_trip,
-            compute_s=min(max(compute_s, 0.0), round_trip),
+            compute_s=min(worker_time_s(msg) or 0.0, round_trip),
             worker_id=user_property(msg, "worker_id"),
         )
+
+
+def worker_time_s(msg: mqtt.MQTTMessage) -> float | None:
+    """The worker's share of a round trip, in seconds: its own handling (user property
+    ``compute_us``) plus the wait in its inbox behind other work (``queue_us``, 0 if absent).
+
+    The properties are decimal strings only because MQTT carries strings; this is the one place
+    they are parsed. None when ``compute_us`` is missing, either is not an integer, or the sum is
+    negative; the caller treats None as "no worker time" (0)."""
+    compute, queued = user_property(msg, "compute_us"), user_property(msg, "queue_us")
+    if compute is None:
+        return None
+    try:
+        total_us = int(compute) + int(queued or 0)
+    except ValueError:
+        return None
+    return total_us / 1e6 if total_us >= 0 else None
 
 
 def _clamp(n: int) -> int:

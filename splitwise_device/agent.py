@@ -49,7 +49,7 @@ from splitwise_device import app_messages
 from splitwise_device.app_messages import InferRequest
 from splitwise_device.config import FIXED_PLANNER, DeviceConfig
 from splitwise_device.controller import Controller, Decision, load_or_measure_profile
-from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
+from splitwise_device.executor import RecoveryPolicy, SplitExecutor
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,6 @@ class DeviceAgent:
             checkpoint_budget_bytes=r.checkpoint_budget_bytes,
         )
         self.banned: dict[str, float] = {}
-        self.executor = SplitExecutor(self.engine.model, self.engine.tokenizer.eos_id, self._new_link)
         self._edge_profile: Profile | None = None
         self._profile_lock = threading.Lock()
         self._model_sha = model_sha
@@ -134,6 +133,17 @@ class DeviceAgent:
             probe=self.prober.probe,
             memory_budget_bytes=device.memory_budget,
         )
+        self.executor = SplitExecutor.over_mqtt(
+            self.engine.model,
+            self.engine.tokenizer.eos_id,
+            self.rpc,
+            pool=config.cloud.pool,
+            model_hash=self.model_hash,
+            codec=config.agent.codec,
+            policy=self.policy,
+            banned=self.banned,
+            link_estimator=self.controller.link,
+        )
         self.accepting = threading.Event()
         self.busy = threading.Event()
         self.served = 0
@@ -143,17 +153,6 @@ class DeviceAgent:
         self._started = False
         self._ready_sent = False
         self.connection.add_on_connect(self._on_connected)
-
-    def _new_link(self) -> CloudLink:
-        return CloudLink(
-            self.rpc,
-            self.config.cloud.pool,
-            self.model_hash,
-            self.config.agent.codec,
-            self.policy,
-            banned=self.banned,
-            link_estimator=self.controller.link,
-        )
 
     def edge_profile(self) -> Profile:
         """The configured profile, else measured once (quick) and cached in the state directory."""

@@ -93,8 +93,9 @@ def _generate_split(args: argparse.Namespace) -> int:
     from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
     from cloud_offload.protocol import frames, topics
     from policies.plan import parse_plan
+    from policies.segments import ModelDims, compile_plan
     from splitwise_core.engine import model_sha256
-    from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
+    from splitwise_device.executor import RecoveryPolicy, SplitExecutor
 
     engine = _engine(args)
     cfg = engine.config
@@ -102,17 +103,23 @@ def _generate_split(args: argparse.Namespace) -> int:
     if not args.broker:
         print("splitwise-device: error: --plan other than edge-only needs --broker URL", file=sys.stderr)
         return 2
+    schedule = compile_plan(plan, ModelDims.from_config(cfg))
     connection = MqttConnection(BrokerSettings.from_url(args.broker), f"splitwise-cli-{uuid.uuid4().hex[:8]}")
     connection.start(timeout=10)
     try:
         rpc = RpcClient(connection, topics.device_reply_topic("cli", uuid.uuid4().hex[:12]))
         model_hash = frames.model_hash_prefix(model_sha256(engine.path))
-        policy = RecoveryPolicy()
-        executor = SplitExecutor(
-            engine.model, engine.tokenizer.eos_id, lambda: CloudLink(rpc, args.pool, model_hash, args.codec, policy)
+        executor = SplitExecutor.over_mqtt(
+            engine.model,
+            engine.tokenizer.eos_id,
+            rpc,
+            pool=args.pool,
+            model_hash=model_hash,
+            codec=args.codec,
+            policy=RecoveryPolicy(),
         )
         prompt = engine.prompt_tokens(args.prompt)
-        result = executor.generate(prompt, plan, args.max_tokens, temperature=args.temperature, seed=args.seed)
+        result = executor.generate(prompt, schedule, args.max_tokens, temperature=args.temperature, seed=args.seed)
     finally:
         connection.stop()
     text = engine.tokenizer.decode(result.tokens)

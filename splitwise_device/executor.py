@@ -1,10 +1,12 @@
 """Runs a partition plan: local sub-blocks on the engine, cloud segments over MQTT, with recovery.
 
-Per token step the compiled schedule (`policies.segments`) is interpreted over named registers.
-A parallel section publishes its cloud request first, runs the edge ops, then waits. Every cloud
-request that builds KV on the worker (attention heads, whole layers) is kept as a partition
-checkpoint — its codec bytes and position — within a byte budget, so a new worker can rebuild the
-session. Recovery (DESIGN §6):
+Per token step the compiled schedule (`policies.segments.Schedule`, compiled once by the caller)
+is interpreted over named registers. A parallel section publishes its cloud request first, runs the
+edge ops, then waits. Each cloud request is one `SegmentRequest` value that carries everything its
+frame needs (step, position, segment, ops, codec bytes, reply codec); retries, failover and replay
+re-send that same value. Every request that builds KV on the worker (attention heads, whole layers)
+is kept as it is — a partition checkpoint is just a kept `SegmentRequest` — within a byte budget,
+so a new worker can rebuild the session. Recovery (DESIGN §6):
 
 1. no reply by the deadline → retry with exponential backoff and jitter (same worker);
 2. a worker silent for `tries_per_worker` attempts is banned for `ban_s`; the session moves to
@@ -14,6 +16,10 @@ session. Recovery (DESIGN §6):
    recomputing the missing KV locally.
 
 Every such event is recorded and returned with the result.
+
+The worker's time on a request (`compute_us` + `queue_us`, strings only because MQTT user
+properties are) is parsed once, where the reply arrives, into float seconds
+(`cloud_offload.probe.worker_time_s`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import numpy.typing as npt
 import paho.mqtt.client as mqtt
 
 from cloud_offload.mqtt import RpcClient, user_property
+from cloud_offload.probe import worker_time_s
 from cloud_offload.protocol import frames, topics
 from cloud_offload.protocol.frames import EncodedTensor, ErrorCode, Flags, FrameKind
 from policies.plan import Plan
@@ -46,7 +53,6 @@ from policies.segments import (
     ParallelSection,
     Reg,
     Schedule,
-    compile_plan,
 )
 from splitwise_core.engine import Model, Session, sample_token
 from splitwise_core.errors import FrameError, SplitwiseError
@@ -99,14 +105,27 @@ class RecoveryEvent:
         }
 
 
-@dataclass
-class Checkpoint:
+@dataclass(frozen=True)
+class SegmentRequest:
+    """One cloud segment of one wire step, exactly as its frame carries it. The first send, every
+    retry and a failover's replay publish this same value (with their own attempt and flags); one
+    that builds KV on the worker is also kept as a partition checkpoint."""
+
     step: int
     position: int
-    segment: int
+    segment: int  # the schedule's segment index (the frame's segment id)
     ops: tuple[Op, ...]
     tensor: EncodedTensor
     reply_codec: str
+
+    @property
+    def builds_kv(self) -> bool:
+        return any(op.kind in KV_OPS for op in self.ops)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """(step, segment): the order of requests within a session."""
+        return self.step, self.segment
 
 
 @dataclass
@@ -142,7 +161,7 @@ class CloudLink:
         self.worker: str | None = None
         self.banned = banned if banned is not None else {}
         self.rng = rng or random.Random()
-        self.checkpoints: list[Checkpoint] = []
+        self.checkpoints: list[SegmentRequest] = []
         self.checkpoint_bytes = 0
         self.checkpoints_complete = True
         self.events: list[RecoveryEvent] = []
@@ -156,38 +175,38 @@ class CloudLink:
             return topics.worker_segment_topic(self.worker)
         return topics.pool_segment_topic(self.pool)
 
-    def send(self, step: int, position: int, segment: CloudSegment, x: Array) -> Callable[[], Array]:
-        """Publishes the segment now; the returned callable waits for (and recovers) its answer."""
-        ops = segment.ops
-        reply_codec = "f32" if segment.output is Reg.LOGITS else self.codec
-        tensor = frames.encode_tensor(x, self.codec)
+    def segment_request(self, step: int, position: int, segment: CloudSegment, x: Array) -> SegmentRequest:
+        """The request for `segment` of this wire step with input `x` (encoded in the link's codec;
+        logits come back f32)."""
+        return SegmentRequest(
+            step=step,
+            position=position,
+            segment=segment.index,
+            ops=segment.ops,
+            tensor=frames.encode_tensor(x, self.codec),
+            reply_codec="f32" if segment.output is Reg.LOGITS else self.codec,
+        )
+
+    def send(self, request: SegmentRequest) -> Callable[[], Array]:
+        """Publishes the request now; the returned callable waits for (and recovers) its answer."""
         self.used = True
-        first = self._publish(step, position, segment.index, ops, tensor, reply_codec, attempt=0, flags=0)
-        if any(op.kind in KV_OPS for op in ops):
-            self._keep_checkpoint(Checkpoint(step, position, segment.index, ops, tensor, reply_codec))
-        return lambda: self._await(step, position, segment.index, ops, tensor, reply_codec, first)
+        first = self._publish(request, attempt=0, flags=0)
+        if request.builds_kv:
+            self._keep_checkpoint(request)
+        return lambda: self._await(request, first)
 
     def _publish(
-        self,
-        step: int,
-        position: int,
-        segment: int,
-        ops: tuple[Op, ...],
-        tensor: EncodedTensor,
-        reply_codec: str,
-        *,
-        attempt: int,
-        flags: int,
+        self, request: SegmentRequest, *, attempt: int, flags: int
     ) -> tuple[float, Future[mqtt.MQTTMessage], bytes]:
         frame = frames.encode_request(
             session=self.session,
-            step=step,
-            position=position,
-            segment=segment,
+            step=request.step,
+            position=request.position,
+            segment=request.segment,
             model_hash=self.model_hash,
-            ops=ops,
-            tensor=tensor,
-            reply_codec=reply_codec,
+            ops=request.ops,
+            tensor=request.tensor,
+            reply_codec=request.reply_codec,
             attempt=attempt,
             flags=flags,
         )
@@ -197,16 +216,8 @@ class CloudLink:
         self._request_bytes[correlation] = len(frame)
         return time.monotonic(), future, correlation
 
-    def _await(
-        self,
-        step: int,
-        position: int,
-        segment: int,
-        ops: tuple[Op, ...],
-        tensor: EncodedTensor,
-        reply_codec: str,
-        first: tuple[float, Future[mqtt.MQTTMessage], bytes],
-    ) -> Array:
+    def _await(self, request: SegmentRequest, first: tuple[float, Future[mqtt.MQTTMessage], bytes]) -> Array:
+        step, segment = request.step, request.segment
         sent_at, future, correlation = first
         silent_tries = 0
         tries, failovers = self.policy.max_tries, 0
@@ -215,9 +226,7 @@ class CloudLink:
                 break
             if attempt > 0:
                 time.sleep(self.policy.backoff(attempt - 1, self.rng))
-                sent_at, future, correlation = self._publish(
-                    step, position, segment, ops, tensor, reply_codec, attempt=attempt, flags=0
-                )
+                sent_at, future, correlation = self._publish(request, attempt=attempt, flags=0)
             try:
                 msg = future.result(timeout=self.policy.segment_timeout_s)
             except FutureTimeout:
@@ -226,14 +235,14 @@ class CloudLink:
                 silent_tries += 1
                 self.events.append(RecoveryEvent("retry", step, segment, f"no reply to attempt {attempt}", self.worker))
                 if silent_tries >= self.policy.tries_per_worker and self.worker is not None:
-                    self._ban(step, segment)
+                    self._ban(request)
                     silent_tries = 0
                 continue
             round_trip = time.monotonic() - sent_at
             self.stats.round_trip_s.append(round_trip)
             self.stats.bytes_down += len(msg.payload)
             answered_by = user_property(msg, "worker_id")
-            self._observe_link(correlation, len(msg.payload), round_trip, _worker_time_us(msg))
+            self._observe_link(correlation, len(msg.payload), round_trip, worker_time_s(msg))
             try:
                 frame = frames.decode_frame(msg.payload)
             except FrameError as err:
@@ -248,7 +257,7 @@ class CloudLink:
             if frame.kind is FrameKind.ERROR:
                 code, message = frame.error()
                 if code == ErrorCode.UNKNOWN_SESSION and answered_by is not None:
-                    self._failover(answered_by, step, segment, before=(step, segment))
+                    self._failover(answered_by, request)
                     # The replay just rebuilt the session on a worker that answers: its resend gets a
                     # try of its own instead of being cut off by the budget the silence used up
                     # (at most max_tries extra, so a worker that keeps refusing cannot loop forever).
@@ -268,26 +277,23 @@ class CloudLink:
             f"segment {segment} of step {step}: no worker answered {self.policy.max_tries} tries"
         )
 
-    def _observe_link(self, correlation: bytes, bytes_down: int, round_trip: float, compute_us: str | None) -> None:
+    def _observe_link(self, correlation: bytes, bytes_down: int, round_trip: float, worker_s: float | None) -> None:
+        """`worker_s`: the worker's reported time in seconds (`worker_time_s`), None if it reported none."""
         bytes_up = self._request_bytes.pop(correlation, 0)
-        try:
-            compute_s = min(max(int(compute_us or 0) / 1e6, 0.0), round_trip)
-        except ValueError:
-            compute_s = 0.0
+        compute_s = min(worker_s or 0.0, round_trip)
         self.stats.cloud_compute_s += compute_s
         if self.link_estimator is None:
             return
         self.link_estimator.observe(bytes_up, bytes_down, round_trip, compute_s)
 
-    def _ban(self, step: int, segment: int) -> None:
+    def _ban(self, request: SegmentRequest) -> None:
         assert self.worker is not None
         self.banned[self.worker] = time.monotonic() + self.policy.ban_s
-        self.events.append(
-            RecoveryEvent("worker_banned", step, segment, f"silent; banned for {self.policy.ban_s:g}s", self.worker)
-        )
+        detail = f"silent; banned for {self.policy.ban_s:g}s"
+        self.events.append(RecoveryEvent("worker_banned", request.step, request.segment, detail, self.worker))
         self.worker = None
 
-    def _keep_checkpoint(self, checkpoint: Checkpoint) -> None:
+    def _keep_checkpoint(self, checkpoint: SegmentRequest) -> None:
         size = len(checkpoint.tensor.data)
         if self.checkpoint_bytes + size > self.policy.checkpoint_budget_bytes:
             # Past the budget a new worker cannot be rebuilt; recovery then falls back to the edge.
@@ -296,18 +302,15 @@ class CloudLink:
         self.checkpoints.append(checkpoint)
         self.checkpoint_bytes += size
 
-    def _failover(self, worker: str, step: int, segment: int, *, before: tuple[int, int]) -> None:
+    def _failover(self, worker: str, request: SegmentRequest) -> None:
         """Rebuilds the session's KV on `worker` by replaying every checkpoint sent before
-        (step, segment) — each with its own position — then lets the caller resend."""
+        `request` — each with its own position — then lets the caller resend `request`."""
         if not self.checkpoints_complete:
             raise CloudUnavailableError("partition checkpoints exceeded their budget; cannot rebuild a worker")
         self.worker = worker
-        replay = [c for c in self.checkpoints if (c.step, c.segment) < before]
-        self.events.append(RecoveryEvent("replay", step, segment, f"{len(replay)} checkpoints", worker))
-        pending = [
-            self._publish(c.step, c.position, c.segment, c.ops, c.tensor, c.reply_codec, attempt=0, flags=Flags.REPLAY)
-            for c in replay
-        ]
+        replay = [c for c in self.checkpoints if c.key < request.key]
+        self.events.append(RecoveryEvent("replay", request.step, request.segment, f"{len(replay)} checkpoints", worker))
+        pending = [self._publish(c, attempt=0, flags=Flags.REPLAY) for c in replay]
         for _sent, future, correlation in pending:
             self._request_bytes.pop(correlation, None)
             try:
@@ -360,7 +363,7 @@ class SplitResult:
 
 
 class SplitExecutor:
-    """Generates tokens for one request under a plan."""
+    """Generates tokens for one request under a compiled schedule (`policies.segments.Schedule`)."""
 
     def __init__(
         self,
@@ -380,18 +383,51 @@ class SplitExecutor:
         # prompt's prefill) goes as several wire steps of at most this many tokens each.
         self.max_rows_per_frame = max_rows_per_frame
 
+    @classmethod
+    def over_mqtt(
+        cls,
+        model: Model,
+        eos_id: int,
+        rpc: RpcClient,
+        *,
+        pool: str,
+        model_hash: bytes,
+        codec: str,
+        policy: RecoveryPolicy,
+        banned: dict[str, float] | None = None,
+        link_estimator: LinkEstimator | None = None,
+        max_rows_per_frame: int = frames.DEFAULT_MAX_ROWS_PER_FRAME,
+    ) -> SplitExecutor:
+        """The executor whose cloud segments go over `rpc` to `pool`: each request that needs the
+        cloud gets a new `CloudLink` (session) in `codec` under `policy`. `banned` (worker id →
+        monotonic time its ban ends) is shared by all those links as given (the same dict, so bans
+        outlive a request); `link_estimator` is fed every segment's transfer."""
+        shared_bans = banned if banned is not None else {}
+
+        def new_link() -> CloudLink:
+            return CloudLink(rpc, pool, model_hash, codec, policy, banned=shared_bans, link_estimator=link_estimator)
+
+        return cls(model, eos_id, new_link, max_rows_per_frame=max_rows_per_frame)
+
+    def _check_schedule(self, schedule: Schedule) -> None:
+        if schedule.dims != self.dims:
+            raise SplitwiseError(
+                f"the schedule was compiled for a model with {schedule.dims}, this executor runs {self.dims}"
+            )
+
     def generate(
         self,
         prompt: Sequence[int],
-        plan: Plan,
+        schedule: Schedule,
         max_tokens: int,
         *,
         temperature: float = 0.0,
         seed: int | None = None,
         on_token: Callable[[int], None] | None = None,
     ) -> SplitResult:
-        plan = plan.validate_for(self.dims.n_layer, self.dims.n_head)
-        schedule = compile_plan(plan, self.dims)
+        """Up to `max_tokens` tokens after `prompt`, running `schedule` (`compile_plan(plan, dims)`,
+        compiled once by the caller) every token step."""
+        self._check_schedule(schedule)
         link = self.link_factory() if schedule.cloud_round_trips and self.link_factory else None
         if schedule.cloud_round_trips and link is None:
             raise CloudUnavailableError("the plan needs the cloud but no broker is configured")
@@ -441,7 +477,7 @@ class SplitExecutor:
         return SplitResult(
             tokens=generated,
             stop_reason=stop,
-            plan=plan,
+            plan=schedule.plan,
             steps=timings,
             events=link.events if link else [],
             transfer=link.stats if link else TransferStats(),
@@ -449,11 +485,10 @@ class SplitExecutor:
             edge_compute_by_kind=edge_compute,
         )
 
-    def teacher_forced_logits(self, tokens: Sequence[int], plan: Plan) -> Array:
-        """Logits after each of `tokens[:-1]`, fed one per step through the plan (for perplexity
+    def teacher_forced_logits(self, tokens: Sequence[int], schedule: Schedule) -> Array:
+        """Logits after each of `tokens[:-1]`, fed one per step through the schedule (for perplexity
         and agreement measurements of a plan and codec); shape (len(tokens) - 1, vocab)."""
-        plan = plan.validate_for(self.dims.n_layer, self.dims.n_head)
-        schedule = compile_plan(plan, self.dims)
+        self._check_schedule(schedule)
         link = self.link_factory() if schedule.cloud_round_trips and self.link_factory else None
         session = self.model.new_session()
         rows = []
@@ -493,9 +528,9 @@ class SplitExecutor:
             if isinstance(item, LocalStep):
                 run_local(item)
             elif isinstance(item, CloudSegment):
-                regs[item.output] = link.send(step, position, item, regs[item.input])()
+                regs[item.output] = link.send(link.segment_request(step, position, item, regs[item.input]))()
             elif isinstance(item, ParallelSection):
-                wait = link.send(step, position, item.remote, regs[item.remote.input])
+                wait = link.send(link.segment_request(step, position, item.remote, regs[item.remote.input]))
                 run_local(item.local)
                 regs[item.remote.output] = wait()
         logits: Array = regs[Reg.LOGITS][-1]
@@ -529,22 +564,12 @@ class SplitExecutor:
         raise SplitwiseError(f"unknown edge op {kind}")
 
 
-def _worker_time_us(msg: mqtt.MQTTMessage) -> str | None:
-    """The worker's share of a round trip: its compute plus the time the message queued there."""
-    compute, queued = user_property(msg, "compute_us"), user_property(msg, "queue_us")
-    if compute is None:
-        return None
-    try:
-        return str(int(compute) + int(queued or 0))
-    except ValueError:
-        return None
-
-
 __all__ = [
     "CloudLink",
     "CloudUnavailableError",
     "RecoveryEvent",
     "RecoveryPolicy",
+    "SegmentRequest",
     "SplitExecutor",
     "SplitResult",
 ]

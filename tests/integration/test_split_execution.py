@@ -12,13 +12,19 @@ from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
 from cloud_offload.protocol import frames, topics
 from cloud_offload.worker import CloudWorker
 from policies.plan import parse_plan
+from policies.segments import ModelDims, Schedule, compile_plan
 from splitwise_core.engine import Engine, model_sha256
 from splitwise_core.errors import SplitwiseError
 from splitwise_core.tokenizer import bundled_model_path
-from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
+from splitwise_device.executor import RecoveryPolicy, SplitExecutor
 
 pytestmark = pytest.mark.broker
 PROMPT = "The three most useful things to know about MQTT are"
+
+
+def schedule_for(engine: Engine, plan_name: str) -> Schedule:
+    cfg = engine.config
+    return compile_plan(parse_plan(plan_name, cfg["n_layer"], cfg["n_head"]), ModelDims.from_config(cfg))
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +52,10 @@ def executor(mosquitto_broker, engine: Engine) -> Iterator[tuple[SplitExecutor, 
     rpc = RpcClient(conn, topics.device_reply_topic("dev1", uuid.uuid4().hex[:8]))
     model_hash = frames.model_hash_prefix(model_sha256(engine.path))
     policy = RecoveryPolicy(segment_timeout_s=5.0)
-
-    def link(codec: str = "f32") -> CloudLink:
-        return CloudLink(rpc, "test", model_hash, codec, policy)
-
-    yield SplitExecutor(engine.model, engine.tokenizer.eos_id, link), rpc
+    executor = SplitExecutor.over_mqtt(
+        engine.model, engine.tokenizer.eos_id, rpc, pool="test", model_hash=model_hash, codec="f32", policy=policy
+    )
+    yield executor, rpc
     conn.stop()
 
 
@@ -58,9 +63,10 @@ def executor(mosquitto_broker, engine: Engine) -> Iterator[tuple[SplitExecutor, 
 def test_split_plan_gives_the_local_greedy_text(engine, worker, executor, plan_name) -> None:  # type: ignore[no-untyped-def]
     split_executor, _rpc = executor
     prompt = engine.tokenizer.encode(PROMPT)
-    cfg = engine.config
     local = engine.generate(PROMPT, max_tokens=12)
-    result = split_executor.generate(prompt, parse_plan(plan_name, cfg["n_layer"], cfg["n_head"]), 12)
+    schedule = schedule_for(engine, plan_name)
+    result = split_executor.generate(prompt, schedule, 12)
+    assert result.plan is schedule.plan
     assert result.events == [] and not result.fell_back_to_edge
     assert result.transfer.requests > 0
     assert result.tokens == local.tokens, (engine.tokenizer.decode(result.tokens), local.text)
@@ -75,13 +81,17 @@ def test_transfers_feed_the_link_estimator(engine, worker, mosquitto_broker) -> 
         rpc = RpcClient(conn, topics.device_reply_topic("dev2", uuid.uuid4().hex[:8]))
         estimator = LinkEstimator()
         model_hash = frames.model_hash_prefix(model_sha256(engine.path))
-        executor = SplitExecutor(
+        executor = SplitExecutor.over_mqtt(
             engine.model,
             engine.tokenizer.eos_id,
-            lambda: CloudLink(rpc, "test", model_hash, "q8_0", RecoveryPolicy(), link_estimator=estimator),
+            rpc,
+            pool="test",
+            model_hash=model_hash,
+            codec="q8_0",
+            policy=RecoveryPolicy(),
+            link_estimator=estimator,
         )
-        cfg = engine.config
-        executor.generate(engine.tokenizer.encode(PROMPT), parse_plan("heads:4", cfg["n_layer"], cfg["n_head"]), 4)
+        executor.generate(engine.tokenizer.encode(PROMPT), schedule_for(engine, "heads:4"), 4)
         # Loopback: a segment's network share is well under 50 ms once the worker's compute is removed.
         assert estimator.rtt_s is not None and 0 < estimator.rtt_s < 0.05
     finally:
@@ -112,10 +122,9 @@ def test_a_prompt_longer_than_a_frame_is_sent_in_chunks(engine, small_frame_work
     text = " ".join([PROMPT] * 4)
     prompt = engine.tokenizer.encode(text)
     assert len(prompt) > 2 * 16
-    cfg = engine.config
-    plan = parse_plan("layer-split:15", cfg["n_layer"], cfg["n_head"])
+    schedule = schedule_for(engine, "layer-split:15")
     local = engine.generate(text, max_tokens=6)
-    result = chunked.generate(prompt, plan, 6)
+    result = chunked.generate(prompt, schedule, 6)
     assert result.events == [] and not result.fell_back_to_edge, [e.to_json() for e in result.events]
     assert result.tokens == local.tokens
     chunks = -(-len(prompt) // 16)
@@ -123,7 +132,7 @@ def test_a_prompt_longer_than_a_frame_is_sent_in_chunks(engine, small_frame_work
     assert small_frame_worker.stats.errors == 0
 
     # The same request unchunked is refused by this worker (too many rows) and falls back to the edge.
-    unchunked = split_executor.generate(prompt, plan, 2)
+    unchunked = split_executor.generate(prompt, schedule, 2)
     assert unchunked.fell_back_to_edge
     assert "too_many_rows" in " ".join(e.detail for e in unchunked.events)
 
@@ -131,3 +140,41 @@ def test_a_prompt_longer_than_a_frame_is_sent_in_chunks(engine, small_frame_work
 def test_max_rows_per_frame_must_be_positive(engine) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SplitwiseError, match="max_rows_per_frame must be a positive integer"):
         SplitExecutor(engine.model, engine.tokenizer.eos_id, None, max_rows_per_frame=0)
+
+
+def test_a_schedule_for_another_model_is_refused(engine) -> None:  # type: ignore[no-untyped-def]
+    """The caller compiles the plan; the executor checks the schedule is for its model's dims."""
+    executor = SplitExecutor(engine.model, engine.tokenizer.eos_id, None)
+    dims = ModelDims.from_config(engine.config)
+    other = ModelDims(dims.n_layer + 1, dims.n_head, dims.n_head_kv, dims.d_model, dims.n_ff, dims.n_vocab)
+    schedule = compile_plan(parse_plan("edge-only", other.n_layer, other.n_head), other)
+    with pytest.raises(SplitwiseError, match="the schedule was compiled for a model with"):
+        executor.generate(engine.tokenizer.encode(PROMPT), schedule, 2)
+    with pytest.raises(SplitwiseError, match="the schedule was compiled for a model with"):
+        executor.teacher_forced_logits(engine.tokenizer.encode(PROMPT), schedule)
+
+
+@pytest.mark.parametrize(
+    ("properties", "seconds"),
+    [
+        ({"compute_us": "1500", "queue_us": "500"}, 0.002),
+        ({"compute_us": "1500"}, 0.0015),
+        ({"queue_us": "500"}, None),
+        ({}, None),
+        ({"compute_us": "1.5", "queue_us": "0"}, None),
+        ({"compute_us": "12", "queue_us": "x"}, None),
+        ({"compute_us": "-20", "queue_us": "5"}, None),
+    ],
+)
+def test_worker_time_is_parsed_once_into_seconds(properties: dict[str, str], seconds: float | None) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from cloud_offload.probe import worker_time_s
+
+    msg = mqtt.MQTTMessage()
+    msg.properties = Properties(PacketTypes.PUBLISH)
+    if properties:
+        msg.properties.UserProperty = list(properties.items())
+    assert worker_time_s(msg) == seconds
