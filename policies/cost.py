@@ -441,7 +441,7 @@ def plan_memory(plan: Plan, model: CostModel) -> int:
 
 
 def predict(
-    plan: Plan,
+    plan: Plan | Schedule,
     observation: Observation,
     edge_profile: Profile,
     cloud_profile: Profile,
@@ -455,9 +455,15 @@ def predict(
 
     A plan that needs the cloud while the link is cut predicts infinite latency and energy.
     `codec_kl` overrides the edge profile's accuracy table; `model` reuses a prepared CostModel.
+    A plan is compiled (and so validated) here; a schedule compiled for `dims` is used as it is.
     """
     m = model or CostModel(observation, edge_profile, cloud_profile, dims, codec, codec_kl)
-    schedule = compile_plan(plan, dims)
+    if isinstance(plan, Schedule):
+        if plan.dims != dims:
+            raise InvalidArgumentError(f"the schedule was compiled for {plan.dims}, not {dims}")
+        schedule, plan = plan, plan.plan
+    else:
+        schedule = compile_plan(plan, dims)
     memory = plan_memory(plan, m)
     if schedule.cloud_round_trips and not m.link_up:
         crossings = sum(1 + (seg.output is not Reg.LOGITS) for seg in schedule.cloud_segments)

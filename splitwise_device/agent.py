@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from cloud_offload.mqtt import MqttConnection, RpcClient, mqtt_payload, settings_from_config
 from cloud_offload.probe import LinkProber
-from cloud_offload.profiles import WorkerProfile, WorkerProfiles
+from cloud_offload.profiles import WorkerProfiles
 from cloud_offload.protocol import frames, topics
 from cloud_offload.protocol.frames import ErrorCode
 from cloud_offload.protocol.topics import topic_name_problem
@@ -48,8 +48,9 @@ from splitwise_core.profile import Profile
 from splitwise_device import app_messages
 from splitwise_device.app_messages import InferRequest
 from splitwise_device.config import FIXED_PLANNER, DeviceConfig
-from splitwise_device.controller import Controller, Decision, load_or_measure_profile
+from splitwise_device.controller import Controller, Decision, InlinePlan, NamedPlanner, PlanChoice, PlanSpec
 from splitwise_device.executor import RecoveryPolicy, SplitExecutor
+from splitwise_device.profile_store import EdgeProfileSource, ProfileStore
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +110,14 @@ class DeviceAgent:
             checkpoint_budget_bytes=r.checkpoint_budget_bytes,
         )
         self.banned: dict[str, float] = {}
-        self._edge_profile: Profile | None = None
-        self._profile_lock = threading.Lock()
-        self._model_sha = model_sha
-        self._configured_cloud = (
-            {"configured": Profile.load(config.planning.cloud_profile)} if config.planning.cloud_profile else {}
-        )
         self.worker_profiles = WorkerProfiles(self.connection, config.cloud.pool, self.model_hash)
-        self._parsed_profiles: dict[str, tuple[WorkerProfile, Profile | None]] = {}
+        self.profiles = ProfileStore(
+            EdgeProfileSource(
+                config.planning.profile, self.engine.path, device.effective_threads, device.state_dir, model_sha.hex()
+            ),
+            workers=self.worker_profiles,
+            configured_cloud=Profile.load(config.planning.cloud_profile) if config.planning.cloud_profile else None,
+        )
         self.prober = LinkProber(
             self.rpc,
             topics.pool_segment_topic(config.cloud.pool),
@@ -127,8 +128,7 @@ class DeviceAgent:
             config.planning,
             ModelDims.from_config(cfg),
             codec=config.agent.codec,
-            edge_profile=self.edge_profile,
-            cloud_profiles=self.cloud_profiles,
+            profiles=self.profiles,
             link_up=self.connection.connected.is_set,
             probe=self.prober.probe,
             memory_budget_bytes=device.memory_budget,
@@ -153,36 +153,6 @@ class DeviceAgent:
         self._started = False
         self._ready_sent = False
         self.connection.add_on_connect(self._on_connected)
-
-    def edge_profile(self) -> Profile:
-        """The configured profile, else measured once (quick) and cached in the state directory."""
-        with self._profile_lock:
-            if self._edge_profile is None:
-                device = self.config.device
-                self._edge_profile = load_or_measure_profile(
-                    self.config.planning.profile,
-                    self.engine.path,
-                    device.effective_threads,
-                    device.state_dir,
-                    self._model_sha.hex(),
-                )
-            return self._edge_profile
-
-    def cloud_profiles(self) -> dict[str, Profile]:
-        """The profiles the pool's workers published (parsed once per message), else the configured one."""
-        published: dict[str, Profile] = {}
-        for worker_id, entry in self.worker_profiles.entries().items():
-            cached = self._parsed_profiles.get(worker_id)
-            if cached is None or cached[0] is not entry:
-                try:
-                    cached = (entry, Profile.model_validate(entry.profile))
-                except ValueError as err:  # pydantic's ValidationError is a ValueError
-                    log.warning("worker %s published a profile this device cannot use: %s", worker_id, err)
-                    cached = (entry, None)
-                self._parsed_profiles[worker_id] = cached
-            if cached[1] is not None:
-                published[worker_id] = cached[1]
-        return published or dict(self._configured_cloud)
 
     def _status(self, state: str) -> bytes:
         return json.dumps(
@@ -231,9 +201,9 @@ class DeviceAgent:
         if self.config.agent.planner in COST_MODEL_PLANNERS:
             # Plan the first request like the later ones: measure (or load) our profile now, and give
             # the workers' retained profiles, delivered right after subscribing, a moment to arrive.
-            self.edge_profile()
+            self.profiles.edge()
             if connect_timeout is not None or self.connection.connected.is_set():
-                self.worker_profiles.wait_for_any(PROFILE_WAIT_S)
+                self.profiles.wait_for_published(PROFILE_WAIT_S)
         self.accepting.set()
         interval = systemd.watchdog_interval()
         if interval:
@@ -429,25 +399,24 @@ class DeviceAgent:
                 # notices the dead thread and stops pinging, so systemd restarts the unit.
                 log.critical("the requests thread stopped; no more requests will be served")
 
+    def plan_choice(self, request: InferRequest, inline: Plan | None = None) -> PlanChoice:
+        """The request's own plan (inline or named), its planner, or the configured one.
+        `inline`: the request's inline plan, already validated at intake."""
+        if isinstance(request.plan, dict):
+            return InlinePlan(inline or Plan.from_dict(request.plan).validate_for(self.n_layer, self.n_head))
+        if isinstance(request.plan, str):
+            return PlanSpec(request.plan)
+        if request.planner is not None:
+            return NamedPlanner(request.planner)
+        if self.config.agent.planner == FIXED_PLANNER:
+            assert self.config.agent.plan is not None  # the config requires it
+            return PlanSpec(self.config.agent.plan)
+        return NamedPlanner(self.config.agent.planner)
+
     def choose_plan(
         self, request: InferRequest, prompt_len: int, max_tokens: int, inline: Plan | None = None
     ) -> Decision:
-        """The request's own plan (a plan or a plan name), its planner's, or the configured planner's.
-        `inline`: the request's inline plan, already validated at intake."""
-        plan: Plan | None = None
-        planner: str = self.config.agent.planner
-        if isinstance(request.plan, dict):
-            if inline is None:
-                inline = Plan.from_dict(request.plan).validate_for(self.n_layer, self.n_head)
-            plan, planner = inline, "request"
-        elif isinstance(request.plan, str):
-            planner = request.plan
-        elif request.planner is not None:
-            planner = request.planner
-        elif planner == FIXED_PLANNER:
-            assert self.config.agent.plan is not None  # the config requires it
-            planner = self.config.agent.plan
-        return self.controller.decide(planner, prompt_len, max_tokens, self.jobs.qsize(), plan)
+        return self.controller.decide(self.plan_choice(request, inline), prompt_len, max_tokens, self.jobs.qsize())
 
     def _serve(self, job: Job) -> None:
         request = job.request
@@ -463,7 +432,6 @@ class DeviceAgent:
         if max_tokens < 1:
             raise SplitwiseError(f"prompt of {len(prompt)} tokens leaves no room in the context of {context}")
         decision = self.choose_plan(request, len(prompt), max_tokens, job.plan)
-        plan = decision.plan
         started = time.monotonic()
         emitted: list[int] = []
         sent_text = ""
@@ -486,7 +454,7 @@ class DeviceAgent:
                 sent_text, chunk_index = text, chunk_index + 1
 
         result = self.executor.generate(
-            prompt, plan, max_tokens, temperature=request.temperature, seed=request.seed, on_token=on_token
+            prompt, decision.schedule, max_tokens, temperature=request.temperature, seed=request.seed, on_token=on_token
         )
         total_s = time.monotonic() - started
         decode_steps = [s.seconds for s in result.steps[1:]]
@@ -499,15 +467,8 @@ class DeviceAgent:
             "bytes_up": float(result.transfer.bytes_up),
             "bytes_down": float(result.transfer.bytes_down),
         }
-        self.controller.completed(
-            decision,
-            total_s,
-            len(result.steps),
-            result.transfer.cloud_compute_s,
-            result.fell_back_to_edge,
-            result.edge_compute_by_kind,
-        )
-        summary = plan.summary()
+        self.controller.completed(decision, result)
+        summary = decision.plan.summary()
         summary["fell_back_to_edge"] = result.fell_back_to_edge
         summary.update(decision.to_json(len(result.steps)))
         # Not _send: a final reply that cannot be published ends the request with an error reply.

@@ -33,7 +33,6 @@ from splitwise_core.config import (
     readable_file_problems,
     show_value,
 )
-from splitwise_core.errors import SplitwiseError
 
 __all__ = [
     "FIXED_PLANNER",
@@ -270,10 +269,12 @@ class DeviceConfig(StrictSection):
         if self.agent.plan is not None and _looks_like_file(self.agent.plan):
             plan = Path(self.agent.plan)
             problems += [f"agent.plan: {p}" for p in readable_file_problems(plan)]
+        from splitwise_device.profile_store import profile_file_problems
+
         for key in ("profile", "cloud_profile"):
             path = getattr(self.planning, key)
             if path is not None:
-                problems += [f"planning.{key}: {p}" for p in _profile_problems(path)]
+                problems += [f"planning.{key}: {p}" for p in profile_file_problems(path)]
         return problems
 
     def summary(self) -> list[str]:
@@ -298,19 +299,6 @@ class DeviceConfig(StrictSection):
             f"energy_budget={'none' if p.energy_budget_j is None else f'{p.energy_budget_j:g} J'}",
             f"logging   level={self.logging.level}",
         ]
-
-
-def _profile_problems(path: Path) -> list[str]:
-    problems = readable_file_problems(path)
-    if problems:
-        return problems
-    from splitwise_core.profile import Profile  # the device's own planner profile format
-
-    try:
-        Profile.load(path)
-    except SplitwiseError as err:
-        return [str(err)]
-    return []
 
 
 def load_device_config(path: str | os.PathLike[str]) -> DeviceConfig:

@@ -16,9 +16,13 @@
   (there is no power sensor to read on most devices);
 - arrival rate (`RateEstimator`).
 
-Profiles: the device's own (configured, or measured once at first need and cached in the state
-directory) and the cloud's (published by the pool's workers, or configured as a fallback). Without
-a cloud profile the device cannot reason about offloading and plans stay on the edge.
+Profiles come from the device's :class:`~splitwise_device.profile_store.ProfileStore`: its own
+(configured, or measured once at first need and cached in the state directory) and the cloud's
+(published by the pool's workers, or configured as a fallback). Without a cloud profile the device
+cannot reason about offloading and plans stay on the edge.
+
+A request's plan comes from a :data:`PlanChoice` (a named planner, a plan spec or an inline plan);
+the :class:`Decision` carries the plan compiled once into the schedule the executor runs.
 """
 
 from __future__ import annotations
@@ -29,19 +33,20 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from policies.cost import Observation, Prediction, Weights, predict
 from policies.plan import Plan, parse_plan
 from policies.planners.context import PlanningContext
 from policies.planners.registry import COST_MODEL_PLANNERS, make_planner
-from policies.segments import ModelDims
+from policies.segments import ModelDims, Schedule, compile_plan
 from splitwise_core.errors import InvalidArgumentError
 from splitwise_core.lyapunov import Ewma, QueueBank
 from splitwise_core.profile import Profile
 from splitwise_device.config import PlanningConfig
 from splitwise_device.estimators import LinkEstimator, RateEstimator
+from splitwise_device.executor import SplitResult
+from splitwise_device.profile_store import ProfileStore
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +63,64 @@ class ProbeSample(Protocol):
 
 
 @dataclass(frozen=True)
-class Decision:
-    """A request's plan and, when the profiles allow it, what the cost model expects of it."""
+class NamedPlanner:
+    """Run the registry's planner `name` (policies.planners.registry)."""
 
-    planner: str
+    name: str
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """Run one fixed plan given by name (``layer-split:K``, ``heads:N``, ``edge-only``, ...) or, from
+    the device's own config only, a plan file (policies.plan.parse_plan)."""
+
+    spec: str
+
+    @property
+    def label(self) -> str:
+        return self.spec
+
+
+@dataclass(frozen=True)
+class InlinePlan:
+    """Run the plan a request carried (already validated for the model)."""
+
     plan: Plan
+
+    @property
+    def label(self) -> str:
+        return "request"
+
+
+PlanChoice = NamedPlanner | PlanSpec | InlinePlan
+"""Where a request's plan comes from."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A request's plan, compiled once into the schedule the executor runs, and, when the profiles
+    allow it, what the cost model expects of it."""
+
+    choice: PlanChoice
+    schedule: Schedule
     observation: Observation | None
     prediction: Prediction | None
     decision_s: float  # the whole decision: link refresh (maybe a probe), observation, planner
     cloud_worker: str | None = None  # whose profile the prediction used
     planner_s: float = 0.0  # the planner's own share
+
+    @property
+    def plan(self) -> Plan:
+        return self.schedule.plan
+
+    @property
+    def planner(self) -> str:
+        """How the replies name the choice: the planner, the plan spec, or "request"."""
+        return self.choice.label
 
     def to_json(self, steps: int | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -114,8 +167,7 @@ class Controller:
         dims: ModelDims,
         *,
         codec: str,
-        edge_profile: Callable[[], Profile],
-        cloud_profiles: Callable[[], Mapping[str, Profile]],
+        profiles: ProfileStore,
         link_up: Callable[[], bool],
         probe: Callable[[], Sequence[ProbeSample] | None] | None = None,
         memory_budget_bytes: int | None = None,
@@ -129,8 +181,7 @@ class Controller:
         self.dims = dims
         self.codec = codec
         self.weights = Weights(planning.v, planning.w_latency, planning.w_energy, planning.w_accuracy)
-        self._edge_profile = edge_profile
-        self._cloud_profiles = cloud_profiles
+        self.profiles = profiles
         self._link_up = link_up
         self._probe = probe
         self.memory_budget_bytes = memory_budget_bytes
@@ -184,19 +235,10 @@ class Controller:
         for s in self._probe() or ():
             self.link.observe(s.bytes_up, s.bytes_down, s.round_trip_s, min(s.compute_s, s.round_trip_s))
 
-    def completed(
-        self,
-        decision: Decision,
-        seconds: float,
-        steps: int,
-        cloud_compute_s: float,
-        fell_back: bool,
-        edge_compute_by_kind: Mapping[str, float] | None = None,
-    ) -> None:
-        """Feeds one finished request back: service time, edge and cloud load, energy queue.
-
-        `edge_compute_by_kind`: the edge's op times by EdgeOpKind name ("FORWARD" for a whole local
-        forward pass), as `SplitResult.edge_compute_by_kind` gives them."""
+    def completed(self, decision: Decision, result: SplitResult) -> None:
+        """Feeds one finished request back: service time, edge and cloud load, energy queue."""
+        seconds, steps = sum(step.seconds for step in result.steps), len(result.steps)
+        cloud_compute_s, fell_back = result.transfer.cloud_compute_s, result.fell_back_to_edge
         with self._lock:
             self.service_s.update(seconds)
             pred, obs = decision.prediction, decision.observation
@@ -216,7 +258,7 @@ class Controller:
             if cloud > 0 and cloud_compute_s > 0 and obs.cloud_load > 0:
                 self.cloud_load.update(cloud_compute_s / (cloud / obs.cloud_load))
             # The executor times the edge's model ops; codec work happens inside the transfers.
-            measured = edge_compute_by_kind or {}
+            measured = result.edge_compute_by_kind
             edge = b.get("prefill_edge_ops_s", 0.0) + decodes * b.get("decode_edge_ops_s", 0.0)
             edge_compute_s = sum(measured.values())
             if edge > 0 and edge_compute_s > 0 and obs.edge_load > 0:
@@ -267,66 +309,45 @@ class Controller:
             )
 
     def _context(self) -> tuple[PlanningContext, str] | None:
-        profiles = self._cloud_profiles()
+        profiles = self.profiles.cloud()
         if not profiles:
             return None
         # Workers of a pool are expected to be alike; cloud_load absorbs the difference.
         worker = min(profiles)
-        edge, cloud = self._edge_profile(), profiles[worker]
+        edge, cloud = self.profiles.edge(), profiles[worker]
         cached = self._context_cache
         if cached is None or cached[0] is not edge or cached[1] is not cloud:
             ctx = PlanningContext(edge, cloud, self.dims, self.codec, self.weights, self.planning.min_edge_layers)
             self._context_cache = cached = (edge, cloud, ctx)
         return cached[2], worker
 
-    def decide(
-        self, planner: str, prompt_len: int, max_tokens: int, backlog_requests: int, plan: Plan | None = None
-    ) -> Decision:
-        """`plan` given: only predict it; otherwise run `planner` (a planner name or a plan spec)."""
+    def decide(self, choice: PlanChoice, prompt_len: int, max_tokens: int, backlog_requests: int) -> Decision:
+        """The plan for one request and its prediction: a named planner plans (with the cost model
+        when it needs one and the profiles allow); a plan spec or an inline plan is only predicted."""
         started = time.perf_counter()
-        needs_model = plan is None and planner in COST_MODEL_PLANNERS
-        if plan is None and not needs_model:
-            plan = parse_plan(planner, self.dims.n_layer, self.dims.n_head)
+        plan: Plan | None = None
+        if isinstance(choice, InlinePlan):
+            plan = choice.plan
+        elif isinstance(choice, PlanSpec):
+            plan = parse_plan(choice.spec, self.dims.n_layer, self.dims.n_head)
+        elif choice.name not in COST_MODEL_PLANNERS:
+            plan = parse_plan(choice.name, self.dims.n_layer, self.dims.n_head)
         if plan is None or not plan.is_edge_only():
             self.refresh_link()
         context = self._context()
         obs = self.observation(prompt_len, max_tokens, backlog_requests)
         if context is None:
             if plan is None:
-                log.info("no cloud profile yet (no worker has published one): %s plans edge-only", planner)
+                log.info("no cloud profile yet (no worker has published one): %s plans edge-only", choice.label)
                 plan = parse_plan("edge-only", self.dims.n_layer, self.dims.n_head)
-            return Decision(planner, plan, obs, None, time.perf_counter() - started)
+            return Decision(choice, compile_plan(plan, self.dims), obs, None, time.perf_counter() - started)
         ctx, worker = context
         planner_s = 0.0
         if plan is None:
+            assert isinstance(choice, NamedPlanner)
             planning_started = time.perf_counter()
-            plan = make_planner(planner, ctx).plan(obs)
+            plan = make_planner(choice.name, ctx).plan(obs)
             planner_s = time.perf_counter() - planning_started
-        prediction = predict(plan, obs, ctx.edge_profile, ctx.cloud_profile, self.dims, self.codec)
-        return Decision(planner, plan, obs, prediction, time.perf_counter() - started, worker, planner_s)
-
-
-def load_or_measure_profile(
-    configured: Path | None, model_path: Path, threads: int, cache_dir: Path, model_hash: str
-) -> Profile:
-    """The configured edge profile, else one measured now (quick settings) and cached in `cache_dir`."""
-    if configured is not None:
-        return Profile.load(configured)
-    cache = cache_dir / f"profile-{model_hash[:16]}-t{threads}.json"
-    if cache.is_file():
-        try:
-            return Profile.load(cache)
-        except InvalidArgumentError as err:
-            log.warning("ignoring the cached profile: %s", err)
-    from splitwise_core.profiler import Settings, measure, to_profile
-
-    log.info("measuring this device's profile (quick settings, %d threads); set planning.profile to skip", threads)
-    measurement = measure(model_path, threads, Settings.quick())
-    profile: Profile = to_profile(measurement)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        profile.save(cache)
-        log.info("profile measured in %.1f s, cached in %s", measurement.seconds_total, cache)
-    except OSError as err:
-        log.warning("profile measured in %.1f s but not cached (%s)", measurement.seconds_total, err)
-    return profile
+        schedule = compile_plan(plan, self.dims)
+        prediction = predict(schedule, obs, ctx.edge_profile, ctx.cloud_profile, self.dims, self.codec)
+        return Decision(choice, schedule, obs, prediction, time.perf_counter() - started, worker, planner_s)

@@ -173,7 +173,7 @@ def test_agent_measures_its_own_profile_once_and_caches_it(
     time.sleep(0.01)
     agent = start_agent(path)
     try:
-        assert agent.edge_profile() == profile
+        assert agent.profiles.edge() == profile
         assert cached[0].stat().st_mtime_ns == mtime  # reused, not measured again
     finally:
         agent.drain(timeout=5)

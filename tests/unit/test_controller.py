@@ -1,7 +1,7 @@
 """The agent's controller: observation from estimates, planner per request, feedback after a request.
 
-Profiles are the measured reference-VM profile (both sides); the link, the probe and the clock are
-plain callables the test drives.
+Profiles are the measured reference-VM profile (both sides, in a ProfileStore); the link, the probe
+and the clock are plain callables the test drives.
 """
 
 from __future__ import annotations
@@ -15,15 +15,43 @@ import pytest
 from policies.cost import Observation, predict
 from policies.plan import parse_plan
 from policies.planners.context import PlanningContext
-from policies.planners.registry import make_planner
+from policies.planners.registry import PLANNER_NAMES, make_planner
 from policies.segments import ModelDims
 from splitwise_core.errors import InvalidArgumentError
 from splitwise_core.profile import PowerModel, Profile
 from splitwise_device.config import PlanningConfig
-from splitwise_device.controller import Controller
+from splitwise_device.controller import Controller, Decision, InlinePlan, NamedPlanner, PlanChoice, PlanSpec
+from splitwise_device.executor import SplitResult, StepTiming, TransferStats
+from splitwise_device.profile_store import ProfileStore
 
 PROFILE = Path(__file__).parents[2] / "deploy/profiles/reference-vm.smollm2-135m.profile.json"
 DIMS = ModelDims(n_layer=30, n_head=9, n_head_kv=3, d_model=576, n_ff=1536, n_vocab=49152)  # SmolLM2-135M
+
+
+def choice(name: str) -> PlanChoice:
+    """A registry planner by name, else a plan spec (``heads:4``, ``layer-split:12``)."""
+    return NamedPlanner(name) if name in PLANNER_NAMES else PlanSpec(name)
+
+
+def finished(
+    d: Decision,
+    seconds: float,
+    steps: int,
+    cloud_compute_s: float,
+    fell_back: bool,
+    edge_compute_by_kind: dict[str, float] | None = None,
+) -> SplitResult:
+    """What the executor returns for a request of `steps` token steps taking `seconds` in all."""
+    return SplitResult(
+        tokens=[1] * steps,
+        stop_reason="max_tokens",
+        plan=d.plan,
+        steps=[StepTiming(i, 1, seconds / steps) for i in range(steps)],
+        events=[],
+        transfer=TransferStats(cloud_compute_s=cloud_compute_s),
+        fell_back_to_edge=fell_back,
+        edge_compute_by_kind=dict(edge_compute_by_kind or {}),
+    )
 
 
 @dataclass
@@ -63,8 +91,7 @@ def make(
         PlanningConfig.model_validate(planning),
         DIMS,
         codec="q8_0",
-        edge_profile=lambda: profile,
-        cloud_profiles=lambda: {"w1": profile} if cloud else {},
+        profiles=ProfileStore(profile, cloud={"w1": profile} if cloud else None),
         link_up=lambda: link["up"],
         probe=probe,
         clock=clock,
@@ -74,7 +101,7 @@ def make(
 
 def test_without_a_cloud_profile_cost_model_planners_stay_on_the_edge(profile: Profile) -> None:
     c, _, _ = make(profile, cloud=False)
-    d = c.decide("splitwise-dp", 16, 8, 0)
+    d = c.decide(choice("splitwise-dp"), 16, 8, 0)
     assert d.plan.is_edge_only() and d.prediction is None
     assert d.to_json()["planner"] == "splitwise-dp"
 
@@ -82,12 +109,12 @@ def test_without_a_cloud_profile_cost_model_planners_stay_on_the_edge(profile: P
 def test_a_cut_link_gives_edge_only_and_no_probe(profile: Profile) -> None:
     c, _, probes = make(profile, up=False)
     for name in ("splitwise-dp", "layer-dp", "layer-split"):
-        d = c.decide(name, 16, 8, 0)
+        d = c.decide(choice(name), 16, 8, 0)
         assert d.plan.is_edge_only(), name
         assert d.observation is not None and not d.observation.link_up
     assert probes == []
     # A fixed plan that needs the cloud predicts an infinite latency, which the reply leaves out.
-    d = c.decide("cloud-only", 16, 8, 0)
+    d = c.decide(choice("cloud-only"), 16, 8, 0)
     assert d.prediction is not None and math.isinf(d.prediction.latency_s)
     assert "predicted" not in d.to_json()
 
@@ -95,35 +122,35 @@ def test_a_cut_link_gives_edge_only_and_no_probe(profile: Profile) -> None:
 def test_probe_feeds_the_link_estimate_and_is_rate_limited(profile: Profile) -> None:
     c, clock, probes = make(profile, probe_interval_s=10.0)
     # No estimate yet: the first decision probes inline and plans with the result.
-    d = c.decide("splitwise-dp", 16, 8, 0)
+    d = c.decide(choice("splitwise-dp"), 16, 8, 0)
     assert len(probes) == 1
     assert d.observation is not None
     assert d.observation.rtt_s == pytest.approx(0.02, rel=1e-6)
     assert d.observation.bandwidth_bps == pytest.approx(10e6, rel=0.01)
     clock.now += 5
-    c.decide("splitwise-dp", 16, 8, 0)
+    c.decide(choice("splitwise-dp"), 16, 8, 0)
     c.join_probe(5)
     assert len(probes) == 1  # estimate still fresh
     clock.now += 6
-    c.decide("splitwise-dp", 16, 8, 0)  # stale: a probe in the background
+    c.decide(choice("splitwise-dp"), 16, 8, 0)  # stale: a probe in the background
     c.join_probe(5)
     assert len(probes) == 2
     # Real transfers keep the estimate fresh: no probe while they flow...
     clock.now += 20
     c.link.observe(100, 100, 0.02)
     c.link.observe(50_000, 100, 0.08)
-    c.decide("splitwise-dp", 16, 8, 0)
+    c.decide(choice("splitwise-dp"), 16, 8, 0)
     c.join_probe(5)
     assert len(probes) == 2
     # ...but only large ones flowing leave the RTT stale (e.g. cloud-only with its logits): probe.
     clock.now += 20
     c.link.observe(50_000, 100, 0.08)
-    c.decide("splitwise-dp", 16, 8, 0)
+    c.decide(choice("splitwise-dp"), 16, 8, 0)
     c.join_probe(5)
     assert len(probes) == 3
     # Edge-only plans do not need the link at all.
     clock.now += 60
-    c.decide("edge-only", 16, 8, 0)
+    c.decide(choice("edge-only"), 16, 8, 0)
     c.join_probe(5)
     assert len(probes) == 3
 
@@ -134,7 +161,7 @@ def test_a_stale_estimate_is_probed_in_the_background(profile: Profile) -> None:
     release = threading.Event()
     calls: list[int] = []
     c, clock, _ = make(profile, probe_interval_s=1.0)
-    c.decide("splitwise-dp", 16, 8, 0)  # inline: the first estimate
+    c.decide(choice("splitwise-dp"), 16, 8, 0)  # inline: the first estimate
 
     def slow_probe() -> list[Sample]:
         calls.append(1)
@@ -143,10 +170,10 @@ def test_a_stale_estimate_is_probed_in_the_background(profile: Profile) -> None:
 
     c._probe = slow_probe
     clock.now += 5
-    d = c.decide("splitwise-dp", 16, 8, 0)  # returns while the probe is still out
+    d = c.decide(choice("splitwise-dp"), 16, 8, 0)  # returns while the probe is still out
     assert calls == [1] and not release.is_set()
     assert d.observation is not None and d.observation.rtt_s == pytest.approx(0.02, rel=1e-6)
-    c.decide("splitwise-dp", 16, 8, 0)
+    c.decide(choice("splitwise-dp"), 16, 8, 0)
     assert calls == [1]  # one probe at a time
     release.set()
     c.join_probe(5)
@@ -155,7 +182,7 @@ def test_a_stale_estimate_is_probed_in_the_background(profile: Profile) -> None:
 
 def test_decision_equals_the_planner_on_the_same_observation(profile: Profile) -> None:
     c, _, _ = make(profile)
-    d = c.decide("splitwise-dp", 64, 32, 0)
+    d = c.decide(choice("splitwise-dp"), 64, 32, 0)
     assert d.observation is not None and d.prediction is not None
     ctx = PlanningContext(profile, profile, DIMS, "q8_0")
     expected = make_planner("splitwise-dp", ctx).plan(d.observation)
@@ -170,31 +197,31 @@ def test_decision_equals_the_planner_on_the_same_observation(profile: Profile) -
 def test_a_given_plan_is_predicted_not_replanned(profile: Profile) -> None:
     c, _, _ = make(profile)
     plan = parse_plan("layer-split:12", 30, 9)
-    d = c.decide("request", 16, 8, 0, plan)
+    d = c.decide(InlinePlan(plan), 16, 8, 0)
     assert d.plan == plan and d.prediction is not None and math.isfinite(d.prediction.latency_s)
-    d = c.decide("heads:4", 16, 8, 0)
+    d = c.decide(choice("heads:4"), 16, 8, 0)
     assert d.plan == parse_plan("heads:4", 30, 9) and d.prediction is not None
 
 
 def test_backlog_becomes_the_work_queue(profile: Profile) -> None:
     c, _, _ = make(profile)
-    d = c.decide("edge-only", 16, 8, 0)
-    c.completed(d, seconds=2.0, steps=8, cloud_compute_s=0.0, fell_back=False)
+    d = c.decide(choice("edge-only"), 16, 8, 0)
+    c.completed(d, finished(d, 2.0, 8, 0.0, False))
     obs = c.observation(16, 8, backlog_requests=3)
     assert obs.backlog_s == pytest.approx(6.0) and obs.work_queue_u == pytest.approx(6.0)
 
 
 def test_cloud_service_times_set_the_cloud_load(profile: Profile) -> None:
     c, _, _ = make(profile)
-    d = c.decide("cloud-only", 16, 8, 0)
+    d = c.decide(choice("cloud-only"), 16, 8, 0)
     assert d.prediction is not None
     b = d.prediction.breakdown
     expected = b["prefill_cloud_compute_s"] + 7 * b["decode_cloud_compute_s"]
-    c.completed(d, seconds=1.0, steps=8, cloud_compute_s=3 * expected, fell_back=False)
+    c.completed(d, finished(d, 1.0, 8, 3 * expected, False))
     assert c.observation(16, 8, 0).cloud_load == pytest.approx(3.0)
     # A request that fell back to the edge says nothing about the cloud's speed.
-    d = c.decide("cloud-only", 16, 8, 0)
-    c.completed(d, seconds=1.0, steps=8, cloud_compute_s=0.1 * expected, fell_back=True)
+    d = c.decide(choice("cloud-only"), 16, 8, 0)
+    c.completed(d, finished(d, 1.0, 8, 0.1 * expected, True))
     assert c.observation(16, 8, 0).cloud_load == pytest.approx(3.0)
 
 
@@ -202,13 +229,13 @@ def test_energy_budget_grows_the_energy_queue(profile: Profile) -> None:
     # The VM has no power sensor (its profile says 0 W); a Raspberry-Pi-like power model instead.
     profile = profile.model_copy(update={"power": PowerModel(compute_w=6.0, transmit_w=1.5, idle_w=2.7)})
     c, _, _ = make(profile, energy_budget_j=1e-9)
-    d = c.decide("edge-only", 16, 8, 0)
+    d = c.decide(choice("edge-only"), 16, 8, 0)
     assert d.prediction is not None and d.prediction.energy_j > 0
-    c.completed(d, seconds=1.0, steps=8, cloud_compute_s=0.0, fell_back=False)
+    c.completed(d, finished(d, 1.0, 8, 0.0, False))
     z = c.observation(16, 8, 0).energy_queue_z
     assert z == pytest.approx(d.prediction.energy_j - 1e-9)
     unbudgeted, _, _ = make(profile)
-    unbudgeted.completed(d, seconds=1.0, steps=8, cloud_compute_s=0.0, fell_back=False)
+    unbudgeted.completed(d, finished(d, 1.0, 8, 0.0, False))
     assert unbudgeted.observation(16, 8, 0).energy_queue_z == 0.0
 
 
@@ -219,22 +246,20 @@ def test_min_edge_layers_beyond_the_model_is_refused(profile: Profile) -> None:
 
 def test_observation_is_a_valid_planner_input(profile: Profile) -> None:
     c, _, _ = make(profile)
-    c.decide("splitwise-dp", 16, 8, 0)
+    c.decide(choice("splitwise-dp"), 16, 8, 0)
     obs = c.observation(16, 8, 2)
     assert isinstance(obs, Observation) and obs.link_up and obs.backlog_requests == 2
 
 
 def test_edge_compute_times_set_the_edge_load(profile: Profile) -> None:
     c, _, _ = make(profile)
-    d = c.decide("edge-only", 16, 8, 0)
+    d = c.decide(choice("edge-only"), 16, 8, 0)
     assert d.prediction is not None
     b = d.prediction.breakdown
     expected = b["prefill_edge_ops_s"] + 7 * b["decode_edge_ops_s"]
-    c.completed(
-        d, seconds=1.0, steps=8, cloud_compute_s=0.0, fell_back=False, edge_compute_by_kind={"FORWARD": 0.5 * expected}
-    )
+    c.completed(d, finished(d, 1.0, 8, 0.0, False, {"FORWARD": 0.5 * expected}))
     assert c.observation(16, 8, 0).edge_load == pytest.approx(0.5)
-    again = c.decide("edge-only", 16, 8, 0)
+    again = c.decide(choice("edge-only"), 16, 8, 0)
     assert again.prediction is not None
     assert again.prediction.latency_s == pytest.approx(0.5 * d.prediction.latency_s, rel=1e-6)
     assert again.to_json()["observation"]["edge_load"] == pytest.approx(0.5)
@@ -259,24 +284,24 @@ def test_each_edge_op_kind_is_calibrated_on_its_own(profile: Profile) -> None:
     c, _, _ = make(profile)
     # An edge-only request runs whole local forward passes: embedding, fused layers and LM head
     # take its ratio, other kinds stay untouched.
-    d = c.decide("edge-only", 16, 8, 0)
+    d = c.decide(choice("edge-only"), 16, 8, 0)
     assert d.prediction is not None
-    c.completed(d, 1.0, 8, 0.0, False, {"FORWARD": 0.3 * d.prediction.latency_s})
+    c.completed(d, finished(d, 1.0, 8, 0.0, False, {"FORWARD": 0.3 * d.prediction.latency_s}))
     loads = c.observation(16, 8, 0).edge_op_load
     assert set(loads) == {"EMBED", "LAYER", "LM_HEAD"}
     assert all(v == pytest.approx(0.3) for v in loads.values())
-    after = c.decide("edge-only", 16, 8, 0).prediction
+    after = c.decide(choice("edge-only"), 16, 8, 0).prediction
     assert after is not None and after.latency_s == pytest.approx(0.3 * d.prediction.latency_s)
     # A head split: the attention the edge ran took twice its prediction.
-    d = c.decide("heads:4", 16, 8, 0)
+    d = c.decide(choice("heads:4"), 16, 8, 0)
     assert d.prediction is not None
     b = d.prediction.breakdown
     attention = b["prefill_edge_s.ATTN"] + 7 * b["decode_edge_s.ATTN"]
-    c.completed(d, 1.0, 8, 0.0, False, {"ATTN": 2 * attention})
+    c.completed(d, finished(d, 1.0, 8, 0.0, False, {"ATTN": 2 * attention}))
     loads = c.observation(16, 8, 0).edge_op_load
     # Its prediction used the overall edge_load (0.3 by now): the attention factor becomes 2 × 0.3.
     assert loads["ATTN"] == pytest.approx(0.6) and loads["LAYER"] == pytest.approx(0.3)
-    again = c.decide("heads:4", 16, 8, 0).prediction
+    again = c.decide(choice("heads:4"), 16, 8, 0).prediction
     assert again is not None
     assert again.breakdown["decode_edge_s.ATTN"] == pytest.approx(2 * b["decode_edge_s.ATTN"])
 
