@@ -54,9 +54,9 @@ def _check_config(config: str) -> int:
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cloud_offload.mqtt import BrokerSettings, settings_from_config
-    from cloud_offload.profiles import profile_file_problems
     from cloud_offload.worker import CloudWorker
     from splitwise_core import systemd
+    from splitwise_core.profile import profile_file_problems
 
     if args.config:
         from cloud_offload.config import ConfigError, load_cloud_config

@@ -14,7 +14,6 @@ from typing import Annotated
 
 from pydantic import BeforeValidator, Field, ValidationInfo
 
-from cloud_offload.profiles import profile_file_problems
 from splitwise_core.config import (
     BrokerConfig,
     ByteSize,
@@ -31,6 +30,7 @@ from splitwise_core.config import (
     load_toml_model,
     model_problems,
 )
+from splitwise_core.profile import profile_file_problems
 
 PROFILE_MODES = ("measure", "off")
 

@@ -6,9 +6,9 @@ Every cloud worker publishes one retained message on
     {"worker_id": "w1", "pool": "default", "model_hash": "<32 hex>", "threads": 4,
      "measured_at": "2026-11-28T13:20:00+00:00", "source": "measured", "profile": {...}}
 
-``profile`` is the JSON form of the planner's ``splitwise_core.profile.Profile``. This module moves it and
-checks its outline (a JSON object with the profile's required top-level keys); it never interprets
-it — that is the planner's business, and ``cloud_offload`` does not import ``policies``. An empty
+``profile`` is the JSON form of ``splitwise_core.profile.Profile``, checked against that schema
+here (and again by each device that receives it); what its costs mean for a plan is the planner's
+business (``cloud_offload`` does not import ``policies``). An empty
 retained payload withdraws the worker's profile (a worker clears it when it stops gracefully).
 
 :class:`WorkerProfiles` is the collecting side: it subscribes to the pool's profiles and keeps the
@@ -33,91 +33,19 @@ import paho.mqtt.client as mqtt
 from cloud_offload.mqtt import MqttConnection, mqtt_payload
 from cloud_offload.protocol import frames, topics
 from splitwise_core.errors import InvalidArgumentError
+from splitwise_core.profile import MAX_PROFILE_BYTES, profile_problems
 
 __all__ = [
-    "MAX_PROFILE_BYTES",
-    "PROFILE_KEYS",
     "WorkerProfile",
     "WorkerProfiles",
-    "load_profile_file",
     "measure_profile",
     "parse_profile_message",
-    "profile_file_problems",
     "profile_message",
-    "profile_problems",
 ]
 
 log = logging.getLogger(__name__)
 
-# The required top-level keys of splitwise_core.profile.Profile (tests/integration/test_worker_profile.py
-# checks that this list still matches the planner's model).
-PROFILE_KEYS: frozenset[str] = frozenset(
-    {
-        "machine",
-        "model",
-        "threads",
-        "attention",
-        "kv_group_s",
-        "ffn_full_s",
-        "ffn_gate_up_s",
-        "ffn_down_s",
-        "norm_s",
-        "add_s",
-        "embed_s",
-        "lm_head_s",
-        "prefill",
-        "codecs",
-        "power",
-        "weight_bytes_per_param",
-        "kv_bytes_per_value",
-    }
-)
-MAX_PROFILE_BYTES = 1 << 20  # a profile is a few KiB; anything this large is not one
 _MESSAGE_KEYS = frozenset({"worker_id", "pool", "model_hash", "threads", "measured_at", "profile"})
-
-
-def profile_problems(obj: object) -> list[str]:
-    """What is wrong with `obj` as a profile's JSON value (empty: it has the expected outline)."""
-    if not isinstance(obj, dict):
-        return [f"a profile is a JSON object, got {type(obj).__name__}"]
-    missing = sorted(PROFILE_KEYS - obj.keys())
-    if missing:
-        return [f"not a profile: missing key(s) {', '.join(missing)}"]
-    return []
-
-
-def profile_file_problems(path: str | Path) -> list[str]:
-    """Problems with a profile JSON file (empty: it can be published)."""
-    try:
-        load_profile_file(path)
-    except InvalidArgumentError as err:
-        return [str(err)]
-    return []
-
-
-def load_profile_file(path: str | Path) -> dict[str, Any]:
-    """The profile object in `path`; InvalidArgumentError saying what is wrong otherwise."""
-    file = Path(path)
-    try:
-        if not file.is_file():
-            raise InvalidArgumentError(f"{file} does not exist" if not file.exists() else f"{file} is not a file")
-        if file.stat().st_size > MAX_PROFILE_BYTES:
-            raise InvalidArgumentError(f"{file} is larger than {MAX_PROFILE_BYTES} bytes; not a profile")
-        text = file.read_text(encoding="utf-8")
-    except OSError as err:
-        raise InvalidArgumentError(f"cannot read {file}: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise InvalidArgumentError(f"{file} is not UTF-8 text") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InvalidArgumentError(f"{file} is not valid JSON: {err}") from None
-    except RecursionError:
-        raise InvalidArgumentError(f"{file} is not valid JSON: nested too deeply") from None
-    problems = profile_problems(obj)
-    if problems:
-        raise InvalidArgumentError(f"{file}: {problems[0]}")
-    return dict(obj)
 
 
 def measure_profile(

@@ -54,6 +54,7 @@ from splitwise_core import __version__
 from splitwise_core.engine import Model, Session, model_sha256
 from splitwise_core.errors import FrameError, InvalidArgumentError, SplitwiseError
 from splitwise_core.ops import HEADER_SIZE, OP_SIZE, OpKind
+from splitwise_core.profile import load_profile_file, profile_problems
 
 DEFAULT_MAX_ROWS_PER_FRAME = frames.DEFAULT_MAX_ROWS_PER_FRAME
 """Rows (tokens) one request frame may carry. llama.cpp's default batch: attention over T rows costs
@@ -228,7 +229,7 @@ class CloudWorker:
             self.profile_done.set()
             return
         if isinstance(source, Mapping):
-            problems = profiles.profile_problems(dict(source))
+            problems = profile_problems(dict(source))
             if problems:
                 raise SplitwiseError(f"profile: {problems[0]}")
             self._profile_mode = "given"
@@ -238,7 +239,7 @@ class CloudWorker:
             self._measure = True
         else:
             path = Path(source)
-            obj = profiles.load_profile_file(path)  # InvalidArgumentError saying what is wrong
+            obj = load_profile_file(path)  # InvalidArgumentError saying what is wrong
             mtime = path.stat().st_mtime
             measured_at = _dt.datetime.fromtimestamp(mtime, _dt.UTC).isoformat(timespec="seconds")
             self._profile_mode = f"file {path}"

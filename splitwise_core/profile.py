@@ -11,15 +11,28 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from splitwise_core.errors import InvalidArgumentError
 
-__all__ = ["PROFILE_VERSION", "AttentionTable", "CodecCost", "PowerModel", "PrefillTable", "Profile", "Provenance"]
+__all__ = [
+    "MAX_PROFILE_BYTES",
+    "PROFILE_VERSION",
+    "AttentionTable",
+    "CodecCost",
+    "PowerModel",
+    "PrefillTable",
+    "Profile",
+    "Provenance",
+    "load_profile_file",
+    "profile_file_problems",
+    "profile_problems",
+]
 
 PROFILE_VERSION = 1
+MAX_PROFILE_BYTES = 1 << 20  # a profile is a few KiB; anything this large is not one
 Provenance = Literal["measured", "interpolated", "assumed", "synthetic"]
 
 
@@ -177,3 +190,52 @@ class Profile(_Strict):
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
+
+
+def profile_problems(obj: object) -> list[str]:
+    """What is wrong with `obj` as a profile's JSON value: one line per problem, empty if it is one."""
+    if not isinstance(obj, dict):
+        return [f"a profile is a JSON object, got {type(obj).__name__}"]
+    try:
+        Profile.model_validate(obj)
+    except ValidationError as err:
+        return [
+            f"not a profile: {'.'.join(str(p) for p in e['loc']) or 'profile'}: {e['msg']}"
+            for e in err.errors(include_url=False)
+        ]
+    return []
+
+
+def load_profile_file(path: str | Path) -> dict[str, Any]:
+    """The profile object in `path` (JSON, at most MAX_PROFILE_BYTES, a valid profile);
+    InvalidArgumentError saying what is wrong otherwise."""
+    file = Path(path)
+    try:
+        if not file.is_file():
+            raise InvalidArgumentError(f"{file} does not exist" if not file.exists() else f"{file} is not a file")
+        if file.stat().st_size > MAX_PROFILE_BYTES:
+            raise InvalidArgumentError(f"{file} is larger than {MAX_PROFILE_BYTES} bytes; not a profile")
+        text = file.read_text(encoding="utf-8")
+    except OSError as err:
+        raise InvalidArgumentError(f"cannot read {file}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise InvalidArgumentError(f"{file} is not UTF-8 text") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InvalidArgumentError(f"{file} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise InvalidArgumentError(f"{file} is not valid JSON: nested too deeply") from None
+    problems = profile_problems(obj)
+    if problems:
+        raise InvalidArgumentError(f"{file}: {problems[0]}")
+    return dict(obj)
+
+
+def profile_file_problems(path: str | Path) -> list[str]:
+    """Why the profile file at `path` cannot be used (missing, unreadable, not a profile), or []."""
+    try:
+        load_profile_file(path)
+    except InvalidArgumentError as err:
+        return [str(err)]
+    return []

@@ -33,6 +33,7 @@ from splitwise_core.config import (
     readable_file_problems,
     show_value,
 )
+from splitwise_core.profile import profile_file_problems
 
 __all__ = [
     "FIXED_PLANNER",
@@ -269,8 +270,6 @@ class DeviceConfig(StrictSection):
         if self.agent.plan is not None and _looks_like_file(self.agent.plan):
             plan = Path(self.agent.plan)
             problems += [f"agent.plan: {p}" for p in readable_file_problems(plan)]
-        from splitwise_device.profile_store import profile_file_problems
-
         for key in ("profile", "cloud_profile"):
             path = getattr(self.planning, key)
             if path is not None:

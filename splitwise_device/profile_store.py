@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloud_offload.profiles import WorkerProfile, WorkerProfiles
-from splitwise_core.config import readable_file_problems
-from splitwise_core.errors import InvalidArgumentError, SplitwiseError
+from splitwise_core.errors import InvalidArgumentError
 from splitwise_core.profile import Profile
 
-__all__ = ["EdgeProfileSource", "ProfileStore", "profile_file_problems"]
+__all__ = ["EdgeProfileSource", "ProfileStore"]
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +115,3 @@ class ProfileStore:
         """Gives the workers' retained profiles, delivered right after subscribing, up to
         `timeout_s` to arrive; True if one has."""
         return self._workers is not None and self._workers.wait_for_any(timeout_s)
-
-
-def profile_file_problems(path: Path) -> list[str]:
-    """Why the profile file at `path` cannot be used (unreadable, not a valid profile), or []."""
-    problems = readable_file_problems(path)
-    if problems:
-        return problems
-    try:
-        Profile.load(path)
-    except SplitwiseError as err:
-        return [str(err)]
-    return []

@@ -536,7 +536,7 @@ def test_planning_profiles_are_checked(tmp_path: Path) -> None:
     (tmp_path / "edge.json").write_text('{"version": 1}')
     shutil.copy(DEPLOY / "profiles" / "reference-vm.smollm2-135m.profile.json", tmp_path / "cloud.json")
     problems = config.check_files()
-    assert len(problems) == 1 and problems[0].startswith(f"planning.profile: profile {tmp_path / 'edge.json'}:")
+    assert len(problems) == 1 and problems[0].startswith(f"planning.profile: {tmp_path / 'edge.json'}: not a profile:")
     assert "machine" in problems[0]  # names the missing field
     with pytest.raises(ConfigError, match=r"planning\.w_energy"):
         load_device_config(write(tmp_path, MINIMAL + "[planning]\nw_energy = -1\n"))
