@@ -7,7 +7,7 @@ processes are alive, whether a normal request still succeeds, and every process'
 RSS change from the first round to the last. tests/integration/test_fuzz.py is the bounded CI
 version of the same run.
 Run: python bench/fuzz.py [--payloads 1000] [--frames 1000] [--rounds 2] [--seed N]
-     [--worker-max-sessions N] [--worker-session-ttl S]
+     [--worker-max-sessions N] [--worker-session-ttl S] [--worker-max-queued-bytes B]
 """
 
 from __future__ import annotations
@@ -41,13 +41,23 @@ def main() -> int:
     parser.add_argument(
         "--worker-session-ttl", type=float, default=None, help="the workers' session_ttl_s (default: the config's)"
     )
+    parser.add_argument(
+        "--worker-max-queued-bytes",
+        type=int,
+        default=None,
+        help="the workers' max_queued_bytes (default: the config's)",
+    )
     args = parser.parse_args()
     if min(args.payloads, args.frames, args.rounds) < 1:
         parser.error("--payloads, --frames and --rounds must be at least 1")
     failures = 0
     worker_settings = {
         key: value
-        for key, value in (("max_sessions", args.worker_max_sessions), ("session_ttl_s", args.worker_session_ttl))
+        for key, value in (
+            ("max_sessions", args.worker_max_sessions),
+            ("session_ttl_s", args.worker_session_ttl),
+            ("max_queued_bytes", args.worker_max_queued_bytes),
+        )
         if value is not None
     }
     print(f"worker settings: {worker_settings or 'the config defaults'}")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
+from cloud_offload.local_broker import LocalBroker
 from cloud_offload.mqtt import BrokerSettings, MqttConnection, RpcClient
 from cloud_offload.protocol import frames, topics
 from cloud_offload.worker import CloudWorker
@@ -32,17 +34,27 @@ def engine() -> Engine:
     return Engine(bundled_model_path(), threads=1)
 
 
-@pytest.fixture
-def worker(mosquitto_broker) -> Iterator[CloudWorker]:  # type: ignore[no-untyped-def]
+@contextmanager
+def running_worker(broker: LocalBroker, **limits: int) -> Iterator[CloudWorker]:
+    """A worker of pool "test" on `broker`, with `limits` (e.g. max_rows_per_frame) as given."""
     w = CloudWorker(
         bundled_model_path(),
         worker_id=f"w{uuid.uuid4().hex[:6]}",
         pool="test",
-        broker=BrokerSettings(mosquitto_broker.host, mosquitto_broker.port),
+        broker=BrokerSettings(broker.host, broker.port),
+        **limits,
     )
     w.start()
-    yield w
-    w.stop()
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+@pytest.fixture
+def worker(mosquitto_broker: LocalBroker) -> Iterator[CloudWorker]:
+    with running_worker(mosquitto_broker) as w:
+        yield w
 
 
 @pytest.fixture
@@ -99,17 +111,9 @@ def test_transfers_feed_the_link_estimator(engine, worker, mosquitto_broker) -> 
 
 
 @pytest.fixture
-def small_frame_worker(mosquitto_broker) -> Iterator[CloudWorker]:  # type: ignore[no-untyped-def]
-    w = CloudWorker(
-        bundled_model_path(),
-        worker_id=f"w{uuid.uuid4().hex[:6]}",
-        pool="test",
-        broker=BrokerSettings(mosquitto_broker.host, mosquitto_broker.port),
-        max_rows_per_frame=16,
-    )
-    w.start()
-    yield w
-    w.stop()
+def small_frame_worker(mosquitto_broker: LocalBroker) -> Iterator[CloudWorker]:
+    with running_worker(mosquitto_broker, max_rows_per_frame=16) as w:
+        yield w
 
 
 def test_a_prompt_longer_than_a_frame_is_sent_in_chunks(engine, small_frame_worker, executor) -> None:  # type: ignore[no-untyped-def]
