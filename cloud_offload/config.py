@@ -14,6 +14,7 @@ from typing import Annotated
 
 from pydantic import BeforeValidator, Field, ValidationInfo
 
+from cloud_offload.protocol import frames
 from splitwise_core.config import (
     BrokerConfig,
     ByteSize,
@@ -31,6 +32,23 @@ from splitwise_core.config import (
     model_problems,
 )
 from splitwise_core.profile import profile_file_problems
+
+# The worker's defaults, one place for the config file and for `serve --broker --model` (CloudWorker).
+DEFAULT_SESSION_TTL_S = 300.0
+DEFAULT_KV_MEMORY_CAP = 1 << 30
+DEFAULT_MAX_SESSIONS = 64
+DEFAULT_MAX_ROWS_PER_FRAME = frames.DEFAULT_MAX_ROWS_PER_FRAME
+"""Rows (tokens) one request frame may carry. llama.cpp's default batch: attention over T rows costs
+O(T²) and a residual run of every layer O(n_layer · T), all on the worker's only compute thread (512
+rows: ~0.3 s per layer on one busy core; 8,192: ~30 s). A longer prompt has to come in chunks."""
+DEFAULT_MAX_FRAMES_PER_S_PER_DEVICE = 1000.0
+DEFAULT_FRAME_BURST_PER_DEVICE = 2000
+"""A device decoding with every layer's heads split sends one frame per layer per token (30 for
+SmolLM2) one after the other: on a LAN round trip of ~1 ms that is up to ~1000 frames/s, and a
+prompt plus a few dozen tokens fit in the burst. A device sending faster is refused."""
+DEFAULT_MAX_QUEUED_BYTES = 256 << 20
+"""Payload bytes that may wait in the inbox; beyond, frames are refused ``overloaded`` on arrival.
+Room for ~80 of the largest frames (512 rows × n_ff in f32, 3 MiB for SmolLM2) or ~100,000 decode frames."""
 
 PROFILE_MODES = ("measure", "off")
 
@@ -61,25 +79,25 @@ class WorkerSection(StrictSection):
     """GGUF model file or shard directory; must be the same model (hash) the devices run. Required."""
     threads: int | None = Field(default=None, ge=1, le=256)
     """Compute threads (1-256). Default: all CPUs this process may use."""
-    session_ttl_s: Seconds = 300.0
+    session_ttl_s: Seconds = DEFAULT_SESSION_TTL_S
     """An idle session's KV is dropped after this many seconds."""
-    kv_memory_cap: ByteSize = Field(default=2**30, ge=1)
+    kv_memory_cap: ByteSize = Field(default=DEFAULT_KV_MEMORY_CAP, ge=1)
     """Memory for all sessions' KV caches (bytes or "1GiB"); past it, least recently used sessions are
     dropped (their devices rebuild them from checkpoints)."""
-    max_sessions: int = Field(default=64, ge=1, le=1_000_000)
+    max_sessions: int = Field(default=DEFAULT_MAX_SESSIONS, ge=1, le=1_000_000)
     """Most sessions held at once; new sessions beyond it evict the least recently used one."""
-    max_rows_per_frame: int = Field(default=512, ge=1, le=1_000_000)
+    max_rows_per_frame: int = Field(default=DEFAULT_MAX_ROWS_PER_FRAME, ge=1, le=1_000_000)
     """Most tensor rows (tokens) one request frame may carry (1-1,000,000); a bigger frame is refused
     ``bad_frame`` (``too_many_rows``) before any work. Attention over T rows costs O(T²) on the
     worker's only compute thread: 512 (llama.cpp's default batch) keeps one frame well under a second
     per layer. Frames past the model's context are refused whatever this says."""
-    max_frames_per_s_per_device: float = Field(default=1000.0, gt=0, le=1e9)
+    max_frames_per_s_per_device: float = Field(default=DEFAULT_MAX_FRAMES_PER_S_PER_DEVICE, gt=0, le=1e9)
     """Frames per second one device may send this worker (token bucket per device, named by its reply
     topic); beyond it frames are refused ``overloaded`` before they are decoded, so one device cannot
     starve the pool. 1000 lets a device round-trip a frame per layer per token on a fast LAN."""
-    frame_burst_per_device: int = Field(default=2000, ge=1, le=1_000_000_000)
+    frame_burst_per_device: int = Field(default=DEFAULT_FRAME_BURST_PER_DEVICE, ge=1, le=1_000_000_000)
     """How many frames a device may send at once above that rate (the bucket's size)."""
-    max_queued_bytes: ByteSize = Field(default=256 * 2**20, ge=1)
+    max_queued_bytes: ByteSize = Field(default=DEFAULT_MAX_QUEUED_BYTES, ge=1)
     """Frame bytes that may wait for the compute thread (bytes or "256MiB"); beyond it frames are
     refused ``overloaded`` on arrival. Frames larger than any this worker could compute (from
     max_rows_per_frame) are refused ``bad_frame`` (``too_large``) on arrival too, never queued."""

@@ -47,6 +47,15 @@ import numpy.typing as npt
 import paho.mqtt.client as mqtt
 
 from cloud_offload import profiles
+from cloud_offload.config import (
+    DEFAULT_FRAME_BURST_PER_DEVICE,
+    DEFAULT_KV_MEMORY_CAP,
+    DEFAULT_MAX_FRAMES_PER_S_PER_DEVICE,
+    DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_MAX_ROWS_PER_FRAME,
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_SESSION_TTL_S,
+)
 from cloud_offload.mqtt import BrokerSettings, MqttConnection
 from cloud_offload.protocol import frames, topics
 from cloud_offload.protocol.frames import ErrorCode, Flags, Frame, FrameFault, FrameKind
@@ -56,18 +65,6 @@ from splitwise_core.errors import FrameError, InvalidArgumentError, SplitwiseErr
 from splitwise_core.ops import HEADER_SIZE, OP_SIZE, OpKind
 from splitwise_core.profile import load_profile_file, profile_problems
 
-DEFAULT_MAX_ROWS_PER_FRAME = frames.DEFAULT_MAX_ROWS_PER_FRAME
-"""Rows (tokens) one request frame may carry. llama.cpp's default batch: attention over T rows costs
-O(T²) and a residual run of every layer O(n_layer · T), all on the worker's only compute thread (512
-rows: ~0.3 s per layer on one busy core; 8,192: ~30 s). A longer prompt has to come in chunks."""
-DEFAULT_MAX_FRAMES_PER_S_PER_DEVICE = 1000.0
-DEFAULT_FRAME_BURST_PER_DEVICE = 2000
-"""A device decoding with every layer's heads split sends one frame per layer per token (30 for
-SmolLM2) one after the other: on a LAN round trip of ~1 ms that is up to ~1000 frames/s, and a
-prompt plus a few dozen tokens fit in the burst. A device sending faster is refused."""
-DEFAULT_MAX_QUEUED_BYTES = 256 << 20
-"""Payload bytes that may wait in the inbox; beyond, frames are refused ``overloaded`` on arrival.
-Room for ~80 of the largest frames (512 rows × n_ff in f32, 3 MiB for SmolLM2) or ~100,000 decode frames."""
 _DEVICE_REPLY_TOPIC = re.compile(r"splitwise/v1/device/([A-Za-z0-9_-]{1,64})/reply/[^/]+")
 
 log = logging.getLogger(__name__)
@@ -164,9 +161,9 @@ class CloudWorker:
         pool: str,
         broker: BrokerSettings,
         threads: int = 1,
-        session_ttl_s: float = 300.0,
-        kv_memory_cap: int = 512 << 20,
-        max_sessions: int = 256,
+        session_ttl_s: float = DEFAULT_SESSION_TTL_S,
+        kv_memory_cap: int = DEFAULT_KV_MEMORY_CAP,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
         profile: ProfileSource = None,
         max_rows_per_frame: int = DEFAULT_MAX_ROWS_PER_FRAME,
         max_frames_per_s_per_device: float = DEFAULT_MAX_FRAMES_PER_S_PER_DEVICE,
