@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ENGLISH_TEXT_PATH = Path(__file__).resolve().parents[1] / "data" / "GPL-3.txt"
+ENGLISH_TEXT_PATH = Path(__file__).resolve().parent / "data" / "GPL-3.txt"
 
 
 def english_text() -> str:
