@@ -172,6 +172,7 @@ class Controller:
         probe: Callable[[], Sequence[ProbeSample] | None] | None = None,
         memory_budget_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        probe_in_background: bool = True,
     ) -> None:
         if planning.min_edge_layers > dims.n_layer:
             raise InvalidArgumentError(
@@ -186,6 +187,8 @@ class Controller:
         self._probe = probe
         self.memory_budget_bytes = memory_budget_bytes
         self._clock = clock
+        # The simulator runs on simulated time: its probes must happen inline, in order.
+        self._probe_in_background = probe_in_background
         self.link = LinkEstimator(planning.link_half_life_s, clock=clock)
         self.arrivals = RateEstimator()
         self.cloud_load = Ewma(planning.link_half_life_s)
@@ -215,7 +218,7 @@ class Controller:
         last = self.link.refreshed_at
         if last is not None and self._clock() - last < self.planning.probe_interval_s:
             return
-        if self.link.rtt_s is None or self.link.bandwidth_bps is None:
+        if self.link.rtt_s is None or self.link.bandwidth_bps is None or not self._probe_in_background:
             self._run_probe()
             return
         with self._lock:

@@ -24,7 +24,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     # Not shipped: the evaluation harness stands on the shipped packages, and the benches on both;
     # neither imports tests/ (tests/ import them: it is the top, nothing imports it).
     "evaluation": frozenset({"splitwise_core", "policies", "cloud_offload", "splitwise_device"}),
-    "bench": frozenset({"splitwise_core", "policies", "cloud_offload", "splitwise_device", "evaluation"}),
+    "bench": frozenset({"splitwise_core", "policies", "cloud_offload", "splitwise_device", "evaluation", "training"}),
     # Not shipped either: the learned planner's training side (simulator, PPO) stands on the shipped
     # packages; what the device runs of it (the featurizer, the ONNX planner) lives in policies.
     "training": frozenset({"splitwise_core", "policies", "cloud_offload", "splitwise_device"}),
