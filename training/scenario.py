@@ -115,6 +115,14 @@ class LinkEvent(StrictSection):
         return self
 
 
+def _check_dwell(n_states: int, mean_dwell_s: list[float], what: str) -> None:
+    """A Markov-modulated section has one mean dwell time per state, and none for a single state."""
+    if n_states > 1 and len(mean_dwell_s) != n_states:
+        raise ValueError(f"mean_dwell_s needs one value per {what} when there are several {what}s")
+    if n_states == 1 and mean_dwell_s:
+        raise ValueError(f"a single {what} has no dwell time")
+
+
 class LinkSection(StrictSection):
     """``[link]``: a Markov-modulated link (state i lasts an exponential time of mean
     `mean_dwell_s[i]`, then another state is chosen uniformly; one state = a fixed link), plus
@@ -126,10 +134,7 @@ class LinkSection(StrictSection):
 
     @model_validator(mode="after")
     def _dwell_per_state(self) -> Self:
-        if len(self.states) > 1 and len(self.mean_dwell_s) != len(self.states):
-            raise ValueError("mean_dwell_s needs one value per state when there are several states")
-        if len(self.states) == 1 and self.mean_dwell_s:
-            raise ValueError("a single link state has no dwell time")
+        _check_dwell(len(self.states), self.mean_dwell_s, "state")
         return self
 
 
@@ -142,10 +147,7 @@ class LoadSection(StrictSection):
 
     @model_validator(mode="after")
     def _dwell_per_level(self) -> Self:
-        if len(self.levels) > 1 and len(self.mean_dwell_s) != len(self.levels):
-            raise ValueError("mean_dwell_s needs one value per level when there are several levels")
-        if len(self.levels) == 1 and self.mean_dwell_s:
-            raise ValueError("a single level has no dwell time")
+        _check_dwell(len(self.levels), self.mean_dwell_s, "level")
         return self
 
 
