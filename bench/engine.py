@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.corpus import english_text
+from evaluation.cpu import cpu_features
 from evaluation.oracle import isolated, llama_cpp_build
 from splitwise_core.engine import Model
 from splitwise_core.tokenizer import Tokenizer, bundled_model_path
@@ -76,17 +77,6 @@ def llama_cpp(model_path: Path, threads: int, prompt: list[int], n_decode: int, 
         return time.perf_counter() - start
 
     return len(prompt) / best_of(rounds, prefill), n_decode / best_of(rounds, decode)
-
-
-def cpu_features() -> str:
-    """The SIMD features this run had, as /proc/cpuinfo names them (these machines differ)."""
-    wanted = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-    have = set(flags.partition(":")[2].split())
-    return " ".join(flag for flag in wanted if flag in have) or "none of " + " ".join(wanted)
 
 
 def decomposition(model_path: Path, prompt: list[int], steps: int, rounds: int) -> dict[str, float]:

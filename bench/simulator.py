@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evaluation.cpu import cpu_features
 from policies.segments import ModelDims
 from splitwise_core.profile import Profile
 from splitwise_device.controller import NamedPlanner, PlanChoice, PlanSpec
@@ -26,16 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DIMS = ModelDims(n_layer=30, n_head=9, n_head_kv=3, d_model=576, n_ff=1536, n_vocab=49152)  # SmolLM2-135M
 
 
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return platform.machine()
-    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "amx_int8")
-    return " ".join(f for f in wanted if f in flags) or platform.machine()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", type=Path, default=ROOT / "training/scenarios/stationary.toml")
@@ -45,7 +35,9 @@ def main() -> int:
     if args.requests < 1:
         parser.error("--requests must be at least 1")
     scenario, profile = load_scenario(args.scenario), Profile.load(args.profile)
-    print(f"CPU: {cpu_flags()}; scenario {scenario.name}; profile {args.profile.name}; {args.requests} decisions each")
+    print(
+        f"CPU: {cpu_features()}; scenario {scenario.name}; profile {args.profile.name}; {args.requests} decisions each"
+    )
     choices: list[PlanChoice] = [
         PlanSpec("edge-only"),
         PlanSpec("cloud-only"),

@@ -37,10 +37,6 @@ from splitwise_core.profile import profile_file_problems
 DEFAULT_SESSION_TTL_S = 300.0
 DEFAULT_KV_MEMORY_CAP = 1 << 30
 DEFAULT_MAX_SESSIONS = 64
-DEFAULT_MAX_ROWS_PER_FRAME = frames.DEFAULT_MAX_ROWS_PER_FRAME
-"""Rows (tokens) one request frame may carry. llama.cpp's default batch: attention over T rows costs
-O(T²) and a residual run of every layer O(n_layer · T), all on the worker's only compute thread (512
-rows: ~0.3 s per layer on one busy core; 8,192: ~30 s). A longer prompt has to come in chunks."""
 DEFAULT_MAX_FRAMES_PER_S_PER_DEVICE = 1000.0
 DEFAULT_FRAME_BURST_PER_DEVICE = 2000
 """A device decoding with every layer's heads split sends one frame per layer per token (30 for
@@ -86,7 +82,7 @@ class WorkerSection(StrictSection):
     dropped (their devices rebuild them from checkpoints)."""
     max_sessions: int = Field(default=DEFAULT_MAX_SESSIONS, ge=1, le=1_000_000)
     """Most sessions held at once; new sessions beyond it evict the least recently used one."""
-    max_rows_per_frame: int = Field(default=DEFAULT_MAX_ROWS_PER_FRAME, ge=1, le=1_000_000)
+    max_rows_per_frame: int = Field(default=frames.DEFAULT_MAX_ROWS_PER_FRAME, ge=1, le=1_000_000)
     """Most tensor rows (tokens) one request frame may carry (1-1,000,000); a bigger frame is refused
     ``bad_frame`` (``too_many_rows``) before any work. Attention over T rows costs O(T²) on the
     worker's only compute thread: 512 (llama.cpp's default batch) keeps one frame well under a second

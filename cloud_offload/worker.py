@@ -52,7 +52,6 @@ from cloud_offload.config import (
     DEFAULT_KV_MEMORY_CAP,
     DEFAULT_MAX_FRAMES_PER_S_PER_DEVICE,
     DEFAULT_MAX_QUEUED_BYTES,
-    DEFAULT_MAX_ROWS_PER_FRAME,
     DEFAULT_MAX_SESSIONS,
     DEFAULT_SESSION_TTL_S,
 )
@@ -165,7 +164,7 @@ class CloudWorker:
         kv_memory_cap: int = DEFAULT_KV_MEMORY_CAP,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         profile: ProfileSource = None,
-        max_rows_per_frame: int = DEFAULT_MAX_ROWS_PER_FRAME,
+        max_rows_per_frame: int = frames.DEFAULT_MAX_ROWS_PER_FRAME,
         max_frames_per_s_per_device: float = DEFAULT_MAX_FRAMES_PER_S_PER_DEVICE,
         frame_burst_per_device: int = DEFAULT_FRAME_BURST_PER_DEVICE,
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
