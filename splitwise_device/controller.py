@@ -202,9 +202,10 @@ class Controller:
 
     # --- inputs ---------------------------------------------------------------------------------
 
-    def arrival(self) -> None:
+    def arrival(self, at: float | None = None) -> None:
+        """A request arrived (now, or at clock time `at`: the simulator admits arrivals in bulk)."""
         with self._lock:
-            self.arrivals.arrival(self._clock())
+            self.arrivals.arrival(self._clock() if at is None else at)
 
     def refresh_link(self) -> None:
         """Probes the link when real transfers have not refreshed the estimate lately.

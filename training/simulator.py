@@ -143,9 +143,7 @@ class Simulator:
         requests, q = self.timeline.requests, self._queue
         while q.next_arrival < len(requests) and requests[q.next_arrival].at_s <= until:
             arrival = requests[q.next_arrival]
-            saved, self.now = self.now, arrival.at_s
-            self.controller.arrival()
-            self.now = saved
+            self.controller.arrival(arrival.at_s)
             q.waiting.append(arrival)
             q.next_arrival += 1
 
@@ -198,7 +196,7 @@ class Simulator:
         result = _split_result(decision.plan, request, actual, latency, noise, fell_back)
         self.controller.completed(decision, result)
         happened = replace(actual, latency_s=latency, energy_j=energy)
-        reward = -objective(happened, decision.observation or truth, self.weights) if decision.observation else 0.0
+        reward = -objective(happened, decision.observation, self.weights) if decision.observation else 0.0
         self._admit_arrivals(self.now)
         return Outcome(request, started, self.now, decision, latency, energy, fell_back, reward)
 
