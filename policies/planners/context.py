@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from policies.cost import CostModel, Observation, Weights, objective, predict
@@ -32,6 +33,8 @@ class PlanningContext:
     weights: Weights = field(default_factory=Weights)
     min_edge_layers: int = 0  # privacy: layers 0..k-1 run entirely on the edge
     codec_kl: Mapping[str, float] | None = None
+    # The learned planner's policy file; None: the shipped one for this model and edge machine.
+    policy: Path | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.min_edge_layers, int) or not 0 <= self.min_edge_layers <= self.dims.n_layer:

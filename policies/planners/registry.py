@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from policies.planners.baselines import CloudOnlyPlanner, EdgeOnlyPlanner, LayerSplitPlanner
 from policies.planners.context import Planner, PlanningContext
 from policies.planners.dp import LayerDpPlanner, SplitwiseDpPlanner
+from policies.planners.learned import LearnedPlanner
 from splitwise_core.errors import InvalidArgumentError
 
 __all__ = ["COST_MODEL_PLANNERS", "PLANNERS", "PLANNER_NAMES", "PlannerSpec", "make_planner"]
@@ -31,6 +32,7 @@ PLANNERS: tuple[PlannerSpec, ...] = (
     PlannerSpec(LayerSplitPlanner.name, LayerSplitPlanner, uses_cost_model=True),
     PlannerSpec(LayerDpPlanner.name, LayerDpPlanner, uses_cost_model=True),
     PlannerSpec(SplitwiseDpPlanner.name, SplitwiseDpPlanner, uses_cost_model=True),
+    PlannerSpec(LearnedPlanner.name, LearnedPlanner, uses_cost_model=True),
 )
 """The planners there are, in the registry's order."""
 
