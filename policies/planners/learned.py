@@ -90,7 +90,10 @@ def _read_metadata(session: Any) -> PolicyMetadata:
 def _open_session(path: Path) -> Any:
     """An onnxruntime session for `path` on the CPU, one thread: the device's compute threads belong
     to the model, and a policy this small gains nothing from more."""
-    problems = readable_file_problems(path)
+    try:
+        problems = readable_file_problems(path)
+    except OSError as err:  # a path the OS refuses to look at, e.g. a name too long
+        raise PolicyFileError(f"cannot read {path}: {err.strerror or err}") from None
     if problems:
         raise PolicyFileError(problems[0])
     # Imported here: onnxruntime is only needed when a learned policy is used, not to load the registry.
