@@ -89,6 +89,9 @@ Codec = Literal["f32", "f16", "q8_0", "q4_0"]
 FIXED_PLANNER = "fixed"
 """``agent.planner`` value that runs ``agent.plan`` for every request instead of a planner."""
 
+LEARNED_PLANNER = "splitwise-rl"
+"""The planner that plans with ``planning.policy`` (:class:`policies.planners.learned.LearnedPlanner`)."""
+
 
 def agent_planners() -> tuple[str, ...]:
     """The values ``agent.planner`` may take: every planner of the registry
@@ -214,7 +217,7 @@ class RecoveryConfig(StrictSection):
 
 
 class PlanningConfig(StrictSection):
-    """``[planning]``: what the cost-model planners (layer-split, layer-dp, splitwise-dp) need."""
+    """``[planning]``: what the cost-model planners (layer-split, layer-dp, splitwise-dp, splitwise-rl) need."""
 
     profile: ConfigPath | None = None
     """This device's measured profile (``splitwise-device profile``). Default: measure a quick profile at
@@ -222,6 +225,10 @@ class PlanningConfig(StrictSection):
     cloud_profile: ConfigPath | None = None
     """A cloud worker profile to plan with until a worker of the pool publishes its own (workers publish
     theirs at start). Without either, plans stay on the edge."""
+    policy: ConfigPath | None = None
+    """The learned policy (ONNX) ``splitwise-rl`` plans with. Default: the shipped policy for this model and
+    this device's profile (``policies/trained/``). Whenever the policy cannot plan (no such file, trained for
+    another model, a plan that breaks a rule, ...) the decision falls back to ``splitwise-dp``."""
     min_edge_layers: int = Field(default=0, ge=0)
     """Privacy: layers ``0..min_edge_layers-1`` always run entirely on the device."""
     v: float = Field(default=1.0, ge=0)
@@ -274,7 +281,36 @@ class DeviceConfig(StrictSection):
             path = getattr(self.planning, key)
             if path is not None:
                 problems += [f"planning.{key}: {p}" for p in profile_file_problems(path)]
+        if self.agent.planner == LEARNED_PLANNER or self.planning.policy is not None:
+            problems += [f"planning.policy: {p}" for p in self._policy_problems()]
         return problems
+
+    def _policy_problems(self) -> list[str]:
+        """Why ``splitwise-rl`` would fall back for want of a usable policy file (the checks the planner
+        makes). They need the model's shape: without a readable model only the file itself is checked."""
+        # Imported here: onnxruntime and the engine are only needed for this check.
+        from policies.planners.learned import NO_SHIPPED_POLICY, policy_file_problems, shipped_policies, shipped_policy
+        from policies.segments import ModelDims
+        from splitwise_core.engine import Model
+        from splitwise_core.errors import SplitwiseError
+        from splitwise_core.profile import Profile
+
+        p = self.planning
+        if model_problems(self.device.model):
+            return [] if p.policy is None else readable_file_problems(p.policy)
+        try:
+            # No layers: only the header is read, not the weights.
+            dims = ModelDims.from_config(Model(str(self.device.model), 1, layers=[]).config)
+        except SplitwiseError as err:
+            return [f"cannot check it: the model's shape is unknown ({err})"]
+        if p.policy is not None:
+            return policy_file_problems(p.policy, dims)
+        if p.profile is None:
+            # The device's profile is measured at start: any shipped policy for this model may fit it.
+            return [] if shipped_policies(dims) else [NO_SHIPPED_POLICY]
+        if profile_file_problems(p.profile):
+            return []  # reported under planning.profile
+        return [] if shipped_policy(dims, Profile.load(p.profile)) else [NO_SHIPPED_POLICY]
 
     def summary(self) -> list[str]:
         """A few human-readable lines about the effective settings (for ``check-config``)."""
@@ -294,6 +330,7 @@ class DeviceConfig(StrictSection):
             f"recovery  backoff {r.base_s:g}s x{r.factor:g} up to {r.cap_s:g}s (jitter {r.jitter:g}), "
             f"{r.max_tries} tries, ban {r.ban_s:g}s, checkpoints {format_size(r.checkpoint_budget_bytes)}",
             f"planning  profile={p.profile or 'measured at start'} cloud_profile={p.cloud_profile or 'from workers'} "
+            f"policy={p.policy or 'shipped'} "
             f"V={p.v:g} w=({p.w_latency:g}, {p.w_energy:g}, {p.w_accuracy:g}) min_edge_layers={p.min_edge_layers} "
             f"energy_budget={'none' if p.energy_budget_j is None else f'{p.energy_budget_j:g} J'}",
             f"logging   level={self.logging.level}",

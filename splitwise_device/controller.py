@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from policies.cost import Observation, Prediction, Weights, predict
 from policies.plan import Plan, parse_plan
-from policies.planners.context import PlanningContext
+from policies.planners.context import Planner, PlanningContext
 from policies.planners.registry import COST_MODEL_PLANNERS, make_planner
 from policies.segments import ModelDims, Schedule, compile_plan
 from splitwise_core.errors import InvalidArgumentError
@@ -198,6 +198,9 @@ class Controller:
         self.queues = QueueBank(["energy"])
         self._lock = threading.Lock()
         self._context_cache: tuple[Profile, Profile, PlanningContext] | None = None
+        # The planners built for one context, by name: a planner may keep state between decisions
+        # (the learned one: its ONNX session and history window), so it lives as long as its context.
+        self._planners: tuple[PlanningContext | None, dict[str, Planner]] = (None, {})
         self._probe_thread: threading.Thread | None = None
 
     # --- inputs ---------------------------------------------------------------------------------
@@ -321,9 +324,30 @@ class Controller:
         edge, cloud = self.profiles.edge(), profiles[worker]
         cached = self._context_cache
         if cached is None or cached[0] is not edge or cached[1] is not cloud:
-            ctx = PlanningContext(edge, cloud, self.dims, self.codec, self.weights, self.planning.min_edge_layers)
+            ctx = PlanningContext(
+                edge,
+                cloud,
+                self.dims,
+                self.codec,
+                self.weights,
+                self.planning.min_edge_layers,
+                policy=self.planning.policy,
+            )
             self._context_cache = cached = (edge, cloud, ctx)
         return cached[2], worker
+
+    def _planner(self, name: str, ctx: PlanningContext) -> Planner:
+        """The planner `name` for `ctx`, built at its first use and again when the context changes
+        (new profiles)."""
+        with self._lock:
+            built_for, planners = self._planners
+            if built_for is not ctx:
+                planners = {}
+                self._planners = (ctx, planners)
+            planner = planners.get(name)
+            if planner is None:
+                planner = planners[name] = make_planner(name, ctx)
+            return planner
 
     def decide(self, choice: PlanChoice, prompt_len: int, max_tokens: int, backlog_requests: int) -> Decision:
         """The plan for one request and its prediction: a named planner plans (with the cost model
@@ -350,7 +374,7 @@ class Controller:
         if plan is None:
             assert isinstance(choice, NamedPlanner)
             planning_started = time.perf_counter()
-            plan = make_planner(choice.name, ctx).plan(obs)
+            plan = self._planner(choice.name, ctx).plan(obs)
             planner_s = time.perf_counter() - planning_started
         schedule = compile_plan(plan, self.dims)
         prediction = predict(schedule, obs, ctx.edge_profile, ctx.cloud_profile, self.dims, self.codec)
