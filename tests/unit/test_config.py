@@ -228,10 +228,10 @@ def test_error_lines_start_with_the_file_name_as_given(tmp_path: Path, monkeypat
             "agent.codec: must be one of 'f32', 'f16', 'q8_0' or 'q4_0' (got 'q5_1')",
         ),
         (MINIMAL + '[agent]\nplanner = "magic"\n', "agent.planner: must be one of 'edge-only', "),
-        (  # not built yet: refused when loading, by check-config and run alike (test_cli.py)
-            MINIMAL + '[agent]\nplanner = "splitwise-rl"\n',
-            "agent.planner: must be one of 'edge-only', 'cloud-only', 'layer-split', 'layer-dp', 'splitwise-dp' "
-            "or 'fixed' (got 'splitwise-rl')",
+        (  # a near miss: refused when loading, by check-config and run alike (test_cli.py)
+            MINIMAL + '[agent]\nplanner = "splitwise_rl"\n',
+            "agent.planner: must be one of 'edge-only', 'cloud-only', 'layer-split', 'layer-dp', 'splitwise-dp', "
+            "'splitwise-rl' or 'fixed' (got 'splitwise_rl')",
         ),
         (MINIMAL + "[agent]\nplanner = 1\n", "agent.planner: expected a string (got 1)"),
         (MINIMAL + '[logging]\nlevel = "loud"\n', "logging.level: must be one of 'DEBUG', "),

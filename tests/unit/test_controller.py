@@ -321,6 +321,6 @@ def test_requests_may_name_exactly_the_planners_there_are() -> None:
 
     for name in PLANNER_NAMES:
         assert InferRequest(prompt="Hi", planner=name).planner == name
-    for unknown in ("fixed", "splitwise-rl", "Edge-Only", ""):
+    for unknown in ("fixed", "splitwise_rl", "Edge-Only", ""):
         with pytest.raises(ValidationError, match=f"unknown planner {unknown!r}; known: {', '.join(PLANNER_NAMES)}"):
             InferRequest(prompt="Hi", planner=unknown)

@@ -494,7 +494,7 @@ def test_infer_request_full() -> None:
         {"prompt": "a", "unknown": 1},
         {"prompt": "a", "plan": "/etc/passwd"},
         {"prompt": "a", "plan": "heads"},
-        {"prompt": "a", "planner": "splitwise-rl"},
+        {"prompt": "a", "planner": "splitwise_rl"},
         {"prompt": "a", "planner": "fixed"},
         {"prompt": "a", "plan": "edge-only", "planner": "layer-dp"},
         {"prompt": "a", "reply_to": "a/+/b"},
