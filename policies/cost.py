@@ -18,9 +18,12 @@ objective equals ``objective(predict(plan))`` up to float rounding.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from policies.plan import Plan, Side
 from policies.segments import (
@@ -263,6 +266,12 @@ class CostModel:
         return self.obs.edge_op_load.get(kind.name, self.obs.edge_load)
 
     def _edge_op_profiled_s(self, kind: EdgeOpKind, heads: tuple[int, ...], n_srcs: int, step: StepCtx) -> float:
+        n_heads, n_groups = (len(heads), self.groups(heads)) if kind is EdgeOpKind.ATTN else (0, 0)
+        return self.edge_shape_s(kind, n_heads, n_groups, n_srcs, step)
+
+    def edge_shape_s(self, kind: EdgeOpKind, n_heads: int, n_groups: int, n_srcs: int, step: StepCtx) -> float:
+        """Profiled edge seconds (no load factor) of an op known by its shape: heads and KV groups
+        matter for ATTN only, sources for ADD only."""
         e = self.edge
         if kind is EdgeOpKind.EMBED:
             return self._block_s(e, "embed", step)
@@ -271,7 +280,7 @@ class CostModel:
         if kind in (EdgeOpKind.ATTN_NORM, EdgeOpKind.FFN_NORM):
             return self._block_s(e, "norm", step)
         if kind is EdgeOpKind.ATTN:
-            return self.attention_s(e, len(heads), self.groups(heads), step)
+            return self.attention_s(e, n_heads, n_groups, step)
         if kind is EdgeOpKind.FFN:
             return self._block_s(e, "ffn", step)
         if kind is EdgeOpKind.GATE_UP:
@@ -282,9 +291,15 @@ class CostModel:
 
     def cloud_op_s(self, kind: OpKind, heads: tuple[int, ...], step: StepCtx) -> float:
         """Cloud compute of one op, already scaled by the observed cloud load."""
+        n_heads, n_groups = (len(heads), self.groups(heads)) if kind is OpKind.ATTN_PART else (0, 0)
+        return self.cloud_shape_s(kind, n_heads, n_groups, step) * self.obs.cloud_load
+
+    def cloud_shape_s(self, kind: OpKind, n_heads: int, n_groups: int, step: StepCtx) -> float:
+        """Profiled cloud seconds (no load factor) of an op known by its shape (heads and KV groups
+        matter for ATTN_PART only)."""
         c = self.cloud
         if kind is OpKind.ATTN_PART:
-            s = self.attention_s(c, len(heads), self.groups(heads), step)
+            s = self.attention_s(c, n_heads, n_groups, step)
         elif kind is OpKind.FFN_DOWN:
             s = self._block_s(c, "down", step)
         elif kind is OpKind.FFN:
@@ -295,7 +310,7 @@ class CostModel:
             s = self.layer_s(c, step)
         else:
             s = c.lm_head_s
-        return s * self.obs.cloud_load
+        return s
 
     # -- network ---------------------------------------------------------------------------------
 
@@ -429,15 +444,277 @@ def step_terms(schedule: Schedule, model: CostModel, step: StepCtx) -> Terms:
     return total
 
 
+# --- the fast path of predict ---------------------------------------------------------------
+#
+# The simulator predicts twice per decision (the agent's observation, then the true state) and a
+# training run makes millions of decisions, on schedules of hundreds of ops. An op's cost depends
+# on it only through its shape (kind; heads and KV groups for attention; sources for ADD), and a
+# step's terms, given the profiles, the codec and the StepCtx, are linear in the observation's edge
+# loads (per op kind), cloud load, RTT and 1/bandwidth, except one max per parallel section. So
+# predict reduces a schedule once to counts of distinct op and segment shapes (_ScheduleShape, per
+# schedule object), turns those into the coefficients of that linear form once per profiles, codec
+# and StepCtx (_StepCosts), and evaluates the coefficients per observation. step_terms is the
+# straightforward walk; the tests hold the two equal on random plans.
+
+_EdgeShape = tuple[EdgeOpKind, int, int, int]  # kind, heads, KV groups (ATTN), sources (ADD)
+_CloudShape = tuple[OpKind, int, int]  # kind, heads, KV groups (ATTN_PART)
+_SegmentShape = tuple[Reg, Reg, tuple[_CloudShape, ...]]  # input, output, ops in order
+_LayerMemoryShape = tuple[int, int, str, bool]  # edge heads, edge KV groups, FFN mode, all on the cloud
+
+
+@dataclass(frozen=True)
+class _MemoryLayout:
+    """What plan_memory needs of a plan: the LM head's side and how many layers of each shape."""
+
+    lm_head: Side
+    layers: tuple[tuple[_LayerMemoryShape, int], ...]
+
+
+@dataclass(frozen=True)
+class _ScheduleShape:
+    """A schedule as counts of distinct shapes, in schedule order (dicts keep first appearance, so
+    the breakdown lists op kinds in the order the walk meets them)."""
+
+    kinds: tuple[EdgeOpKind, ...]  # edge op kinds, in order of first appearance
+    serial_ops: dict[_EdgeShape, int]  # edge ops outside parallel sections
+    serial_segments: dict[_SegmentShape, int]  # cloud segments outside parallel sections
+    sections: dict[tuple[tuple[_EdgeShape, ...], _SegmentShape], int]  # parallel sections
+    cloud_round_trips: int
+    crossings: int  # codec-compressed tensors crossing the link per step
+    memory: _MemoryLayout
+
+
+@dataclass(frozen=True)
+class _StepCosts:
+    """One token step of a schedule under given profiles and codec: profiled seconds (before the
+    observation's load factors) and bytes, the coefficients of the step's terms."""
+
+    kinds: tuple[str, ...]  # EdgeOpKind names, in order of first appearance
+    edge_ops_s: tuple[float, ...]  # per kind of `kinds`: all edge ops
+    serial_edge_ops_s: tuple[float, ...]  # per kind of `kinds`: edge ops outside parallel sections
+    edge_codec_s: float  # the edge's encoding and decoding (not scaled by edge loads)
+    cloud_s: float  # cloud ops and the cloud's codec work (× cloud load)
+    serial_cloud_s: float  # the part of cloud_s outside parallel sections
+    serial_round_trips: int  # segments outside parallel sections (an RTT each)
+    serial_wire_bytes: int  # frame bytes of those segments, both ways
+    bytes_up: int
+    bytes_down: int
+    crossings: int
+    # Per distinct parallel section: how many, its edge ops as (index in `kinds`, seconds), its
+    # remote side's cloud seconds and frame bytes both ways.
+    sections: tuple[tuple[int, tuple[tuple[int, float], ...], float, int], ...]
+
+
+_V = TypeVar("_V")
+
+
+class _IdentityLru(Generic[_V]):
+    """A bounded LRU map keyed by objects' identities plus hashable extras, for objects whose hash is
+    costly (schedules: hundreds of nested dataclasses) or absent (profiles hold dicts). An entry
+    holds its key objects, so no other object can take their ids while it lives."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._entries: OrderedDict[tuple[object, ...], tuple[tuple[object, ...], _V]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, objects: tuple[object, ...], extra: tuple[object, ...], make: Callable[[], _V]) -> _V:
+        key = (*map(id, objects), *extra)
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry[1]
+        value = make()
+        self._entries[key] = (objects, value)
+        if len(self._entries) > self.maxsize:
+            self._entries.popitem(last=False)
+        return value
+
+
+# A simulator needs 1 shape per decision and 2 step costs per (decision, profiles); planners that
+# score candidates need a few dozen. Bounded so a long run with ever-new plans stays flat.
+_SHAPES: _IdentityLru[_ScheduleShape] = _IdentityLru(maxsize=128)
+_STEP_COSTS: _IdentityLru[_StepCosts] = _IdentityLru(maxsize=256)
+
+
+@functools.lru_cache(maxsize=256)
+def _memory_layout(plan: Plan, n_head_kv: int) -> _MemoryLayout:
+    layers: Counter[_LayerMemoryShape] = Counter()
+    for ell, lp in enumerate(plan.layers):
+        g = len(plan.kv_groups(Side.EDGE, ell, n_head_kv))
+        layers[(len(lp.edge_heads), g, lp.ffn.value, lp.all_on(Side.CLOUD, plan.n_head))] += 1
+    return _MemoryLayout(plan.lm_head, tuple(layers.items()))
+
+
+def _layout_memory(layout: _MemoryLayout, model: CostModel) -> int:
+    total = model.fixed_memory(layout.lm_head)
+    for (edge_heads, groups, ffn, all_cloud), count in layout.layers:
+        total += count * model.layer_memory(edge_heads, groups, model.ffn_params(ffn), all_cloud)
+    return total
+
+
 def plan_memory(plan: Plan, model: CostModel) -> int:
     """Edge memory of a plan: resident weights (embedding, LM head if on the edge, edge heads with
     their KV-group projections, FFN parts) plus the KV cache of every KV group with an edge head."""
-    total = model.fixed_memory(plan.lm_head)
-    for ell, lp in enumerate(plan.layers):
-        all_cloud = lp.all_on(Side.CLOUD, plan.n_head)
-        g = len(plan.kv_groups(Side.EDGE, ell, model.dims.n_head_kv))
-        total += model.layer_memory(len(lp.edge_heads), g, model.ffn_params(lp.ffn.value), all_cloud)
-    return total
+    return _layout_memory(_memory_layout(plan, model.dims.n_head_kv), model)
+
+
+def _schedule_shape(schedule: Schedule, model: CostModel) -> _ScheduleShape:
+    per_group, n_head_kv = model.per_group, model.dims.n_head_kv
+    return _SHAPES.get((schedule,), (per_group, n_head_kv), lambda: _make_shape(schedule, per_group, n_head_kv))
+
+
+def _make_shape(schedule: Schedule, per_group: int, n_head_kv: int) -> _ScheduleShape:
+    kinds: dict[EdgeOpKind, None] = {}
+
+    def groups(heads: tuple[int, ...]) -> int:
+        return len({h // per_group for h in heads})
+
+    def edge_shapes(ls: LocalStep) -> list[_EdgeShape]:
+        shapes: list[_EdgeShape] = []
+        for op in ls.ops:
+            kinds[op.kind] = None
+            if op.kind is EdgeOpKind.ATTN:
+                shapes.append((op.kind, len(op.heads), groups(op.heads), 0))
+            else:
+                shapes.append((op.kind, 0, 0, len(op.srcs) if op.kind is EdgeOpKind.ADD else 0))
+        return shapes
+
+    def segment_shape(seg: CloudSegment) -> _SegmentShape:
+        ops = tuple(
+            (op.kind, len(op.heads), groups(op.heads)) if op.kind is OpKind.ATTN_PART else (op.kind, 0, 0)
+            for op in seg.ops
+        )
+        return seg.input, seg.output, ops
+
+    serial_ops: Counter[_EdgeShape] = Counter()
+    serial_segments: Counter[_SegmentShape] = Counter()
+    sections: Counter[tuple[tuple[_EdgeShape, ...], _SegmentShape]] = Counter()
+    crossings = round_trips = 0
+    for st in schedule.steps:
+        if isinstance(st, LocalStep):
+            serial_ops.update(edge_shapes(st))
+            continue
+        seg = st if isinstance(st, CloudSegment) else st.remote
+        round_trips += 1
+        crossings += (seg.input is not Reg.LOGITS) + (seg.output is not Reg.LOGITS)
+        if isinstance(st, ParallelSection):
+            sections[(tuple(edge_shapes(st.local)), segment_shape(seg))] += 1
+        else:
+            serial_segments[segment_shape(seg)] += 1
+    return _ScheduleShape(
+        kinds=tuple(kinds),
+        serial_ops=dict(serial_ops),
+        serial_segments=dict(serial_segments),
+        sections=dict(sections),
+        cloud_round_trips=round_trips,
+        crossings=crossings,
+        memory=_memory_layout(schedule.plan, n_head_kv),
+    )
+
+
+def _step_costs(shape: _ScheduleShape, model: CostModel, step: StepCtx) -> _StepCosts:
+    return _STEP_COSTS.get(
+        (shape, model.edge, model.cloud), (model.codec, step), lambda: _make_step_costs(shape, model, step)
+    )
+
+
+def _make_step_costs(shape: _ScheduleShape, model: CostModel, step: StepCtx) -> _StepCosts:
+    index = {kind: i for i, kind in enumerate(shape.kinds)}
+    edge_ops = [0.0] * len(index)
+    serial_edge_ops = [0.0] * len(index)
+    for (kind, n_heads, n_groups, n_srcs), count in shape.serial_ops.items():
+        s = count * model.edge_shape_s(kind, n_heads, n_groups, n_srcs, step)
+        edge_ops[index[kind]] += s
+        serial_edge_ops[index[kind]] += s
+    enc_edge, dec_edge = (
+        model.edge.codecs[model.codec].encode_s_per_byte,
+        model.edge.codecs[model.codec].decode_s_per_byte,
+    )
+    enc_cloud, dec_cloud = (
+        model.cloud.codecs[model.codec].encode_s_per_byte,
+        model.cloud.codecs[model.codec].decode_s_per_byte,
+    )
+
+    def segment(seg: _SegmentShape) -> tuple[float, float, int, int]:
+        """Edge codec seconds, cloud seconds (ops and codec), frame bytes up and down, as message() counts them."""
+        input, output, ops = seg
+        up, down = model.payload(input, step), model.payload(output, step)
+        coded_up, coded_down = (0 if reg is Reg.LOGITS else n for reg, n in ((input, up), (output, down)))
+        work = sum(model.cloud_shape_s(kind, n_heads, n_groups, step) for kind, n_heads, n_groups in ops)
+        overhead = frame_bytes(len(ops), 2, 0)
+        edge_s = coded_up * enc_edge + coded_down * dec_edge
+        cloud_s = work + coded_up * dec_cloud + coded_down * enc_cloud
+        return edge_s, cloud_s, overhead + up, overhead + down
+
+    edge_codec_s = serial_cloud_s = cloud_s = 0.0
+    serial_wire_bytes = bytes_up = bytes_down = serial_round_trips = 0
+    for seg, count in shape.serial_segments.items():
+        edge_s, seg_cloud_s, up, down = segment(seg)
+        edge_codec_s += count * edge_s
+        serial_cloud_s += count * seg_cloud_s
+        serial_wire_bytes += count * (up + down)
+        bytes_up += count * up
+        bytes_down += count * down
+        serial_round_trips += count
+    cloud_s = serial_cloud_s
+    sections = []
+    for (ops, seg), count in shape.sections.items():
+        local: dict[int, float] = {}
+        for kind, n_heads, n_groups, n_srcs in ops:
+            s = model.edge_shape_s(kind, n_heads, n_groups, n_srcs, step)
+            local[index[kind]] = local.get(index[kind], 0.0) + s
+            edge_ops[index[kind]] += count * s
+        edge_s, seg_cloud_s, up, down = segment(seg)
+        edge_codec_s += count * edge_s
+        cloud_s += count * seg_cloud_s
+        bytes_up += count * up
+        bytes_down += count * down
+        sections.append((count, tuple(local.items()), seg_cloud_s, up + down))
+    return _StepCosts(
+        kinds=tuple(kind.name for kind in shape.kinds),
+        edge_ops_s=tuple(edge_ops),
+        serial_edge_ops_s=tuple(serial_edge_ops),
+        edge_codec_s=edge_codec_s,
+        cloud_s=cloud_s,
+        serial_cloud_s=serial_cloud_s,
+        serial_round_trips=serial_round_trips,
+        serial_wire_bytes=serial_wire_bytes,
+        bytes_up=bytes_up,
+        bytes_down=bytes_down,
+        crossings=shape.crossings,
+        sections=tuple(sections),
+    )
+
+
+def _evaluate(costs: _StepCosts, obs: Observation) -> Terms:
+    """The step's terms under `obs` (the link must be up if the step has cloud segments)."""
+    loads, default = obs.edge_op_load, obs.edge_load
+    factors = [loads.get(kind, default) for kind in costs.kinds]
+    by_kind = {kind: s * f for kind, s, f in zip(costs.kinds, costs.edge_ops_s, factors, strict=True)}
+    latency = costs.edge_codec_s + sum(s * f for s, f in zip(costs.serial_edge_ops_s, factors, strict=True))
+    tx = cloud_compute = 0.0
+    if costs.serial_round_trips or costs.sections:
+        # Only touched with cloud segments: a cut link's bandwidth is 0 and an edge-only plan never pays it.
+        load, rtt, s_per_byte = obs.cloud_load, obs.rtt_s, 8.0 / obs.bandwidth_bps
+        latency += load * costs.serial_cloud_s + costs.serial_round_trips * rtt + costs.serial_wire_bytes * s_per_byte
+        for count, local, cloud_s, wire_bytes in costs.sections:
+            local_s = sum(s * factors[i] for i, s in local)
+            latency += count * max(local_s, load * cloud_s + rtt + wire_bytes * s_per_byte)
+        tx = (costs.bytes_up + costs.bytes_down) * s_per_byte
+        cloud_compute = load * costs.cloud_s
+    return Terms(
+        latency=latency,
+        edge_compute=costs.edge_codec_s + sum(by_kind.values()),
+        edge_ops_by_kind=by_kind,
+        tx=tx,
+        cloud_compute=cloud_compute,
+        bytes_up=costs.bytes_up,
+        bytes_down=costs.bytes_down,
+        crossings=costs.crossings,
+    )
 
 
 def predict(
@@ -461,23 +738,23 @@ def predict(
     if isinstance(plan, Schedule):
         if plan.dims != dims:
             raise InvalidArgumentError(f"the schedule was compiled for {plan.dims}, not {dims}")
-        schedule, plan = plan, plan.plan
+        schedule = plan
     else:
         schedule = compile_plan(plan, dims)
-    memory = plan_memory(plan, m)
-    if schedule.cloud_round_trips and not m.link_up:
-        crossings = sum(1 + (seg.output is not Reg.LOGITS) for seg in schedule.cloud_segments)
+    shape = _schedule_shape(schedule, m)
+    memory = _layout_memory(shape.memory, m)
+    if shape.cloud_round_trips and not m.link_up:
         return Prediction(
             latency_s=math.inf,
             prefill_s=math.inf,
             decode_s_per_token=math.inf,
             energy_j=math.inf,
-            accuracy_cost=m.kl * crossings,
+            accuracy_cost=m.kl * shape.crossings,
             edge_memory_bytes=memory,
-            breakdown={"cloud_round_trips_per_step": float(schedule.cloud_round_trips), "link_up": 0.0},
+            breakdown={"cloud_round_trips_per_step": float(shape.cloud_round_trips), "link_up": 0.0},
         )
-    pre = step_terms(schedule, m, m.prefill)
-    dec = step_terms(schedule, m, m.decode)
+    pre = _evaluate(_step_costs(shape, m, m.prefill), m.obs)
+    dec = _evaluate(_step_costs(shape, m, m.decode), m.obs)
     n = observation.n_decode
     latency = pre.latency + n * dec.latency
     energy = m.energy(pre) + n * m.energy(dec)
@@ -489,7 +766,7 @@ def predict(
         accuracy_cost=m.kl * dec.crossings,
         edge_memory_bytes=memory,
         breakdown={
-            "cloud_round_trips_per_step": float(schedule.cloud_round_trips),
+            "cloud_round_trips_per_step": float(shape.cloud_round_trips),
             "prefill_edge_compute_s": pre.edge_compute,
             "prefill_edge_ops_s": pre.edge_ops,
             "prefill_cloud_compute_s": pre.cloud_compute,
