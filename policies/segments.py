@@ -47,6 +47,7 @@ and is what the tests check against a naive layer-by-layer evaluation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -222,7 +223,17 @@ def check_cloud_ops(ops: Sequence[Op]) -> None:
 
 
 def compile_plan(plan: Plan, dims: ModelDims) -> Schedule:
-    """The schedule of one token step for `plan` (see the module docstring for the rules)."""
+    """The schedule of one token step for `plan` (see the module docstring for the rules).
+
+    Memoised: the device and the simulator compile the same few plans over and over, and a
+    schedule is immutable. The name is part of the key because equal plans may carry different
+    names and a schedule's plan is the one it was compiled from.
+    """
+    return _compile(plan, plan.name, dims)
+
+
+@functools.lru_cache(maxsize=256)
+def _compile(plan: Plan, _name: str, dims: ModelDims) -> Schedule:
     plan.validate_for(dims.n_layer, dims.n_head)
     plan.kv_groups(Side.EDGE, 0, dims.n_head_kv)  # checks that n_head_kv divides n_head
     return _Compiler(plan, dims).run()
