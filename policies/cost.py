@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from policies.plan import Plan, Side
+from policies.plan import FfnMode, Plan, Side
 from policies.segments import (
     CloudSegment,
     EdgeOpKind,
@@ -214,11 +214,16 @@ class CostModel:
         self.kv_len = p + observation.max_tokens
         self._attention_memo: dict[tuple[int, int, int, StepCtx], float] = {}
         self._layer_memo: dict[tuple[int, StepCtx], float] = {}
+        self._rows_memo: dict[tuple[int, int], float] = {}
 
     # -- compute ---------------------------------------------------------------------------------
 
     def _rows(self, prof: Profile, step: StepCtx) -> float:
-        return step.rows * prof.prefill.factor(step.rows)
+        key = (id(prof), step.rows)
+        cached = self._rows_memo.get(key)
+        if cached is None:
+            cached = self._rows_memo[key] = step.rows * prof.prefill.factor(step.rows)
+        return cached
 
     def attention_s(self, prof: Profile, n_heads: int, n_groups: int, step: StepCtx) -> float:
         # Every layer has the same shape: the interpolation is memoised (planners ask it thousands of times).
@@ -458,7 +463,7 @@ def step_terms(schedule: Schedule, model: CostModel, step: StepCtx) -> Terms:
 
 _EdgeShape = tuple[EdgeOpKind, int, int, int]  # kind, heads, KV groups (ATTN), sources (ADD)
 _CloudShape = tuple[OpKind, int, int]  # kind, heads, KV groups (ATTN_PART)
-_SegmentShape = tuple[Reg, Reg, tuple[_CloudShape, ...]]  # input, output, ops in order
+_SegmentShape = tuple[Reg, Reg, int, tuple[tuple[_CloudShape, int], ...]]  # input, output, n ops, op shape counts
 _LayerMemoryShape = tuple[int, int, str, bool]  # edge heads, edge KV groups, FFN mode, all on the cloud
 
 
@@ -541,10 +546,14 @@ _STEP_COSTS: _IdentityLru[_StepCosts] = _IdentityLru(maxsize=256)
 
 @functools.lru_cache(maxsize=256)
 def _memory_layout(plan: Plan, n_head_kv: int) -> _MemoryLayout:
+    plan.kv_groups(Side.EDGE, 0, n_head_kv)  # checks that n_head_kv divides n_head
+    per_group = plan.n_head // n_head_kv
     layers: Counter[_LayerMemoryShape] = Counter()
-    for ell, lp in enumerate(plan.layers):
-        g = len(plan.kv_groups(Side.EDGE, ell, n_head_kv))
-        layers[(len(lp.edge_heads), g, lp.ffn.value, lp.all_on(Side.CLOUD, plan.n_head))] += 1
+    for lp in plan.layers:
+        # Plan.kv_groups and LayerPlan.all_on, without building tuples: this runs once per new plan.
+        groups = len({h // per_group for h in lp.edge_heads})
+        all_cloud = lp.ffn is FfnMode.CLOUD and not lp.edge_heads
+        layers[(len(lp.edge_heads), groups, lp.ffn.value, all_cloud)] += 1
     return _MemoryLayout(plan.lm_head, tuple(layers.items()))
 
 
@@ -583,11 +592,11 @@ def _make_shape(schedule: Schedule, per_group: int, n_head_kv: int) -> _Schedule
         return shapes
 
     def segment_shape(seg: CloudSegment) -> _SegmentShape:
-        ops = tuple(
+        ops = Counter(
             (op.kind, len(op.heads), groups(op.heads)) if op.kind is OpKind.ATTN_PART else (op.kind, 0, 0)
             for op in seg.ops
         )
-        return seg.input, seg.output, ops
+        return seg.input, seg.output, len(seg.ops), tuple(ops.items())
 
     serial_ops: Counter[_EdgeShape] = Counter()
     serial_segments: Counter[_SegmentShape] = Counter()
@@ -640,11 +649,13 @@ def _make_step_costs(shape: _ScheduleShape, model: CostModel, step: StepCtx) -> 
 
     def segment(seg: _SegmentShape) -> tuple[float, float, int, int]:
         """Edge codec seconds, cloud seconds (ops and codec), frame bytes up and down, as message() counts them."""
-        input, output, ops = seg
+        input, output, n_ops, ops = seg
         up, down = model.payload(input, step), model.payload(output, step)
         coded_up, coded_down = (0 if reg is Reg.LOGITS else n for reg, n in ((input, up), (output, down)))
-        work = sum(model.cloud_shape_s(kind, n_heads, n_groups, step) for kind, n_heads, n_groups in ops)
-        overhead = frame_bytes(len(ops), 2, 0)
+        work = sum(
+            count * model.cloud_shape_s(kind, n_heads, n_groups, step) for (kind, n_heads, n_groups), count in ops
+        )
+        overhead = frame_bytes(n_ops, 2, 0)
         edge_s = coded_up * enc_edge + coded_down * dec_edge
         cloud_s = work + coded_up * dec_cloud + coded_down * enc_cloud
         return edge_s, cloud_s, overhead + up, overhead + down

@@ -178,8 +178,9 @@ class Schedule:
     dims: ModelDims
     steps: tuple[Step, ...]
 
-    @property
+    @functools.cached_property
     def cloud_segments(self) -> tuple[CloudSegment, ...]:
+        """Cached: a schedule is immutable and is asked per decision (round trips, fallbacks)."""
         segs: list[CloudSegment] = []
         for step in self.steps:
             if isinstance(step, CloudSegment):
