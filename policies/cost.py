@@ -38,7 +38,7 @@ from policies.segments import (
 )
 from splitwise_core.codecs import codec_size
 from splitwise_core.errors import InvalidArgumentError
-from splitwise_core.ops import OpKind, frame_bytes
+from splitwise_core.ops import Op, OpKind, frame_bytes
 from splitwise_core.profile import Profile
 
 __all__ = [
@@ -551,7 +551,7 @@ def _memory_layout(plan: Plan, n_head_kv: int) -> _MemoryLayout:
     layers: Counter[_LayerMemoryShape] = Counter()
     for lp in plan.layers:
         # Plan.kv_groups and LayerPlan.all_on, without building tuples: this runs once per new plan.
-        groups = len({h // per_group for h in lp.edge_heads})
+        groups = _kv_group_count(lp.edge_heads, per_group)
         all_cloud = lp.ffn is FfnMode.CLOUD and not lp.edge_heads
         layers[(len(lp.edge_heads), groups, lp.ffn.value, all_cloud)] += 1
     return _MemoryLayout(plan.lm_head, tuple(layers.items()))
@@ -575,11 +575,17 @@ def _schedule_shape(schedule: Schedule, model: CostModel) -> _ScheduleShape:
     return _SHAPES.get((schedule,), (per_group, n_head_kv), lambda: _make_shape(schedule, per_group, n_head_kv))
 
 
+@functools.lru_cache(maxsize=4096)
+def _kv_group_count(heads: tuple[int, ...], per_group: int) -> int:
+    """KV groups that `heads` touch; memoised because a few head sets recur across every plan."""
+    return len({h // per_group for h in heads})
+
+
 def _make_shape(schedule: Schedule, per_group: int, n_head_kv: int) -> _ScheduleShape:
     kinds: dict[EdgeOpKind, None] = {}
 
     def groups(heads: tuple[int, ...]) -> int:
-        return len({h // per_group for h in heads})
+        return _kv_group_count(heads, per_group)
 
     def edge_shapes(ls: LocalStep) -> list[_EdgeShape]:
         shapes: list[_EdgeShape] = []
@@ -591,12 +597,13 @@ def _make_shape(schedule: Schedule, per_group: int, n_head_kv: int) -> _Schedule
                 shapes.append((op.kind, 0, 0, len(op.srcs) if op.kind is EdgeOpKind.ADD else 0))
         return shapes
 
+    def op_shape(op: Op) -> _CloudShape:
+        return (op.kind, len(op.heads), groups(op.heads)) if op.kind is OpKind.ATTN_PART else (op.kind, 0, 0)
+
     def segment_shape(seg: CloudSegment) -> _SegmentShape:
-        ops = Counter(
-            (op.kind, len(op.heads), groups(op.heads)) if op.kind is OpKind.ATTN_PART else (op.kind, 0, 0)
-            for op in seg.ops
-        )
-        return seg.input, seg.output, len(seg.ops), tuple(ops.items())
+        if len(seg.ops) == 1:  # most segments: skip the Counter
+            return seg.input, seg.output, 1, ((op_shape(seg.ops[0]), 1),)
+        return seg.input, seg.output, len(seg.ops), tuple(Counter(map(op_shape, seg.ops)).items())
 
     serial_ops: Counter[_EdgeShape] = Counter()
     serial_segments: Counter[_SegmentShape] = Counter()
