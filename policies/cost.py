@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -521,20 +522,25 @@ class _IdentityLru(Generic[_V]):
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
         self._entries: OrderedDict[tuple[object, ...], tuple[tuple[object, ...], _V]] = OrderedDict()
+        # The device predicts from more than one thread; an eviction between a hit and its move to
+        # the end would raise. Values are made outside the lock (two threads may both make one).
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, objects: tuple[object, ...], extra: tuple[object, ...], make: Callable[[], _V]) -> _V:
         key = (*map(id, objects), *extra)
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            return entry[1]
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry[1]
         value = make()
-        self._entries[key] = (objects, value)
-        if len(self._entries) > self.maxsize:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[key] = (objects, value)
+            if len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
         return value
 
 
