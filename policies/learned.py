@@ -30,10 +30,12 @@ budget through the upper bounds of :func:`memory_inputs`); the device still chec
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -129,14 +131,21 @@ def plan_from_outputs(
             f"policy outputs of shapes {heads.shape} and {modes.shape}; the model needs "
             f"({dims.n_layer}, {dims.n_head}) and ({dims.n_layer},)"
         )
-    if not np.isin(heads, (0, 1)).all() or not np.isin(modes, (0, 1, 2)).all() or lm_head_cloud not in (0, 1):
+    if not (_within(heads, 1) and _within(modes, 2)) or lm_head_cloud not in (0, 1):
         raise ValueError("policy outputs out of range (head bits 0/1, FFN modes 0/1/2, LM head 0/1)")
-    layers = tuple(
-        LayerPlan(tuple(int(h) for h in np.flatnonzero(heads[ell] == 0)), FFN_MODES[int(modes[ell])])
-        for ell in range(dims.n_layer)
-    )
+    layers = tuple(_layer(tuple(bits), mode) for bits, mode in zip(heads.tolist(), modes.tolist(), strict=True))
     lm = Side.CLOUD if lm_head_cloud else Side.EDGE
     return Plan(dims.n_layer, dims.n_head, layers, lm, name=name).validate_for(dims.n_layer, dims.n_head)
+
+
+def _within(values: npt.NDArray[Any], high: int) -> bool:
+    return values.size == 0 or (int(values.min()) >= 0 and int(values.max()) <= high)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layer(head_cloud: tuple[int, ...], ffn_mode: int) -> LayerPlan:
+    # Layers repeat across plans and decisions: building each once keeps a decision under a millisecond.
+    return LayerPlan(tuple(h for h, bit in enumerate(head_cloud) if bit == 0), FFN_MODES[ffn_mode])
 
 
 def plan_problems(plan: Plan, model: CostModel, min_edge_layers: int, edge_memory_bytes: int) -> list[str]:
