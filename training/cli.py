@@ -26,7 +26,6 @@ from policies.learned import PolicyMetadata, profile_digest
 from policies.segments import ModelDims
 from splitwise_core.errors import InvalidArgumentError
 from splitwise_core.profile import Profile
-from splitwise_device.config import PlanningConfig
 from splitwise_device.controller import NamedPlanner, PlanChoice, PlanSpec
 
 __all__ = ["HELDOUT_SEEDS", "main"]
@@ -140,7 +139,7 @@ def _train(args: argparse.Namespace) -> int:
     if not args.lr > 0:
         raise InvalidArgumentError(f"--lr {args.lr}: expected a number > 0")
     scenario, edge, cloud, dims = _load(args)
-    planning = PlanningConfig(min_edge_layers=args.min_edge_layers)
+    planning = scenario.planning(args.min_edge_layers)
     config = TrainConfig(
         steps=args.steps,
         envs=args.envs,
@@ -205,7 +204,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.planners.split(",") if n.strip()]
     if "splitwise-rl" in names and args.policy is None:
         names.remove("splitwise-rl")
-    planning = PlanningConfig(min_edge_layers=args.min_edge_layers, policy=args.policy)
+    planning = scenario.planning(args.min_edge_layers, args.policy)
     table: dict[str, dict[str, float]] = {}
     for name in names:
         choice: PlanChoice = NamedPlanner(name) if name in _registry_names() else PlanSpec(name)

@@ -8,11 +8,13 @@ exact dotted path, types are not coerced, and every problem in a file is reporte
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated, Literal, Self
 
 from pydantic import Field, model_validator
 
 from splitwise_core.config import ConfigPath, StrictSection, load_toml_model
+from splitwise_device.config import PlanningConfig
 
 __all__ = [
     "Arrivals",
@@ -151,6 +153,16 @@ class LoadSection(StrictSection):
         return self
 
 
+class ObjectiveSection(StrictSection):
+    """``[objective]``: the drift-plus-penalty weights the agent runs with in this scenario (the
+    ``[planning]`` keys of a device config, same defaults)."""
+
+    v: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    w_latency: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    w_energy: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    w_accuracy: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+
+
 class Scenario(StrictSection):
     """The whole scenario file."""
 
@@ -167,6 +179,21 @@ class Scenario(StrictSection):
     """Cloud congestion: multiplies the workers' compute times."""
     edge_load: LoadSection = LoadSection()
     """Edge slowdown (thermal throttling, other load): multiplies the device's compute times."""
+    objective: ObjectiveSection = ObjectiveSection()
+    """The agent's objective weights (policies.cost.objective)."""
+
+    def planning(self, min_edge_layers: int = 0, policy: Path | None = None) -> PlanningConfig:
+        """The device's ``[planning]`` section for this scenario: its objective weights (and the
+        privacy prefix and learned policy given)."""
+        o = self.objective
+        return PlanningConfig(
+            min_edge_layers=min_edge_layers,
+            v=o.v,
+            w_latency=o.w_latency,
+            w_energy=o.w_energy,
+            w_accuracy=o.w_accuracy,
+            policy=policy,
+        )
 
 
 def load_scenario(path: str | os.PathLike[str]) -> Scenario:
