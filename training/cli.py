@@ -27,6 +27,7 @@ from policies.segments import ModelDims
 from splitwise_core.errors import InvalidArgumentError
 from splitwise_core.profile import Profile
 from splitwise_device.controller import NamedPlanner, PlanChoice, PlanSpec
+from training.simulator import MEASURED_NOISE_SD
 
 __all__ = ["HELDOUT_SEEDS", "main"]
 
@@ -79,6 +80,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cloud-profile", type=Path, help="cloud worker profile (default: --profile)")
     p.add_argument("--model", help="GGUF file whose shape to plan for (default: the bundled SmolLM2)")
     p.add_argument("--min-edge-layers", type=_non_negative, default=0, help="privacy prefix (default 0)")
+    p.add_argument(
+        "--noise-sd",
+        type=float,
+        default=MEASURED_NOISE_SD,
+        help=f"σ of the log-normal latency noise (default {MEASURED_NOISE_SD}: the fit to measured residuals)",
+    )
     p.add_argument("--seeds", type=_seeds, default=HELDOUT_SEEDS, help="held-out realisations (default 7001,7002,7003)")
 
 
@@ -120,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _load(args: argparse.Namespace) -> tuple[Any, Profile, Profile, ModelDims]:
     from training.scenario import load_scenario
 
+    if not 0 <= args.noise_sd < 2:
+        raise InvalidArgumentError(f"--noise-sd {args.noise_sd}: expected a number in [0, 2)")
     scenario = load_scenario(args.scenario)
     edge = Profile.load(args.profile)
     cloud = Profile.load(args.cloud_profile) if args.cloud_profile else edge
@@ -151,7 +160,10 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     trainer = Trainer(
-        lambda: SplitwiseEnv(scenario, edge, cloud, dims, planning=planning), dims, config, progress=not args.quiet
+        lambda: SplitwiseEnv(scenario, edge, cloud, dims, planning=planning, noise_sd=args.noise_sd),
+        dims,
+        config,
+        progress=not args.quiet,
     )
     checkpoint, log_csv = args.out.with_suffix(".ckpt"), args.out.with_suffix(".csv")
     started = time.perf_counter()
@@ -180,7 +192,7 @@ def _train(args: argparse.Namespace) -> int:
     if trainer.log_rows:
         _plot(trainer.log_rows, args.out.with_suffix(".png"), f"{scenario.name}, seed {config.seed}")
     print(f"wrote {args.out} after {trained_s:.0f} s of training; held-out evaluation:", file=sys.stderr)
-    env = SplitwiseEnv(scenario, edge, cloud, dims, planning=planning)
+    env = SplitwiseEnv(scenario, edge, cloud, dims, planning=planning, noise_sd=args.noise_sd)
     rows = {name: asdict(trainer.evaluate(env, args.seeds, name)) for name in ("policy", "splitwise-dp")}
     for row in rows.values():
         row.pop("backlog")
@@ -210,7 +222,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         choice: PlanChoice = NamedPlanner(name) if name in _registry_names() else PlanSpec(name)
         objectives, latencies, responses, planner_ms, backlog, fallbacks = [], [], [], [], [], 0
         for seed in args.seeds:
-            sim = Simulator(Timeline(scenario, seed=seed), edge, cloud, dims, planning=planning, seed=seed)
+            sim = Simulator(
+                Timeline(scenario, seed=seed), edge, cloud, dims, planning=planning, noise_sd=args.noise_sd, seed=seed
+            )
             for outcome in sim.run(fixed(choice)):
                 objectives.append(-outcome.reward)
                 latencies.append(outcome.latency_s)

@@ -10,7 +10,8 @@ advantage, and the policy's advantage is their sum, negated (costs, not rewards)
 over the batch. Summing keeps the objective's own weighting (V against the queues); separate heads
 let each critic fit a stream of its own scale — the drift stream is near 0 while the queue is empty
 and dominates when it builds up. Without the drift term (the Lyapunov ablation) the drift stream is
-dropped from the return: the policy then optimises the penalty alone.
+dropped from the return and the imitated expert is splitwise-dp with the queues zeroed: the policy then
+learns the penalty alone.
 
 Costs are divided by a fixed scale (the mean per-request cost of the first batch) so the critics'
 targets are O(1), and capped at COST_CLIP of those units; the scale is kept in the checkpoint.
@@ -22,7 +23,7 @@ import csv
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -223,7 +224,7 @@ class Trainer:
                 else:
                     acted = None
                 for i, slot in enumerate(self.slots):
-                    target = actions_of_plan(self._expert.plan(slot.observation), self.dims)
+                    target = actions_of_plan(self._expert.plan(self._expert_view(slot.observation)), self.dims)
                     inputs.append(x.index(torch.tensor([i])))
                     targets.append(target)
                     if acted is None:
@@ -240,6 +241,13 @@ class Trainer:
             bar.set_postfix(nll=f"{loss_value:.3f}", round_cost=f"{np.mean(costs[round_start:]):.3g}")
         bar.close()
         return loss_value
+
+    def _expert_view(self, observation: Observation) -> Observation:
+        """What the imitated planner sees: the agent's observation, without the queues when training
+        without the drift term (the expert is then the penalty-only splitwise-dp)."""
+        if self.config.drift:
+            return observation
+        return replace(observation, work_queue_u=0.0, energy_queue_z=0.0)
 
     def _fit(
         self,
