@@ -67,7 +67,8 @@ class TrainConfig:
     layer_temperature: float = 0.25  # PPO explores mostly at the high level (see PolicyNet.forward)
     history: int = 8
     imitation_steps: int = 2_000  # decisions of splitwise-dp to imitate first (0: none)
-    imitation_epochs: int = 20
+    imitation_epochs: int = 30
+    imitation_lr: float = 1e-3  # supervised: a larger step than PPO's
     imitation_rounds: int = 4  # the first follows the expert, the others the policy (DAgger)
     drift: bool = True  # False: the penalty-only ablation
     seed: int = 0
@@ -264,6 +265,8 @@ class Trainer:
         )
         n = len(targets)
         losses: list[float] = []
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.imitation_lr
         for _ in range(cfg.imitation_epochs):
             losses = []
             order = torch.randperm(n)
@@ -278,6 +281,8 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 losses.append(float(loss.detach()))
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr
         return float(np.mean(losses))
 
     # --- PPO --------------------------------------------------------------------------------------
