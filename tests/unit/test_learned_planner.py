@@ -28,7 +28,13 @@ from policies.plan import FfnMode, LayerPlan, Plan, Side, edge_only
 from policies.planners import learned
 from policies.planners.context import Planner, PlanningContext
 from policies.planners.dp import SplitwiseDpPlanner
-from policies.planners.learned import NO_SHIPPED_POLICY, LearnedPlanner, policy_file_problems, shipped_policy
+from policies.planners.learned import (
+    NO_SHIPPED_POLICY,
+    TRAINED_DIR,
+    LearnedPlanner,
+    policy_file_problems,
+    shipped_policy,
+)
 from policies.planners.registry import make_planner
 from policies.segments import ModelDims
 from splitwise_core.profile import Profile
@@ -415,3 +421,19 @@ def test_check_config_command_reports_a_bad_policy(tmp_path: Path) -> None:
     result = subprocess.run([exe, "check-config", "--config", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert f"policy={tmp_path / 'good.onnx'}" in result.stdout and "planner=splitwise-rl" in result.stdout
+
+
+def test_the_shipped_policy_plans_on_the_device_path_by_default() -> None:
+    """No [planning] policy: the controller's splitwise-rl uses the policy shipped for the reference VM
+    and SmolLM2 (policies/trained/), and its plans are its own, not a fallback."""
+    profile = Profile.load(PROFILE_PATH)
+    shipped = shipped_policy(DIMS, profile)
+    assert shipped is not None and shipped.parent == TRAINED_DIR
+    controller, _, _ = make_controller(profile)
+    for prompt_len, max_tokens in ((16, 8), (200, 64)):
+        decision = controller.decide(NamedPlanner("splitwise-rl"), prompt_len, max_tokens, 0)
+        assert decision.plan.name == "splitwise-rl", decision.plan.name
+        assert decision.planner == "splitwise-rl" and decision.planner_s > 0
+        assert decision.observation is not None
+        direct = LearnedPlanner(PlanningContext(profile, profile, DIMS, policy=shipped))
+        assert direct.plan(decision.observation) == decision.plan
