@@ -109,9 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     e = sub.add_parser("evaluate", help="planners side by side on held-out realisations of a scenario")
     _common(e)
-    e.add_argument("--policy", type=Path, help="the splitwise-rl policy (without it, splitwise-rl is left out)")
+    e.add_argument(
+        "--policy",
+        type=_policy_entry,
+        action="append",
+        default=[],
+        help="a splitwise-rl policy, PATH or LABEL=PATH (repeatable; without one, splitwise-rl is left out)",
+    )
     e.add_argument("--planners", default=",".join(EVAL_CHOICES), help="comma-separated planners or plan specs")
     e.add_argument("--json", type=Path, help="also write the table as JSON")
+    e.add_argument("--backlog-png", type=Path, help="plot each row's backlog over time (first seed) here")
     return parser
 
 
@@ -208,36 +215,61 @@ def _featurizer_version() -> int:
     return FEATURIZER_VERSION
 
 
+def _policy_entry(text: str) -> tuple[str, Path]:
+    label, sep, path = text.partition("=")
+    if not sep:
+        return "splitwise-rl", Path(text)
+    if not label or not path:
+        raise argparse.ArgumentTypeError(f"expected PATH or LABEL=PATH, got {text!r}")
+    return f"splitwise-rl[{label}]", Path(path)
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from training.processes import Timeline
     from training.simulator import Simulator, fixed
 
     scenario, edge, cloud, dims = _load(args)
-    names = [n.strip() for n in args.planners.split(",") if n.strip()]
-    if "splitwise-rl" in names and args.policy is None:
-        names.remove("splitwise-rl")
-    planning = scenario.planning(args.min_edge_layers, args.policy)
+    for _, path in args.policy:
+        if not path.is_file():
+            raise InvalidArgumentError(f"--policy {path}: no such file")
+    rows: list[tuple[str, PlanChoice, Path | None]] = []
+    for name in (n.strip() for n in args.planners.split(",") if n.strip()):
+        if name == "splitwise-rl":
+            rows += [(label, NamedPlanner(name), path) for label, path in args.policy]
+        else:
+            rows.append((name, NamedPlanner(name) if name in _registry_names() else PlanSpec(name), None))
     table: dict[str, dict[str, float]] = {}
-    for name in names:
-        choice: PlanChoice = NamedPlanner(name) if name in _registry_names() else PlanSpec(name)
+    traces: dict[str, tuple[list[float], list[int]]] = {}
+    for label, choice, policy in rows:
+        planning = scenario.planning(args.min_edge_layers, policy)
         objectives, latencies, responses, planner_ms, backlog, fallbacks = [], [], [], [], [], 0
-        for seed in args.seeds:
+        slopes = []
+        for index, seed in enumerate(args.seeds):
             sim = Simulator(
                 Timeline(scenario, seed=seed), edge, cloud, dims, planning=planning, noise_sd=args.noise_sd, seed=seed
             )
+            times: list[float] = []
+            queue: list[int] = []
             for outcome in sim.run(fixed(choice)):
                 objectives.append(-outcome.reward)
                 latencies.append(outcome.latency_s)
                 responses.append(outcome.response_s)
                 planner_ms.append(1e3 * outcome.decision.planner_s)
-                backlog.append(outcome.decision.observation.backlog_requests if outcome.decision.observation else 0)
                 fallbacks += "fallback" in outcome.decision.plan.name
-        table[name] = {
+                times.append(outcome.started_s)
+                queue.append(outcome.decision.observation.backlog_requests if outcome.decision.observation else 0)
+            backlog += queue
+            slopes.append(float(np.polyfit(times, queue, 1)[0]) if len(times) > 1 else 0.0)
+            if index == 0:
+                traces[label] = (times, queue)
+        table[label] = {
             "objective": float(np.mean(objectives)),
             "latency_mean_s": float(np.mean(latencies)),
             "latency_p95_s": float(np.percentile(latencies, 95)),
             "response_p95_s": float(np.percentile(responses, 95)),
+            "backlog_mean": float(np.mean(backlog)),
             "backlog_max": float(max(backlog)),
+            "backlog_slope_per_s": float(np.mean(slopes)),
             "planner_ms_median": float(np.median(planner_ms)),
             "planner_ms_p99": float(np.percentile(planner_ms, 99)),
             "requests": float(len(objectives)),
@@ -249,7 +281,28 @@ def _evaluate(args: argparse.Namespace) -> int:
             json.dumps({"scenario": scenario.name, "seeds": list(args.seeds), "table": table}, indent=2) + "\n",
             encoding="utf-8",
         )
+    if args.backlog_png:
+        _plot_backlog(traces, args.backlog_png, f"{scenario.name}, seed {args.seeds[0]}")
     return 0
+
+
+def _plot_backlog(traces: dict[str, tuple[list[float], list[int]]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, (times, queue) in traces.items():
+        ax.step(times, queue, where="post", label=label)
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("requests waiting at each decision")
+    ax.set_title(f"backlog: {title}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _registry_names() -> tuple[str, ...]:
@@ -266,16 +319,20 @@ def _print_table(table: dict[str, dict[str, Any]]) -> None:
             "latency_mean_s",
             "latency_p95_s",
             "response_p95_s",
+            "backlog_mean",
             "backlog_max",
+            "backlog_slope_per_s",
             "planner_ms_median",
             "planner_ms_p99",
             "requests",
         )
         if any(c in row for row in table.values())
     ]
-    print(f"{'planner':<22}" + "".join(f"{c:>18}" for c in columns))
+    # A Markdown table: it reads in a terminal and pastes into the docs as it is.
+    print("| planner | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     for name, row in table.items():
-        print(f"{name:<22}" + "".join(f"{row[c]:>18.4g}" if c in row else f"{'':>18}" for c in columns))
+        print(f"| {name} | " + " | ".join(f"{row[c]:.4g}" if c in row else "" for c in columns) + " |")
 
 
 def _plot(rows: Sequence[dict[str, float]], path: Path, title: str) -> None:
