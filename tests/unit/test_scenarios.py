@@ -145,3 +145,15 @@ def test_traces_replay_in_order_and_bad_rows_are_named(tmp_path: Path) -> None:
         load_trace(json_trace)
     with pytest.raises(InvalidArgumentError, match="cannot read"):
         load_trace(tmp_path / "missing.csv")
+
+
+def test_the_objective_section_sets_the_agents_weights_and_rejects_unknown_keys() -> None:
+    planning = scenario(objective={"v": 2.0, "w_accuracy": 200.0}).planning(min_edge_layers=3)
+    assert (planning.v, planning.w_latency, planning.w_energy, planning.w_accuracy) == (2.0, 1.0, 0.0, 200.0)
+    assert planning.min_edge_layers == 3 and planning.policy is None
+    default = scenario().planning()
+    assert (default.v, default.w_latency, default.w_accuracy) == (1.0, 1.0, 0.0)
+    with pytest.raises(ValueError, match="objective.w_acuracy"):
+        scenario(objective={"w_acuracy": 1.0})
+    with pytest.raises(ValueError, match="objective.v"):
+        scenario(objective={"v": -1.0})
