@@ -44,6 +44,8 @@ from training.policy import Actions, PolicyInputs, PolicyNet
 
 __all__ = ["EvalResult", "TrainConfig", "Trainer", "actions_of_plan"]
 
+_IMPOSSIBLE = -1e6  # a log-probability below this includes a masked choice
+
 COST_CLIP = 50.0
 """Per-request cost cap, in units of the first batch's mean cost."""
 
@@ -273,9 +275,11 @@ class Trainer:
             for start in range(0, n, cfg.minibatch):
                 idx = order[start : start + cfg.minibatch]
                 out = self.net(x.index(idx), "evaluate", given.index(idx), cfg.layer_temperature)
-                # An expert choice the policy's memory mask forbids has log-probability −1e9: capped, so
-                # that one such label cannot swamp the batch.
-                loss = -out.log_prob.clamp(min=-100.0).mean()
+                # An expert choice the policy's memory mask forbids has log-probability ≈ −1e9: such a
+                # label is left out (a cap would do too, but a cap on the sum also stops the gradient of
+                # every good label below it — at the start a whole plan has log-probability ≈ −200).
+                possible = out.log_prob > _IMPOSSIBLE
+                loss = -torch.where(possible, out.log_prob, torch.zeros_like(out.log_prob)).mean()
                 self.optimizer.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.max_grad_norm)
