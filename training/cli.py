@@ -259,7 +259,10 @@ def _evaluate(args: argparse.Namespace) -> int:
                 times.append(outcome.started_s)
                 queue.append(outcome.decision.observation.backlog_requests if outcome.decision.observation else 0)
             backlog += queue
-            slopes.append(float(np.polyfit(times, queue, 1)[0]) if len(times) > 1 else 0.0)
+            # Growth while requests arrive (after the last arrival every queue drains).
+            arriving = [(t, q) for t, q in zip(times, queue, strict=True) if t <= scenario.duration_s]
+            if len(arriving) > 1:
+                slopes.append(float(np.polyfit([t for t, _ in arriving], [q for _, q in arriving], 1)[0]))
             if index == 0:
                 traces[label] = (times, queue)
         table[label] = {
@@ -269,7 +272,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             "response_p95_s": float(np.percentile(responses, 95)),
             "backlog_mean": float(np.mean(backlog)),
             "backlog_max": float(max(backlog)),
-            "backlog_slope_per_s": float(np.mean(slopes)),
+            "backlog_slope_per_s": float(np.mean(slopes)) if slopes else 0.0,
             "planner_ms_median": float(np.median(planner_ms)),
             "planner_ms_p99": float(np.percentile(planner_ms, 99)),
             "requests": float(len(objectives)),
@@ -293,10 +296,12 @@ def _plot_backlog(traces: dict[str, tuple[list[float], list[int]]], path: Path, 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, (times, queue) in traces.items():
-        ax.step(times, queue, where="post", label=label)
+    styles = ("-", "--", ":", "-.")
+    for index, (label, (times, queue)) in enumerate(traces.items()):
+        ax.step(times, queue, where="post", label=label, linestyle=styles[index % len(styles)])
     ax.set_xlabel("simulated time (s)")
     ax.set_ylabel("requests waiting at each decision")
+    ax.set_yscale("symlog", linthresh=10)
     ax.set_title(f"backlog: {title}")
     ax.grid(True, alpha=0.3)
     ax.legend()
