@@ -279,9 +279,9 @@ class Trainer:
                 # label is left out (a cap would do too, but a cap on the sum also stops the gradient of
                 # every good label below it — at the start a whole plan has log-probability ≈ −200).
                 possible = out.log_prob > _IMPOSSIBLE
-                loss: Tensor = -torch.where(possible, out.log_prob, torch.zeros_like(out.log_prob)).mean()
+                loss = -torch.where(possible, out.log_prob, torch.zeros_like(out.log_prob)).mean()
                 self.optimizer.zero_grad()
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
                 torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 losses.append(float(loss.detach()))
