@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,10 +112,37 @@ def _open_session(path: Path) -> Any:
         raise PolicyFileError(f"{path} is not a readable ONNX model: {_first_line(err)}") from None
 
 
+_SESSIONS: OrderedDict[tuple[str, int, int], Any] = OrderedDict()
+_SESSIONS_LOCK = threading.Lock()
+_MAX_SESSIONS = 8
+
+
+def _cached_session(path: Path) -> Any:
+    """The session for `path`, opened once per file version (path, modification time, size).
+
+    Opening one takes most of a second (onnxruntime optimises the graph), and a planner is rebuilt
+    whenever a worker publishes a new profile; onnxruntime sessions may run from several threads."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return _open_session(path)  # reports why, in its words
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    with _SESSIONS_LOCK:
+        if key in _SESSIONS:
+            _SESSIONS.move_to_end(key)
+            return _SESSIONS[key]
+    session = _open_session(path)
+    with _SESSIONS_LOCK:
+        _SESSIONS[key] = session
+        while len(_SESSIONS) > _MAX_SESSIONS:
+            _SESSIONS.popitem(last=False)
+    return session
+
+
 def _load_policy(path: Path, dims: ModelDims) -> _Policy:
     """`path` loaded and checked (metadata, model shape, featurizer version, input and output names);
     PolicyFileError saying why not."""
-    session = _open_session(path)
+    session = _cached_session(path)
     metadata = _read_metadata(session)
     mismatch = metadata.mismatch(dims)
     if mismatch is not None:

@@ -437,3 +437,17 @@ def test_the_shipped_policy_plans_on_the_device_path_by_default() -> None:
         assert decision.observation is not None
         direct = LearnedPlanner(PlanningContext(profile, profile, DIMS, policy=shipped))
         assert direct.plan(decision.observation) == decision.plan
+
+
+def test_planners_share_one_session_per_version_of_a_policy_file(tmp_path: Path) -> None:
+    """Opening a session takes most of a second; a new planning context (a worker published a new
+    profile) must not pay it again, but a rewritten file must be read again."""
+    path = write_policy(tmp_path / "p.onnx", mixed_plan(), cut=8)
+    first = LearnedPlanner(PlanningContext(PROFILE, PROFILE, DIMS, policy=path))
+    second = LearnedPlanner(PlanningContext(PROFILE, PROFILE, DIMS, min_edge_layers=2, policy=path))
+    assert first._policy is not None and second._policy is not None
+    assert first._policy.session is second._policy.session
+    write_policy(path, edge_only(DIMS.n_layer, DIMS.n_head), cut=30)
+    third = LearnedPlanner(PlanningContext(PROFILE, PROFILE, DIMS, policy=path))
+    assert third._policy is not None and third._policy.session is not first._policy.session
+    assert third.plan(FAST) == edge_only(DIMS.n_layer, DIMS.n_head)

@@ -153,7 +153,7 @@ def test_the_objective_section_sets_the_agents_weights_and_rejects_unknown_keys(
     assert planning.min_edge_layers == 3 and planning.policy is None
     default = scenario().planning()
     assert (default.v, default.w_latency, default.w_accuracy) == (1.0, 1.0, 0.0)
-    with pytest.raises(ValueError, match="objective.w_acuracy"):
+    with pytest.raises(ValueError, match=r"objective\.w_acuracy"):
         scenario(objective={"w_acuracy": 1.0})
-    with pytest.raises(ValueError, match="objective.v"):
+    with pytest.raises(ValueError, match=r"objective\.v"):
         scenario(objective={"v": -1.0})
