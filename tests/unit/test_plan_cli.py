@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from policies.planners.registry import PLANNER_NAMES
 from splitwise_core.errors import InvalidArgumentError
 from splitwise_device.planning import parse_duration, parse_rate
 from tests.unit.test_cost import synthetic_profile
@@ -47,8 +48,9 @@ def test_all_planners_side_by_side_and_a_cut_link(profiles: tuple[Path, Path]) -
     )
     assert result.returncode == 0, result.stderr
     rows = {r["planner"]: r for r in json.loads(result.stdout)}
-    assert set(rows) == {"edge-only", "cloud-only", "layer-split", "layer-dp", "splitwise-dp"}
-    assert rows["splitwise-dp"]["summary"]["layers"]["edge"] == 30  # no link: everything local
+    assert set(rows) == set(PLANNER_NAMES)
+    for name in ("splitwise-dp", "splitwise-rl"):
+        assert rows[name]["summary"]["layers"]["edge"] == 30, name  # no link: everything local
     assert math.isinf(rows["cloud-only"]["latency_s"])
     assert rows["splitwise-dp"]["objective"] <= min(r["objective"] for r in rows.values())
 
