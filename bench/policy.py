@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from evaluation.cpu import cpu_features
-from policies.cost import Observation
+from policies.cost import Observation, plan_memory
 from policies.learned import PolicyMetadata, profile_digest
+from policies.plan import edge_only
 from policies.planners.context import PlanningContext
 from policies.planners.dp import SplitwiseDpPlanner
 from policies.planners.learned import LearnedPlanner, shipped_policy
@@ -106,8 +107,8 @@ def main() -> int:
                 if budget is None:
                     limit = None
                 else:
-                    everything = ctx.cost_model(observations(1, None, rng)[0])
-                    limit = int(0.6 * _edge_only_bytes(everything, dims))
+                    model = ctx.cost_model(observations(1, None, rng)[0])
+                    limit = int(0.6 * plan_memory(edge_only(dims.n_layer, dims.n_head), model))
                 obs = observations(args.decisions, limit, rng)
                 timed(rl, obs[:20])  # warm-up: first runs allocate
                 rl_ms = timed(rl, obs)
@@ -117,14 +118,6 @@ def main() -> int:
                 print(row(f"splitwise-rl, {label}", rl_ms))
                 print(row(f"splitwise-dp, {label} ({len(dp_obs)} decisions)", timed(dp, dp_obs)))
     return 0
-
-
-def _edge_only_bytes(model: object, dims: ModelDims) -> int:
-    from policies.cost import CostModel, plan_memory
-    from policies.plan import edge_only
-
-    assert isinstance(model, CostModel)
-    return plan_memory(edge_only(dims.n_layer, dims.n_head), model)
 
 
 if __name__ == "__main__":

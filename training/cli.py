@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from policies.featurizer import FEATURIZER_VERSION
 from policies.learned import PolicyMetadata, profile_digest
 from policies.segments import ModelDims
 from splitwise_core.errors import InvalidArgumentError
@@ -183,7 +184,7 @@ def _train(args: argparse.Namespace) -> int:
     trainer.train(log_csv=log_csv if config.steps else None, checkpoint=checkpoint)
     trained_s = time.perf_counter() - started
     metadata = PolicyMetadata(
-        featurizer_version=_featurizer_version(),
+        featurizer_version=FEATURIZER_VERSION,
         dims=dims,
         history=config.history,
         edge_machine=edge.machine,
@@ -207,12 +208,6 @@ def _train(args: argparse.Namespace) -> int:
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     _print_table({"splitwise-rl (torch)": rows["policy"], "splitwise-dp": rows["splitwise-dp"]})
     return 0
-
-
-def _featurizer_version() -> int:
-    from policies.featurizer import FEATURIZER_VERSION
-
-    return FEATURIZER_VERSION
 
 
 def _policy_entry(text: str) -> tuple[str, Path]:
