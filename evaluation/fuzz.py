@@ -15,7 +15,7 @@ client and sorts every one by what came back:
 A watcher subscribed to ``#`` records every topic anybody published to, so a run also shows whether
 a process was made to publish outside the project's namespace and the attempts' own reply topics.
 Cases are drawn from a seeded generator: the same seed gives the same payloads, so two rounds are
-identical (for the RSS comparison) apart from the run id in their reply topics, which has a fixed
+identical (for the memory comparison) apart from the run id in their reply topics, which has a fixed
 length.
 """
 
@@ -258,7 +258,7 @@ def front_door_attempts(seed: int, count: int, reply_prefix: str) -> list[Attemp
                 {"plan": {"layers": [{"heads": [9] * 99, "ffn": "moon"}]}},
                 {"plan": {}},
                 {"plan": 5},
-                {"planner": "splitwise-rl"},
+                {"planner": "splitwise-RL"},
                 {"planner": 5},
                 {"planner": "../../etc/passwd"},
             ]
@@ -547,11 +547,25 @@ class FuzzRun:
 # ------------------------------------------------------------------------------------ the system
 
 
-def rss_bytes(pid: int) -> int:
+def _status_bytes(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory, including the pages of the memory-mapped model file."""
+    return _status_bytes(pid, "VmRSS")
+
+
+def private_bytes(pid: int) -> int:
+    """Resident anonymous memory (heap, stacks, the engine's buffers): what a leak grows. Unlike RSS it
+    leaves out the model file's mapped pages, which fill in as frames for more layers and parts
+    arrive (bounded by the file's size, shared with the page cache) and would otherwise read as a
+    leak: measured, a worker's RSS stepped 7-14 MiB in round 2 or 3 of 5 identical rounds, all of it
+    in the GGUF mapping, its anonymous memory flat."""
+    return _status_bytes(pid, "RssAnon")
 
 
 @dataclass
@@ -566,6 +580,9 @@ class FuzzSystem:
 
     def rss(self) -> dict[str, int]:
         return {p.name: rss_bytes(p.pid) for p in (self.agent, *self.workers)}
+
+    def private_memory(self) -> dict[str, int]:
+        return {p.name: private_bytes(p.pid) for p in (self.agent, *self.workers)}
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name} ---\n{p.tail(40)}" for p in (self.agent, *self.workers))

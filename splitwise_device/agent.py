@@ -39,6 +39,7 @@ from cloud_offload.protocol import frames, topics
 from cloud_offload.protocol.frames import ErrorCode
 from cloud_offload.protocol.topics import topic_name_problem
 from policies.plan import Plan
+from policies.planners.learned import preload_policies
 from policies.planners.registry import COST_MODEL_PLANNERS
 from policies.segments import ModelDims
 from splitwise_core import __version__, systemd
@@ -47,7 +48,7 @@ from splitwise_core.errors import SplitwiseError
 from splitwise_core.profile import Profile
 from splitwise_device import app_messages
 from splitwise_device.app_messages import InferRequest
-from splitwise_device.config import FIXED_PLANNER, DeviceConfig
+from splitwise_device.config import FIXED_PLANNER, LEARNED_PLANNER, DeviceConfig
 from splitwise_device.controller import Controller, Decision, InlinePlan, NamedPlanner, PlanChoice, PlanSpec
 from splitwise_device.executor import RecoveryPolicy, SplitExecutor
 from splitwise_device.profile_store import EdgeProfileSource, ProfileStore
@@ -204,6 +205,8 @@ class DeviceAgent:
             self.profiles.edge()
             if connect_timeout is not None or self.connection.connected.is_set():
                 self.profiles.wait_for_published(PROFILE_WAIT_S)
+        if self.config.agent.planner == LEARNED_PLANNER:
+            preload_policies(self.controller.dims, self.config.planning.policy)
         self.accepting.set()
         interval = systemd.watchdog_interval()
         if interval:

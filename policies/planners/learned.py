@@ -49,6 +49,7 @@ __all__ = [
     "LearnedPlanner",
     "PolicyFileError",
     "policy_file_problems",
+    "preload_policies",
     "shipped_policies",
     "shipped_policy",
 ]
@@ -173,13 +174,27 @@ def shipped_policies(dims: ModelDims) -> list[tuple[Path, PolicyMetadata]]:
     found = []
     for path in sorted(TRAINED_DIR.glob("*.onnx")):
         try:
-            metadata = _read_metadata(_open_session(path))
+            metadata = _read_metadata(_cached_session(path))
         except PolicyFileError as err:
             log.warning("skipping shipped policy %s: %s", path.name, err)
             continue
         if metadata.mismatch(dims) is None:
             found.append((path, metadata))
     return found
+
+
+def preload_policies(dims: ModelDims, configured: Path | None) -> None:
+    """Opens the policy file `configured` (or, without one, the shipped policies for this model
+    shape) into the session cache, so that the first request does not pay the session's start-up
+    (most of a second) and the process's memory reaches its working size at start. A file that does
+    not load is only logged here: the planner falls back, and says why, when it is asked to plan."""
+    if configured is None:
+        shipped_policies(dims)
+        return
+    try:
+        _load_policy(configured, dims)
+    except PolicyFileError as err:
+        log.warning("splitwise-rl will fall back to splitwise-dp: %s", err)
 
 
 def shipped_policy(dims: ModelDims, edge_profile: Profile) -> Path | None:

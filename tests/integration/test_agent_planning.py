@@ -20,6 +20,7 @@ from cloud_offload.worker import CloudWorker
 from evaluation.processes import write_toml
 from policies.cost import Observation
 from policies.plan import Plan
+from policies.planners import learned
 from policies.planners.context import PlanningContext
 from policies.planners.registry import make_planner
 from policies.segments import ModelDims
@@ -35,13 +36,13 @@ POOL = "planningtest"
 PROFILE = Path(__file__).parents[2] / "deploy/profiles/reference-vm.smollm2-135m.profile.json"
 
 
-def write_config(tmp_path: Path, broker: Any, planning: dict[str, Any]) -> Path:
+def write_config(tmp_path: Path, broker: Any, planning: dict[str, Any], planner: str = "splitwise-dp") -> Path:
     return write_toml(
         tmp_path / "device.toml",
         {
             "device": {"id": DEVICE, "model": bundled_model_path(), "threads": 1, "state_dir": tmp_path / "state"},
             "broker": {"url": broker.url},
-            "agent": {"codec": "q8_0", "planner": "splitwise-dp"},
+            "agent": {"codec": "q8_0", "planner": planner},
             "cloud": {"pool": POOL, "segment_timeout_s": 5},
             "planning": {"probe_interval_s": 0.5, **planning},
         },
@@ -135,6 +136,27 @@ def test_agent_plans_with_the_published_worker_profile(
             assert final["plan"]["edge_heads"] == sum(len(lp.edge_heads) for lp in expected.layers)
             assert final["plan"]["lm_head"] == expected.lm_head.value
             assert final["plan"]["planner_ms"] >= 0 and "predicted" in final["plan"]
+    finally:
+        agent.drain(timeout=5)
+        agent.stop()
+
+
+def test_an_agent_on_splitwise_rl_opens_its_policy_at_start_and_plans_with_it(
+    tmp_path: Path, mosquitto_broker: Any, worker: CloudWorker, app: MqttConnection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipped policy's session is opened before the agent accepts requests (the first request
+    would otherwise pay most of a second, and the process would grow at its first learned plan)."""
+    monkeypatch.setattr(learned, "_SESSIONS", learned.OrderedDict())
+    agent = start_agent(write_config(tmp_path, mosquitto_broker, {"profile": PROFILE}, planner="splitwise-rl"))
+    try:
+        opened_at_start = [Path(key[0]) for key in learned._SESSIONS]
+        shipped = [path.resolve() for path, _ in learned.shipped_policies(agent.controller.dims)]
+        assert shipped and opened_at_start == shipped
+        assert agent.worker_profiles.wait_for_any(10)
+        final = ask(app, json.dumps({"prompt": "Hello there", "max_tokens": 4}))[-1]
+        assert final["type"] == "final", final
+        assert final["plan"]["planner"] == "splitwise-rl" and final["plan"]["name"] == "splitwise-rl", final["plan"]
+        assert len(learned._SESSIONS) == len(shipped)
     finally:
         agent.drain(timeout=5)
         agent.stop()

@@ -33,6 +33,8 @@ from policies.planners.learned import (
     TRAINED_DIR,
     LearnedPlanner,
     policy_file_problems,
+    preload_policies,
+    shipped_policies,
     shipped_policy,
 )
 from policies.planners.registry import make_planner
@@ -451,3 +453,31 @@ def test_planners_share_one_session_per_version_of_a_policy_file(tmp_path: Path)
     third = LearnedPlanner(PlanningContext(PROFILE, PROFILE, DIMS, policy=path))
     assert third._policy is not None and third._policy.session is not first._policy.session
     assert third.plan(FAST) == edge_only(DIMS.n_layer, DIMS.n_head)
+
+
+def test_preloading_opens_the_policy_once_so_the_first_request_does_not(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent preloads at start when its planner is splitwise-rl: afterwards, building the planner
+    (at the first request) opens no session; a bad file is only logged there, and falls back later."""
+    opened: list[Path] = []
+    real_open = learned._open_session
+    monkeypatch.setattr(learned, "_open_session", lambda path: opened.append(path) or real_open(path))
+    monkeypatch.setattr(learned, "_SESSIONS", learned.OrderedDict())
+    path = write_policy(tmp_path / "p.onnx", mixed_plan(), cut=8)
+    preload_policies(DIMS, path)
+    assert opened == [path]
+    LearnedPlanner(PlanningContext(PROFILE, PROFILE, DIMS, policy=path))
+    assert opened == [path]
+
+    preload_policies(DIMS, None)  # the shipped policies for this shape, each opened once
+    shipped = [p for p, _ in shipped_policies(DIMS)]
+    assert shipped and opened == [path, *shipped]
+    LearnedPlanner(PlanningContext(PROFILE, PROFILE, DIMS))
+    assert opened == [path, *shipped]
+
+    with caplog.at_level(logging.WARNING, logger=learned.__name__):
+        preload_policies(DIMS, tmp_path / "missing.onnx")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"splitwise-rl will fall back to splitwise-dp: {tmp_path / 'missing.onnx'} does not exist"
+    ]
