@@ -196,8 +196,11 @@ def _trace_request(where: str, row: object) -> Request:
     if not isinstance(row, dict) or set(row) != {"at_s", "prompt_len", "max_tokens"}:
         raise InvalidArgumentError(f"{where}: needs exactly at_s, prompt_len and max_tokens")
     try:
-        if any(isinstance(row[k], bool) or (isinstance(row[k], float) and not row[k].is_integer()) for k in row):
+        if any(isinstance(value, bool) for value in row.values()):
             raise ValueError("not a plain number")
+        counts = (row["prompt_len"], row["max_tokens"])
+        if any(isinstance(count, float) and not count.is_integer() for count in counts):
+            raise ValueError("a count with a fraction")
         at_s = float(row["at_s"])
         prompt_len, max_tokens = int(row["prompt_len"]), int(row["max_tokens"])
     except (TypeError, ValueError):

@@ -128,8 +128,10 @@ def test_traces_replay_in_order_and_bad_rows_are_named(tmp_path: Path) -> None:
     replayed = Timeline(scenario(duration_s=100.0, arrivals={"kind": "trace", "file": str(csv_trace)})).requests
     assert [(r.at_s, r.prompt_len, r.max_tokens) for r in replayed] == [(0.5, 10, 4), (2.5, 40, 8)]
     json_trace = tmp_path / "t.json"
-    json_trace.write_text(json.dumps([{"at_s": 1, "prompt_len": 3, "max_tokens": 2}]))
-    assert [(r.at_s, r.prompt_len) for r in load_trace(json_trace)] == [(1.0, 3)]
+    json_trace.write_text(
+        json.dumps([{"at_s": 1, "prompt_len": 3, "max_tokens": 2}, {"at_s": 1.25, "prompt_len": 4.0, "max_tokens": 1}])
+    )
+    assert [(r.at_s, r.prompt_len) for r in load_trace(json_trace)] == [(1.0, 3), (1.25, 4)]
 
     bad = {
         "at_s,prompt_len\n1,2\n": "header at_s,prompt_len,max_tokens",
@@ -140,9 +142,10 @@ def test_traces_replay_in_order_and_bad_rows_are_named(tmp_path: Path) -> None:
         csv_trace.write_text(text)
         with pytest.raises(InvalidArgumentError, match=expected):
             load_trace(csv_trace)
-    json_trace.write_text(json.dumps([{"at_s": 1, "prompt_len": 2.5, "max_tokens": 2}]))
-    with pytest.raises(InvalidArgumentError, match="request 0: at_s is a number"):
-        load_trace(json_trace)
+    for row in ({"at_s": 1, "prompt_len": 2.5, "max_tokens": 2}, {"at_s": True, "prompt_len": 2, "max_tokens": 2}):
+        json_trace.write_text(json.dumps([row]))
+        with pytest.raises(InvalidArgumentError, match="request 0: at_s is a number"):
+            load_trace(json_trace)
     with pytest.raises(InvalidArgumentError, match="cannot read"):
         load_trace(tmp_path / "missing.csv")
 
