@@ -20,11 +20,18 @@ Protocol (fixed before any result was seen):
 Prints per condition and planner: mean and P95 latency, ratios to splitwise-dp, mean tokens, the
 share of requests that used the cloud, and decision time (median, max).
 
+With --simulate, each condition is also replayed in the training simulator (training/simulator.py)
+with what the testbed had: the agent's measured profile and the worker's published one, the
+condition's bandwidth and RTT (fixed), the agent's planning settings, and per planner the same
+arrival times, prompt and completion lengths as its testbed requests; the simulator's noise is the
+one training uses (MEASURED_NOISE_SD, seeded by --seed). It prints the simulator's mean and P95 beside
+the testbed's and their ratios (the calibration check of docs/simulator.md: within 20 %).
+
 On a machine where device and worker share one CPU model the cloud is no faster than the edge;
 `--edge-cpu 0.33` limits the agent to a third of a core (a device three times slower than the
 cloud worker, like the Raspberry Pi 5 against a server core).
 
-Run: python bench/planners.py [--requests 12] [--tokens 64] [--load 0.6] [--edge-cpu SHARE]
+Run: python bench/planners.py [--requests 12] [--tokens 64] [--load 0.6] [--edge-cpu SHARE] [--simulate]
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evaluation.cpu import cpu_features
 from evaluation.testbed import LinkCondition, Testbed
 from policies.planners.registry import PLANNER_NAMES
 
@@ -76,6 +84,64 @@ def run_planner(bed: Testbed, planner: str, arrivals: list[float], tokens: int) 
     return results
 
 
+def simulate(
+    tmp: Path,
+    bed: Testbed,
+    cond: LinkCondition,
+    rows: dict[str, dict[str, Any]],
+    arrivals: list[float],
+    seed: int,
+) -> dict[str, tuple[float, float]]:
+    """Each planner's mean and P95 response time (arrival to last token) in the simulator, on the
+    requests the testbed served it (see the module's docstring)."""
+    # Imported here: the simulator is only needed with --simulate.
+    from policies.segments import ModelDims
+    from splitwise_core.engine import Model
+    from splitwise_core.profile import Profile
+    from splitwise_core.tokenizer import bundled_model_path
+    from splitwise_device.config import PlanningConfig
+    from splitwise_device.controller import NamedPlanner
+    from training.processes import Timeline
+    from training.scenario import Scenario
+    from training.simulator import MEASURED_NOISE_SD, Simulator, fixed
+
+    dims = ModelDims.from_config(Model(str(bundled_model_path()), 1, layers=[]).config)
+    edge = Profile.load(bed.edge_profile())
+    (published,) = bed.worker_profiles.values()
+    cloud = Profile.model_validate(json.loads(published)["profile"])  # the message wraps it
+    planning = PlanningConfig(probe_interval_s=2.0, link_half_life_s=5.0)  # the testbed agent's
+    out: dict[str, tuple[float, float]] = {}
+    for planner, row in rows.items():
+        trace = tmp / f"trace-{cond.name}-{planner}.json"
+        requests = [
+            {"at_s": at, "prompt_len": plan_tokens["prompt"], "max_tokens": max(1, plan_tokens["completion"])}
+            for at, plan_tokens in zip(arrivals, row["token_counts"], strict=True)
+        ]
+        trace.write_text(json.dumps(requests))
+        scenario = Scenario.model_validate(
+            {
+                "name": f"testbed-{cond.name}",
+                "seed": seed,
+                "duration_s": arrivals[-1] + 1.0,
+                "arrivals": {"kind": "trace", "file": str(trace)},
+                "link": {"states": [{"bandwidth_mbps": cond.bandwidth_bps / 1e6, "rtt_ms": cond.rtt_s * 1e3}]},
+            }
+        )
+        sim = Simulator(
+            Timeline(scenario),
+            edge,
+            cloud,
+            dims,
+            codec="q8_0",
+            planning=planning,
+            noise_sd=MEASURED_NOISE_SD,
+            seed=seed,
+        )
+        responses = [outcome.response_s for outcome in sim.run(fixed(NamedPlanner(planner)))]
+        out[planner] = (statistics.fmean(responses), p95(responses))
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=12, help="requests per planner and condition")
@@ -89,6 +155,9 @@ def main() -> int:
         metavar="SHARE",
         help="limit the device agent to SHARE of one core (cgroup CFS quota), making it slower than the worker",
     )
+    parser.add_argument(
+        "--simulate", action="store_true", help="also replay each condition in the training simulator, side by side"
+    )
     parser.add_argument("--json", help="write every request's figures here")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
@@ -99,6 +168,7 @@ def main() -> int:
     ):
         how = "tbf in a network namespace" if bed.kernel_shaping else f"the TCP emulator ({bed.why_not_kernel})"
         edge = "a full core" if args.edge_cpu is None else f"{args.edge_cpu:g} of a core (CFS quota)"
+        print(f"CPU: {cpu_features()}")
         print(
             f"bandwidth shaped by {how}; delay by the TCP emulator; {args.tokens}-token requests; "
             f"device agent on {edge}, worker on a full core",
@@ -140,6 +210,7 @@ def main() -> int:
                     "decision_ms_median": statistics.median(decide),
                     "decision_ms_max": max(decide),
                     "latencies_s": latencies,
+                    "token_counts": [f["tokens"] for f in finals],
                     "plans": [
                         {k: f["plan"][k] for k in ("name", "layers", "edge_heads", "ffn", "lm_head")} for f in finals
                     ],
@@ -158,6 +229,20 @@ def main() -> int:
                     f"{r['decision_ms_median']:>11.2f} / {r['decision_ms_max']:<9.2f}",
                     flush=True,
                 )
+            if args.simulate:
+                simulated = simulate(Path(tmp), bed, cond, rows, arrivals, args.seed)
+                print(
+                    f"\nsimulator vs testbed, {cond.name}:\n{'planner':<13} {'sim mean':>9} {'bed mean':>9} "
+                    f"{'sim/bed':>8} {'sim P95':>9} {'bed P95':>9} {'sim/bed':>8}"
+                )
+                for planner in PLANNER_NAMES:
+                    r, (mean, tail) = rows[planner], simulated[planner]
+                    r["sim_mean_s"], r["sim_p95_s"] = mean, tail
+                    print(
+                        f"{planner:<13} {mean:>9.2f} {r['mean_s']:>9.2f} {mean / r['mean_s']:>8.2f} "
+                        f"{tail:>9.2f} {r['p95_s']:>9.2f} {tail / r['p95_s']:>8.2f}",
+                        flush=True,
+                    )
             table.extend(rows.values())
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=1, default=str) + "\n")

@@ -157,6 +157,8 @@ class Testbed:
             self.app_topic = f"testbed/app/{uuid.uuid4().hex[:8]}"
             self._replies: dict[bytes, queue.Queue[dict[str, Any]]] = {}
             self._status: dict[str, str] = {}
+            self.worker_profiles: dict[str, bytes] = {}
+            """The profiles the workers published, by topic (what the agent plans with)."""
             self.app.subscribe(self.app_topic, self._on_reply)
             self.app.subscribe(topics.device_status_topic(DEVICE_ID), self._on_status)
             self.app.subscribe(f"{topics.TOPIC_ROOT}/cloud/worker/+/status", self._on_status)
@@ -221,6 +223,13 @@ class Testbed:
             self.cpu_limit.add(self.agent.popen.pid)  # before it profiles itself: the profile sees the limit
         self._wait_status(topics.device_status_topic(DEVICE_ID), "online", 120)
 
+    def edge_profile(self) -> Path:
+        """The profile the agent measured at start and plans with (cached in its state directory)."""
+        found = sorted((self.workdir / "agent-state").glob("profile-*.json"))
+        if len(found) != 1:
+            raise RuntimeError(f"expected one profile in the agent's state directory, found {[f.name for f in found]}")
+        return found[0]
+
     def _on_status(self, msg: mqtt.MQTTMessage) -> None:
         try:
             self._status[msg.topic] = json.loads(msg.payload)["state"]
@@ -229,6 +238,8 @@ class Testbed:
 
     def _on_profile(self, msg: mqtt.MQTTMessage) -> None:
         self._status[msg.topic] = "published" if msg.payload else "withdrawn"
+        if msg.payload:
+            self.worker_profiles[msg.topic] = bytes(msg.payload)
 
     def _wait_status(self, topic: str, state: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
