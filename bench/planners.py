@@ -24,8 +24,11 @@ With --simulate, each condition is also replayed in the training simulator (trai
 with what the testbed had: the agent's measured profile and the worker's published one, the
 condition's bandwidth and RTT (fixed), the agent's planning settings, and per planner the same
 arrival times, prompt and completion lengths as its testbed requests; the simulator's noise is the
-one training uses (MEASURED_NOISE_SD, seeded by --seed). It prints the simulator's mean and P95 beside
-the testbed's and their ratios (the calibration check of docs/simulator.md: within 20 %).
+one training uses (MEASURED_NOISE_SD, seeded by --seed). Twice: (A) with the edge and cloud running at
+their profiles' speeds, and (B) with the edge slowdown and cloud load the warm-up requests measured
+(the service time they took against the cost model's; the profiles are measured once at start, and
+this machine's speed drifts by up to 3x from minute to minute). It prints the simulator's mean and
+P95 beside the testbed's and their ratios (the calibration check of docs/simulator.md: within 20 %).
 
 On a machine where device and worker share one CPU model the cloud is no faster than the edge;
 `--edge-cpu 0.33` limits the agent to a third of a core (a device three times slower than the
@@ -37,12 +40,14 @@ Run: python bench/planners.py [--requests 12] [--tokens 64] [--load 0.6] [--edge
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +89,79 @@ def run_planner(bed: Testbed, planner: str, arrivals: list[float], tokens: int) 
     return results
 
 
+@dataclass(frozen=True)
+class SimulatorWorld:
+    """What the simulator replays a condition with: the testbed's profiles, link and, as the true edge
+    slowdown and cloud load (each a constant level), either 1 (the speeds the profiles were measured
+    at) or what the warm-up requests measured."""
+
+    edge: Any  # splitwise_core.profile.Profile (imported with the simulator)
+    cloud: Any
+    dims: Any  # policies.segments.ModelDims
+    edge_load: float = 1.0
+    cloud_load: float = 1.0
+
+
+def simulator_world(bed: Testbed) -> SimulatorWorld:
+    # Imported here: the simulator is only needed with --simulate.
+    from policies.segments import ModelDims
+    from splitwise_core.engine import Model
+    from splitwise_core.profile import Profile
+    from splitwise_core.tokenizer import bundled_model_path
+
+    dims = ModelDims.from_config(Model(str(bundled_model_path()), 1, layers=[]).config)
+    (published,) = bed.worker_profiles.values()
+    cloud = Profile.model_validate(json.loads(published)["profile"])  # the message wraps it
+    return SimulatorWorld(Profile.load(bed.edge_profile()), cloud, dims)
+
+
+def warm_up_loads(
+    world: SimulatorWorld, cond: LinkCondition, edge_only: list[dict[str, Any]], cloud_only: list[dict[str, Any]]
+) -> SimulatorWorld:
+    """`world` with the edge slowdown and cloud load the warm-up requests show: the measured service
+    time against the cost model's at load 1 and 2 (a latency is linear in each load), solved for the
+    load, the edge's from the edge-only requests first, then the cloud's from the cloud-only ones."""
+    from policies.cost import Observation, predict
+    from policies.plan import parse_plan
+    from policies.segments import compile_plan
+
+    bandwidth = shaped_bandwidth(cond)
+
+    def solve(plan: str, replies: list[dict[str, Any]], edge_load: float | None = None) -> float:
+        """The load of the side `plan` computes on: the edge's when `edge_load` is None, else the
+        cloud's with the edge at `edge_load`."""
+        schedule = compile_plan(parse_plan(plan, world.dims.n_layer, world.dims.n_head), world.dims)
+
+        def latency(reply: dict[str, Any], load: float) -> float:
+            tokens = reply["tokens"]
+            obs = Observation(
+                bandwidth_bps=bandwidth,
+                rtt_s=cond.rtt_s,
+                prompt_len=tokens["prompt"],
+                max_tokens=max(1, tokens["completion"]),
+                edge_load=load if edge_load is None else edge_load,
+                cloud_load=1.0 if edge_load is None else load,
+            )
+            return predict(schedule, obs, world.edge, world.cloud, world.dims, "q8_0").latency_s
+
+        at_1 = statistics.fmean(latency(r, 1.0) for r in replies)
+        per_load = statistics.fmean(latency(r, 2.0) for r in replies) - at_1
+        measured = statistics.fmean(r["timings"]["total_s"] for r in replies)
+        return max(0.05, 1.0 + (measured - at_1) / per_load) if per_load > 0 else 1.0
+
+    edge_load = solve("edge-only", edge_only)
+    return dataclasses.replace(world, edge_load=edge_load, cloud_load=solve("cloud-only", cloud_only, edge_load))
+
+
+def shaped_bandwidth(cond: LinkCondition) -> float:
+    if cond.bandwidth_bps is None:
+        raise ValueError(f"{cond.name}: the simulator needs a bandwidth; this condition leaves the link unshaped")
+    return cond.bandwidth_bps
+
+
 def simulate(
     tmp: Path,
-    bed: Testbed,
+    world: SimulatorWorld,
     cond: LinkCondition,
     rows: dict[str, dict[str, Any]],
     arrivals: list[float],
@@ -94,28 +169,19 @@ def simulate(
 ) -> dict[str, tuple[float, float]]:
     """Each planner's mean and P95 response time (arrival to last token) in the simulator, on the
     requests the testbed served it (see the module's docstring)."""
-    # Imported here: the simulator is only needed with --simulate.
-    from policies.segments import ModelDims
-    from splitwise_core.engine import Model
-    from splitwise_core.profile import Profile
-    from splitwise_core.tokenizer import bundled_model_path
     from splitwise_device.config import PlanningConfig
     from splitwise_device.controller import NamedPlanner
     from training.processes import Timeline
     from training.scenario import Scenario
     from training.simulator import MEASURED_NOISE_SD, Simulator, fixed
 
-    dims = ModelDims.from_config(Model(str(bundled_model_path()), 1, layers=[]).config)
-    edge = Profile.load(bed.edge_profile())
-    (published,) = bed.worker_profiles.values()
-    cloud = Profile.model_validate(json.loads(published)["profile"])  # the message wraps it
     planning = PlanningConfig(probe_interval_s=2.0, link_half_life_s=5.0)  # the testbed agent's
     out: dict[str, tuple[float, float]] = {}
     for planner, row in rows.items():
         trace = tmp / f"trace-{cond.name}-{planner}.json"
         requests = [
-            {"at_s": at, "prompt_len": plan_tokens["prompt"], "max_tokens": max(1, plan_tokens["completion"])}
-            for at, plan_tokens in zip(arrivals, row["token_counts"], strict=True)
+            {"at_s": at, "prompt_len": tokens["prompt"], "max_tokens": max(1, tokens["completion"])}
+            for at, tokens in zip(arrivals, row["token_counts"], strict=True)
         ]
         trace.write_text(json.dumps(requests))
         scenario = Scenario.model_validate(
@@ -124,14 +190,16 @@ def simulate(
                 "seed": seed,
                 "duration_s": arrivals[-1] + 1.0,
                 "arrivals": {"kind": "trace", "file": str(trace)},
-                "link": {"states": [{"bandwidth_mbps": cond.bandwidth_bps / 1e6, "rtt_ms": cond.rtt_s * 1e3}]},
+                "link": {"states": [{"bandwidth_mbps": shaped_bandwidth(cond) / 1e6, "rtt_ms": cond.rtt_s * 1e3}]},
+                "edge_load": {"levels": [world.edge_load]},
+                "cloud_load": {"levels": [world.cloud_load]},
             }
         )
         sim = Simulator(
             Timeline(scenario),
-            edge,
-            cloud,
-            dims,
+            world.edge,
+            world.cloud,
+            world.dims,
             codec="q8_0",
             planning=planning,
             noise_sd=MEASURED_NOISE_SD,
@@ -176,12 +244,9 @@ def main() -> int:
         )
         for ci, cond in enumerate(CONDITIONS):
             bed.set_link(cond)
-            for _ in range(2):
-                bed.ask({"prompt": PROMPT, "max_tokens": 8, "plan": "cloud-only"})
-            service = statistics.fmean(
-                bed.ask({"prompt": PROMPT, "max_tokens": args.tokens, "plan": "edge-only"})["timings"]["total_s"]
-                for _ in range(2)
-            )
+            warm_cloud = [bed.ask({"prompt": PROMPT, "max_tokens": 8, "plan": "cloud-only"}) for _ in range(2)]
+            warm_edge = [bed.ask({"prompt": PROMPT, "max_tokens": args.tokens, "plan": "edge-only"}) for _ in range(2)]
+            service = statistics.fmean(reply["timings"]["total_s"] for reply in warm_edge)
             rate = args.load / service
             arrivals = list(np.cumsum(rng.exponential(1 / rate, size=args.requests)) - 0.0)
             arrivals = [a - arrivals[0] for a in arrivals]
@@ -230,17 +295,29 @@ def main() -> int:
                     flush=True,
                 )
             if args.simulate:
-                simulated = simulate(Path(tmp), bed, cond, rows, arrivals, args.seed)
+                world = simulator_world(bed)
+                loaded = warm_up_loads(world, cond, warm_edge, warm_cloud)
+                as_profiled = simulate(Path(tmp), world, cond, rows, arrivals, args.seed)
+                with_loads = simulate(Path(tmp), loaded, cond, rows, arrivals, args.seed)
                 print(
-                    f"\nsimulator vs testbed, {cond.name}:\n{'planner':<13} {'sim mean':>9} {'bed mean':>9} "
-                    f"{'sim/bed':>8} {'sim P95':>9} {'bed P95':>9} {'sim/bed':>8}"
+                    f"\nsimulator vs testbed, {cond.name}: A = loads 1 (the profiles' speeds), B = the warm-up's "
+                    f"edge slowdown {loaded.edge_load:.2f} and cloud load {loaded.cloud_load:.2f}\n"
+                    f"{'planner':<13} {'bed mean':>9} {'A mean':>7} {'A/bed':>6} {'B mean':>7} {'B/bed':>6} "
+                    f"{'bed P95':>8} {'A P95':>7} {'A/bed':>6} {'B P95':>7} {'B/bed':>6}"
                 )
                 for planner in PLANNER_NAMES:
-                    r, (mean, tail) = rows[planner], simulated[planner]
-                    r["sim_mean_s"], r["sim_p95_s"] = mean, tail
+                    r = rows[planner]
+                    (a_mean, a_p95), (b_mean, b_p95) = as_profiled[planner], with_loads[planner]
+                    r["sim"] = {
+                        "edge_load": loaded.edge_load,
+                        "cloud_load": loaded.cloud_load,
+                        "loads_1": {"mean_s": a_mean, "p95_s": a_p95},
+                        "warm_up_loads": {"mean_s": b_mean, "p95_s": b_p95},
+                    }
                     print(
-                        f"{planner:<13} {mean:>9.2f} {r['mean_s']:>9.2f} {mean / r['mean_s']:>8.2f} "
-                        f"{tail:>9.2f} {r['p95_s']:>9.2f} {tail / r['p95_s']:>8.2f}",
+                        f"{planner:<13} {r['mean_s']:>9.2f} {a_mean:>7.2f} {a_mean / r['mean_s']:>6.2f} "
+                        f"{b_mean:>7.2f} {b_mean / r['mean_s']:>6.2f} {r['p95_s']:>8.2f} {a_p95:>7.2f} "
+                        f"{a_p95 / r['p95_s']:>6.2f} {b_p95:>7.2f} {b_p95 / r['p95_s']:>6.2f}",
                         flush=True,
                     )
             table.extend(rows.values())
