@@ -174,9 +174,16 @@ class SegmentBytes:
 
 @dataclass(frozen=True)
 class Schedule:
+    """The schedule of `plan` for `dims`. Its steps are compiled when first read: the simulator and
+    the cost model need only the plan's round trips and per-layer work, and an exploring policy
+    brings a new plan every decision."""
+
     plan: Plan
     dims: ModelDims
-    steps: tuple[Step, ...]
+
+    @functools.cached_property
+    def steps(self) -> tuple[Step, ...]:
+        return _Compiler(self.plan, self.dims).run()
 
     @functools.cached_property
     def cloud_segments(self) -> tuple[CloudSegment, ...]:
@@ -189,10 +196,27 @@ class Schedule:
                 segs.append(step.remote)
         return tuple(segs)
 
-    @property
+    @functools.cached_property
     def cloud_round_trips(self) -> int:
-        """Cloud requests per token step."""
-        return len(self.cloud_segments)
+        """Cloud requests per token step, counted from the plan without compiling the steps.
+
+        A layer that is not all on the cloud sends its cloud heads and its FFN (split or on the
+        cloud) in one request each; an FFN on the cloud either stands alone or opens the residual
+        run that the next layer (or the LM head) joins. A run of all-cloud layers, or the LM head,
+        needs a request of its own only when no such run is open, i.e. when the layer before it
+        keeps its FFN off the cloud.
+        """
+        n_head, layers = self.plan.n_head, self.plan.layers
+        trips = 0
+        ffn_before_on_cloud = False
+        for lp in layers:
+            ffn_on_cloud = lp.ffn is FfnMode.CLOUD
+            if ffn_on_cloud and not lp.edge_heads:  # all on the cloud
+                trips += not ffn_before_on_cloud
+            else:
+                trips += (len(lp.edge_heads) < n_head) + (lp.ffn is not FfnMode.EDGE)
+            ffn_before_on_cloud = ffn_on_cloud
+        return trips + (self.plan.lm_head is Side.CLOUD and not ffn_before_on_cloud)
 
     def segment_bytes(self, codec: str, n_tokens: int, logits_codec: str = "f32") -> list[SegmentBytes]:
         """Frame sizes of each cloud segment for a step of `n_tokens` rows.
@@ -226,6 +250,7 @@ def check_cloud_ops(ops: Sequence[Op]) -> None:
 def compile_plan(plan: Plan, dims: ModelDims) -> Schedule:
     """The schedule of one token step for `plan` (see the module docstring for the rules).
 
+    The plan is validated here; its steps are compiled when first read (:class:`Schedule`).
     Memoised: the device and the simulator compile the same few plans over and over, and a
     schedule is immutable. The name is part of the key because equal plans may carry different
     names and a schedule's plan is the one it was compiled from.
@@ -237,7 +262,7 @@ def compile_plan(plan: Plan, dims: ModelDims) -> Schedule:
 def _compile(plan: Plan, _name: str, dims: ModelDims) -> Schedule:
     plan.validate_for(dims.n_layer, dims.n_head)
     plan.kv_groups(Side.EDGE, 0, dims.n_head_kv)  # checks that n_head_kv divides n_head
-    return _Compiler(plan, dims).run()
+    return Schedule(plan=plan, dims=dims)
 
 
 class _Compiler:
@@ -251,7 +276,7 @@ class _Compiler:
         self.run_input = Reg.X
         self.n_segments = 0
 
-    def run(self) -> Schedule:
+    def run(self) -> tuple[Step, ...]:
         self.edge(EdgeOp(EdgeOpKind.EMBED, Reg.X))
         n = self.plan.n_layer
         for ell, lp in enumerate(self.plan.layers):
@@ -300,7 +325,7 @@ class _Compiler:
             self.close_run()
             self.edge(EdgeOp(EdgeOpKind.LM_HEAD, Reg.LOGITS, (Reg.X,)))
         self.flush_local()
-        return Schedule(plan=self.plan, dims=self.dims, steps=tuple(self.steps))
+        return tuple(self.steps)
 
     def attention(self, ell: int, edge_heads: tuple[int, ...], cloud_heads: tuple[int, ...]) -> None:
         self.edge(EdgeOp(EdgeOpKind.ATTN_NORM, Reg.X_NORM, (Reg.X,), ell))
