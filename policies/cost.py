@@ -18,12 +18,14 @@ objective equals ``objective(predict(plan))`` up to float rounding.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Generic, TypeVar
 
 from policies.plan import FfnMode, Plan, Side
@@ -39,8 +41,8 @@ from policies.segments import (
 )
 from splitwise_core.codecs import codec_size
 from splitwise_core.errors import InvalidArgumentError
-from splitwise_core.ops import Op, OpKind, frame_bytes
-from splitwise_core.profile import Profile
+from splitwise_core.ops import OP_SIZE, OpKind, frame_bytes
+from splitwise_core.profile import AttentionTable, Profile
 
 __all__ = [
     "CostModel",
@@ -56,6 +58,15 @@ __all__ = [
 ]
 
 LOGITS_CODEC = "f32"
+# The Profile field of each sub-block's per-token seconds.
+_BLOCK_COSTS = {
+    "norm": "norm_s",
+    "add": "add_s",
+    "ffn": "ffn_full_s",
+    "gate_up": "ffn_gate_up_s",
+    "down": "ffn_down_s",
+    "embed": "embed_s",
+}
 
 
 @dataclass(frozen=True)
@@ -237,14 +248,7 @@ class CostModel:
 
     def _block_s(self, prof: Profile, kind: str, step: StepCtx) -> float:
         """Per-step cost of a sub-block that is not attention: norm, add, ffn parts, embed."""
-        per_token = {
-            "norm": prof.norm_s,
-            "add": prof.add_s,
-            "ffn": prof.ffn_full_s,
-            "gate_up": prof.ffn_gate_up_s,
-            "down": prof.ffn_down_s,
-            "embed": prof.embed_s,
-        }[kind]
+        per_token: float = getattr(prof, _BLOCK_COSTS[kind])
         return self._rows(prof, step) * per_token
 
     def layer_s(self, prof: Profile, step: StepCtx) -> float:
@@ -252,14 +256,18 @@ class CostModel:
         key = (id(prof), step)
         cached = self._layer_memo.get(key)
         if cached is None:
-            cached = (
-                self._block_s(prof, "norm", step) * 2
-                + self.attention_s(prof, self.dims.n_head, self.dims.n_head_kv, step)
-                + self._block_s(prof, "add", step) * 2
-                + self._block_s(prof, "ffn", step)
-            )
-            self._layer_memo[key] = cached
+            attention = self.attention_s(prof, self.dims.n_head, self.dims.n_head_kv, step)
+            cached = self._layer_memo[key] = self.whole_layer_s(prof, step, attention)
         return cached
+
+    def whole_layer_s(self, prof: Profile, step: StepCtx, attention_s: float) -> float:
+        """layer_s given the attention of all heads (predict's fast path computes that its own way)."""
+        return (
+            self._block_s(prof, "norm", step) * 2
+            + attention_s
+            + self._block_s(prof, "add", step) * 2
+            + self._block_s(prof, "ffn", step)
+        )
 
     def groups(self, heads: tuple[int, ...]) -> int:
         return len({h // self.per_group for h in heads})
@@ -453,19 +461,35 @@ def step_terms(schedule: Schedule, model: CostModel, step: StepCtx) -> Terms:
 # --- the fast path of predict ---------------------------------------------------------------
 #
 # The simulator predicts twice per decision (the agent's observation, then the true state) and a
-# training run makes millions of decisions, on schedules of hundreds of ops. An op's cost depends
-# on it only through its shape (kind; heads and KV groups for attention; sources for ADD), and a
-# step's terms, given the profiles, the codec and the StepCtx, are linear in the observation's edge
-# loads (per op kind), cloud load, RTT and 1/bandwidth, except one max per parallel section. So
-# predict reduces a schedule once to counts of distinct op and segment shapes (_ScheduleShape, per
-# schedule object), turns those into the coefficients of that linear form once per profiles, codec
-# and StepCtx (_StepCosts), and evaluates the coefficients per observation. step_terms is the
-# straightforward walk; the tests hold the two equal on random plans.
+# training run makes millions of decisions; an exploring policy brings a new plan to nearly every
+# one. An op's cost depends on it only through its shape (kind; heads and KV groups for attention;
+# sources for ADD), a frame's size is linear in its op count, and a step's terms, given the
+# profiles, the codec and the StepCtx, are linear in the observation's edge loads (per op kind),
+# cloud load, RTT and 1/bandwidth, except one max per parallel section. So predict reduces a plan
+# once to counts (_ScheduleShape, per schedule object), turns those into the coefficients of that
+# linear form once per profiles, codec and StepCtx (_StepCosts: the counts times the step's prices,
+# _StepPrices, which do not depend on the plan), and evaluates the coefficients per observation.
+# The counts come from the plan layer by layer, without compiling the schedule: a layer's work
+# depends only on its own placement, whether a residual run is open when it starts and whether the
+# run can go on after it (_layer_work, memoised), so a fresh plan costs a lookup per layer.
+# step_terms is the straightforward walk over the compiled schedule; the tests hold the two equal
+# on random plans.
 
-_EdgeShape = tuple[EdgeOpKind, int, int, int]  # kind, heads, KV groups (ATTN), sources (ADD)
-_CloudShape = tuple[OpKind, int, int]  # kind, heads, KV groups (ATTN_PART)
-_SegmentShape = tuple[Reg, Reg, int, tuple[tuple[_CloudShape, int], ...]]  # input, output, n ops, op shape counts
+_Section = tuple[int, int, int, int]  # a parallel section: edge heads, their KV groups, cloud heads, theirs
 _LayerMemoryShape = tuple[int, int, str, bool]  # edge heads, edge KV groups, FFN mode, all on the cloud
+
+# A plan's counts live in one flat list: edge op units by kind, serial cloud segments by the
+# register sent and by the register the reply fills, and the ops of serial segments by kind.
+_EDGE_SLOT = {kind: i for i, kind in enumerate(EdgeOpKind)}
+_INPUT_SLOT = {reg: len(_EDGE_SLOT) + i for i, reg in enumerate(Reg)}
+_OUTPUT_SLOT = {reg: len(_EDGE_SLOT) + len(Reg) + i for i, reg in enumerate(Reg)}
+_OP_SLOT = {kind: len(_EDGE_SLOT) + 2 * len(Reg) + i for i, kind in enumerate(OpKind)}
+_N_SLOTS = len(_EDGE_SLOT) + 2 * len(Reg) + len(OpKind)
+# A layer's share of that list is packed into one int, _SLOT_BITS bits per slot, so that adding up a
+# plan's layers is one C-level sum(). A layer adds at most 3 to a slot and a plan has at most 2**16
+# layers, so no slot overflows into the next.
+_SLOT_BITS = 20
+_SLOT_MASK = (1 << _SLOT_BITS) - 1
 
 
 @dataclass(frozen=True)
@@ -478,16 +502,32 @@ class _MemoryLayout:
 
 @dataclass(frozen=True)
 class _ScheduleShape:
-    """A schedule as counts of distinct shapes, in schedule order (dicts keep first appearance, so
-    the breakdown lists op kinds in the order the walk meets them)."""
+    """A schedule as counts, in schedule order (dicts keep first appearance, so the breakdown lists op
+    kinds in the order the walk meets them).
+
+    Outside parallel sections an ATTN edge op and an ATTN_PART cloud op always run every head (a
+    layer with heads on both sides runs them in a section), and an ADD costs one unit per source
+    beyond the first."""
 
     kinds: tuple[EdgeOpKind, ...]  # edge op kinds, in order of first appearance
-    serial_ops: dict[_EdgeShape, int]  # edge ops outside parallel sections
-    serial_segments: dict[_SegmentShape, int]  # cloud segments outside parallel sections
-    sections: dict[tuple[tuple[_EdgeShape, ...], _SegmentShape], int]  # parallel sections
+    serial_edge_units: dict[EdgeOpKind, int]  # edge ops outside parallel sections
+    segment_inputs: dict[Reg, int]  # cloud segments outside parallel sections, by the register sent
+    segment_outputs: dict[Reg, int]  # the same segments, by the register the reply fills
+    serial_cloud_ops: dict[OpKind, int]  # the ops of those segments
+    sections: dict[_Section, int]  # parallel sections: edge ATTN ‖ one ATTN_PART from x_norm
     cloud_round_trips: int
     crossings: int  # codec-compressed tensors crossing the link per step
     memory: _MemoryLayout
+
+
+@dataclass(frozen=True)
+class _LayerWork:
+    """One layer's share of a schedule's counts."""
+
+    kinds: dict[EdgeOpKind, None]  # its edge op kinds, in schedule order
+    packed_counts: int  # its share of the flat count list, packed (_SLOT_BITS)
+    section: _Section | None
+    memory: _LayerMemoryShape
 
 
 @dataclass(frozen=True)
@@ -506,9 +546,30 @@ class _StepCosts:
     bytes_up: int
     bytes_down: int
     crossings: int
-    # Per distinct parallel section: how many, its edge ops as (index in `kinds`, seconds), its
-    # remote side's cloud seconds and frame bytes both ways.
-    sections: tuple[tuple[int, tuple[tuple[int, float], ...], float, int], ...]
+    # Per distinct parallel section: how many, its edge attention seconds (× the ATTN load) and its
+    # remote side's cloud seconds; every section moves the same frame bytes, both ways together.
+    sections: tuple[tuple[int, float, float], ...]
+    section_wire_bytes: int
+
+
+@dataclass(frozen=True)
+class _StepPrices:
+    """What one token step's ops and messages cost under given profiles, codec and dims, whatever
+    the plan: profiled seconds (before the observation's load factors) and bytes."""
+
+    edge_unit_s: dict[EdgeOpKind, float]  # an ATTN runs every head; an ADD per source beyond the first
+    cloud_op_s: dict[OpKind, float]  # an ATTN_PART runs every head
+    # Attention of any head subset: rows_s · (by_head_count[n] + kv_group_s · groups), per side.
+    edge_rows_s: float
+    edge_attention_by_head_count: list[float]
+    edge_kv_group_s: float
+    cloud_rows_s: float
+    cloud_attention_by_head_count: list[float]
+    cloud_kv_group_s: float
+    # Per register: the edge's and the cloud's codec seconds and the payload bytes of sending it
+    # (request) and of receiving it (reply); logits come back raw.
+    request: dict[Reg, tuple[float, float, int]]
+    reply: dict[Reg, tuple[float, float, int]]
 
 
 _V = TypeVar("_V")
@@ -544,41 +605,18 @@ class _IdentityLru(Generic[_V]):
         return value
 
 
-# A simulator needs 1 shape per decision and 2 step costs per (decision, profiles); planners that
-# score candidates need a few dozen. Bounded so a long run with ever-new plans stays flat.
+# A simulator needs 1 shape per decision, 2 step costs per (decision, profiles) and 1 memory size;
+# planners that score candidates need a few dozen. Bounded so a long run with ever-new plans stays flat.
 _SHAPES: _IdentityLru[_ScheduleShape] = _IdentityLru(maxsize=128)
 _STEP_COSTS: _IdentityLru[_StepCosts] = _IdentityLru(maxsize=256)
-
-
-@functools.lru_cache(maxsize=256)
-def _memory_layout(plan: Plan, n_head_kv: int) -> _MemoryLayout:
-    plan.kv_groups(Side.EDGE, 0, n_head_kv)  # checks that n_head_kv divides n_head
-    per_group = plan.n_head // n_head_kv
-    layers: Counter[_LayerMemoryShape] = Counter()
-    for lp in plan.layers:
-        # Plan.kv_groups and LayerPlan.all_on, without building tuples: this runs once per new plan.
-        groups = _kv_group_count(lp.edge_heads, per_group)
-        all_cloud = lp.ffn is FfnMode.CLOUD and not lp.edge_heads
-        layers[(len(lp.edge_heads), groups, lp.ffn.value, all_cloud)] += 1
-    return _MemoryLayout(plan.lm_head, tuple(layers.items()))
-
-
-def _layout_memory(layout: _MemoryLayout, model: CostModel) -> int:
-    total = model.fixed_memory(layout.lm_head)
-    for (edge_heads, groups, ffn, all_cloud), count in layout.layers:
-        total += count * model.layer_memory(edge_heads, groups, model.ffn_params(ffn), all_cloud)
-    return total
-
-
-def plan_memory(plan: Plan, model: CostModel) -> int:
-    """Edge memory of a plan: resident weights (embedding, LM head if on the edge, edge heads with
-    their KV-group projections, FFN parts) plus the KV cache of every KV group with an edge head."""
-    return _layout_memory(_memory_layout(plan, model.dims.n_head_kv), model)
-
-
-def _schedule_shape(schedule: Schedule, model: CostModel) -> _ScheduleShape:
-    per_group, n_head_kv = model.per_group, model.dims.n_head_kv
-    return _SHAPES.get((schedule,), (per_group, n_head_kv), lambda: _make_shape(schedule, per_group, n_head_kv))
+_MEMORY: _IdentityLru[int] = _IdentityLru(maxsize=256)
+# Prices depend on the request's lengths, not on the plan: a scenario's lengths recur, and every
+# plan tried on a request shares them.
+_STEP_PRICES: _IdentityLru[_StepPrices] = _IdentityLru(maxsize=1024)
+# The op kinds whose cost is a sub-block's (CostModel.edge_shape_s, cloud_shape_s), not attention's.
+_WITH_ATTENTION = (EdgeOpKind.ATTN, EdgeOpKind.LAYER, OpKind.ATTN_PART, OpKind.LAYER)
+_PRICED_BY_BLOCK: tuple[EdgeOpKind, ...] = tuple(kind for kind in EdgeOpKind if kind not in _WITH_ATTENTION)
+_PRICED_BY_BLOCK_ON_CLOUD: tuple[OpKind, ...] = tuple(kind for kind in OpKind if kind not in _WITH_ATTENTION)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -587,116 +625,310 @@ def _kv_group_count(heads: tuple[int, ...], per_group: int) -> int:
     return len({h // per_group for h in heads})
 
 
-def _make_shape(schedule: Schedule, per_group: int, n_head_kv: int) -> _ScheduleShape:
-    kinds: dict[EdgeOpKind, None] = {}
+def _layer_memory_shape(edge_heads: tuple[int, ...], ffn: FfnMode, per_group: int) -> _LayerMemoryShape:
+    # Plan.kv_groups and LayerPlan.all_on, without building tuples: this runs once per new layer.
+    all_cloud = ffn is FfnMode.CLOUD and not edge_heads
+    return len(edge_heads), _kv_group_count(edge_heads, per_group), ffn.value, all_cloud
 
-    def groups(heads: tuple[int, ...]) -> int:
-        return _kv_group_count(heads, per_group)
 
-    def edge_shapes(ls: LocalStep) -> list[_EdgeShape]:
-        shapes: list[_EdgeShape] = []
-        for op in ls.ops:
-            kinds[op.kind] = None
-            if op.kind is EdgeOpKind.ATTN:
-                shapes.append((op.kind, len(op.heads), groups(op.heads), 0))
-            else:
-                shapes.append((op.kind, 0, 0, len(op.srcs) if op.kind is EdgeOpKind.ADD else 0))
-        return shapes
+@functools.lru_cache(maxsize=256)
+def _memory_layout(plan: Plan, n_head_kv: int) -> _MemoryLayout:
+    plan.kv_groups(Side.EDGE, 0, n_head_kv)  # checks that n_head_kv divides n_head
+    per_group = plan.n_head // n_head_kv
+    layers = Counter(_layer_memory_shape(lp.edge_heads, lp.ffn, per_group) for lp in plan.layers)
+    return _MemoryLayout(plan.lm_head, tuple(layers.items()))
 
-    def op_shape(op: Op) -> _CloudShape:
-        return (op.kind, len(op.heads), groups(op.heads)) if op.kind is OpKind.ATTN_PART else (op.kind, 0, 0)
 
-    def segment_shape(seg: CloudSegment) -> _SegmentShape:
-        if len(seg.ops) == 1:  # most segments: skip the Counter
-            return seg.input, seg.output, 1, ((op_shape(seg.ops[0]), 1),)
-        return seg.input, seg.output, len(seg.ops), tuple(Counter(map(op_shape, seg.ops)).items())
+def _layout_memory(layout: _MemoryLayout, model: CostModel) -> int:
+    ffn_params = {mode.value: model.ffn_params(mode.value) for mode in FfnMode}
+    total = model.fixed_memory(layout.lm_head)
+    for (edge_heads, groups, ffn, all_cloud), count in layout.layers:
+        total += count * model.layer_memory(edge_heads, groups, ffn_params[ffn], all_cloud)
+    return total
 
-    serial_ops: Counter[_EdgeShape] = Counter()
-    serial_segments: Counter[_SegmentShape] = Counter()
-    sections: Counter[tuple[tuple[_EdgeShape, ...], _SegmentShape]] = Counter()
-    crossings = round_trips = 0
-    for st in schedule.steps:
-        if isinstance(st, LocalStep):
-            serial_ops.update(edge_shapes(st))
-            continue
-        seg = st if isinstance(st, CloudSegment) else st.remote
-        round_trips += 1
-        crossings += (seg.input is not Reg.LOGITS) + (seg.output is not Reg.LOGITS)
-        if isinstance(st, ParallelSection):
-            sections[(tuple(edge_shapes(st.local)), segment_shape(seg))] += 1
+
+def _memory_bytes(layout: _MemoryLayout, model: CostModel) -> int:
+    """Memoised: the agent's prediction and the true outcome of a request ask for the same."""
+    return _MEMORY.get((layout, model.edge, model.dims), (model.kv_len,), lambda: _layout_memory(layout, model))
+
+
+def plan_memory(plan: Plan, model: CostModel) -> int:
+    """Edge memory of a plan: resident weights (embedding, LM head if on the edge, edge heads with
+    their KV-group projections, FFN parts) plus the KV cache of every KV group with an edge head."""
+    return _memory_bytes(_memory_layout(plan, model.dims.n_head_kv), model)
+
+
+def _schedule_shape(schedule: Schedule, model: CostModel) -> _ScheduleShape:
+    per_group = model.per_group
+    return _SHAPES.get((schedule,), (per_group,), lambda: _make_shape(schedule.plan, per_group))
+
+
+@functools.lru_cache(maxsize=8192)
+def _layer_work(
+    edge_heads: tuple[int, ...], ffn: FfnMode, run_open: bool, run_goes_on: bool, n_head: int, per_group: int
+) -> _LayerWork:
+    """The compiler's rules (policies/segments.py) for one layer, as counts. `run_open`: a residual
+    run is open when the layer starts; `run_goes_on`: the next layer is all on the cloud (or, for
+    the last layer, the LM head is); it matters only to a layer whose FFN is on the cloud. Keyed by
+    the layer's fields rather than its LayerPlan, whose hash and equality run in Python."""
+    kinds: list[EdgeOpKind] = []
+    packed_counts = 0
+    section: _Section | None = None
+
+    def count(slot: int, amount: int = 1) -> None:
+        nonlocal packed_counts
+        packed_counts += amount << (_SLOT_BITS * slot)
+
+    def edge(kind: EdgeOpKind, units: int = 1) -> None:
+        kinds.append(kind)
+        count(_EDGE_SLOT[kind], units)
+
+    def segment(input: Reg, op: OpKind, output: Reg | None) -> None:
+        count(_INPUT_SLOT[input])
+        count(_OP_SLOT[op])
+        if output is not None:
+            count(_OUTPUT_SLOT[output])
+
+    memory = _layer_memory_shape(edge_heads, ffn, per_group)
+    n_edge, edge_groups, _, all_cloud = memory
+    if all_cloud:
+        if run_open:
+            count(_OP_SLOT[OpKind.LAYER])
         else:
-            serial_segments[segment_shape(seg)] += 1
+            segment(Reg.X, OpKind.LAYER, None)  # the run's reply is counted where it ends
+    else:
+        if run_open:
+            count(_OUTPUT_SLOT[Reg.X])  # this layer closes the run
+        if n_edge == n_head and ffn is FfnMode.EDGE:
+            edge(EdgeOpKind.LAYER)
+        else:
+            edge(EdgeOpKind.ATTN_NORM)
+            if n_edge == n_head:
+                edge(EdgeOpKind.ATTN)
+                edge(EdgeOpKind.ADD)
+            elif n_edge:
+                cloud_heads = tuple(h for h in range(n_head) if h not in edge_heads)
+                section = (n_edge, edge_groups, len(cloud_heads), _kv_group_count(cloud_heads, per_group))
+                kinds.append(EdgeOpKind.ATTN)
+                edge(EdgeOpKind.ADD, 2)  # x + both partials
+            else:
+                segment(Reg.X_NORM, OpKind.ATTN_PART, Reg.ATTN_CLOUD)
+                edge(EdgeOpKind.ADD)
+            if ffn is FfnMode.EDGE:
+                edge(EdgeOpKind.FFN_NORM)
+                edge(EdgeOpKind.FFN)
+                edge(EdgeOpKind.ADD)
+            elif ffn is FfnMode.SPLIT:
+                edge(EdgeOpKind.FFN_NORM)
+                edge(EdgeOpKind.GATE_UP)
+                segment(Reg.FFN_MID, OpKind.FFN_DOWN, Reg.FFN_OUT)
+                edge(EdgeOpKind.ADD)
+            elif run_goes_on:
+                segment(Reg.H, OpKind.RESIDUAL_FFN, None)  # the run's reply is counted where it ends
+            else:
+                edge(EdgeOpKind.FFN_NORM)
+                segment(Reg.H_NORM, OpKind.FFN, Reg.FFN_OUT)
+                edge(EdgeOpKind.ADD)
+    return _LayerWork(dict.fromkeys(kinds), packed_counts, section, memory)
+
+
+def _make_shape(plan: Plan, per_group: int) -> _ScheduleShape:
+    n_head, layers = plan.n_head, plan.layers
+    lm_on_cloud = plan.lm_head is Side.CLOUD
+    # Backwards first, where a layer knows whether the next one is all on the cloud; then forwards,
+    # where it knows whether a run is open. run_goes_on stays False where it does not matter (the
+    # FFN is not on the cloud), so that such layers share memo entries.
+    next_all_cloud = lm_on_cloud
+    layer_keys = []
+    for lp in reversed(layers):
+        edge_heads, ffn = lp.edge_heads, lp.ffn
+        ffn_on_cloud = ffn is FfnMode.CLOUD
+        layer_keys.append((edge_heads, ffn, ffn_on_cloud and next_all_cloud))
+        next_all_cloud = ffn_on_cloud and not edge_heads
+    works = []
+    run_open = False
+    for edge_heads, ffn, run_goes_on in reversed(layer_keys):
+        works.append(_layer_work(edge_heads, ffn, run_open, run_goes_on, n_head, per_group))
+        # A residual run stays open after a layer all on the cloud, or after one whose FFN opens it.
+        run_open = run_goes_on or (ffn is FfnMode.CLOUD and not edge_heads)
+    packed = sum(map(attrgetter("packed_counts"), works))
+    counts = [(packed >> (_SLOT_BITS * slot)) & _SLOT_MASK for slot in range(_N_SLOTS)]
+    counts[_EDGE_SLOT[EdgeOpKind.EMBED]] += 1
+    sections = Counter(filter(None, map(attrgetter("section"), works)))
+    # Every kind the layers run has a count, but a section's ATTN: its heads are counted in `sections`.
+    n_kinds = sum(1 for slot in _EDGE_SLOT.values() if counts[slot])
+    n_kinds += bool(sections) and not counts[_EDGE_SLOT[EdgeOpKind.ATTN]]
+    kinds = {EdgeOpKind.EMBED: None}
+    for work in works:  # usually every kind has appeared after a few layers
+        kinds.update(work.kinds)
+        if len(kinds) == n_kinds:
+            break
+    if lm_on_cloud:
+        if not run_open:
+            counts[_INPUT_SLOT[Reg.X]] += 1
+        counts[_OP_SLOT[OpKind.LM_HEAD]] += 1
+        counts[_OUTPUT_SLOT[Reg.LOGITS]] += 1
+    else:
+        if run_open:
+            counts[_OUTPUT_SLOT[Reg.X]] += 1
+        counts[_EDGE_SLOT[EdgeOpKind.LM_HEAD]] += 1
+        kinds[EdgeOpKind.LM_HEAD] = None
+    segment_inputs = {reg: counts[slot] for reg, slot in _INPUT_SLOT.items() if counts[slot]}
+    segment_outputs = {reg: counts[slot] for reg, slot in _OUTPUT_SLOT.items() if counts[slot]}
+    n_sections = sum(sections.values())
+    coded_outputs = sum(n for reg, n in segment_outputs.items() if reg is not Reg.LOGITS)
     return _ScheduleShape(
         kinds=tuple(kinds),
-        serial_ops=dict(serial_ops),
-        serial_segments=dict(serial_segments),
+        serial_edge_units={kind: counts[slot] for kind, slot in _EDGE_SLOT.items() if counts[slot]},
+        segment_inputs=segment_inputs,
+        segment_outputs=segment_outputs,
+        serial_cloud_ops={kind: counts[slot] for kind, slot in _OP_SLOT.items() if counts[slot]},
         sections=dict(sections),
-        cloud_round_trips=round_trips,
-        crossings=crossings,
-        memory=_memory_layout(schedule.plan, n_head_kv),
+        cloud_round_trips=sum(segment_inputs.values()) + n_sections,
+        crossings=sum(segment_inputs.values()) + coded_outputs + 2 * n_sections,
+        memory=_MemoryLayout(plan.lm_head, tuple(Counter(map(attrgetter("memory"), works)).items())),
+    )
+
+
+def _attention_by_head_count(table: AttentionTable, ctx: float, n_max: int) -> list[float]:
+    """`table.cost(n, ctx)` for n = 0..n_max, bit for bit: the same arithmetic, but the context is
+    located once for all rows of the table instead of once per row and per call."""
+    xs, rows = table.context, table.seconds
+    if len(xs) == 1 or ctx <= xs[0]:
+        by_heads = [row[0] for row in rows]
+    elif ctx <= xs[-1]:
+        i = bisect.bisect_left(xs, ctx)
+        t = (ctx - xs[i - 1]) / (xs[i] - xs[i - 1])
+        by_heads = [row[i - 1] + t * (row[i] - row[i - 1]) for row in rows]
+    else:
+        dx, beyond = xs[-1] - xs[-2], ctx - xs[-1]
+        by_heads = [max(row[-1] + (row[-1] - row[-2]) / dx * beyond, 0.0) for row in rows]
+    hs = table.heads
+    costs = [0.0]
+    for n in range(1, n_max + 1):
+        if n >= hs[-1]:
+            costs.append(by_heads[-1] * n / hs[-1])
+            continue
+        j = bisect.bisect_left(hs, n)
+        below_heads, below_s = (hs[j - 1], by_heads[j - 1]) if j else (0, 0.0)
+        t = (n - below_heads) / (hs[j] - below_heads)
+        costs.append(below_s + t * (by_heads[j] - below_s))
+    return costs
+
+
+def _step_prices(model: CostModel, step: StepCtx) -> _StepPrices:
+    return _STEP_PRICES.get(
+        (model.edge, model.cloud, model.dims), (model.codec, step), lambda: _make_step_prices(model, step)
+    )
+
+
+def _make_step_prices(model: CostModel, step: StepCtx) -> _StepPrices:
+    edge, cloud, n_head, n_head_kv = model.edge, model.cloud, model.dims.n_head, model.dims.n_head_kv
+    edge_rows_s, cloud_rows_s = model._rows(edge, step), model._rows(cloud, step)
+    edge_by_heads = _attention_by_head_count(edge.attention, step.ctx, n_head)
+    cloud_by_heads = _attention_by_head_count(cloud.attention, step.ctx, n_head)
+    edge_attention_s = edge_rows_s * (edge_by_heads[n_head] + edge.kv_group_s * n_head_kv)
+    cloud_attention_s = cloud_rows_s * (cloud_by_heads[n_head] + cloud.kv_group_s * n_head_kv)
+    edge_unit_s = {kind: model.edge_shape_s(kind, 0, 0, 2, step) for kind in _PRICED_BY_BLOCK}
+    edge_unit_s[EdgeOpKind.ATTN] = edge_attention_s
+    edge_unit_s[EdgeOpKind.LAYER] = model.whole_layer_s(edge, step, edge_attention_s)
+    cloud_op_s = {kind: model.cloud_shape_s(kind, 0, 0, step) for kind in _PRICED_BY_BLOCK_ON_CLOUD}
+    cloud_op_s[OpKind.ATTN_PART] = cloud_attention_s
+    cloud_op_s[OpKind.LAYER] = model.whole_layer_s(cloud, step, cloud_attention_s)
+    codec_edge, codec_cloud = edge.codecs[model.codec], cloud.codecs[model.codec]
+    request, reply = {}, {}
+    for reg in Reg:
+        payload = model.payload(reg, step)
+        request[reg] = (payload * codec_edge.encode_s_per_byte, payload * codec_cloud.decode_s_per_byte, payload)
+        coded = 0 if reg is Reg.LOGITS else payload
+        reply[reg] = (coded * codec_edge.decode_s_per_byte, coded * codec_cloud.encode_s_per_byte, payload)
+    return _StepPrices(
+        edge_unit_s=edge_unit_s,
+        cloud_op_s=cloud_op_s,
+        edge_rows_s=edge_rows_s,
+        edge_attention_by_head_count=edge_by_heads,
+        edge_kv_group_s=edge.kv_group_s,
+        cloud_rows_s=cloud_rows_s,
+        cloud_attention_by_head_count=cloud_by_heads,
+        cloud_kv_group_s=cloud.kv_group_s,
+        request=request,
+        reply=reply,
     )
 
 
 def _step_costs(shape: _ScheduleShape, model: CostModel, step: StepCtx) -> _StepCosts:
     return _STEP_COSTS.get(
-        (shape, model.edge, model.cloud), (model.codec, step), lambda: _make_step_costs(shape, model, step)
+        (shape, model.edge, model.cloud),
+        (model.codec, step),
+        lambda: _make_step_costs(shape, _step_prices(model, step)),
     )
 
 
-def _make_step_costs(shape: _ScheduleShape, model: CostModel, step: StepCtx) -> _StepCosts:
+def _make_step_costs(shape: _ScheduleShape, prices: _StepPrices) -> _StepCosts:
     index = {kind: i for i, kind in enumerate(shape.kinds)}
-    edge_ops = [0.0] * len(index)
     serial_edge_ops = [0.0] * len(index)
-    for (kind, n_heads, n_groups, n_srcs), count in shape.serial_ops.items():
-        s = count * model.edge_shape_s(kind, n_heads, n_groups, n_srcs, step)
-        edge_ops[index[kind]] += s
-        serial_edge_ops[index[kind]] += s
-    enc_edge, dec_edge = (
-        model.edge.codecs[model.codec].encode_s_per_byte,
-        model.edge.codecs[model.codec].decode_s_per_byte,
-    )
-    enc_cloud, dec_cloud = (
-        model.cloud.codecs[model.codec].encode_s_per_byte,
-        model.cloud.codecs[model.codec].decode_s_per_byte,
-    )
+    for kind, units in shape.serial_edge_units.items():
+        serial_edge_ops[index[kind]] = units * prices.edge_unit_s[kind]
+    edge_ops = list(serial_edge_ops)
 
-    def segment(seg: _SegmentShape) -> tuple[float, float, int, int]:
-        """Edge codec seconds, cloud seconds (ops and codec), frame bytes up and down, as message() counts them."""
-        input, output, n_ops, ops = seg
-        up, down = model.payload(input, step), model.payload(output, step)
-        coded_up, coded_down = (0 if reg is Reg.LOGITS else n for reg, n in ((input, up), (output, down)))
-        work = sum(
-            count * model.cloud_shape_s(kind, n_heads, n_groups, step) for (kind, n_heads, n_groups), count in ops
-        )
-        overhead = frame_bytes(n_ops, 2, 0)
-        edge_s = coded_up * enc_edge + coded_down * dec_edge
-        cloud_s = work + coded_up * dec_cloud + coded_down * enc_cloud
-        return edge_s, cloud_s, overhead + up, overhead + down
-
-    edge_codec_s = serial_cloud_s = cloud_s = 0.0
-    serial_wire_bytes = bytes_up = bytes_down = serial_round_trips = 0
-    for seg, count in shape.serial_segments.items():
-        edge_s, seg_cloud_s, up, down = segment(seg)
+    # Serial segments: their requests, replies and ops add up separately (every frame has two
+    # tensor dimensions and its size grows by OP_SIZE per op).
+    edge_codec_s = serial_cloud_s = 0.0
+    bytes_up = bytes_down = serial_round_trips = 0
+    for reg, count in shape.segment_inputs.items():
+        edge_s, cloud_s, payload = prices.request[reg]
         edge_codec_s += count * edge_s
-        serial_cloud_s += count * seg_cloud_s
-        serial_wire_bytes += count * (up + down)
-        bytes_up += count * up
-        bytes_down += count * down
+        serial_cloud_s += count * cloud_s
+        bytes_up += count * payload
         serial_round_trips += count
-    cloud_s = serial_cloud_s
-    sections = []
-    for (ops, seg), count in shape.sections.items():
-        local: dict[int, float] = {}
-        for kind, n_heads, n_groups, n_srcs in ops:
-            s = model.edge_shape_s(kind, n_heads, n_groups, n_srcs, step)
-            local[index[kind]] = local.get(index[kind], 0.0) + s
-            edge_ops[index[kind]] += count * s
-        edge_s, seg_cloud_s, up, down = segment(seg)
+    for reg, count in shape.segment_outputs.items():
+        edge_s, cloud_s, payload = prices.reply[reg]
         edge_codec_s += count * edge_s
-        cloud_s += count * seg_cloud_s
-        bytes_up += count * up
-        bytes_down += count * down
-        sections.append((count, tuple(local.items()), seg_cloud_s, up + down))
+        serial_cloud_s += count * cloud_s
+        bytes_down += count * payload
+    n_ops = 0
+    for op, count in shape.serial_cloud_ops.items():
+        serial_cloud_s += count * prices.cloud_op_s[op]
+        n_ops += count
+    overhead = serial_round_trips * frame_bytes(0, 2, 0) + OP_SIZE * n_ops
+    bytes_up += overhead
+    bytes_down += overhead
+    serial_wire_bytes = bytes_up + bytes_down
+    cloud_s = serial_cloud_s
+
+    # Parallel sections all send x_norm with one ATTN_PART and get the cloud heads' partial back:
+    # they differ only in how the heads are split.
+    sections = []
+    section_wire_bytes = 0
+    if shape.sections:
+        up_edge_s, up_cloud_s, up = prices.request[Reg.X_NORM]
+        down_edge_s, down_cloud_s, down = prices.reply[Reg.ATTN_CLOUD]
+        frame = frame_bytes(1, 2, 0)
+        section_wire_bytes = 2 * frame + up + down
+        codec_cloud_s = up_cloud_s + down_cloud_s
+        edge_rows_s, edge_by_heads, edge_kv_s = (
+            prices.edge_rows_s,
+            prices.edge_attention_by_head_count,
+            prices.edge_kv_group_s,
+        )
+        cloud_rows_s, cloud_by_heads, cloud_kv_s = (
+            prices.cloud_rows_s,
+            prices.cloud_attention_by_head_count,
+            prices.cloud_kv_group_s,
+        )
+        edge_attention = cloud_attention = 0.0
+        for (n_edge, edge_groups, n_cloud, cloud_groups), count in shape.sections.items():
+            local_s = edge_rows_s * (edge_by_heads[n_edge] + edge_kv_s * edge_groups)
+            remote_s = cloud_rows_s * (cloud_by_heads[n_cloud] + cloud_kv_s * cloud_groups) + codec_cloud_s
+            edge_attention += count * local_s
+            cloud_attention += count * remote_s
+            sections.append((count, local_s, remote_s))
+        n_sections = shape.cloud_round_trips - serial_round_trips
+        edge_ops[index[EdgeOpKind.ATTN]] += edge_attention
+        edge_codec_s += n_sections * (up_edge_s + down_edge_s)
+        cloud_s += cloud_attention
+        bytes_up += n_sections * (frame + up)
+        bytes_down += n_sections * (frame + down)
     return _StepCosts(
         kinds=tuple(kind.name for kind in shape.kinds),
         edge_ops_s=tuple(edge_ops),
@@ -710,6 +942,7 @@ def _make_step_costs(shape: _ScheduleShape, model: CostModel, step: StepCtx) -> 
         bytes_down=bytes_down,
         crossings=shape.crossings,
         sections=tuple(sections),
+        section_wire_bytes=section_wire_bytes,
     )
 
 
@@ -724,9 +957,13 @@ def _evaluate(costs: _StepCosts, obs: Observation) -> Terms:
         # Only touched with cloud segments: a cut link's bandwidth is 0 and an edge-only plan never pays it.
         load, rtt, s_per_byte = obs.cloud_load, obs.rtt_s, 8.0 / obs.bandwidth_bps
         latency += load * costs.serial_cloud_s + costs.serial_round_trips * rtt + costs.serial_wire_bytes * s_per_byte
-        for count, local, cloud_s, wire_bytes in costs.sections:
-            local_s = sum(s * factors[i] for i, s in local)
-            latency += count * max(local_s, load * cloud_s + rtt + wire_bytes * s_per_byte)
+        if costs.sections:
+            attention_load = loads.get(EdgeOpKind.ATTN.name, default)
+            link_s = rtt + costs.section_wire_bytes * s_per_byte
+            latency += sum(
+                count * max(local_s * attention_load, load * remote_s + link_s)
+                for count, local_s, remote_s in costs.sections
+            )
         tx = (costs.bytes_up + costs.bytes_down) * s_per_byte
         cloud_compute = load * costs.cloud_s
     return Terms(
@@ -766,7 +1003,7 @@ def predict(
     else:
         schedule = compile_plan(plan, dims)
     shape = _schedule_shape(schedule, m)
-    memory = _layout_memory(shape.memory, m)
+    memory = _memory_bytes(shape.memory, m)
     if shape.cloud_round_trips and not m.link_up:
         return Prediction(
             latency_s=math.inf,

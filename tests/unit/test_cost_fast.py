@@ -1,6 +1,6 @@
-"""predict's fast path (shapes and per-step coefficients, cached) equals the straightforward walk
-(step_terms over the compiled schedule, plan_memory layer by layer) on random plans, loads, links
-and GQA shapes; its caches stay bounded."""
+"""predict's fast path (counts read from the plan layer by layer, per-step coefficients, cached)
+equals the straightforward walk (step_terms over the compiled schedule, plan_memory layer by layer)
+on fresh random plans, loads, links and GQA shapes; its caches stay bounded."""
 
 from __future__ import annotations
 
@@ -12,9 +12,19 @@ import pytest
 
 from policies import cost
 from policies.cost import CostModel, Observation, Prediction, plan_memory, predict, step_terms
-from policies.plan import Plan, Side, cloud_only, edge_only, heads_plan, layer_split, random_plan
-from policies.segments import ModelDims, Reg, compile_plan
-from splitwise_core.profile import Profile
+from policies.plan import (
+    FfnMode,
+    LayerPlan,
+    Plan,
+    Side,
+    cloud_only,
+    edge_only,
+    heads_plan,
+    layer_split,
+    random_plan,
+)
+from policies.segments import ModelDims, Reg, Schedule, compile_plan
+from splitwise_core.profile import AttentionTable, Profile
 from tests.unit.test_cost import CLOUD, EDGE, SMOL, obs, synthetic_profile
 
 REL = 1e-9
@@ -174,12 +184,90 @@ def test_a_schedule_and_a_prepared_model_give_the_same_answer() -> None:
 
 def test_the_caches_are_bounded() -> None:
     rng = np.random.default_rng(11)
-    n = 3 * max(cost._SHAPES.maxsize, cost._STEP_COSTS.maxsize)
+    n = 3 * max(cost._SHAPES.maxsize, cost._STEP_COSTS.maxsize, cost._MEMORY.maxsize)
     for i in range(n):
         plan = random_plan(rng, 4, 9, i)
         dims = replace(SMOL, n_layer=4)
         predict(plan, obs(prompt_len=int(rng.integers(1, 500))), EDGE, CLOUD, dims, "q8_0")
-    assert len(cost._SHAPES) <= cost._SHAPES.maxsize
-    assert len(cost._STEP_COSTS) <= cost._STEP_COSTS.maxsize
-    info = cost._memory_layout.cache_info()
-    assert info.maxsize is not None and info.currsize <= info.maxsize
+    for lru in (cost._SHAPES, cost._STEP_COSTS, cost._MEMORY):
+        assert len(lru) <= lru.maxsize
+    for memoised in (cost._memory_layout, cost._layer_work, cost._kv_group_count):
+        info = memoised.cache_info()
+        assert info.maxsize is not None and info.currsize <= info.maxsize
+
+
+def run_heavy_plan(rng: np.random.Generator, n_layer: int, n_head: int) -> Plan:
+    """Mostly layers all on the cloud or with their FFN there, so that residual runs open, go on
+    through several layers, end at a layer or at the LM head, on either side."""
+    layers = []
+    for _ in range(n_layer):
+        kind = rng.integers(5)
+        if kind <= 1:
+            layers.append(LayerPlan(edge_heads=(), ffn=FfnMode.CLOUD))
+        else:
+            n_edge = int(rng.integers(0, n_head + 1))
+            heads = tuple(sorted(int(h) for h in rng.choice(n_head, size=n_edge, replace=False)))
+            layers.append(LayerPlan(edge_heads=heads, ffn=FfnMode.CLOUD if kind <= 3 else FfnMode.SPLIT))
+    lm_head = Side.CLOUD if rng.integers(2) else Side.EDGE
+    return Plan(n_layer=n_layer, n_head=n_head, layers=tuple(layers), lm_head=lm_head, name="run-heavy")
+
+
+@pytest.mark.parametrize(
+    "dims", [SMOL, ModelDims(n_layer=7, n_head=8, n_head_kv=2, d_model=256, n_ff=688, n_vocab=999)]
+)
+def test_fresh_plans_with_residual_runs_match_the_walk(dims: ModelDims) -> None:
+    rng = np.random.default_rng(dims.n_layer)
+    edge = synthetic_profile("edge", 1.0, n_head=dims.n_head, attn_curve=2.0)
+    cloud = synthetic_profile("cloud", 8.0, n_head=dims.n_head)
+    for _ in range(40):
+        plan = run_heavy_plan(rng, dims.n_layer, dims.n_head)
+        assert_same_as_walk(plan, random_observation(rng), edge, cloud, dims, "q8_0")
+
+
+def test_round_trips_are_counted_from_the_plan_without_compiling_the_steps() -> None:
+    rng = np.random.default_rng(13)
+    for dims in (SMOL, ModelDims(n_layer=3, n_head=4, n_head_kv=1, d_model=64, n_ff=128, n_vocab=100)):
+        plans = [random_plan(rng, dims.n_layer, dims.n_head, i) for i in range(40)]
+        plans += [run_heavy_plan(rng, dims.n_layer, dims.n_head) for _ in range(40)]
+        for plan in plans:
+            schedule = Schedule(plan=plan, dims=dims)
+            trips = schedule.cloud_round_trips
+            assert "steps" not in vars(schedule)  # not compiled to count them
+            assert trips == len(schedule.cloud_segments)
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        AttentionTable(
+            heads=[1, 2, 4, 8], context=[1, 16, 64], seconds=[[1e-6, 2e-6, 5e-6]] * 2 + [[3e-6, 4e-6, 9e-6]] * 2
+        ),
+        # Falling with the context: the extrapolation above the grid reaches 0 and is clamped there.
+        AttentionTable(heads=[2, 3], context=[10, 20], seconds=[[4e-6, 3e-6], [5e-6, 1e-6]]),
+        AttentionTable(heads=[1, 2, 3, 4, 5, 6, 7, 8, 9], context=[32], seconds=[[h * 1e-6] for h in range(1, 10)]),
+    ],
+)
+def test_attention_by_head_count_is_the_tables_own_cost(table: AttentionTable) -> None:
+    contexts = [0.5, 1, 7.5, 10, 16, 17.25, 20, 21, 32, 63.5, 64, 65, 300.5, 10_000]
+    for ctx in contexts:
+        by_count = cost._attention_by_head_count(table, ctx, 12)
+        assert by_count == [table.cost(n, ctx) for n in range(13)]  # bit for bit
+
+
+def test_a_sparse_attention_grid_matches_the_walk() -> None:
+    rng = np.random.default_rng(17)
+    sparse = AttentionTable(
+        heads=[1, 2, 4, 8],
+        context=[1, 64, 512],
+        seconds=[[h * 1e-6, h * 3e-6, h * 2e-5] for h in (1, 2, 4, 8)],
+    )
+    edge = EDGE.model_copy(update={"attention": sparse})
+    for i in range(20):
+        plan = random_plan(rng, SMOL.n_layer, SMOL.n_head, i)
+        assert_same_as_walk(plan, random_observation(rng), edge, CLOUD, SMOL, "q8_0")
+
+
+def test_memory_follows_the_request_length_for_the_same_plan() -> None:
+    plan = random_plan(np.random.default_rng(19), 30, 9)
+    for prompt_len, max_tokens in ((1, 1), (500, 200), (1, 1), (37, 5)):
+        assert_same_as_walk(plan, obs(prompt_len=prompt_len, max_tokens=max_tokens), EDGE, CLOUD, SMOL, "q8_0")
