@@ -25,7 +25,7 @@ import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from operator import attrgetter
+from operator import attrgetter, mul
 from typing import Generic, TypeVar
 
 from policies.plan import FfnMode, Plan, Side
@@ -490,6 +490,7 @@ _N_SLOTS = len(_EDGE_SLOT) + 2 * len(Reg) + len(OpKind)
 # layers, so no slot overflows into the next.
 _SLOT_BITS = 20
 _SLOT_MASK = (1 << _SLOT_BITS) - 1
+_ATTN_NAME = EdgeOpKind.ATTN.name  # the key of the ATTN load (an enum's .name is slow to read)
 
 
 @dataclass(frozen=True)
@@ -510,6 +511,7 @@ class _ScheduleShape:
     beyond the first."""
 
     kinds: tuple[EdgeOpKind, ...]  # edge op kinds, in order of first appearance
+    kind_names: tuple[str, ...]  # their names, the breakdown's keys (an enum's .name is slow to read)
     serial_edge_units: dict[EdgeOpKind, int]  # edge ops outside parallel sections
     segment_inputs: dict[Reg, int]  # cloud segments outside parallel sections, by the register sent
     segment_outputs: dict[Reg, int]  # the same segments, by the register the reply fills
@@ -779,6 +781,7 @@ def _make_shape(plan: Plan, per_group: int) -> _ScheduleShape:
     coded_outputs = sum(n for reg, n in segment_outputs.items() if reg is not Reg.LOGITS)
     return _ScheduleShape(
         kinds=tuple(kinds),
+        kind_names=tuple(kind.name for kind in kinds),
         serial_edge_units={kind: counts[slot] for kind, slot in _EDGE_SLOT.items() if counts[slot]},
         segment_inputs=segment_inputs,
         segment_outputs=segment_outputs,
@@ -865,10 +868,8 @@ def _step_costs(shape: _ScheduleShape, model: CostModel, step: StepCtx) -> _Step
 
 
 def _make_step_costs(shape: _ScheduleShape, prices: _StepPrices) -> _StepCosts:
-    index = {kind: i for i, kind in enumerate(shape.kinds)}
-    serial_edge_ops = [0.0] * len(index)
-    for kind, units in shape.serial_edge_units.items():
-        serial_edge_ops[index[kind]] = units * prices.edge_unit_s[kind]
+    units, unit_s = shape.serial_edge_units, prices.edge_unit_s
+    serial_edge_ops = [units.get(kind, 0) * unit_s[kind] for kind in shape.kinds]
     edge_ops = list(serial_edge_ops)
 
     # Serial segments: their requests, replies and ops add up separately (every frame has two
@@ -924,13 +925,13 @@ def _make_step_costs(shape: _ScheduleShape, prices: _StepPrices) -> _StepCosts:
             cloud_attention += count * remote_s
             sections.append((count, local_s, remote_s))
         n_sections = shape.cloud_round_trips - serial_round_trips
-        edge_ops[index[EdgeOpKind.ATTN]] += edge_attention
+        edge_ops[shape.kinds.index(EdgeOpKind.ATTN)] += edge_attention
         edge_codec_s += n_sections * (up_edge_s + down_edge_s)
         cloud_s += cloud_attention
         bytes_up += n_sections * (frame + up)
         bytes_down += n_sections * (frame + down)
     return _StepCosts(
-        kinds=tuple(kind.name for kind in shape.kinds),
+        kinds=shape.kind_names,
         edge_ops_s=tuple(edge_ops),
         serial_edge_ops_s=tuple(serial_edge_ops),
         edge_codec_s=edge_codec_s,
@@ -950,15 +951,16 @@ def _evaluate(costs: _StepCosts, obs: Observation) -> Terms:
     """The step's terms under `obs` (the link must be up if the step has cloud segments)."""
     loads, default = obs.edge_op_load, obs.edge_load
     factors = [loads.get(kind, default) for kind in costs.kinds]
-    by_kind = {kind: s * f for kind, s, f in zip(costs.kinds, costs.edge_ops_s, factors, strict=True)}
-    latency = costs.edge_codec_s + sum(s * f for s, f in zip(costs.serial_edge_ops_s, factors, strict=True))
+    # map(mul, …) multiplies and sum adds in C, in the same order as a Python loop would.
+    by_kind = dict(zip(costs.kinds, map(mul, costs.edge_ops_s, factors), strict=True))
+    latency = costs.edge_codec_s + sum(map(mul, costs.serial_edge_ops_s, factors))
     tx = cloud_compute = 0.0
     if costs.serial_round_trips or costs.sections:
         # Only touched with cloud segments: a cut link's bandwidth is 0 and an edge-only plan never pays it.
         load, rtt, s_per_byte = obs.cloud_load, obs.rtt_s, 8.0 / obs.bandwidth_bps
         latency += load * costs.serial_cloud_s + costs.serial_round_trips * rtt + costs.serial_wire_bytes * s_per_byte
         if costs.sections:
-            attention_load = loads.get(EdgeOpKind.ATTN.name, default)
+            attention_load = loads.get(_ATTN_NAME, default)
             link_s = rtt + costs.section_wire_bytes * s_per_byte
             latency += sum(
                 count * max(local_s * attention_load, load * remote_s + link_s)
