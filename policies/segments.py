@@ -206,16 +206,18 @@ class Schedule:
         needs a request of its own only when no such run is open, i.e. when the layer before it
         keeps its FFN off the cloud.
         """
-        n_head, layers = self.plan.n_head, self.plan.layers
+        n_head = self.plan.n_head
         trips = 0
         ffn_before_on_cloud = False
-        for lp in layers:
-            ffn_on_cloud = lp.ffn is FfnMode.CLOUD
-            if ffn_on_cloud and not lp.edge_heads:  # all on the cloud
-                trips += not ffn_before_on_cloud
+        for lp in self.plan.layers:
+            heads, ffn = lp.edge_heads, lp.ffn
+            if ffn is FfnMode.CLOUD:
+                # With edge heads: its cloud heads (if any) and its FFN; without: all on the cloud.
+                trips += (len(heads) < n_head) + 1 if heads else not ffn_before_on_cloud
+                ffn_before_on_cloud = True
             else:
-                trips += (len(lp.edge_heads) < n_head) + (lp.ffn is not FfnMode.EDGE)
-            ffn_before_on_cloud = ffn_on_cloud
+                trips += (len(heads) < n_head) + (ffn is FfnMode.SPLIT)
+                ffn_before_on_cloud = False
         return trips + (self.plan.lm_head is Side.CLOUD and not ffn_before_on_cloud)
 
     def segment_bytes(self, codec: str, n_tokens: int, logits_codec: str = "f32") -> list[SegmentBytes]:
