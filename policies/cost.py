@@ -484,7 +484,6 @@ _EDGE_SLOT = {kind: i for i, kind in enumerate(EdgeOpKind)}
 _INPUT_SLOT = {reg: len(_EDGE_SLOT) + i for i, reg in enumerate(Reg)}
 _OUTPUT_SLOT = {reg: len(_EDGE_SLOT) + len(Reg) + i for i, reg in enumerate(Reg)}
 _OP_SLOT = {kind: len(_EDGE_SLOT) + 2 * len(Reg) + i for i, kind in enumerate(OpKind)}
-_N_SLOTS = len(_EDGE_SLOT) + 2 * len(Reg) + len(OpKind)
 # A layer's share of that list is packed into one int, _SLOT_BITS bits per slot, so that adding up a
 # plan's layers is one C-level sum(). A layer adds at most 3 to a slot and a plan has at most 2**16
 # layers, so no slot overflows into the next.
@@ -575,6 +574,7 @@ class _StepPrices:
 
 
 _V = TypeVar("_V")
+_K = TypeVar("_K")
 
 
 class _IdentityLru(Generic[_V]):
@@ -607,10 +607,11 @@ class _IdentityLru(Generic[_V]):
         return value
 
 
-# A simulator needs 1 shape per decision, 2 step costs per (decision, profiles) and 1 memory size;
-# planners that score candidates need a few dozen. Bounded so a long run with ever-new plans stays flat.
+# A simulator needs 1 shape per decision, 1 pair of step costs per (decision, profiles) and 1 memory
+# size; planners that score candidates need a few dozen. Bounded so a long run with ever-new plans
+# stays flat.
 _SHAPES: _IdentityLru[_ScheduleShape] = _IdentityLru(maxsize=128)
-_STEP_COSTS: _IdentityLru[_StepCosts] = _IdentityLru(maxsize=256)
+_STEP_COSTS: _IdentityLru[tuple[_StepCosts, _StepCosts]] = _IdentityLru(maxsize=256)
 _MEMORY: _IdentityLru[int] = _IdentityLru(maxsize=256)
 # Prices depend on the request's lengths, not on the plan: a scenario's lengths recur, and every
 # plan tried on a request shares them.
@@ -679,7 +680,7 @@ def _layer_work(
 
     def count(slot: int, amount: int = 1) -> None:
         nonlocal packed_counts
-        packed_counts += amount << (_SLOT_BITS * slot)
+        packed_counts += _packed(slot, amount)
 
     def edge(kind: EdgeOpKind, units: int = 1) -> None:
         kinds.append(kind)
@@ -753,44 +754,53 @@ def _make_shape(plan: Plan, per_group: int) -> _ScheduleShape:
         works.append(_layer_work(edge_heads, ffn, run_open, run_goes_on, n_head, per_group))
         # A residual run stays open after a layer all on the cloud, or after one whose FFN opens it.
         run_open = run_goes_on or (ffn is FfnMode.CLOUD and not edge_heads)
-    packed = sum(map(attrgetter("packed_counts"), works))
-    counts = [(packed >> (_SLOT_BITS * slot)) & _SLOT_MASK for slot in range(_N_SLOTS)]
-    counts[_EDGE_SLOT[EdgeOpKind.EMBED]] += 1
+    packed = sum(map(attrgetter("packed_counts"), works), _packed(_EDGE_SLOT[EdgeOpKind.EMBED]))
+    if lm_on_cloud:
+        if not run_open:
+            packed += _packed(_INPUT_SLOT[Reg.X])
+        packed += _packed(_OP_SLOT[OpKind.LM_HEAD]) + _packed(_OUTPUT_SLOT[Reg.LOGITS])
+    else:
+        if run_open:
+            packed += _packed(_OUTPUT_SLOT[Reg.X])
+        packed += _packed(_EDGE_SLOT[EdgeOpKind.LM_HEAD])
+    serial_edge_units = _unpacked(packed, _EDGE_SLOT)
+    segment_inputs = _unpacked(packed, _INPUT_SLOT)
+    segment_outputs = _unpacked(packed, _OUTPUT_SLOT)
     sections = Counter(filter(None, map(attrgetter("section"), works)))
-    # Every kind the layers run has a count, but a section's ATTN: its heads are counted in `sections`.
-    n_kinds = sum(1 for slot in _EDGE_SLOT.values() if counts[slot])
-    n_kinds += bool(sections) and not counts[_EDGE_SLOT[EdgeOpKind.ATTN]]
+    # The layers run every kind with a count but the LM head's, and a section's ATTN (its heads are
+    # counted in `sections`).
+    n_kinds = len(serial_edge_units) - (EdgeOpKind.LM_HEAD in serial_edge_units)
+    n_kinds += bool(sections) and EdgeOpKind.ATTN not in serial_edge_units
     kinds = {EdgeOpKind.EMBED: None}
     for work in works:  # usually every kind has appeared after a few layers
         kinds.update(work.kinds)
         if len(kinds) == n_kinds:
             break
-    if lm_on_cloud:
-        if not run_open:
-            counts[_INPUT_SLOT[Reg.X]] += 1
-        counts[_OP_SLOT[OpKind.LM_HEAD]] += 1
-        counts[_OUTPUT_SLOT[Reg.LOGITS]] += 1
-    else:
-        if run_open:
-            counts[_OUTPUT_SLOT[Reg.X]] += 1
-        counts[_EDGE_SLOT[EdgeOpKind.LM_HEAD]] += 1
+    if not lm_on_cloud:
         kinds[EdgeOpKind.LM_HEAD] = None
-    segment_inputs = {reg: counts[slot] for reg, slot in _INPUT_SLOT.items() if counts[slot]}
-    segment_outputs = {reg: counts[slot] for reg, slot in _OUTPUT_SLOT.items() if counts[slot]}
     n_sections = sum(sections.values())
     coded_outputs = sum(n for reg, n in segment_outputs.items() if reg is not Reg.LOGITS)
     return _ScheduleShape(
         kinds=tuple(kinds),
         kind_names=tuple(kind.name for kind in kinds),
-        serial_edge_units={kind: counts[slot] for kind, slot in _EDGE_SLOT.items() if counts[slot]},
+        serial_edge_units=serial_edge_units,
         segment_inputs=segment_inputs,
         segment_outputs=segment_outputs,
-        serial_cloud_ops={kind: counts[slot] for kind, slot in _OP_SLOT.items() if counts[slot]},
-        sections=dict(sections),
+        serial_cloud_ops=_unpacked(packed, _OP_SLOT),
+        sections=sections,
         cloud_round_trips=sum(segment_inputs.values()) + n_sections,
         crossings=sum(segment_inputs.values()) + coded_outputs + 2 * n_sections,
         memory=_MemoryLayout(plan.lm_head, tuple(Counter(map(attrgetter("memory"), works)).items())),
     )
+
+
+def _packed(slot: int, amount: int = 1) -> int:
+    return amount << (_SLOT_BITS * slot)
+
+
+def _unpacked(packed: int, slots: dict[_K, int]) -> dict[_K, int]:
+    """The non-zero counts of `slots` in a packed count list."""
+    return {key: n for key, slot in slots.items() if (n := (packed >> (_SLOT_BITS * slot)) & _SLOT_MASK)}
 
 
 def _attention_by_head_count(table: AttentionTable, ctx: float, n_max: int) -> list[float]:
@@ -859,11 +869,15 @@ def _make_step_prices(model: CostModel, step: StepCtx) -> _StepPrices:
     )
 
 
-def _step_costs(shape: _ScheduleShape, model: CostModel, step: StepCtx) -> _StepCosts:
+def _step_costs(shape: _ScheduleShape, model: CostModel) -> tuple[_StepCosts, _StepCosts]:
+    """The prefill's and the decode step's: always asked together, so one cache entry."""
     return _STEP_COSTS.get(
         (shape, model.edge, model.cloud),
-        (model.codec, step),
-        lambda: _make_step_costs(shape, _step_prices(model, step)),
+        (model.codec, model.prefill, model.decode),
+        lambda: (
+            _make_step_costs(shape, _step_prices(model, model.prefill)),
+            _make_step_costs(shape, _step_prices(model, model.decode)),
+        ),
     )
 
 
@@ -1016,8 +1030,8 @@ def predict(
             edge_memory_bytes=memory,
             breakdown={"cloud_round_trips_per_step": float(shape.cloud_round_trips), "link_up": 0.0},
         )
-    pre = _evaluate(_step_costs(shape, m, m.prefill), m.obs)
-    dec = _evaluate(_step_costs(shape, m, m.decode), m.obs)
+    prefill_costs, decode_costs = _step_costs(shape, m)
+    pre, dec = _evaluate(prefill_costs, m.obs), _evaluate(decode_costs, m.obs)
     n = observation.n_decode
     latency = pre.latency + n * dec.latency
     energy = m.energy(pre) + n * m.energy(dec)
