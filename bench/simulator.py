@@ -3,7 +3,7 @@ run (the issue's target is ≥ 2,000 decisions/s; a planner's own time counts fo
 
 Rows: plan specs (the controller parses the spec per decision), the same per-head plan handed over
 inline (what a learned policy emits: no parsing), inline random plans, a new one per decision (a
-policy that explores: every schedule is compiled afresh), and the splitwise-dp planner choosing.
+policy that explores: every plan is read and priced afresh), and the splitwise-dp planner choosing.
 Each row is the best of `--repeat` rounds: the machine is shared, and the best round is the one
 least disturbed by other work.
 
