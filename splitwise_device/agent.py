@@ -49,7 +49,15 @@ from splitwise_core.profile import Profile
 from splitwise_device import app_messages
 from splitwise_device.app_messages import InferRequest
 from splitwise_device.config import FIXED_PLANNER, LEARNED_PLANNER, DeviceConfig
-from splitwise_device.controller import Controller, Decision, InlinePlan, NamedPlanner, PlanChoice, PlanSpec
+from splitwise_device.controller import (
+    Controller,
+    Decision,
+    InlinePlan,
+    NamedPlanner,
+    PlanChoice,
+    PlanSpec,
+    Served,
+)
 from splitwise_device.executor import RecoveryPolicy, SplitExecutor
 from splitwise_device.profile_store import EdgeProfileSource, ProfileStore
 
@@ -470,7 +478,7 @@ class DeviceAgent:
             "bytes_up": float(result.transfer.bytes_up),
             "bytes_down": float(result.transfer.bytes_down),
         }
-        self.controller.completed(decision, result)
+        self.controller.completed(decision, Served.from_result(result))
         summary = decision.plan.summary()
         summary["fell_back_to_edge"] = result.fell_back_to_edge
         summary.update(decision.to_json(len(result.steps)))

@@ -160,6 +160,30 @@ class Decision:
         return out
 
 
+@dataclass(frozen=True)
+class Served:
+    """What the controller learns from one finished request: its service time, its token steps, the
+    cloud's compute time, whether it fell back to the edge, and the edge's compute time by op kind
+    (``SplitResult.edge_compute_by_kind``). The agent makes it from the executor's result; the
+    simulator makes it directly, without one timing object per token."""
+
+    service_s: float
+    steps: int
+    cloud_compute_s: float
+    fell_back: bool
+    edge_compute_by_kind: Mapping[str, float]
+
+    @classmethod
+    def from_result(cls, result: SplitResult) -> Served:
+        return cls(
+            service_s=sum(step.seconds for step in result.steps),
+            steps=len(result.steps),
+            cloud_compute_s=result.transfer.cloud_compute_s,
+            fell_back=result.fell_back_to_edge,
+            edge_compute_by_kind=result.edge_compute_by_kind,
+        )
+
+
 class Controller:
     def __init__(
         self,
@@ -242,12 +266,11 @@ class Controller:
         for s in self._probe() or ():
             self.link.observe(s.bytes_up, s.bytes_down, s.round_trip_s, min(s.compute_s, s.round_trip_s))
 
-    def completed(self, decision: Decision, result: SplitResult) -> None:
+    def completed(self, decision: Decision, served: Served) -> None:
         """Feeds one finished request back: service time, edge and cloud load, energy queue."""
-        seconds, steps = sum(step.seconds for step in result.steps), len(result.steps)
-        cloud_compute_s, fell_back = result.transfer.cloud_compute_s, result.fell_back_to_edge
+        steps, cloud_compute_s, fell_back = served.steps, served.cloud_compute_s, served.fell_back
         with self._lock:
-            self.service_s.update(seconds)
+            self.service_s.update(served.service_s)
             pred, obs = decision.prediction, decision.observation
             if pred is None or obs is None or not math.isfinite(pred.latency_s):
                 return
@@ -265,7 +288,7 @@ class Controller:
             if cloud > 0 and cloud_compute_s > 0 and obs.cloud_load > 0:
                 self.cloud_load.update(cloud_compute_s / (cloud / obs.cloud_load))
             # The executor times the edge's model ops; codec work happens inside the transfers.
-            measured = result.edge_compute_by_kind
+            measured = served.edge_compute_by_kind
             edge = b.get("prefill_edge_ops_s", 0.0) + decodes * b.get("decode_edge_ops_s", 0.0)
             edge_compute_s = sum(measured.values())
             if edge > 0 and edge_compute_s > 0 and obs.edge_load > 0:

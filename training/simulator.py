@@ -33,8 +33,7 @@ from policies.plan import Plan, edge_only
 from policies.segments import ModelDims, compile_plan
 from splitwise_core.profile import Profile
 from splitwise_device.config import PlanningConfig
-from splitwise_device.controller import Controller, Decision, InlinePlan, PlanChoice
-from splitwise_device.executor import SplitResult, StepTiming, TransferStats
+from splitwise_device.controller import Controller, Decision, InlinePlan, PlanChoice, Served
 from splitwise_device.profile_store import ProfileStore
 from training.processes import Request, Timeline
 
@@ -200,8 +199,7 @@ class Simulator:
         if schedule.cloud_round_trips and not fell_back:
             self._feed_transfers(actual, truth)
         self.now = started + latency
-        result = _split_result(decision.plan, request, actual, latency, noise, fell_back)
-        self.controller.completed(decision, result)
+        self.controller.completed(decision, _served(request, actual, latency, noise, fell_back))
         happened = replace(actual, latency_s=latency, energy_j=energy)
         reward = -objective(happened, decision.observation, self.weights) if decision.observation else 0.0
         self._admit_arrivals(self.now)
@@ -240,13 +238,9 @@ class _Sample:
     compute_s: float
 
 
-def _split_result(
-    plan: Plan, request: Request, actual: Prediction, latency: float, noise: float, fell_back: bool
-) -> SplitResult:
-    """What the executor would report for this request (the controller calibrates its loads on it)."""
+def _served(request: Request, actual: Prediction, latency: float, noise: float, fell_back: bool) -> Served:
+    """What the agent's controller learns from this request (as from the executor's result)."""
     b, decodes = actual.breakdown, request.max_tokens - 1
-    steps = [StepTiming(0, request.prompt_len, latency - decodes * actual.decode_s_per_token * noise)]
-    steps += [StepTiming(i, 1, actual.decode_s_per_token * noise) for i in range(1, request.max_tokens)]
     by_kind: dict[str, float] = {}
     for key, value in b.items():
         phase, _, kind = key.partition("_edge_s.")
@@ -255,13 +249,10 @@ def _split_result(
     if fell_back:
         by_kind = {"FORWARD": sum(by_kind.values())}
     cloud = (b.get("prefill_cloud_compute_s", 0.0) + decodes * b.get("decode_cloud_compute_s", 0.0)) * noise
-    return SplitResult(
-        tokens=[0] * request.max_tokens,
-        stop_reason="max_tokens",
-        plan=plan,
-        steps=steps,
-        events=[],
-        transfer=TransferStats(cloud_compute_s=0.0 if fell_back else cloud),
-        fell_back_to_edge=fell_back,
+    return Served(
+        service_s=latency,
+        steps=request.max_tokens,
+        cloud_compute_s=0.0 if fell_back else cloud,
+        fell_back=fell_back,
         edge_compute_by_kind=by_kind,
     )

@@ -20,7 +20,7 @@ from policies.segments import ModelDims
 from splitwise_core.errors import InvalidArgumentError
 from splitwise_core.profile import PowerModel, Profile
 from splitwise_device.config import PlanningConfig
-from splitwise_device.controller import Controller, Decision, InlinePlan, NamedPlanner, PlanChoice, PlanSpec
+from splitwise_device.controller import Controller, Decision, InlinePlan, NamedPlanner, PlanChoice, PlanSpec, Served
 from splitwise_device.executor import SplitResult, StepTiming, TransferStats
 from splitwise_device.profile_store import ProfileStore
 
@@ -40,9 +40,10 @@ def finished(
     cloud_compute_s: float,
     fell_back: bool,
     edge_compute_by_kind: dict[str, float] | None = None,
-) -> SplitResult:
-    """What the executor returns for a request of `steps` token steps taking `seconds` in all."""
-    return SplitResult(
+) -> Served:
+    """What the controller learns from the executor's result for a request of `steps` token steps
+    taking `seconds` in all."""
+    result = SplitResult(
         tokens=[1] * steps,
         stop_reason="max_tokens",
         plan=d.plan,
@@ -52,6 +53,7 @@ def finished(
         fell_back_to_edge=fell_back,
         edge_compute_by_kind=dict(edge_compute_by_kind or {}),
     )
+    return Served.from_result(result)
 
 
 @dataclass
