@@ -105,11 +105,10 @@ class SimulatorWorld:
 def simulator_world(bed: Testbed) -> SimulatorWorld:
     # Imported here: the simulator is only needed with --simulate.
     from policies.segments import ModelDims
-    from splitwise_core.engine import Model
     from splitwise_core.profile import Profile
     from splitwise_core.tokenizer import bundled_model_path
 
-    dims = ModelDims.from_config(Model(str(bundled_model_path()), 1, layers=[]).config)
+    dims = ModelDims.of_model_file(bundled_model_path())
     (published,) = bed.worker_profiles.values()
     cloud = Profile.model_validate(json.loads(published)["profile"])  # the message wraps it
     return SimulatorWorld(Profile.load(bed.edge_profile()), cloud, dims)

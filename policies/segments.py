@@ -48,6 +48,7 @@ and is what the tests check against a naive layer-by-layer evaluation.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -55,6 +56,7 @@ from typing import Any, TypeVar
 
 from policies.plan import FfnMode, Plan, PlanError, Side
 from splitwise_core.codecs import codec_size
+from splitwise_core.engine import Model
 from splitwise_core.ops import Op, OpKind, frame_bytes, segment_problem
 
 __all__ = [
@@ -144,6 +146,11 @@ class ModelDims:
     d_model: int
     n_ff: int
     n_vocab: int
+
+    @classmethod
+    def of_model_file(cls, path: str | os.PathLike[str]) -> ModelDims:
+        """The shape of the GGUF model at `path`, read from its header: no weights are loaded."""
+        return cls.from_config(Model(os.fspath(path), 1, layers=[]).config)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelDims:

@@ -291,7 +291,6 @@ class DeviceConfig(StrictSection):
         # Imported here: onnxruntime and the engine are only needed for this check.
         from policies.planners.learned import NO_SHIPPED_POLICY, policy_file_problems, shipped_policies, shipped_policy
         from policies.segments import ModelDims
-        from splitwise_core.engine import Model
         from splitwise_core.errors import SplitwiseError
         from splitwise_core.profile import Profile
 
@@ -299,8 +298,7 @@ class DeviceConfig(StrictSection):
         if model_problems(self.device.model):
             return [] if p.policy is None else readable_file_problems(p.policy)
         try:
-            # No layers: only the header is read, not the weights.
-            dims = ModelDims.from_config(Model(str(self.device.model), 1, layers=[]).config)
+            dims = ModelDims.of_model_file(self.device.model)
         except SplitwiseError as err:
             return [f"cannot check it: the model's shape is unknown ({err})"]
         if p.policy is not None:

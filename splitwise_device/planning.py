@@ -12,7 +12,6 @@ import json
 import math
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 from policies.cost import Observation, Prediction, predict
@@ -22,6 +21,7 @@ from policies.planners.registry import PLANNER_NAMES, make_planner
 from policies.segments import ModelDims
 from splitwise_core.errors import InvalidArgumentError
 from splitwise_core.profile import Profile
+from splitwise_core.tokenizer import bundled_model_path
 
 _RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bit|kbit|mbit|gbit|bps|kbps|mbps|gbps|b/s|kb/s|mb/s|gb/s)?\s*$", re.I)
 _RATE_UNITS = {
@@ -60,13 +60,6 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "s").lower()]
 
 
-def _dims(model: str | None) -> ModelDims:
-    from splitwise_core.engine import Model
-    from splitwise_core.tokenizer import bundled_model_path
-
-    return ModelDims.from_config(Model(str(Path(model) if model else bundled_model_path()), 1).config)
-
-
 def _row(name: str, plan: Plan, pred: Prediction, objective: float, seconds: float) -> dict[str, Any]:
     return {
         "planner": name,
@@ -86,7 +79,7 @@ def _row(name: str, plan: Plan, pred: Prediction, objective: float, seconds: flo
 
 def run_plan_command(args: argparse.Namespace) -> int:
     edge, cloud = Profile.load(args.profile), Profile.load(args.cloud_profile)
-    dims = _dims(args.model)
+    dims = ModelDims.of_model_file(args.model or bundled_model_path())
     observation = Observation(
         bandwidth_bps=parse_rate(args.bandwidth),
         rtt_s=parse_duration(args.rtt),

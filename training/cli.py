@@ -27,6 +27,7 @@ from policies.learned import PolicyMetadata, profile_digest
 from policies.segments import ModelDims
 from splitwise_core.errors import InvalidArgumentError
 from splitwise_core.profile import Profile
+from splitwise_core.tokenizer import bundled_model_path
 from splitwise_device.controller import NamedPlanner, PlanChoice, PlanSpec
 from training.simulator import MEASURED_NOISE_SD
 
@@ -39,13 +40,6 @@ HELDOUT_SEEDS = (7001, 7002, 7003)
 """Scenario realisations kept for evaluation; fixed before training (issue 12 §4)."""
 
 EVAL_CHOICES = ("splitwise-rl", "splitwise-dp", "layer-dp", "layer-split", "edge-only", "cloud-only")
-
-
-def _dims(model: str | None) -> ModelDims:
-    from splitwise_core.engine import Model
-    from splitwise_core.tokenizer import bundled_model_path
-
-    return ModelDims.from_config(Model(str(Path(model) if model else bundled_model_path()), 1).config)
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -140,7 +134,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Profile, Profile, ModelDims]:
     scenario = load_scenario(args.scenario)
     edge = Profile.load(args.profile)
     cloud = Profile.load(args.cloud_profile) if args.cloud_profile else edge
-    dims = _dims(args.model)
+    dims = ModelDims.of_model_file(args.model or bundled_model_path())
     if args.min_edge_layers > dims.n_layer:
         raise InvalidArgumentError(f"--min-edge-layers {args.min_edge_layers}: the model has {dims.n_layer} layers")
     return scenario, edge, cloud, dims
