@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for cond in conditions:
             bed.set_link(cond)
             # Warm-up, so the agent's link estimate settles on this link: small messages (heads:4, many
-            # round trips) for the RTT, large ones (cloud-only: f32 logits down) for the bandwidth.
+            # round trips) for the RTT, large ones (cloud-only: the prompt's f32/q8 rows go up) for the bandwidth.
             for warmup in ("heads:4", "cloud-only", "cloud-only"):
                 bed.ask({"messages": MESSAGES, "max_tokens": args.tokens, "plan": warmup})
             print(f"\n{cond.describe()}", flush=True)

@@ -63,6 +63,7 @@ from splitwise_core.engine import Model, Session, model_sha256
 from splitwise_core.errors import FrameError, InvalidArgumentError, SplitwiseError
 from splitwise_core.ops import HEADER_SIZE, OP_SIZE, OpKind
 from splitwise_core.profile import load_profile_file, profile_problems
+from splitwise_core.sampling import sample
 
 _DEVICE_REPLY_TOPIC = re.compile(r"splitwise/v1/device/([A-Za-z0-9_-]{1,64})/reply/[^/]+")
 
@@ -469,7 +470,10 @@ class CloudWorker:
         state.last_used = time.monotonic()
         try:
             output = self.run_ops(state.session, frame, x)
-            reply = frames.encode_response(frame, output)
+            if frame.sampling is not None:  # the device asked for the token, not 4·vocab bytes of logits
+                reply = frames.encode_response(frame, sample(output[-1], frame.sampling, frame.sample_index))
+            else:
+                reply = frames.encode_response(frame, output)
         except KvMismatch as err:
             return frames.encode_error(ErrorCode.UNKNOWN_SESSION, str(err), request=frame)
         except SplitwiseError as err:

@@ -41,8 +41,9 @@ from policies.segments import (
 )
 from splitwise_core.codecs import codec_size
 from splitwise_core.errors import InvalidArgumentError
-from splitwise_core.ops import OP_SIZE, OpKind, frame_bytes
+from splitwise_core.ops import OP_SIZE, SAMPLING_BLOCK, OpKind, frame_bytes
 from splitwise_core.profile import AttentionTable, Profile
+from splitwise_core.sampling import SampledToken
 
 __all__ = [
     "CostModel",
@@ -57,7 +58,8 @@ __all__ = [
     "step_terms",
 ]
 
-LOGITS_CODEC = "f32"
+LOGITS_CODEC = "token"
+"""Generation: a worker running the LM head answers with the sampled token, not the logits."""
 # The Profile field of each sub-block's per-token seconds.
 _BLOCK_COSTS = {
     "norm": "norm_s",
@@ -330,7 +332,9 @@ class CostModel:
 
     def payload(self, reg: Reg, step: StepCtx) -> int:
         if reg is Reg.LOGITS:
-            return codec_size(LOGITS_CODEC, self.dims.n_vocab)
+            # The sampled token; its request's sampling block is counted here too, with the answer
+            # it asks for (the planners' tables price a segment's two messages separately).
+            return SampledToken.wire_bytes(0) + SAMPLING_BLOCK.size
         return codec_size(self.codec, step.rows * self.dims.cols(reg))
 
     def wire_s(self, n_bytes: int) -> float:
@@ -900,7 +904,9 @@ def _make_step_costs(shape: _ScheduleShape, prices: _StepPrices) -> _StepCosts:
         edge_s, cloud_s, payload = prices.reply[reg]
         edge_codec_s += count * edge_s
         serial_cloud_s += count * cloud_s
-        bytes_down += count * payload
+        sampling_block = SAMPLING_BLOCK.size if reg is Reg.LOGITS else 0  # travels up in the request
+        bytes_down += count * (payload - sampling_block)
+        bytes_up += count * sampling_block
     n_ops = 0
     for op, count in shape.serial_cloud_ops.items():
         serial_cloud_s += count * prices.cloud_op_s[op]

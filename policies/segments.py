@@ -57,7 +57,8 @@ from typing import Any, TypeVar
 from policies.plan import FfnMode, Plan, PlanError, Side
 from splitwise_core.codecs import codec_size
 from splitwise_core.engine import Model
-from splitwise_core.ops import Op, OpKind, frame_bytes, segment_problem
+from splitwise_core.ops import SAMPLING_BLOCK, Op, OpKind, frame_bytes, segment_problem
+from splitwise_core.sampling import SampledToken
 
 __all__ = [
     "CloudSegment",
@@ -227,10 +228,12 @@ class Schedule:
                 ffn_before_on_cloud = False
         return trips + (self.plan.lm_head is Side.CLOUD and not ffn_before_on_cloud)
 
-    def segment_bytes(self, codec: str, n_tokens: int, logits_codec: str = "f32") -> list[SegmentBytes]:
+    def segment_bytes(self, codec: str, n_tokens: int, logits_codec: str = "token") -> list[SegmentBytes]:
         """Frame sizes of each cloud segment for a step of `n_tokens` rows.
 
-        Requests and tensor responses use `codec`; logits come back in `logits_codec`, one row.
+        Requests and tensor responses use `codec`. A segment ending in the LM head answers with
+        the sampled token (`logits_codec` "token", as in generation: its request carries the
+        sampling block) or with the last row's logits in `logits_codec` (as teacher forcing asks).
         """
         if n_tokens < 1:
             raise PlanError(f"n_tokens must be ≥ 1, got {n_tokens}")
@@ -238,14 +241,17 @@ class Schedule:
         for seg in self.cloud_segments:
             overhead = frame_bytes(len(seg.ops), 2, 0)
             up = overhead + codec_size(codec, n_tokens * self.dims.cols(seg.input))
-            if seg.output is Reg.LOGITS:
+            if seg.output is Reg.LOGITS and logits_codec == "token":
+                up += SAMPLING_BLOCK.size
+                down = overhead + SampledToken.wire_bytes(0)
+            elif seg.output is Reg.LOGITS:
                 down = overhead + codec_size(logits_codec, self.dims.n_vocab)
             else:
                 down = overhead + codec_size(codec, n_tokens * self.dims.cols(seg.output))
             out.append(SegmentBytes(segment=seg.index, up=up, down=down))
         return out
 
-    def bytes_per_step(self, codec: str, n_tokens: int, logits_codec: str = "f32") -> int:
+    def bytes_per_step(self, codec: str, n_tokens: int, logits_codec: str = "token") -> int:
         return sum(b.up + b.down for b in self.segment_bytes(codec, n_tokens, logits_codec))
 
 

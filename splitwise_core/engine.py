@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,11 +23,10 @@ import numpy.typing as npt
 
 from splitwise_core._core import Model, Session
 from splitwise_core.errors import InvalidArgumentError, ModelFileError
+from splitwise_core.sampling import MAX_TEMPERATURE, Sampling, sample
 from splitwise_core.tokenizer import Tokenizer
 
-__all__ = ["Engine", "Generation", "Model", "Perplexity", "Session", "sample_token"]
-
-MAX_TEMPERATURE = 10.0
+__all__ = ["MAX_TEMPERATURE", "Engine", "Generation", "Model", "Perplexity", "Session", "random_seed", "sample_token"]
 
 
 @dataclass
@@ -49,15 +49,14 @@ class Perplexity:
     seconds: float
 
 
-def sample_token(logits: npt.NDArray[np.float32], temperature: float, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0, else a draw from softmax(logits / temperature)."""
-    if temperature == 0.0:
-        return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / temperature
-    scaled -= scaled.max()
-    probs = np.exp(scaled)
-    probs /= probs.sum()
-    return int(rng.choice(probs.size, p=probs))
+def sample_token(logits: npt.NDArray[np.float32], temperature: float, seed: int, index: int) -> int:
+    """The token for generated position `index` under `splitwise_core.sampling.sample`'s rule."""
+    return sample(logits, Sampling(temperature=temperature, seed=seed), index).token
+
+
+def random_seed() -> int:
+    """A seed for a request that gave none: both sides of a split plan must draw with the same one."""
+    return secrets.randbits(63)
 
 
 def check_generation_args(max_tokens: int, temperature: float) -> None:
@@ -113,13 +112,13 @@ class Engine:
         context = int(self.config["context_length"])
         if len(prompt_tokens) >= context:
             raise InvalidArgumentError(f"prompt has {len(prompt_tokens)} tokens; the context holds {context}")
-        rng = np.random.default_rng(seed)
+        seed = random_seed() if seed is None else seed
         session = self.model.new_session()
         positions = list(range(len(prompt_tokens)))
         logits = self.model.forward(session, list(prompt_tokens), positions)[-1]
         position = len(prompt_tokens)
-        for _ in range(max_tokens):
-            token = sample_token(logits, temperature, rng)
+        for index in range(max_tokens):
+            token = sample_token(logits, temperature, seed, index)
             if token == self.tokenizer.eos_id:
                 return
             yield token

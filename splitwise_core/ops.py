@@ -22,6 +22,7 @@ __all__ = [
     "FRAME_OP",
     "HEADER_SIZE",
     "OP_SIZE",
+    "SAMPLING_BLOCK",
     "SINGLE_OPS",
     "TENSOR_OVERHEAD_BYTES",
     "Op",
@@ -92,6 +93,9 @@ FRAME_OP = struct.Struct("<BHQ")
 """op kind, layer, head mask."""
 HEADER_SIZE = FRAME_HEADER.size  # 56
 OP_SIZE = FRAME_OP.size  # 11
+SAMPLING_BLOCK = struct.Struct("<ffIIBBHQ")
+"""In a request whose reply codec is `token`, right after the ops: temperature, top_p, top_k,
+index of the generated token, logprobs, two reserved fields (0), seed."""
 TENSOR_OVERHEAD_BYTES = 1 + 4 + 4
 """After the ops: ndim (u8), then ndim u32 dims, payload length (u32), payload, CRC-32C (u32)."""
 

@@ -465,7 +465,15 @@ class DeviceAgent:
                 sent_text, chunk_index = text, chunk_index + 1
 
         result = self.executor.generate(
-            prompt, decision.schedule, max_tokens, temperature=request.temperature, seed=request.seed, on_token=on_token
+            prompt,
+            decision.schedule,
+            max_tokens,
+            temperature=request.temperature,
+            seed=request.seed,
+            top_k=request.top_k,
+            top_p=request.top_p,
+            logprobs=request.logprobs,
+            on_token=on_token,
         )
         total_s = time.monotonic() - started
         decode_steps = [s.seconds for s in result.steps[1:]]
@@ -494,6 +502,7 @@ class DeviceAgent:
                 recovery=[e.to_json() for e in result.events],
                 stop_reason=result.stop_reason,
                 request_id=request.request_id,
+                logprobs=result.sampled,
             ),
         )
 

@@ -13,11 +13,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from cloud_offload.protocol.frames import ErrorCode
 from cloud_offload.protocol.topics import topic_name_problem
 from policies.planners.registry import PLANNER_NAMES
+from splitwise_core.sampling import MAX_LOGPROBS, SampledToken
 
 __all__ = [
     "MAX_PROMPT_BYTES",
     "MAX_TEMPERATURE",
     "MAX_TOKENS",
+    "MAX_TOP_K",
     "ChatMessage",
     "InferRequest",
     "chunk_reply",
@@ -29,6 +31,7 @@ __all__ = [
 MAX_PROMPT_BYTES = 32 * 1024
 MAX_TOKENS = 2048
 MAX_TEMPERATURE = 2.0
+MAX_TOP_K = 1000
 _NAMED_PLAN = re.compile(r"edge-only|cloud-only|layer-split:[0-9]{1,6}|heads:[0-9]{1,6}")
 
 
@@ -56,6 +59,10 @@ class InferRequest(BaseModel):
     max_tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE)] = 0.0
     seed: Annotated[int, Field(ge=0, lt=1 << 63, strict=True)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=MAX_TOP_K, strict=True)] = 0  # 0: no limit
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    # Log-probabilities of the chosen token and of this many most likely ones, per token.
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)] = 0
     stream: bool = False
     # A named plan, or an inline plan object (policies.plan JSON form). Never a file path: apps
     # must not make the device read its files.
@@ -126,7 +133,9 @@ def final_reply(
     recovery: Sequence[Mapping[str, Any]] = (),
     stop_reason: str | None = None,
     request_id: str | None = None,
+    logprobs: Sequence[SampledToken] = (),
 ) -> dict[str, Any]:
+    """`logprobs`: per generated token when the request asked for them (omitted otherwise)."""
     msg: dict[str, Any] = {
         "type": "final",
         "text": text,
@@ -137,6 +146,11 @@ def final_reply(
     }
     if stop_reason is not None:
         msg["stop_reason"] = stop_reason
+    if logprobs:
+        msg["logprobs"] = [
+            {"token": t.token, "logprob": t.logprob, "top": [{"token": i, "logprob": lp} for i, lp in t.top]}
+            for t in logprobs
+        ]
     return _with_id(msg, request_id)
 
 

@@ -54,9 +54,10 @@ from policies.segments import (
     Reg,
     Schedule,
 )
-from splitwise_core.engine import Model, Session, sample_token
+from splitwise_core.engine import Model, Session, random_seed
 from splitwise_core.errors import FrameError, SplitwiseError
 from splitwise_core.ops import Op, OpKind
+from splitwise_core.sampling import SampledToken, Sampling, sample
 from splitwise_device.estimators import LinkEstimator
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,9 @@ class SegmentRequest:
     ops: tuple[Op, ...]
     tensor: EncodedTensor
     reply_codec: str
+    # A segment ending in LM_HEAD during generation: the worker samples (reply codec token).
+    sampling: Sampling | None = None
+    sample_index: int = 0
 
     @property
     def builds_kv(self) -> bool:
@@ -175,19 +179,34 @@ class CloudLink:
             return topics.worker_segment_topic(self.worker)
         return topics.pool_segment_topic(self.pool)
 
-    def segment_request(self, step: int, position: int, segment: CloudSegment, x: Array) -> SegmentRequest:
-        """The request for `segment` of this wire step with input `x` (encoded in the link's codec;
-        logits come back f32)."""
+    def segment_request(
+        self,
+        step: int,
+        position: int,
+        segment: CloudSegment,
+        x: Array,
+        sampling: Sampling | None = None,
+        sample_index: int = 0,
+    ) -> SegmentRequest:
+        """The request for `segment` of this wire step with input `x` (encoded in the link's codec).
+        A segment ending in the LM head answers with the token sampled under `sampling` for
+        generated token `sample_index`, or, without `sampling`, with the f32 logits."""
+        if segment.output is not Reg.LOGITS:
+            sampling, reply_codec = None, self.codec
+        else:
+            reply_codec = "f32" if sampling is None else frames.TOKEN
         return SegmentRequest(
             step=step,
             position=position,
             segment=segment.index,
             ops=segment.ops,
             tensor=frames.encode_tensor(x, self.codec),
-            reply_codec="f32" if segment.output is Reg.LOGITS else self.codec,
+            reply_codec=reply_codec,
+            sampling=sampling,
+            sample_index=sample_index,
         )
 
-    def send(self, request: SegmentRequest) -> Callable[[], Array]:
+    def send(self, request: SegmentRequest) -> Callable[[], Array | SampledToken]:
         """Publishes the request now; the returned callable waits for (and recovers) its answer."""
         self.used = True
         first = self._publish(request, attempt=0, flags=0)
@@ -207,6 +226,8 @@ class CloudLink:
             ops=request.ops,
             tensor=request.tensor,
             reply_codec=request.reply_codec,
+            sampling=request.sampling,
+            sample_index=request.sample_index,
             attempt=attempt,
             flags=flags,
         )
@@ -216,7 +237,9 @@ class CloudLink:
         self._request_bytes[correlation] = len(frame)
         return time.monotonic(), future, correlation
 
-    def _await(self, request: SegmentRequest, first: tuple[float, Future[mqtt.MQTTMessage], bytes]) -> Array:
+    def _await(
+        self, request: SegmentRequest, first: tuple[float, Future[mqtt.MQTTMessage], bytes]
+    ) -> Array | SampledToken:
         step, segment = request.step, request.segment
         sent_at, future, correlation = first
         silent_tries = 0
@@ -272,7 +295,11 @@ class CloudLink:
                         RecoveryEvent("failover", step, segment, "answered by a new worker", answered_by)
                     )
                 self.worker = answered_by
-            return frame.tensor()
+            try:
+                return frame.sampled() if request.sampling is not None else frame.tensor()
+            except FrameError as err:  # a codec other than asked, or a payload that does not decode
+                self.events.append(RecoveryEvent("worker_error", step, segment, str(err), answered_by))
+                continue
         raise CloudUnavailableError(
             f"segment {segment} of step {step}: no worker answered {self.policy.max_tries} tries"
         )
@@ -353,6 +380,8 @@ class SplitResult:
     events: list[RecoveryEvent]
     transfer: TransferStats
     fell_back_to_edge: bool
+    # Per generated token (the EOS that stopped generation included) when asked for log-probabilities.
+    sampled: list[SampledToken] = field(default_factory=list)
     # Time in the edge's own ops (not waiting for the cloud) by EdgeOpKind name; a whole local
     # forward pass (edge-only, fallback) counts as "FORWARD".
     edge_compute_by_kind: dict[str, float] = field(default_factory=dict)
@@ -424,14 +453,19 @@ class SplitExecutor:
         temperature: float = 0.0,
         seed: int | None = None,
         on_token: Callable[[int], None] | None = None,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        logprobs: int = 0,
     ) -> SplitResult:
         """Up to `max_tokens` tokens after `prompt`, running `schedule` (`compile_plan(plan, dims)`,
-        compiled once by the caller) every token step."""
+        compiled once by the caller) every token step. Sampling follows `splitwise_core.sampling`
+        wherever the LM head runs: a worker running it returns the token, not the logits."""
         self._check_schedule(schedule)
+        sampling = Sampling(temperature, top_k, top_p, random_seed() if seed is None else seed, logprobs)
+        sampled_tokens: list[SampledToken] = []
         link = self.link_factory() if schedule.cloud_round_trips and self.link_factory else None
         if schedule.cloud_round_trips and link is None:
             raise CloudUnavailableError("the plan needs the cloud but no broker is configured")
-        rng = np.random.default_rng(seed)
         session = self.model.new_session()
         history: list[int] = []
         batch, position, generated, timings = list(prompt), 0, [], []
@@ -447,7 +481,9 @@ class SplitExecutor:
                             chunk = batch[chunk_start : chunk_start + self.max_rows_per_frame]
                             wire_step = next(wire_steps)
                             chunk_position = position + chunk_start
-                            logits = self._step(schedule, session, link, wire_step, chunk, chunk_position, edge_compute)
+                            out = self._step(
+                                schedule, session, link, wire_step, chunk, chunk_position, edge_compute, sampling, step
+                            )
                     except CloudUnavailableError as err:
                         link.events.append(RecoveryEvent("edge_fallback", step, -1, str(err)))
                         fell_back = True
@@ -457,13 +493,16 @@ class SplitExecutor:
                 if link is None or fell_back:
                     positions = list(range(position, position + len(batch)))
                     local_started = time.perf_counter()
-                    logits = self.model.forward(session, batch, positions)[-1]
+                    out = self.model.forward(session, batch, positions)[-1]
                     elapsed = time.perf_counter() - local_started
                     edge_compute["FORWARD"] = edge_compute.get("FORWARD", 0.0) + elapsed
                 timings.append(StepTiming(step, len(batch), time.perf_counter() - start))
                 history += batch
                 position += len(batch)
-                token = sample_token(logits, temperature, rng)
+                chosen = out if isinstance(out, SampledToken) else sample(out, sampling, step)
+                if logprobs:
+                    sampled_tokens.append(chosen)
+                token = chosen.token
                 if token == self.eos_id:
                     stop = "eos"
                     break
@@ -482,6 +521,7 @@ class SplitExecutor:
             events=link.events if link else [],
             transfer=link.stats if link else TransferStats(),
             fell_back_to_edge=fell_back,
+            sampled=sampled_tokens,
             edge_compute_by_kind=edge_compute,
         )
 
@@ -497,7 +537,9 @@ class SplitExecutor:
                 if link is None:
                     rows.append(self.model.forward(session, [token], [position])[-1])
                 else:
-                    rows.append(self._step(schedule, session, link, position, [token], position, {}))
+                    logits = self._step(schedule, session, link, position, [token], position, {})
+                    assert not isinstance(logits, SampledToken)  # no sampling given: the worker sends logits
+                    rows.append(logits)
         finally:
             if link is not None:
                 link.close()
@@ -512,8 +554,11 @@ class SplitExecutor:
         batch: list[int],
         position: int,
         by_kind: dict[str, float],
-    ) -> Array:
-        """One token step under the plan; the edge's op times are added to `by_kind`."""
+        sampling: Sampling | None = None,
+        sample_index: int = 0,
+    ) -> Array | SampledToken:
+        """One token step under the plan (the edge's op times are added to `by_kind`): the last
+        row's logits, or, when a worker ran the LM head and `sampling` is given, its token."""
         positions = list(range(position, position + len(batch)))
         regs: dict[Reg, Array] = {}
 
@@ -527,12 +572,22 @@ class SplitExecutor:
         for item in schedule.steps:
             if isinstance(item, LocalStep):
                 run_local(item)
+            elif isinstance(item, CloudSegment) and item.output is Reg.LOGITS and sampling is not None:
+                request = link.segment_request(step, position, item, regs[item.input], sampling, sample_index)
+                sampled = link.send(request)()
+                if not isinstance(sampled, SampledToken) or not 0 <= sampled.token < self.dims.n_vocab:
+                    raise CloudUnavailableError(f"the worker answered token {sampled!r}, outside the vocabulary")
+                return sampled
             elif isinstance(item, CloudSegment):
-                regs[item.output] = link.send(link.segment_request(step, position, item, regs[item.input]))()
+                answer = link.send(link.segment_request(step, position, item, regs[item.input]))()
+                assert not isinstance(answer, SampledToken)
+                regs[item.output] = answer
             elif isinstance(item, ParallelSection):
                 wait = link.send(link.segment_request(step, position, item.remote, regs[item.remote.input]))
                 run_local(item.local)
-                regs[item.remote.output] = wait()
+                answer = wait()
+                assert not isinstance(answer, SampledToken)  # a parallel section is attention, never the LM head
+                regs[item.remote.output] = answer
         logits: Array = regs[Reg.LOGITS][-1]
         return logits
 

@@ -17,15 +17,22 @@ Segment frame (little-endian)::
     32   2     segment id within the step
     34   2     attempt (0 first send, +1 per retry)
     36   16    model hash (first 16 bytes of the model file's SHA-256)
-    52   1     codec of the payload: 0 none, 1 f32, 2 f16, 3 q8_0, 4 q4_0
+    52   1     codec of the payload: 0 none, 1 f32, 2 f16, 3 q8_0, 4 q4_0, 5 token
     53   1     reply codec (request: codec wanted for the response tensor; else 0 or echoed)
     54   2     n_ops
     56   11·n  ops: kind u8, layer u16, head bitmask u64
+    ..   28    only in a request whose reply codec is 5 (token): the sampling block
+               (temperature f32, top_p f32, top_k u32, index u32, logprobs u8, 0 u8, 0 u16, seed u64)
     ..   1     ndim (0..4; 0 = no tensor, codec none)
     ..   4·nd  dims u32
     ..   4     payload length
     ..   len   payload (codec bytes; an error frame's UTF-8 JSON {"code","message"})
     ..   4     CRC32C of every byte before it
+
+Reply codec `token` asks a segment ending in LM_HEAD for the sampled token instead of the logits
+(`splitwise_core.sampling`: the same rule as the device's); the response's codec is then `token`,
+its shape (1, 1 + logprobs) and its payload (1 + logprobs) entries of (u32 token id, f32
+log-probability), the chosen token first, then the most likely ones.
 
 A probe (kind 4) and its reply (kind 5) use the same layout with no ops and no tensor; their
 payload is a u32 (probe: the reply's requested frame size; reply: the probe's frame size as
@@ -47,7 +54,17 @@ import numpy.typing as npt
 
 from splitwise_core import codecs
 from splitwise_core.errors import CodecError, FrameError, InvalidArgumentError
-from splitwise_core.ops import FRAME_HEADER, FRAME_OP, HEADER_SIZE, OP_SIZE, Op, OpKind, segment_problem
+from splitwise_core.ops import (
+    FRAME_HEADER,
+    FRAME_OP,
+    HEADER_SIZE,
+    OP_SIZE,
+    SAMPLING_BLOCK,
+    Op,
+    OpKind,
+    segment_problem,
+)
+from splitwise_core.sampling import MAX_LOGPROBS, SampledToken, Sampling
 
 __all__ = [
     "CODEC_IDS",
@@ -61,6 +78,7 @@ __all__ = [
     "MAX_PAYLOAD",
     "MAX_PROBE_SIZE",
     "PROBE_MIN_SIZE",
+    "TOKEN",
     "VERSION",
     "EncodedTensor",
     "ErrorCode",
@@ -102,6 +120,7 @@ class FrameFault(StrEnum):
     BAD_PAYLOAD = "bad_payload"  # from Frame.tensor(): the codec bytes decode to NaN/Inf
     BAD_ERROR_PAYLOAD = "bad_error_payload"
     MODEL_MISMATCH = "model_mismatch"
+    BAD_SAMPLING = "bad_sampling"  # a sampling block's values out of range, or on a frame without LM_HEAD
     BAD_PROBE = "bad_probe"  # a probe's fields: reserved fields not 0, reply size out of range
     # Checked by the receiving worker against its model and limits (CloudWorker.check_request):
     TOO_MANY_ROWS = "too_many_rows"  # more tensor rows than the worker's max_rows_per_frame
@@ -149,7 +168,10 @@ _KNOWN_FLAGS = int(Flags.REPLAY | Flags.CLOSE)
 
 
 CODEC_IDS: dict[str, int] = {"f32": 1, "f16": 2, "q8_0": 3, "q4_0": 4}
-_CODEC_NAMES: dict[int, str] = {v: k for k, v in CODEC_IDS.items()}
+TOKEN = "token"
+"""Not a tensor codec: the reply codec that asks for the sampled token instead of the logits."""
+_TOKEN_ID = 5
+_CODEC_NAMES: dict[int, str] = {v: k for k, v in CODEC_IDS.items()} | {_TOKEN_ID: TOKEN}
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +217,9 @@ class Frame:
     shape: tuple[int, ...]
     # A view into the received buffer (no copy); call bytes() on it to keep it beyond the buffer.
     payload: memoryview = field(repr=False)
+    # A request whose reply codec is TOKEN: how to sample, and the generated token's index.
+    sampling: Sampling | None = None
+    sample_index: int = 0
 
     @property
     def dedup_key(self) -> tuple[uuid.UUID, int, int]:
@@ -202,12 +227,21 @@ class Frame:
         return (self.session, self.step, self.segment)
 
     def tensor(self) -> npt.NDArray[np.float32]:
-        if self.codec is None:
+        if self.codec is None or self.codec == TOKEN:
             raise FrameError(FrameFault.BAD_DIMS, f"a {self.kind.name.lower()} frame without a tensor")
         try:
             return codecs.decode(self.payload, self.codec, self.shape)
         except CodecError as exc:
             raise FrameError(FrameFault.BAD_PAYLOAD, f"payload does not decode: {exc}") from exc
+
+    def sampled(self) -> SampledToken:
+        """The sampled token of a response in codec TOKEN."""
+        if self.codec != TOKEN:
+            raise FrameError(FrameFault.BAD_DIMS, f"a {self.kind.name.lower()} frame in codec {self.codec}, not token")
+        try:
+            return SampledToken.from_bytes(self.payload)
+        except InvalidArgumentError as exc:
+            raise FrameError(FrameFault.BAD_PAYLOAD, f"sampled token: {exc}") from exc
 
     def encoded(self) -> EncodedTensor:
         if self.codec is None:
@@ -243,6 +277,7 @@ def _encode(
     ops: Sequence[Op],
     shape: Sequence[int],
     payload: bytes,
+    sampling_block: bytes = b"",
 ) -> bytes:
     if len(model_hash) != 16:
         raise InvalidArgumentError(f"model_hash must be 16 bytes, got {len(model_hash)}")
@@ -277,6 +312,7 @@ def _encode(
     for op in ops:
         _check_op_args(op)
         out += FRAME_OP.pack(op.kind, op.layer, op.mask)
+    out += sampling_block
     out += _U8.pack(len(shape))
     for n in shape:
         out += _U32.pack(n)
@@ -289,6 +325,8 @@ def _encode(
 def _codec_id(codec: str | None) -> int:
     if codec is None:
         return 0
+    if codec == TOKEN:
+        return _TOKEN_ID
     try:
         return CODEC_IDS[codec]
     except KeyError:
@@ -321,10 +359,19 @@ def encode_request(
     reply_codec: str | None = None,
     attempt: int = 0,
     flags: int = 0,
+    sampling: Sampling | None = None,
+    sample_index: int = 0,
 ) -> bytes:
     """A request frame. `tensor` is an array (encoded with `codec`) or already-encoded bytes (a
     checkpoint being re-sent); None only with Flags.CLOSE and no ops (a session close).
-    `reply_codec` defaults to the tensor's codec."""
+    `reply_codec` defaults to the tensor's codec; TOKEN (ops ending in LM_HEAD) asks for the token
+    sampled under `sampling` for generated token `sample_index`, which it then requires."""
+    if (reply_codec == TOKEN) != (sampling is not None):
+        raise InvalidArgumentError("give sampling exactly when the reply codec is token")
+    if sampling is not None and (not ops or ops[-1].kind is not OpKind.LM_HEAD):
+        raise InvalidArgumentError("only a segment ending in LM_HEAD can answer with a sampled token")
+    if not 0 <= sample_index < 1 << 32:
+        raise InvalidArgumentError(f"sample_index {sample_index} out of range 0..{(1 << 32) - 1}")
     if tensor is None:
         if not (flags & Flags.CLOSE) or ops:
             raise InvalidArgumentError("a request without a tensor must be a CLOSE with no ops")
@@ -351,15 +398,35 @@ def encode_request(
         ops,
         () if enc is None else enc.shape,
         b"" if enc is None else enc.data,
+        _sampling_block(sampling, sample_index),
     )
 
 
+def _sampling_block(sampling: Sampling | None, index: int) -> bytes:
+    if sampling is None:
+        return b""
+    s = sampling
+    return SAMPLING_BLOCK.pack(s.temperature, s.top_p, s.top_k, index, s.logprobs, 0, 0, s.seed)
+
+
 def encode_response(
-    request: Frame, tensor: EncodedTensor | npt.NDArray[np.float32], *, codec: str | None = None
+    request: Frame, tensor: EncodedTensor | npt.NDArray[np.float32] | SampledToken, *, codec: str | None = None
 ) -> bytes:
     """The response to `request`: its header fields and ops echoed, `tensor` in `codec` (default:
-    the request's reply codec)."""
-    enc = tensor if isinstance(tensor, EncodedTensor) else encode_tensor(tensor, codec or request.reply_codec or "f32")
+    the request's reply codec), or the sampled token a TOKEN request asked for."""
+    if isinstance(tensor, SampledToken):
+        if request.reply_codec != TOKEN:
+            raise InvalidArgumentError(f"the request asked for {request.reply_codec}, not a sampled token")
+        data = tensor.to_bytes()
+        enc = EncodedTensor(codec=TOKEN, shape=(1, len(data) // SampledToken.wire_bytes(0)), data=data)
+    elif request.reply_codec == TOKEN:
+        raise InvalidArgumentError("the request asked for a sampled token, not a tensor")
+    else:
+        enc = (
+            tensor
+            if isinstance(tensor, EncodedTensor)
+            else encode_tensor(tensor, codec or request.reply_codec or "f32")
+        )
     return _encode(
         FrameKind.RESPONSE,
         int(request.flags),
@@ -489,6 +556,9 @@ def decode_frame(
     if n_ops > MAX_OPS:
         raise FrameError(FrameFault.LENGTH_MISMATCH, f"{n_ops} ops, at most {MAX_OPS}")
     off = HEADER_SIZE + n_ops * OP_SIZE
+    sampling_off = off
+    if kind == FrameKind.REQUEST and reply_id == _TOKEN_ID:
+        off += SAMPLING_BLOCK.size
     if size < off + 1 + 4 + 4:
         raise FrameError(FrameFault.TRUNCATED, f"{size} bytes, too short for {n_ops} ops")
     ndim = mv[off]
@@ -522,10 +592,19 @@ def decode_frame(
     ops = tuple(_decode_op(mv, HEADER_SIZE + i * OP_SIZE, i, n_layer, n_head) for i in range(n_ops))
     shape = tuple(_U32.unpack_from(mv, dims_off + 4 * i)[0] for i in range(ndim))
     payload = mv[payload_off:end]
+    sampling: Sampling | None = None
+    sample_index = 0
 
     if (codec is None) != (ndim == 0):
         raise FrameError(FrameFault.BAD_DIMS, f"codec {codec} with {ndim} dims (no tensor ⇔ codec none)")
-    if codec is not None:
+    if codec == TOKEN:
+        if frame_kind is not FrameKind.RESPONSE or ndim != 2 or shape[0] != 1 or not 1 <= shape[1] <= 1 + MAX_LOGPROBS:
+            raise FrameError(
+                FrameFault.BAD_DIMS, f"a token payload is a response of shape (1, 1..{1 + MAX_LOGPROBS}), got {shape}"
+            )
+        if payload_len != SampledToken.wire_bytes(shape[1] - 1):
+            raise FrameError(FrameFault.PAYLOAD_SIZE, f"{payload_len} payload bytes for {shape[1]} sampled entries")
+    elif codec is not None:
         n = math.prod(shape)
         if n == 0:
             raise FrameError(FrameFault.BAD_DIMS, f"shape {shape} has a zero dimension")
@@ -564,8 +643,12 @@ def decode_frame(
                 raise FrameError(FrameFault.UNKNOWN_CODEC, "a request names its reply codec")
         if ops:
             _check_sequence(ops, None)
+        if reply_codec == TOKEN:
+            sampling, sample_index = _decode_sampling(mv, sampling_off, ops)
     elif codec is None:
         raise FrameError(FrameFault.BAD_DIMS, "a response carries a tensor")
+    elif (codec == TOKEN) != (reply_codec == TOKEN):
+        raise FrameError(FrameFault.BAD_DIMS, f"a response in codec {codec} answering reply codec {reply_codec}")
     if model_hash is not None and mhash != model_hash and frame_kind not in (FrameKind.PROBE, FrameKind.PROBE_REPLY):
         raise FrameError(
             FrameFault.MODEL_MISMATCH, f"frame for model {mhash.hex()}, this side has {bytes(model_hash).hex()}"
@@ -584,7 +667,21 @@ def decode_frame(
         ops=ops,
         shape=shape,
         payload=payload,
+        sampling=sampling,
+        sample_index=sample_index,
     )
+
+
+def _decode_sampling(mv: memoryview, off: int, ops: tuple[Op, ...]) -> tuple[Sampling, int]:
+    temperature, top_p, top_k, index, logprobs, reserved8, reserved16, seed = SAMPLING_BLOCK.unpack_from(mv, off)
+    if not ops or ops[-1].kind is not OpKind.LM_HEAD:
+        raise FrameError(FrameFault.BAD_SAMPLING, "a sampled-token reply needs ops ending in LM_HEAD")
+    if reserved8 or reserved16:
+        raise FrameError(FrameFault.BAD_SAMPLING, "the sampling block's reserved fields must be 0")
+    try:
+        return Sampling(temperature, top_k, top_p, seed, logprobs), index
+    except InvalidArgumentError as exc:
+        raise FrameError(FrameFault.BAD_SAMPLING, str(exc)) from None
 
 
 def _codec_name(codec_id: int, what: str) -> str | None:

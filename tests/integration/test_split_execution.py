@@ -17,6 +17,7 @@ from policies.plan import parse_plan
 from policies.segments import ModelDims, Schedule, compile_plan
 from splitwise_core.engine import Engine, model_sha256
 from splitwise_core.errors import SplitwiseError
+from splitwise_core.sampling import SampledToken
 from splitwise_core.tokenizer import bundled_model_path
 from splitwise_device.executor import RecoveryPolicy, SplitExecutor
 
@@ -82,6 +83,28 @@ def test_split_plan_gives_the_local_greedy_text(engine, worker, executor, plan_n
     assert result.events == [] and not result.fell_back_to_edge
     assert result.transfer.requests > 0
     assert result.tokens == local.tokens, (engine.tokenizer.decode(result.tokens), local.text)
+
+
+@pytest.mark.parametrize("plan_name", ["cloud-only", "layer-split:15"])
+def test_a_worker_running_the_lm_head_samples_as_the_device_would(engine, worker, executor, plan_name) -> None:  # type: ignore[no-untyped-def]
+    split_executor, _rpc = executor
+    prompt = engine.tokenizer.encode(PROMPT)
+    args = {"temperature": 0.9, "top_k": 40, "top_p": 0.95, "seed": 12345, "logprobs": 2}
+    local = split_executor.generate(prompt, schedule_for(engine, "edge-only"), 16, **args)
+    assert local.transfer.requests == 0
+    split = split_executor.generate(prompt, schedule_for(engine, plan_name), 16, **args)
+    assert split.events == [] and not split.fell_back_to_edge
+    assert split.tokens == local.tokens, (engine.tokenizer.decode(split.tokens), engine.tokenizer.decode(local.tokens))
+    assert [s.token for s in split.sampled][: len(split.tokens)] == split.tokens
+    for ours, theirs in zip(split.sampled, local.sampled, strict=True):
+        assert [t for t, _ in ours.top] == [t for t, _ in theirs.top]
+        assert ours.logprob == pytest.approx(theirs.logprob, abs=1e-3)
+    # Every step's answer is the token (a few hundred bytes with the echoed ops), not 49152 f32
+    # logits (196,608 bytes); the cost model counts exactly what travels.
+    (answer,) = schedule_for(engine, plan_name).segment_bytes("f32", 1)
+    assert answer.down < 500
+    with_logprobs = answer.down + SampledToken.wire_bytes(2) - SampledToken.wire_bytes(0)
+    assert split.transfer.bytes_down == len(split.steps) * with_logprobs
 
 
 def test_transfers_feed_the_link_estimator(engine, worker, mosquitto_broker) -> None:  # type: ignore[no-untyped-def]

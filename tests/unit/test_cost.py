@@ -19,8 +19,9 @@ from policies.segments import ModelDims, compile_plan
 from splitwise_core.codecs import codec_size
 from splitwise_core.errors import InvalidArgumentError
 from splitwise_core.lyapunov import QueueBank
-from splitwise_core.ops import frame_bytes
+from splitwise_core.ops import SAMPLING_BLOCK, frame_bytes
 from splitwise_core.profile import Profile
+from splitwise_core.sampling import SampledToken
 
 SMOL = ModelDims(n_layer=30, n_head=9, n_head_kv=3, d_model=576, n_ff=1536, n_vocab=49152)
 KL = {"f32": 0.0, "f16": 1e-6, "q8_0": 1e-4, "q4_0": 3e-3}
@@ -150,7 +151,9 @@ def test_cloud_only_message_costs_use_segment_bytes() -> None:
     p = _pred(plan, o)
     sched = compile_plan(plan, SMOL)
     (b,) = sched.segment_bytes("q8_0", 8)
-    assert b.up == frame_bytes(31, 2, codec_size("q8_0", 8 * 576))
+    # The LM head's request carries the sampling block; its answer is the sampled token.
+    assert b.up == frame_bytes(31, 2, codec_size("q8_0", 8 * 576)) + SAMPLING_BLOCK.size
+    assert b.down == frame_bytes(31, 2, SampledToken.wire_bytes(0))
     c, e = CLOUD, EDGE
     f = 1.0 + (8 - 1) / 15 * (0.5 - 1.0)  # per-token factor at 8 rows: between 1 (1 row) and 0.5 (16)
     layer = 8 * f * (2 * c.norm_s + c.attention.cost(9, 4.5) + 3 * c.kv_group_s + 2 * c.add_s + c.ffn_full_s)

@@ -18,7 +18,8 @@ from cloud_offload.protocol import frames, topics
 from cloud_offload.protocol.frames import FrameFault, FrameKind
 from splitwise_core import codecs
 from splitwise_core.errors import FrameError, InvalidArgumentError, SplitwiseError
-from splitwise_core.ops import HEADER_SIZE, OP_SIZE, Op, OpKind
+from splitwise_core.ops import HEADER_SIZE, OP_SIZE, SAMPLING_BLOCK, Op, OpKind
+from splitwise_core.sampling import MAX_LOGPROBS, SampledToken, Sampling, sample
 from splitwise_device import app_messages
 
 SESSION = uuid.UUID("12345678-1234-5678-1234-567812345678")
@@ -395,6 +396,19 @@ def test_decode_accepts_bytearray_and_memoryview() -> None:
 VALID_FRAMES = [
     request(OPS_BY_KIND[k][0], rows=2, cols=OPS_BY_KIND[k][1], codec=c)[0] for k in OpKind for c in codecs.CODECS
 ] + [frames.encode_error("internal", "boom")]
+TOKEN_OPS = [Op(OpKind.LAYER, 29), Op(OpKind.LM_HEAD, 0)]
+TOKEN_SAMPLING = Sampling(temperature=0.8, top_k=40, top_p=0.95, seed=(1 << 64) - 1, logprobs=3)
+TOKEN_REQUEST = request(
+    TOKEN_OPS, rows=1, cols=576, reply_codec=frames.TOKEN, sampling=TOKEN_SAMPLING, sample_index=11
+)[0]
+TOKEN_RESPONSE = frames.encode_response(
+    frames.decode_frame(TOKEN_REQUEST), SampledToken(42, -0.25, ((42, -0.25), (7, -2.5), (9, -3.0)))
+)
+VALID_FRAMES += [TOKEN_REQUEST, TOKEN_RESPONSE]
+
+
+def has_sampling_block(frame: bytes) -> bool:
+    return frame[5] == FrameKind.REQUEST and frame[53] == 5
 
 
 @settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
@@ -425,13 +439,17 @@ def test_single_byte_corruption_is_always_detected(frame: bytes, data: st.DataOb
 @given(st.sampled_from(VALID_FRAMES), st.data())
 def test_a_flipped_bit_outside_the_length_fields_is_a_crc_mismatch(frame: bytes, data: st.DataObject) -> None:
     n_ops = struct.unpack_from("<H", frame, 54)[0]
-    d = desc_off(n_ops)
+    d = desc_off(n_ops) + (28 if has_sampling_block(frame) else 0)
     ndim = frame[d]
     length_fields = {4, 54, 55, d, *range(d + 1 + 4 * ndim, d + 5 + 4 * ndim)}  # version, n_ops, ndim, length
     i = data.draw(st.integers(4, len(frame) - 1).filter(lambda j: j not in length_fields))
     bit = data.draw(st.integers(0, 7))
     corrupt = frame[:i] + bytes([frame[i] ^ (1 << bit)]) + frame[i + 1 :]
-    assert fault(corrupt) is FrameFault.CRC_MISMATCH
+    if has_sampling_block(corrupt) != has_sampling_block(frame):
+        # The kind or the reply codec decides whether a sampling block follows the ops: the layout moves.
+        assert fault(corrupt) in (FrameFault.TRUNCATED, FrameFault.LENGTH_MISMATCH, FrameFault.TOO_MANY_DIMS)
+    else:
+        assert fault(corrupt) is FrameFault.CRC_MISMATCH
 
 
 @settings(max_examples=300)
@@ -644,3 +662,128 @@ def test_probe_corruption_is_always_detected(data: st.DataObject) -> None:
     new = data.draw(st.integers(0, 255).filter(lambda b: b != frame[i]))
     with pytest.raises(FrameError):
         frames.decode_frame(frame[:i] + bytes([new]) + frame[i + 1 :])
+
+
+# --- sampled-token replies (reply codec token) ------------------------------------------------------
+
+
+def test_a_token_request_carries_its_sampling_and_its_answer_the_token() -> None:
+    frame = frames.decode_frame(TOKEN_REQUEST, n_layer=30, n_head=9, model_hash=MODEL_HASH)
+    assert (frame.reply_codec, frame.sampling, frame.sample_index) == (frames.TOKEN, TOKEN_SAMPLING, 11)
+    assert len(TOKEN_REQUEST) == len(request(TOKEN_OPS, rows=1, cols=576)[0]) + SAMPLING_BLOCK.size
+    answer = frames.decode_frame(TOKEN_RESPONSE)
+    assert (answer.kind, answer.codec, answer.shape) == (FrameKind.RESPONSE, frames.TOKEN, (1, 4))
+    assert answer.sampled() == SampledToken(42, -0.25, ((42, -0.25), (7, -2.5), (9, -3.0)))
+    assert len(TOKEN_RESPONSE) == 56 + 2 * OP_SIZE + 1 + 8 + 4 + 4 * 8 + 4  # vs 4 · vocab bytes of logits
+    with pytest.raises(FrameError, match="without a tensor"):
+        answer.tensor()
+    with pytest.raises(FrameError, match="not token"):
+        frames.decode_frame(request()[0]).sampled()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"reply_codec": frames.TOKEN}, "sampling exactly when"),
+        ({"sampling": Sampling()}, "sampling exactly when"),
+        ({"ops": [Op(OpKind.LAYER, 3)], "reply_codec": frames.TOKEN, "sampling": Sampling()}, "ending in LM_HEAD"),
+    ],
+)
+def test_token_requests_are_checked_when_encoded(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=match):
+        request(**{"ops": TOKEN_OPS, "rows": 1, "cols": 576, **kwargs})
+
+
+def _with_sampling_block(**fields: Any) -> bytes:
+    """TOKEN_REQUEST with some sampling-block fields replaced, CRC recomputed."""
+    off = desc_off(len(TOKEN_OPS))
+    values = dict(
+        zip(
+            ("temperature", "top_p", "top_k", "index", "logprobs", "reserved8", "reserved16", "seed"),
+            SAMPLING_BLOCK.unpack_from(TOKEN_REQUEST, off),
+            strict=True,
+        )
+    )
+    values.update(fields)
+    block = SAMPLING_BLOCK.pack(*values.values())
+    return reseal(TOKEN_REQUEST[:off] + block + TOKEN_REQUEST[off + SAMPLING_BLOCK.size :])
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"temperature": float("nan")},
+        {"temperature": -1.0},
+        {"temperature": 11.0},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_p": float("inf")},
+        {"logprobs": MAX_LOGPROBS + 1},
+        {"reserved8": 1},
+        {"reserved16": 1},
+    ],
+)
+def test_a_bad_sampling_block_is_refused(fields: dict[str, Any]) -> None:
+    assert fault(_with_sampling_block(**fields)) is FrameFault.BAD_SAMPLING
+
+
+def test_token_codec_is_refused_where_it_does_not_belong() -> None:
+    # A sampled token answering a request that asked for a tensor, and the other way round.
+    tensor_request = frames.decode_frame(request(TOKEN_OPS, rows=1, cols=576, reply_codec="f32")[0])
+    with pytest.raises(InvalidArgumentError, match="not a sampled token"):
+        frames.encode_response(tensor_request, SampledToken(1, -1.0))
+    with pytest.raises(InvalidArgumentError, match="not a tensor"):
+        frames.encode_response(frames.decode_frame(TOKEN_REQUEST), np.zeros((1, 49152), np.float32))
+    # A response frame in codec token whose header says the request wanted f32.
+    forged = bytearray(TOKEN_RESPONSE)
+    forged[53] = frames.CODEC_IDS["f32"]
+    assert fault(reseal(forged)) is FrameFault.BAD_DIMS
+    # A token payload with a positive or NaN log-probability.
+    decoded = frames.decode_frame(TOKEN_RESPONSE)
+    for bad in (0.5, float("nan")):
+        body = bytearray(TOKEN_RESPONSE)
+        payload_at = len(TOKEN_RESPONSE) - 4 - len(decoded.payload)
+        struct.pack_into("<If", body, payload_at, 42, bad)
+        with pytest.raises(FrameError, match="NaN or above 0"):
+            frames.decode_frame(reseal(body)).sampled()
+
+
+def test_sampling_draws_depend_only_on_seed_and_index() -> None:
+    logits = np.random.default_rng(5).normal(size=49152).astype(np.float32) * 3
+    hot = Sampling(temperature=1.0, seed=9)
+    draws = [sample(logits, hot, i).token for i in range(40)]
+    assert draws == [sample(logits, hot, i).token for i in range(40)]  # reproducible, in any order
+    assert draws[::-1] == [sample(logits, hot, i).token for i in reversed(range(40))]
+    assert len(set(draws)) > 10  # and actually random
+    assert sample(logits, Sampling(), 3).token == int(np.argmax(logits))
+    top = sample(logits, Sampling(temperature=2.0, top_k=3, seed=1, logprobs=5), 0)
+    assert top.token in {t for t, _ in top.top[:3]}
+    assert [t for t, _ in top.top] == list(np.argsort(-logits)[:5])
+    log_z = np.log(np.exp(logits.astype(np.float64) - logits.max()).sum()) + logits.max()
+    assert top.logprob == pytest.approx(float(logits[top.token]) - log_z, abs=1e-5)
+    # top_p 0.01 keeps only the most likely token.
+    assert {sample(logits, Sampling(temperature=1.0, top_p=0.01, seed=s), 0).token for s in range(20)} == {
+        int(np.argmax(logits))
+    }
+
+
+def test_app_requests_take_sampling_settings_and_get_logprobs_back() -> None:
+    req = app_messages.InferRequest.parse(
+        b'{"prompt": "hi", "temperature": 0.7, "top_k": 40, "top_p": 0.9, "logprobs": 3}'
+    )
+    assert (req.top_k, req.top_p, req.logprobs) == (40, 0.9, 3)
+    for bad in ('"top_k": -1', '"top_k": 1001', '"top_k": 1.5', '"top_p": 0', '"top_p": 1.01', '"logprobs": 21'):
+        with pytest.raises(ValidationError):
+            app_messages.InferRequest.parse(('{"prompt": "hi", ' + bad + "}").encode())
+    reply = app_messages.final_reply(
+        text="x",
+        prompt_tokens=1,
+        completion_tokens=1,
+        plan={},
+        timings={},
+        logprobs=[SampledToken(5, -0.5, ((5, -0.5),))],
+    )
+    assert reply["logprobs"] == [{"token": 5, "logprob": -0.5, "top": [{"token": 5, "logprob": -0.5}]}]
+    assert "logprobs" not in app_messages.final_reply(
+        text="x", prompt_tokens=1, completion_tokens=1, plan={}, timings={}
+    )

@@ -37,6 +37,7 @@ from policies.segments import (
 )
 from splitwise_core import codecs
 from splitwise_core.ops import Op, OpKind, frame_bytes
+from splitwise_core.sampling import SampledToken, Sampling
 
 Arr = npt.NDArray[np.float64]
 SMOL = ModelDims(n_layer=30, n_head=9, n_head_kv=3, d_model=576, n_ff=1536, n_vocab=49152)
@@ -314,12 +315,15 @@ def test_segment_bytes_are_the_frame_sizes(case: tuple[Plan, ModelDims], n_token
             ops=ops,
             tensor=x,
             codec=codec,
-            reply_codec="f32" if seg.output is Reg.LOGITS else codec,
+            reply_codec=frames.TOKEN if seg.output is Reg.LOGITS else codec,
+            sampling=Sampling(temperature=0.7, top_k=40, seed=3) if seg.output is Reg.LOGITS else None,
         )
         assert len(request) == size.up
-        rows = 1 if seg.output is Reg.LOGITS else n_tokens
-        y = rng.normal(size=(rows, dims.cols(seg.output))).astype(np.float32)
-        assert len(frames.encode_response(frames.decode_frame(request), y)) == size.down
+        if seg.output is Reg.LOGITS:
+            answer: object = SampledToken(17, -0.5)
+        else:
+            answer = rng.normal(size=(n_tokens, dims.cols(seg.output))).astype(np.float32)
+        assert len(frames.encode_response(frames.decode_frame(request), answer)) == size.down  # type: ignore[arg-type]
     assert schedule.bytes_per_step(codec, n_tokens) == sum(s.up + s.down for s in sizes)
 
 
