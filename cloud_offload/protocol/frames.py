@@ -417,8 +417,7 @@ def encode_response(
     if isinstance(tensor, SampledToken):
         if request.reply_codec != TOKEN:
             raise InvalidArgumentError(f"the request asked for {request.reply_codec}, not a sampled token")
-        data = tensor.to_bytes()
-        enc = EncodedTensor(codec=TOKEN, shape=(1, len(data) // SampledToken.wire_bytes(0)), data=data)
+        enc = EncodedTensor(codec=TOKEN, shape=(1, 1 + len(tensor.top)), data=tensor.to_bytes())
     elif request.reply_codec == TOKEN:
         raise InvalidArgumentError("the request asked for a sampled token, not a tensor")
     else:
