@@ -15,12 +15,16 @@ Models: --model PATH (default: the bundled SmolLM2-135M Q4_1), or --shape NAME [
 random-weight llama of a paper-scale shape (evaluation/random_weights.py: smollm2, tinyllama-1.1b,
 gpt2-1.5b, llama-7b, llama-13b; mixes q4_k_m (default), q4_0, q8_0), generated once and cached.
 Prompt, decode and round counts default to less for bigger models (see `defaults_for`).
-Run: python bench/engine.py [--model PATH | --shape NAME [--type MIX]] [--rounds N] [--threads 1,2]
+Ours runs once per kernel level (--simd, default avx2 and every level above it the CPU has: the
+level is forced through SPLITWISE_SIMD in each child), so AVX-512 and AVX2 kernels are compared in
+the same run.
+Run: python bench/engine.py [--model PATH | --shape NAME [--type MIX]] [--rounds N] [--threads 1,2] [--simd avx2,avx512]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -36,8 +40,10 @@ from evaluation.corpus import english_text
 from evaluation.cpu import cpu_features
 from evaluation.oracle import isolated, llama_cpp_build
 from evaluation.random_weights import BENCH_SHAPES, QTYPES, cached_bench_model, decode_bytes_per_token
-from splitwise_core.engine import Model
+from splitwise_core.engine import SIMD_LEVELS, Model, simd_level
 from splitwise_core.tokenizer import Tokenizer, bundled_model_path
+
+SIMD_LEVEL_ENV = "SPLITWISE_SIMD"
 
 
 def best_of(rounds: int, fn: Callable[[], float]) -> float:
@@ -54,10 +60,16 @@ def peak_rss_bytes() -> int:
     return int(line.split()[1]) * 1024
 
 
-def ours(model_path: Path, threads: int, prompt: list[int], n_decode: int, rounds: int) -> tuple[float, float, int]:
-    """Prefill tok/s, decode tok/s and peak RSS; run in a child process (`isolated`) so that the
-    peak RSS is this engine's alone."""
+def ours(
+    model_path: Path, threads: int, simd: str, prompt: list[int], n_decode: int, rounds: int
+) -> tuple[float, float, int]:
+    """Prefill tok/s, decode tok/s and peak RSS with kernels of SIMD level `simd`; run in a child
+    process (`isolated`) so that the peak RSS is this engine's alone and the level, read once per
+    process, is this one."""
+    os.environ[SIMD_LEVEL_ENV] = simd
     model = Model(str(model_path), threads)
+    if simd_level() != simd:
+        raise RuntimeError(f"asked for {simd} kernels, the engine runs {simd_level()}")
     model.forward(model.new_session(), prompt[:1], [0])  # warm-up: faults every weight page in
 
     def prefill() -> float:
@@ -193,12 +205,27 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=None, help="default 128; 64 above 1 GB, 32 above 3 GB")
     parser.add_argument("--decode-tokens", type=int, default=None, help="default 64; 32 above 1 GB, 16 above 3 GB")
     parser.add_argument("--rounds", type=int, default=None, help="median of N (default 3; 1 above 1 GB of weights)")
+    parser.add_argument(
+        "--simd",
+        default=None,
+        help="our kernel levels to run, comma-separated, from "
+        f"{', '.join(SIMD_LEVELS)} (default: avx2 and every level above it this CPU has)",
+    )
     args = parser.parse_args()
     if args.type is not None and args.shape is None:
         parser.error("--type needs --shape")
     thread_counts = [int(t) for t in args.threads.split(",")]
+    best = simd_level()
+    runnable = SIMD_LEVELS[: SIMD_LEVELS.index(best) + 1]
+    if args.simd is None:
+        levels = [level for level in runnable if level != "portable"] or [best]
+    else:
+        levels = args.simd.split(",")
+        for level in levels:
+            if level not in runnable:
+                parser.error(f"--simd {level}: this CPU runs {', '.join(runnable)}")
 
-    print(f"CPU: {cpu_features()}")
+    print(f"CPU: {cpu_features()}; our kernel levels: {', '.join(levels)}")
     print(f"llama.cpp: {llama_cpp_build()}")
     if args.shape is not None:
         qtype = args.type or "q4_k_m"
@@ -226,35 +253,48 @@ def main() -> None:
         + ", ".join(f"{t} thread(s) {bw / 1e9:.1f} GB/s" for t, bw in bandwidth.items())
     )
 
-    results: dict[int, tuple[tuple[float, float, int], tuple[float, float, int]]] = {}
+    Measured = tuple[float, float, int]
+    results: dict[int, tuple[dict[str, Measured], Measured]] = {}
     for threads in thread_counts:
-        progress(f"ours, {threads} thread(s)")
-        mine = isolated(ours, model_path, threads, prompt, n_decode, rounds, label=f"ours on {model_path.name}")
+        mine: dict[str, Measured] = {}
+        for level in levels:
+            progress(f"ours ({level}), {threads} thread(s)")
+            # Also in the child's environment from its start, in case anything reads it on import.
+            os.environ[SIMD_LEVEL_ENV] = level
+            try:
+                mine[level] = isolated(
+                    ours, model_path, threads, level, prompt, n_decode, rounds, label=f"ours on {model_path.name}"
+                )
+            finally:
+                del os.environ[SIMD_LEVEL_ENV]
         progress(f"llama.cpp, {threads} thread(s)")
         ref = isolated(llama_cpp, model_path, threads, prompt, n_decode, rounds, label=model_path.name)
         results[threads] = (mine, ref)
 
     print(
-        f"{'threads':>7} | {'prefill tok/s':>13} {'llama.cpp':>9} {'ratio':>6} | "
+        f"{'threads':>7} {'ours':>8} | {'prefill tok/s':>13} {'llama.cpp':>9} {'ratio':>6} | "
         f"{'decode tok/s':>12} {'llama.cpp':>9} {'ratio':>6}"
     )
-    for threads, ((p_ours, d_ours, _), (p_ref, d_ref, _)) in results.items():
-        print(
-            f"{threads:>7} | {p_ours:>13.1f} {p_ref:>9.1f} {p_ours / p_ref:>5.2f}x | "
-            f"{d_ours:>12.1f} {d_ref:>9.1f} {d_ours / d_ref:>5.2f}x"
-        )
+    for threads, (mine, (p_ref, d_ref, _)) in results.items():
+        for level, (p_ours, d_ours, _) in mine.items():
+            print(
+                f"{threads:>7} {level:>8} | {p_ours:>13.1f} {p_ref:>9.1f} {p_ours / p_ref:>5.2f}x | "
+                f"{d_ours:>12.1f} {d_ref:>9.1f} {d_ours / d_ref:>5.2f}x"
+            )
     print(
-        f"{'threads':>7} | {'floor ms/tok':>12} {'ours':>8} {'llama.cpp':>9} | "
+        f"{'threads':>7} {'ours':>8} | {'floor ms/tok':>12} {'ours':>8} {'llama.cpp':>9} | "
         f"{'ours/floor':>10} {'llama/floor':>11} | "
         f"{'peak RSS MiB ours':>17} {'llama.cpp':>9}"
     )
-    for threads, ((_, d_ours, rss_ours), (_, d_ref, rss_ref)) in results.items():
-        floor_ms = 1e3 * weight_bytes / bandwidth[threads]
-        ours_ms, ref_ms = 1e3 / d_ours, 1e3 / d_ref
-        print(
-            f"{threads:>7} | {floor_ms:>12.2f} {ours_ms:>8.2f} {ref_ms:>9.2f} | {ours_ms / floor_ms:>9.2f}x "
-            f"{ref_ms / floor_ms:>10.2f}x | {rss_ours / 2**20:>17.0f} {rss_ref / 2**20:>9.0f}"
-        )
+    for threads, (mine, (_, d_ref, rss_ref)) in results.items():
+        for level, (_, d_ours, rss_ours) in mine.items():
+            floor_ms = 1e3 * weight_bytes / bandwidth[threads]
+            ours_ms, ref_ms = 1e3 / d_ours, 1e3 / d_ref
+            print(
+                f"{threads:>7} {level:>8} | {floor_ms:>12.2f} {ours_ms:>8.2f} {ref_ms:>9.2f} | "
+                f"{ours_ms / floor_ms:>9.2f}x {ref_ms / floor_ms:>10.2f}x | "
+                f"{rss_ours / 2**20:>17.0f} {rss_ref / 2**20:>9.0f}"
+            )
 
     if weight_bytes > 1_000_000_000:
         print("decomposition (sub-block API overhead): skipped for models with more than 1 GB of weights")

@@ -21,12 +21,25 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from splitwise_core._core import Model, Session
+# SIMD_LEVELS: the kernel families, slowest first; simd_level() names the one the engine runs,
+# which the environment variable SPLITWISE_SIMD may lower (for side-by-side benchmarks).
+from splitwise_core._core import SIMD_LEVELS, Model, Session, simd_level
 from splitwise_core.errors import InvalidArgumentError, ModelFileError
 from splitwise_core.sampling import MAX_TEMPERATURE, Sampling, sample
 from splitwise_core.tokenizer import Tokenizer
 
-__all__ = ["MAX_TEMPERATURE", "Engine", "Generation", "Model", "Perplexity", "Session", "random_seed", "sample_token"]
+__all__ = [
+    "MAX_TEMPERATURE",
+    "SIMD_LEVELS",
+    "Engine",
+    "Generation",
+    "Model",
+    "Perplexity",
+    "Session",
+    "random_seed",
+    "sample_token",
+    "simd_level",
+]
 
 
 @dataclass

@@ -40,5 +40,10 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::Model>()?;
     m.add_class::<engine::Session>()?;
     m.add_function(wrap_pyfunction!(engine::write_shards, m)?)?;
+    m.add_function(wrap_pyfunction!(engine::simd_level, m)?)?;
+    m.add(
+        "SIMD_LEVELS",
+        crate::engine::kernels::SimdLevel::ALL.map(|l| l.name()).to_vec(),
+    )?;
     Ok(())
 }

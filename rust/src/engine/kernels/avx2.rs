@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 
 use super::activation::TokenActivation;
 use super::dequant::k_scales_mins;
-use super::dot::{self, DotFn};
+use super::dot::{self, DotFn, TileDotFn, TOKEN_TILE};
 use super::{GgmlType, QK, QK_K};
 
 pub(super) fn select(ty: GgmlType) -> Option<DotFn> {
@@ -29,6 +29,19 @@ pub(super) fn select(ty: GgmlType) -> Option<DotFn> {
         GgmlType::Q4K => |w, a| unsafe { q4_k(w, a) },
         GgmlType::Q5K => |w, a| unsafe { q5_k(w, a) },
         GgmlType::Q6K => |w, a| unsafe { q6_k(w, a) },
+    };
+    Some(dot)
+}
+
+pub(super) fn select_tile(ty: GgmlType) -> Option<TileDotFn> {
+    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")) {
+        return None;
+    }
+    // SAFETY: as in `select`.
+    let dot: TileDotFn = match ty {
+        GgmlType::Q4K => |w, a| unsafe { q4_k_tile(w, a) },
+        GgmlType::Q6K => |w, a| unsafe { q6_k_tile(w, a) },
+        _ => return None,
     };
     Some(dot)
 }
@@ -238,70 +251,75 @@ fn n_super_blocks(w: &[u8], block_bytes: usize, a: &TokenActivation<'_>) -> usiz
 }
 
 /// Q4_K: per pair of sub-blocks one 32-byte load of nibbles, two `maddubs` against the
-/// activation, and the 6-bit scales applied in i16 → i32 via `madd`.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_k(w: &[u8], a: &TokenActivation<'_>) -> f32 {
-    let n = n_super_blocks(w, 144, a);
+/// activation, and the 6-bit scales applied in i16 → i32 via `madd`. The tile form unpacks each
+/// pair and its scales once for all of its tokens.
+#[inline(always)]
+unsafe fn q4_k_tokens<const N: usize>(w: &[u8], a: [&TokenActivation<'_>; N]) -> [f32; N] {
+    let n = a.iter().map(|a| n_super_blocks(w, 144, a)).min().unwrap_or(0);
     let low_mask = _mm256_set1_epi8(0x0F);
-    let mut acc = _mm256_setzero_ps();
-    let mut min_total = 0.0f32;
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut min_total = [0.0f32; N];
     for b in 0..n {
         let blk = w.as_ptr().add(b * 144);
         let d_dmin = f16_pair(blk);
-        let dy = *a.scales.get_unchecked(b);
-        let d = _mm_cvtss_f32(d_dmin) * dy;
-        let dmin = _mm_cvtss_f32(_mm_movehdup_ps(d_dmin)) * dy;
+        let d = _mm_cvtss_f32(d_dmin);
+        let dmin = _mm_cvtss_f32(_mm_movehdup_ps(d_dmin));
         let (scales, mins) = k_scales_mins(std::slice::from_raw_parts(blk.add(4), 12));
-        let group_sums = a.group_sums.as_ptr().add(b * 16);
-        let mut min_sum = 0i32;
-        for (sub, &m) in mins.iter().enumerate() {
-            let y_sum = i32::from(*group_sums.add(2 * sub)) + i32::from(*group_sums.add(2 * sub + 1));
-            min_sum += i32::from(m) * y_sum;
+        for t in 0..N {
+            let group_sums = a[t].group_sums.as_ptr().add(b * 16);
+            let mut min_sum = 0i32;
+            for (sub, &m) in mins.iter().enumerate() {
+                let y_sum = i32::from(*group_sums.add(2 * sub)) + i32::from(*group_sums.add(2 * sub + 1));
+                min_sum += i32::from(m) * y_sum;
+            }
+            min_total[t] += dmin * *a[t].scales.get_unchecked(b) * min_sum as f32;
         }
         let qs = blk.add(16);
-        let y = a.qs.as_ptr().add(b * QK_K);
-        let mut sums = _mm256_setzero_si256();
+        let mut sums = [_mm256_setzero_si256(); N];
         for pair in 0..4 {
             let q = _mm256_loadu_si256(qs.add(32 * pair) as *const __m256i);
             let low = _mm256_and_si256(q, low_mask);
             let high = _mm256_and_si256(_mm256_srli_epi16(q, 4), low_mask);
-            let y_low = _mm256_loadu_si256(y.add(64 * pair) as *const __m256i);
-            let y_high = _mm256_loadu_si256(y.add(64 * pair + 32) as *const __m256i);
-            let low = _mm256_madd_epi16(
-                _mm256_maddubs_epi16(low, y_low),
-                _mm256_set1_epi16(i16::from(scales[2 * pair])),
-            );
-            let high = _mm256_madd_epi16(
-                _mm256_maddubs_epi16(high, y_high),
-                _mm256_set1_epi16(i16::from(scales[2 * pair + 1])),
-            );
-            sums = _mm256_add_epi32(sums, _mm256_add_epi32(low, high));
+            let low_scale = _mm256_set1_epi16(i16::from(scales[2 * pair]));
+            let high_scale = _mm256_set1_epi16(i16::from(scales[2 * pair + 1]));
+            for t in 0..N {
+                let y = a[t].qs.as_ptr().add(b * QK_K);
+                let y_low = _mm256_loadu_si256(y.add(64 * pair) as *const __m256i);
+                let y_high = _mm256_loadu_si256(y.add(64 * pair + 32) as *const __m256i);
+                let low = _mm256_madd_epi16(_mm256_maddubs_epi16(low, y_low), low_scale);
+                let high = _mm256_madd_epi16(_mm256_maddubs_epi16(high, y_high), high_scale);
+                sums[t] = _mm256_add_epi32(sums[t], _mm256_add_epi32(low, high));
+            }
         }
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d), acc);
-        min_total += dmin * min_sum as f32;
+        for t in 0..N {
+            let scale = _mm256_set1_ps(d * *a[t].scales.get_unchecked(b));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), scale, acc[t]);
+        }
     }
-    horizontal_sum(acc) - min_total
+    std::array::from_fn(|t| horizontal_sum(acc[t]) - min_total[t])
 }
 
 /// Q6_K: each quarter of a half super-block is one 32-byte vector of 6-bit values (nibble
 /// plus two high bits), covering two 16-element scale groups; the offset of 32 is removed
-/// once per super-block from the activation's group sums.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6_k(w: &[u8], a: &TokenActivation<'_>) -> f32 {
-    let n = n_super_blocks(w, 210, a);
+/// once per super-block from the activation's group sums. The tile form unpacks each quarter
+/// once for all of its tokens.
+#[inline(always)]
+unsafe fn q6_k_tokens<const N: usize>(w: &[u8], a: [&TokenActivation<'_>; N]) -> [f32; N] {
+    let n = a.iter().map(|a| n_super_blocks(w, 210, a)).min().unwrap_or(0);
     let low_mask = _mm256_set1_epi8(0x0F);
     let high_mask = _mm256_set1_epi8(0x30);
-    let mut acc = _mm256_setzero_ps();
+    let mut acc = [_mm256_setzero_ps(); N];
     for b in 0..n {
         let blk = w.as_ptr().add(b * 210);
-        let d = f16_one(blk.add(208)) * *a.scales.get_unchecked(b);
+        let d = f16_one(blk.add(208));
         let scales = std::slice::from_raw_parts(blk.add(192) as *const i8, 16);
-        let y = a.qs.as_ptr().add(b * QK_K);
-        let group_sums = _mm256_loadu_si256(a.group_sums.as_ptr().add(b * 16) as *const __m256i);
         let scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(scales.as_ptr() as *const __m128i));
-        // Σ_g sc_g·32·Σy_g, subtracted from the Σ_g sc_g·Σq·y below.
-        let offset = _mm256_slli_epi32(_mm256_madd_epi16(group_sums, scales16), 5);
-        let mut sums = _mm256_sub_epi32(_mm256_setzero_si256(), offset);
+        let mut sums: [__m256i; N] = std::array::from_fn(|t| {
+            let group_sums = _mm256_loadu_si256(a[t].group_sums.as_ptr().add(b * 16) as *const __m256i);
+            // Σ_g sc_g·32·Σy_g, subtracted from the Σ_g sc_g·Σq·y below.
+            let offset = _mm256_slli_epi32(_mm256_madd_epi16(group_sums, scales16), 5);
+            _mm256_sub_epi32(_mm256_setzero_si256(), offset)
+        });
         for half in 0..2 {
             let ql = blk.add(64 * half);
             let ql0 = _mm256_loadu_si256(ql as *const __m256i);
@@ -320,17 +338,43 @@ unsafe fn q6_k(w: &[u8], a: &TokenActivation<'_>) -> f32 {
             ];
             for (quarter, (low, high)) in quarters.into_iter().enumerate() {
                 let q = _mm256_or_si256(low, _mm256_and_si256(high, high_mask));
-                let ys = _mm256_loadu_si256(y.add(128 * half + 32 * quarter) as *const __m256i);
                 let group = 8 * half + 2 * quarter;
                 let scale = _mm256_set_m128i(
                     _mm_set1_epi16(i16::from(scales[group + 1])),
                     _mm_set1_epi16(i16::from(scales[group])),
                 );
-                let products = _mm256_madd_epi16(_mm256_maddubs_epi16(q, ys), scale);
-                sums = _mm256_add_epi32(sums, products);
+                for t in 0..N {
+                    let y = a[t].qs.as_ptr().add(b * QK_K);
+                    let ys = _mm256_loadu_si256(y.add(128 * half + 32 * quarter) as *const __m256i);
+                    let products = _mm256_madd_epi16(_mm256_maddubs_epi16(q, ys), scale);
+                    sums[t] = _mm256_add_epi32(sums[t], products);
+                }
             }
         }
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d), acc);
+        for t in 0..N {
+            let scale = _mm256_set1_ps(d * *a[t].scales.get_unchecked(b));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), scale, acc[t]);
+        }
     }
-    horizontal_sum(acc)
+    std::array::from_fn(|t| horizontal_sum(acc[t]))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k(w: &[u8], a: &TokenActivation<'_>) -> f32 {
+    q4_k_tokens::<1>(w, [a])[0]
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k(w: &[u8], a: &TokenActivation<'_>) -> f32 {
+    q6_k_tokens::<1>(w, [a])[0]
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_tile(w: &[u8], a: &[TokenActivation<'_>; TOKEN_TILE]) -> [f32; TOKEN_TILE] {
+    q4_k_tokens::<TOKEN_TILE>(w, std::array::from_fn(|t| &a[t]))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_tile(w: &[u8], a: &[TokenActivation<'_>; TOKEN_TILE]) -> [f32; TOKEN_TILE] {
+    q6_k_tokens::<TOKEN_TILE>(w, std::array::from_fn(|t| &a[t]))
 }

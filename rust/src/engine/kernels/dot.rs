@@ -2,19 +2,138 @@
 //! plain fixed-length integer loops that LLVM vectorizes; `avx2` recompiles the K-quant and
 //! float ones with AVX2 enabled and replaces the 32-element formats with intrinsics.
 
+use std::sync::OnceLock;
+
 use super::activation::TokenActivation;
 use super::dequant::{bf16_bits_to_f32, f16_at, k_scales_mins, q5_values};
 use super::{GgmlType, QK, QK_K};
+use crate::error::{CoreError, CoreResult};
 
 pub(super) type DotFn = fn(&[u8], &TokenActivation<'_>) -> f32;
 
-/// The fastest dot product for `ty` this CPU supports.
+/// Tokens a tile kernel takes at once: enough to amortise unpacking a row's weights, few enough
+/// that their accumulators stay in registers.
+pub(super) const TOKEN_TILE: usize = 4;
+
+/// One weight row against `TOKEN_TILE` tokens, the row unpacked once.
+pub(super) type TileDotFn = fn(&[u8], &[TokenActivation<'_>; TOKEN_TILE]) -> [f32; TOKEN_TILE];
+
+/// The fastest dot product for `ty` at the SIMD level the kernels run at.
 pub(super) fn select(ty: GgmlType) -> DotFn {
     #[cfg(target_arch = "x86_64")]
-    if let Some(dot) = super::avx2::select(ty) {
-        return dot;
+    {
+        let level = simd_level().unwrap_or_else(|_| SimdLevel::detected());
+        let avx512 = || {
+            (level >= SimdLevel::Avx512)
+                .then(|| super::avx512::select(ty))
+                .flatten()
+        };
+        let avx2 = || (level >= SimdLevel::Avx2).then(|| super::avx2::select(ty)).flatten();
+        if let Some(dot) = avx512().or_else(avx2) {
+            return dot;
+        }
     }
     portable(ty)
+}
+
+/// A tile kernel for `ty` where the level has one; elsewhere a matmul calls `select`'s kernel
+/// per token.
+pub(super) fn select_tile(ty: GgmlType) -> Option<TileDotFn> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let level = simd_level().unwrap_or_else(|_| SimdLevel::detected());
+        let avx512 = || {
+            (level >= SimdLevel::Avx512)
+                .then(|| super::avx512::select_tile(ty))
+                .flatten()
+        };
+        let avx2 = || {
+            (level >= SimdLevel::Avx2)
+                .then(|| super::avx2::select_tile(ty))
+                .flatten()
+        };
+        avx512().or_else(avx2)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        None
+    }
+}
+
+/// The kernel families, slowest first. ARM64 runs the portable loops (no NEON kernels yet).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdLevel {
+    Portable,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512 F/BW/VL + VNNI, with AVX2 kernels for the types it has none for.
+    Avx512,
+}
+
+/// Names a lower level for the kernels than the CPU's best: for side-by-side benchmarks, and to
+/// step around a CPU or compiler fault in one family.
+pub const SIMD_LEVEL_ENV: &str = "SPLITWISE_SIMD";
+
+impl SimdLevel {
+    pub const ALL: [SimdLevel; 3] = [SimdLevel::Portable, SimdLevel::Avx2, SimdLevel::Avx512];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SimdLevel::Portable => "portable",
+            SimdLevel::Avx2 => "avx2",
+            SimdLevel::Avx512 => "avx512",
+        }
+    }
+
+    /// The best level this CPU runs.
+    pub fn detected() -> SimdLevel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if super::avx512::available() {
+                return SimdLevel::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+                return SimdLevel::Avx2;
+            }
+        }
+        SimdLevel::Portable
+    }
+
+    pub(super) fn from_env(value: &str) -> Result<SimdLevel, String> {
+        let detected = SimdLevel::detected();
+        let names = || SimdLevel::ALL.map(SimdLevel::name).join(", ");
+        let level = SimdLevel::ALL
+            .into_iter()
+            .find(|level| level.name() == value.trim())
+            .ok_or_else(|| {
+                format!(
+                    "{SIMD_LEVEL_ENV}={value:?} is not a kernel level; use one of {}",
+                    names()
+                )
+            })?;
+        if level > detected {
+            return Err(format!(
+                "{SIMD_LEVEL_ENV}={value:?} asks for more than this CPU has (its best level is {})",
+                detected.name()
+            ));
+        }
+        Ok(level)
+    }
+}
+
+/// The level the kernels run at: the CPU's best, or the lower one `SPLITWISE_SIMD` names. Read
+/// once per process; an invalid value is an error here (the engine refuses to open a model) and
+/// the kernels themselves fall back to the CPU's best.
+pub fn simd_level() -> CoreResult<SimdLevel> {
+    static LEVEL: OnceLock<Result<SimdLevel, String>> = OnceLock::new();
+    LEVEL
+        .get_or_init(|| match std::env::var(SIMD_LEVEL_ENV) {
+            Ok(value) => SimdLevel::from_env(&value),
+            Err(_) => Ok(SimdLevel::detected()),
+        })
+        .clone()
+        .map_err(CoreError::InvalidArgument)
 }
 
 pub(super) fn portable(ty: GgmlType) -> DotFn {

@@ -7,6 +7,8 @@
 mod activation;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod dequant;
 mod dot;
 
@@ -15,6 +17,7 @@ use std::ops::Range;
 
 use crate::error::{CoreError, CoreResult};
 use activation::{ActivationKind, QuantizedActivation};
+pub use dot::{simd_level, SimdLevel, SIMD_LEVEL_ENV};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GgmlType {
@@ -116,7 +119,7 @@ impl GgmlType {
     /// Bytes of a row of `n` elements.
     pub fn row_bytes(self, n: usize) -> CoreResult<usize> {
         let block_len = self.block_len();
-        if n % block_len != 0 {
+        if !n.is_multiple_of(block_len) {
             return Err(CoreError::InvalidArgument(format!(
                 "a {} row must hold a multiple of {block_len} elements, got {n}",
                 self.name()
@@ -244,6 +247,21 @@ impl<'a> QMatrix<'a> {
         out: &mut [f32],
         pool: &rayon::ThreadPool,
     ) {
+        let kernels = (dot::select(self.ty), dot::select_tile(self.ty));
+        self.matmul_rows_with(kernels, rows, x, n_tokens, out, pool);
+    }
+
+    /// `matmul_rows` with the given single-token and tile kernels (tests and benchmarks compare
+    /// SIMD levels in one process this way).
+    fn matmul_rows_with(
+        &self,
+        (dot, tile_dot): (dot::DotFn, Option<dot::TileDotFn>),
+        rows: Range<usize>,
+        x: &[f32],
+        n_tokens: usize,
+        out: &mut [f32],
+        pool: &rayon::ThreadPool,
+    ) {
         assert!(
             rows.start <= rows.end && rows.end <= self.rows,
             "row range {rows:?} out of bounds for {} rows",
@@ -258,7 +276,6 @@ impl<'a> QMatrix<'a> {
 
         let mut activation = ACTIVATION_SCRATCH.with(Cell::take);
         activation.quantize(self.ty.activation_kind(), x, n_tokens, self.cols);
-        let dot = dot::select(self.ty);
         let shared = SharedOut {
             ptr: out.as_mut_ptr(),
             len: out.len(),
@@ -283,7 +300,18 @@ impl<'a> QMatrix<'a> {
             }
             for i in local {
                 let weights = self.row_data(rows.start + i);
-                for t in 0..n_tokens {
+                let mut t = 0;
+                if let Some(tile_dot) = tile_dot {
+                    while t + dot::TOKEN_TILE <= n_tokens {
+                        let tokens = std::array::from_fn(|k| activation_ref.token(x, t + k));
+                        for (k, value) in tile_dot(weights, &tokens).into_iter().enumerate() {
+                            // SAFETY: row i belongs to exactly one task.
+                            unsafe { shared.write((t + k) * n_rows + i, value) };
+                        }
+                        t += dot::TOKEN_TILE;
+                    }
+                }
+                for t in t..n_tokens {
                     let value = dot(weights, &activation_ref.token(x, t));
                     // SAFETY: row i belongs to exactly one task.
                     unsafe { shared.write(t * n_rows + i, value) };

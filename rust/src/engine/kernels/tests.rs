@@ -268,17 +268,60 @@ fn matmul_matches_float64_reference_for_every_type() {
 
 /// A SIMD level's kernel choice per tensor type (None: the level has no kernel for it).
 type SimdSelect = fn(GgmlType) -> Option<dot::DotFn>;
+/// A SIMD level's token-tile kernel per tensor type.
+type SimdTileSelect = fn(GgmlType) -> Option<dot::TileDotFn>;
 
-/// Every SIMD level this CPU can run, by name, with its kernel choice. Each is tested on its own,
-/// whatever `dot::select` would pick, so a faster level added later does not hide an older one.
-fn simd_levels() -> Vec<(&'static str, SimdSelect)> {
+struct LevelUnderTest {
+    name: &'static str,
+    select: SimdSelect,
+    select_tile: SimdTileSelect,
+    /// The types the level must have a single-token kernel for; the others fall through to the
+    /// next level.
+    covers: &'static [GgmlType],
+    /// The types the level must have a token-tile kernel for.
+    tiles: &'static [GgmlType],
+}
+
+/// Every SIMD level this CPU can run. Each is tested on its own, whatever `dot::select` would
+/// pick, so a faster level does not hide a slower one that other CPUs still run.
+fn simd_levels() -> Vec<LevelUnderTest> {
     #[allow(unused_mut)]
-    let mut levels: Vec<(&'static str, SimdSelect)> = Vec::new();
+    let mut levels = Vec::new();
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
-        levels.push(("avx2", super::avx2::select));
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+            levels.push(LevelUnderTest {
+                name: "avx2",
+                select: super::avx2::select,
+                select_tile: super::avx2::select_tile,
+                covers: &GgmlType::ALL,
+                tiles: &[GgmlType::Q4K, GgmlType::Q6K],
+            });
+        }
+        if super::avx512::available() {
+            levels.push(LevelUnderTest {
+                name: "avx512",
+                select: super::avx512::select,
+                select_tile: super::avx512::select_tile,
+                covers: &[GgmlType::Q4K, GgmlType::Q6K],
+                tiles: &[
+                    GgmlType::Q4_0,
+                    GgmlType::Q5_0,
+                    GgmlType::Q5_1,
+                    GgmlType::Q8_0,
+                    GgmlType::Q4K,
+                    GgmlType::Q6K,
+                ],
+            });
+        }
     }
     levels
+}
+
+/// Row lengths with an odd number of blocks and super-blocks, so pairwise loops run their tails.
+fn odd_and_even_lengths(ty: GgmlType) -> [usize; 3] {
+    let block = ty.block_len().max(32);
+    [block, 5 * block, 8 * block]
 }
 
 /// The SIMD kernels see the same integers as the portable ones, so they may differ only by float
@@ -295,26 +338,59 @@ fn simd_kernels_agree_with_portable_ones() {
         eprintln!("SKIPPED: this CPU has no SIMD level (AVX2+FMA+F16C); only portable kernels run");
         return;
     }
-    for (level, select) in levels {
+    for level in levels {
+        eprintln!("testing SIMD level {}", level.name);
         let mut rng = Rng(11);
-        let cols = 1024;
         for ty in GgmlType::ALL {
-            let data = random_weights(ty, 9, cols, &mut rng);
-            let matrix = QMatrix::new(ty, 9, cols, &data).unwrap();
-            let x: Vec<f32> = (0..cols).map(|_| rng.normal()).collect();
-            let mut activation = QuantizedActivation::default();
-            activation.quantize(ty.activation_kind(), &x, 1, cols);
-            let token = activation.token(&x, 0);
-            let fast = select(ty).unwrap_or_else(|| panic!("{level} has no kernel for {}", ty.name()));
-            let portable = dot::portable(ty);
-            for r in 0..9 {
-                let a = fast(matrix.row_data(r), &token);
-                let b = portable(matrix.row_data(r), &token);
-                assert!(
-                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-                    "{level} {} row {r}: simd {a} portable {b}",
-                    ty.name()
-                );
+            let single = (level.select)(ty);
+            let tile = (level.select_tile)(ty);
+            assert_eq!(
+                single.is_some(),
+                level.covers.contains(&ty),
+                "{} {}",
+                level.name,
+                ty.name()
+            );
+            assert_eq!(
+                tile.is_some(),
+                level.tiles.contains(&ty),
+                "{} {} tile",
+                level.name,
+                ty.name()
+            );
+            if single.is_none() && tile.is_none() {
+                continue;
+            }
+            for cols in odd_and_even_lengths(ty) {
+                let data = random_weights(ty, 9, cols, &mut rng);
+                let matrix = QMatrix::new(ty, 9, cols, &data).unwrap();
+                let n_tokens = dot::TOKEN_TILE;
+                let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.normal()).collect();
+                let mut activation = QuantizedActivation::default();
+                activation.quantize(ty.activation_kind(), &x, n_tokens, cols);
+                let tokens: [_; dot::TOKEN_TILE] = std::array::from_fn(|t| activation.token(&x, t));
+                let portable = dot::portable(ty);
+                let mut row = vec![0f32; cols];
+                for r in 0..9 {
+                    let weights = matrix.row_data(r);
+                    matrix.row(r, &mut row);
+                    let tiled = tile.map(|tile| tile(weights, &tokens));
+                    for (t, token) in tokens.iter().enumerate() {
+                        let want = portable(weights, token);
+                        // Σ|w·x|: a different summation order moves the result by a few float32
+                        // epsilons of it (2.5e-8 seen), a layout mistake by a sizeable share.
+                        let magnitude: f32 = row.iter().zip(&x[t * cols..]).map(|(w, x)| (w * x).abs()).sum();
+                        let close = |got: f32| (got - want).abs() <= 1e-5 * want.abs().max(1.0) + 1e-6 * magnitude;
+                        let context = format!("{} {} cols {cols} row {r} token {t}", level.name, ty.name());
+                        if let Some(single) = single {
+                            let got = single(weights, token);
+                            assert!(close(got), "{context}: simd {got} portable {want}");
+                        }
+                        if let Some(tiled) = tiled {
+                            assert!(close(tiled[t]), "{context}: tile {} portable {want}", tiled[t]);
+                        }
+                    }
+                }
             }
         }
     }
@@ -344,42 +420,113 @@ fn matmul_rejects_rows_past_the_end() {
     matrix.matmul_rows(3..5, &[0.0; 32], 1, &mut out, &pool(1));
 }
 
-/// `cargo test --release -- --ignored --nocapture kernel_benchmark`
+/// `cargo test --release -- --ignored --nocapture kernel_benchmark`: every SIMD level this CPU runs
+/// on the same matrices in one process, rounds interleaved, median of 5 (these machines are
+/// noisy). One token is a decode matvec, 32 a prefill batch (the portable kernels only for one
+/// token: at 32 they take minutes).
 #[test]
 #[ignore]
 fn kernel_benchmark() {
     let mut rng = Rng(5);
-    for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K] {
-        for (rows, cols) in [(576, 576), (1536, 576), (576, 1536)] {
+    let levels = simd_levels();
+    let mut names = vec!["portable".to_string()];
+    names.extend(levels.iter().map(|l| l.name.to_string()));
+    if let Some(first) = levels.first() {
+        names.insert(1, format!("{} without tiles", first.name));
+    }
+    println!(
+        "µs per matmul, median of 5 interleaved rounds; columns {names:?}; speed-up of the last column \
+         over the first and over the one before it"
+    );
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+    ] {
+        for (rows, cols) in [(576, 1536), (2048, 2048), (5632, 2048)] {
             let cols = if ty.block_len() == 256 { cols / 256 * 256 } else { cols };
             let data = random_weights(ty, rows, cols, &mut rng);
             let matrix = QMatrix::new(ty, rows, cols, &data).unwrap();
-            let x: Vec<f32> = (0..cols).map(|_| rng.normal()).collect();
-            let mut out = vec![0.0f32; rows];
-            // "in pool": the caller already runs on a pool thread (the model's forward inside
-            // `pool.install`), so a matmul forks without waking a blocked outside thread.
-            for (threads, in_pool) in [(1, false), (2, false), (2, true)] {
-                let pool = pool(threads);
-                let iterations = 2000;
-                let mut run = || {
-                    for _ in 0..50 {
-                        matrix.matmul(&x, 1, &mut out, &pool);
+            for n_tokens in [1, 32] {
+                let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.normal()).collect();
+                let mut out = vec![0.0f32; rows * n_tokens];
+                for threads in [1, 2] {
+                    let pool = pool(threads);
+                    let mut kernels = Vec::new();
+                    if n_tokens == 1 {
+                        kernels.push((dot::portable(ty), None));
                     }
-                    let start = std::time::Instant::now();
-                    for _ in 0..iterations {
-                        matrix.matmul(&x, 1, &mut out, &pool);
+                    if let Some(first) = levels.first() {
+                        kernels.push(((first.select)(ty).unwrap_or_else(|| dot::portable(ty)), None));
                     }
-                    start.elapsed().as_secs_f64() / iterations as f64
-                };
-                let seconds = if in_pool { pool.install(run) } else { run() };
-                let gflops = 2.0 * (rows * cols) as f64 / seconds / 1e9;
-                println!(
-                    "{:5} {rows:5}×{cols:<5} threads {threads}{}: {:7.1} µs/matvec {gflops:6.2} GFLOP/s",
-                    ty.name(),
-                    if in_pool { " in pool" } else { "" },
-                    seconds * 1e6
-                );
+                    // A level without a kernel for the type runs the levels' below it, as `dot::select` does.
+                    let mut below = (dot::portable(ty), None);
+                    for level in &levels {
+                        let single = (level.select)(ty).unwrap_or(below.0);
+                        let tile = (level.select_tile)(ty).or(below.1);
+                        below = (single, tile);
+                        kernels.push(below);
+                    }
+                    let iterations = (500_000_000 / (rows * cols * n_tokens)).clamp(2, 500);
+                    let mut samples = vec![Vec::new(); kernels.len()];
+                    // "in pool": the model's forward calls matmuls from a pool thread.
+                    pool.install(|| {
+                        for _round in 0..5 {
+                            for (k, &kernel) in kernels.iter().enumerate() {
+                                matrix.matmul_rows_with(kernel, 0..rows, &x, n_tokens, &mut out, &pool);
+                                let start = std::time::Instant::now();
+                                for _ in 0..iterations {
+                                    matrix.matmul_rows_with(kernel, 0..rows, &x, n_tokens, &mut out, &pool);
+                                }
+                                samples[k].push(start.elapsed().as_secs_f64() / iterations as f64);
+                            }
+                        }
+                    });
+                    let medians: Vec<f64> = samples
+                        .iter_mut()
+                        .map(|s| {
+                            s.sort_by(f64::total_cmp);
+                            s[s.len() / 2] * 1e6
+                        })
+                        .collect();
+                    let mut cells: Vec<String> = medians.iter().map(|m| format!("{m:9.1}")).collect();
+                    let last = medians[medians.len() - 1];
+                    let mut ratios = format!("{:5.2}x", medians[medians.len() - 2] / last);
+                    if n_tokens == 1 {
+                        ratios = format!("{:5.2}x {ratios}", medians[0] / last);
+                    } else {
+                        cells.insert(0, format!("{:>9}", "-"));
+                        ratios = format!("{:>6} {ratios}", "-");
+                    }
+                    println!(
+                        "{:5} {rows:5}×{cols:<5} tokens {n_tokens:2} threads {threads}: {} | {ratios}",
+                        ty.name(),
+                        cells.join(" "),
+                    );
+                }
             }
         }
+    }
+}
+
+#[test]
+fn simd_override_names_a_known_level_no_higher_than_the_cpu() {
+    let err = SimdLevel::from_env("avx1024").unwrap_err();
+    assert!(err.contains("portable, avx2, avx512"), "{err}");
+    assert_eq!(SimdLevel::from_env("portable"), Ok(SimdLevel::Portable));
+    assert_eq!(
+        SimdLevel::from_env(SimdLevel::detected().name()),
+        Ok(SimdLevel::detected())
+    );
+    match SimdLevel::ALL.into_iter().find(|&level| level > SimdLevel::detected()) {
+        Some(above) => {
+            let err = SimdLevel::from_env(above.name()).unwrap_err();
+            assert!(err.contains("more than this CPU has"), "{err}");
+        }
+        None => eprintln!("this CPU runs the highest level; nothing above it to refuse"),
     }
 }
