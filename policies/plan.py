@@ -143,6 +143,11 @@ class Plan:
         per_group = self.n_head // n_head_kv
         return tuple(sorted({h // per_group for h in self.heads(side, layer)}))
 
+    def edge_layers(self) -> tuple[int, ...]:
+        """The layers with any work on the edge (a head or a part of the FFN): the layers whose
+        weights the device must hold."""
+        return tuple(i for i, lp in enumerate(self.layers) if lp.edge_heads or lp.ffn is not FfnMode.CLOUD)
+
     def is_edge_only(self) -> bool:
         return self.lm_head is Side.EDGE and all(lp.all_on(Side.EDGE, self.n_head) for lp in self.layers)
 

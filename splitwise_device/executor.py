@@ -55,7 +55,7 @@ from policies.segments import (
     Schedule,
 )
 from splitwise_core.engine import Model, Session, random_seed
-from splitwise_core.errors import FrameError, SplitwiseError
+from splitwise_core.errors import FrameError, InvalidArgumentError, SplitwiseError
 from splitwise_core.ops import Op, OpKind
 from splitwise_core.sampling import SampledToken, Sampling, sample
 from splitwise_device.estimators import LinkEstimator
@@ -411,6 +411,8 @@ class SplitExecutor:
         # Workers refuse frames with more rows than their max_rows_per_frame, so a longer batch (a
         # prompt's prefill) goes as several wire steps of at most this many tokens each.
         self.max_rows_per_frame = max_rows_per_frame
+        # The layers whose weights were last kept loaded for a plan (`_follow_plan`).
+        self.retained_layers: tuple[int, ...] | None = None
 
     @classmethod
     def over_mqtt(
@@ -443,6 +445,24 @@ class SplitExecutor:
             raise SplitwiseError(
                 f"the schedule was compiled for a model with {schedule.dims}, this executor runs {self.dims}"
             )
+        self._follow_plan(schedule.plan)
+
+    def _follow_plan(self, plan: Plan) -> None:
+        """Keeps the weights of the layers `plan` runs here loaded and unloads the rest, when the
+        plan's edge layers changed (a model mapped under a memory budget; a no-op otherwise).
+        Loading them here, before the first token, keeps the per-token path free of file loads.
+        A plan whose edge layers' files exceed the budget still runs, with files loaded on
+        demand (logged): the cost model counts the bytes a plan touches, which can be fewer."""
+        layers = plan.edge_layers()
+        if layers == self.retained_layers:
+            return
+        try:
+            self.model.retain_layers(layers)
+        except InvalidArgumentError as err:
+            log.warning("plan %s: layer weights stay loaded on demand: %s", plan.name, err)
+            layers = ()
+            self.model.retain_layers(layers)
+        self.retained_layers = layers
 
     def generate(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ from policies.segments import ModelDims, Schedule, compile_plan
 from splitwise_core.engine import Engine, model_sha256
 from splitwise_core.errors import SplitwiseError
 from splitwise_core.sampling import SampledToken
+from splitwise_core.shards import shard_model
 from splitwise_core.tokenizer import bundled_model_path
 from splitwise_device.executor import RecoveryPolicy, SplitExecutor
 
@@ -205,3 +207,43 @@ def test_worker_time_is_parsed_once_into_seconds(properties: dict[str, str], sec
     if properties:
         msg.properties.UserProperty = list(properties.items())
     assert worker_time_s(msg) == seconds
+
+
+def test_a_device_under_a_memory_budget_keeps_the_plans_layers_loaded(
+    engine: Engine, worker: CloudWorker, mosquitto_broker: LocalBroker, tmp_path: Path
+) -> None:
+    """Shards under a budget of the base file and 4 layer files, plan layer-split:3: the three
+    edge layers are loaded before the first token and never again however many tokens run; a
+    plan change loads its own layers and unloads the others; the text is the unbudgeted one."""
+    shards = tmp_path / "shards"
+    shard_model(bundled_model_path(), shards)
+    budget = (shards / "base.gguf").stat().st_size + 4 * (shards / "layer-000.gguf").stat().st_size
+    device = Engine(shards, threads=1, memory_budget_bytes=budget)
+    conn = MqttConnection(BrokerSettings(mosquitto_broker.host, mosquitto_broker.port), f"edge-{uuid.uuid4().hex[:6]}")
+    conn.start()
+    try:
+        rpc = RpcClient(conn, topics.device_reply_topic("dev1", uuid.uuid4().hex[:8]))
+        split = SplitExecutor.over_mqtt(
+            device.model,
+            device.tokenizer.eos_id,
+            rpc,
+            pool="test",
+            model_hash=frames.model_hash_prefix(model_sha256(engine.path)),
+            codec="f32",
+            policy=RecoveryPolicy(segment_timeout_s=5.0),
+        )
+        prompt = engine.tokenizer.encode(PROMPT)
+        want = engine.generate(PROMPT, max_tokens=10).tokens
+        for _request in range(2):
+            result = split.generate(prompt, schedule_for(engine, "layer-split:3"), max_tokens=10)
+            assert result.tokens == want[: len(result.tokens)] and len(result.tokens) == len(want)
+            stats = device.model.weight_stats()
+            assert (stats["loads"], stats["mapped_files"]) == (3, 4), stats  # layers 0-2 + base, once
+        assert split.retained_layers == (0, 1, 2)
+
+        result = split.generate(prompt, schedule_for(engine, "layer-split:2"), max_tokens=4)
+        stats = device.model.weight_stats()
+        assert (stats["loads"], stats["evictions"], stats["mapped_files"]) == (3, 1, 3), stats
+        assert split.retained_layers == (0, 1)
+    finally:
+        conn.stop()

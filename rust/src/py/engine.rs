@@ -91,6 +91,13 @@ impl Model {
         self.inner.served_layers()
     }
 
+    /// Keeps the weight files of `layers` (those a plan runs on this device) mapped and unmaps the
+    /// other layers' files, under the memory budget; a no-op when everything stays mapped.
+    fn retain_layers(&self, py: Python<'_>, layers: Vec<usize>) -> PyResult<()> {
+        py.detach(|| self.inner.retain_layers(&layers))?;
+        Ok(())
+    }
+
     /// Mapped weight bytes against the budget, and how often files were loaded and evicted.
     fn weight_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.weight_stats().unwrap_or_default();
@@ -265,6 +272,12 @@ impl Session {
     fn memory_bytes(&self) -> usize {
         self.inner.memory_bytes()
     }
+}
+
+/// The kernel family matmuls run with: the CPU's best, or the lower one `SPLITWISE_SIMD` names.
+#[pyfunction]
+pub fn simd_level() -> PyResult<&'static str> {
+    Ok(crate::engine::kernels::simd_level()?.name())
 }
 
 /// Writes the role shards of the model at `source` into the existing directory `out_dir`;

@@ -96,6 +96,9 @@ struct Slot {
 #[derive(Debug, Default)]
 struct CacheState {
     mapped: Vec<Option<Arc<GgufFile>>>,
+    /// Per slot, whether it holds a layer the current plan runs here (`retain_layers`): such
+    /// files are loaded ahead and are the last to be evicted.
+    retained: Vec<bool>,
     /// Per slot, the `clock` of its last lookup (LRU order).
     last_use: Vec<u64>,
     clock: u64,
@@ -135,6 +138,8 @@ pub fn open_model(
     layers: Option<&[usize]>,
     budget_bytes: Option<u64>,
 ) -> CoreResult<Model> {
+    // A mistyped kernel override is refused before any work, not ignored.
+    crate::engine::kernels::simd_level()?;
     let files = ModelFiles::open(path, layers, budget_bytes)?;
     let cfg = files.config().clone();
     Model::serving(cfg, Arc::new(files), threads, layers)
@@ -457,6 +462,7 @@ impl ModelFiles {
             }
             state.mapped.push(if keep_mapped { file.map(Arc::new) } else { None });
             state.last_use.push(0);
+            state.retained.push(false);
             slots.push(slot);
         }
         locations.values_mut().for_each(|i| *i = remap[*i]);
@@ -504,6 +510,51 @@ impl ModelFiles {
         self.layout
     }
 
+    /// Makes the mapped files follow a plan: the files of `layers` (the layers the plan runs on
+    /// this device) are mapped now and kept ahead of any other, every other layer file is
+    /// unmapped. Fails, changing nothing, if those files and the always-mapped ones exceed the
+    /// budget.
+    pub fn retain_layers(&self, layers: &[usize]) -> CoreResult<()> {
+        check_layers(layers, self.config.n_layer)?;
+        let Some(budget) = self.budget else {
+            return Ok(()); // everything stays mapped
+        };
+        let mut wanted = vec![false; self.slots.len()];
+        for (name, &index) in &self.locations {
+            if !self.slots[index].pinned && layer_of_tensor(name).is_some_and(|layer| layers.contains(&layer)) {
+                wanted[index] = true;
+            }
+        }
+        let pinned: u64 = self.slots.iter().filter(|s| s.pinned).map(|s| s.bytes).sum();
+        let needed: u64 = pinned
+            + (0..self.slots.len())
+                .filter(|&i| wanted[i])
+                .map(|i| self.slots[i].bytes)
+                .sum::<u64>();
+        if needed > budget {
+            return Err(CoreError::InvalidArgument(format!(
+                "the files of the {} layers to keep here ({}) and the always-mapped ones need \
+                 {needed} bytes; the memory budget is {budget}",
+                layers.len(),
+                describe_layer_list(layers),
+            )));
+        }
+        {
+            let mut state = self.lock();
+            for (index, slot) in self.slots.iter().enumerate() {
+                state.retained[index] = wanted[index];
+                if !wanted[index] && !slot.pinned && state.mapped[index].take().is_some() {
+                    state.mapped_bytes -= slot.bytes;
+                    state.evictions += 1;
+                }
+            }
+        }
+        for index in (0..self.slots.len()).filter(|&i| wanted[i]) {
+            self.mapped(index)?;
+        }
+        Ok(())
+    }
+
     fn lock(&self) -> MutexGuard<'_, CacheState> {
         // A panic while holding the lock leaves consistent state (every update is one step),
         // so a poisoned lock is still usable.
@@ -522,9 +573,11 @@ impl ModelFiles {
         let slot = &self.slots[index];
         if let Some(budget) = self.budget {
             while state.mapped_bytes + slot.bytes > budget {
+                // Files of layers the plan does not run here go first; a retained one only when
+                // nothing else is left (a fallback running the whole model under the budget).
                 let victim = (0..self.slots.len())
                     .filter(|&i| i != index && !self.slots[i].pinned && state.mapped[i].is_some())
-                    .min_by_key(|&i| state.last_use[i])
+                    .min_by_key(|&i| (state.retained[i], state.last_use[i]))
                     .expect("the open checked that the budget holds the pinned files and any one other");
                 state.mapped[victim] = None;
                 state.mapped_bytes -= self.slots[victim].bytes;
@@ -562,6 +615,28 @@ impl ModelFiles {
         }
         Ok(())
     }
+}
+
+/// "0-3, 7" for an error message.
+fn describe_layer_list(layers: &[usize]) -> String {
+    let mut sorted = layers.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut runs: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        while i + 1 < sorted.len() && sorted[i + 1] == sorted[i] + 1 {
+            i += 1;
+        }
+        runs.push(if sorted[i] == start {
+            start.to_string()
+        } else {
+            format!("{start}-{}", sorted[i])
+        });
+        i += 1;
+    }
+    runs.join(", ")
 }
 
 fn check_layers(layers: &[usize], n_layer: usize) -> CoreResult<()> {
@@ -635,6 +710,10 @@ impl TensorSource for ModelFiles {
 
     fn all_resident(&self) -> bool {
         self.budget.is_none()
+    }
+
+    fn retain_layers(&self, layers: &[usize]) -> CoreResult<()> {
+        ModelFiles::retain_layers(self, layers)
     }
 
     fn weight_stats(&self) -> Option<WeightStats> {

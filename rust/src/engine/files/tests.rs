@@ -200,6 +200,58 @@ fn lru_evicts_the_least_recently_used_layer_and_stays_within_the_budget() {
 }
 
 #[test]
+fn retained_layers_follow_the_plan_and_are_evicted_last() {
+    let dir = temp_dir("retain");
+    let model = tiny_model_file(&dir, 8);
+    shard(&model, &dir);
+    let base = file_bytes(&dir.join(BASE_FILE));
+    let layer_bytes = file_bytes(&dir.join(layer_file_name(0)));
+    let files = ModelFiles::open(&dir, None, Some(base + 3 * layer_bytes)).unwrap();
+    let touch = |l: usize| {
+        files.tensor(&format!("blk.{l}.attn_q.weight")).unwrap().unwrap();
+    };
+    touch(4);
+    files.retain_layers(&[0, 1]).unwrap();
+    assert_eq!(mapped_layers(&files), [0, 1], "loaded ahead; layer 4 unmapped");
+    let stats = files.weight_stats().unwrap();
+    assert_eq!((stats.loads, stats.evictions), (3, 1));
+
+    // Running the plan's layers loads nothing more, however often.
+    for _ in 0..5 {
+        touch(0);
+        touch(1);
+    }
+    assert_eq!(files.weight_stats().unwrap().loads, 3);
+
+    // Another layer (a fallback) takes the free room, then evicts itself, not the plan's.
+    touch(2);
+    touch(3);
+    assert_eq!(mapped_layers(&files), [0, 1, 3]);
+    let stats = files.weight_stats().unwrap();
+    assert_eq!((stats.loads, stats.evictions), (5, 2));
+
+    // A new plan: its layers are loaded, the others unmapped.
+    files.retain_layers(&[1, 5]).unwrap();
+    assert_eq!(mapped_layers(&files), [1, 5]);
+
+    // More than the budget holds: refused, nothing changed.
+    let err = files.retain_layers(&[0, 1, 2, 3]).unwrap_err();
+    assert!(
+        matches!(&err, CoreError::InvalidArgument(m) if m.contains("0-3") && m.contains("memory budget")),
+        "{err}"
+    );
+    assert_eq!(mapped_layers(&files), [1, 5]);
+    let err = files.retain_layers(&[N_LAYER]).unwrap_err();
+    assert!(matches!(err, CoreError::InvalidArgument(_)), "{err}");
+
+    // Without a budget everything stays mapped and retaining changes nothing.
+    let unbounded = ModelFiles::open(&dir, None, None).unwrap();
+    unbounded.retain_layers(&[0]).unwrap();
+    assert_eq!(mapped_layers(&unbounded), (0..N_LAYER).collect::<Vec<_>>());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn tight_budget_reloads_on_demand_with_identical_logits() {
     let dir = temp_dir("tight");
     let model = tiny_model_file(&dir, 7);

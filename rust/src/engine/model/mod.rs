@@ -163,13 +163,13 @@ impl ModelConfig {
         if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
             return Err(invalid(format!("model config: {name} is 0")));
         }
-        if self.n_head % self.n_head_kv != 0 {
+        if !self.n_head.is_multiple_of(self.n_head_kv) {
             return Err(invalid(format!(
                 "model config: {} query heads are not a multiple of {} KV heads",
                 self.n_head, self.n_head_kv
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(invalid(format!(
                 "model config: head_dim {} is odd; RoPE needs pairs",
                 self.head_dim
@@ -344,6 +344,18 @@ impl Model {
         self.source.weight_stats()
     }
 
+    /// Keeps the weights of `layers` (served layers: those a plan runs here) loaded and unloads
+    /// the other layers' files, where the weights are mapped on demand under a budget.
+    pub fn retain_layers(&self, layers: &[usize]) -> CoreResult<()> {
+        if let Some(&layer) = layers.iter().find(|&&l| l >= self.cfg.n_layer || !self.served[l]) {
+            return Err(invalid(format!(
+                "cannot keep layer {layer} loaded: this model instance serves layers {}",
+                describe_layers(&self.served)
+            )));
+        }
+        self.source.retain_layers(layers)
+    }
+
     /// Runs `f` on this model's thread pool. Callers outside the pool should enter it once per
     /// call sequence: every matmul started from inside the pool skips the cross-thread wake-up
     /// that costs as much as a small decode matmul.
@@ -452,7 +464,7 @@ impl Model {
     }
 
     fn tokens_of(&self, what: &str, len: usize, width: usize) -> CoreResult<usize> {
-        if len % width != 0 {
+        if !len.is_multiple_of(width) {
             return Err(invalid(format!("{what}: length {len} is not a multiple of {width}")));
         }
         Ok(len / width)

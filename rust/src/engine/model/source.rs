@@ -126,6 +126,12 @@ pub trait TensorSource: Send + Sync {
     fn weight_stats(&self) -> Option<WeightStats> {
         None
     }
+    /// Keeps the weights of `layers` loaded and lets the others go (sources that load parts on
+    /// demand); a no-op for sources that hold everything.
+    fn retain_layers(&self, layers: &[usize]) -> CoreResult<()> {
+        let _ = layers;
+        Ok(())
+    }
 }
 
 impl TensorSource for Arc<GgufFile> {
