@@ -13,7 +13,11 @@ what stays mapped.
 
 Prints per run: tokens/s of decode, weight-file loads per decoded token, the device's peak RSS
 (VmHWM) and the cgroup's peak usage (which also counts the page cache charged to it) against the
-limit, and how often the cgroup hit its limit. Skips, saying why, where no memory cgroup can be made.
+limit, and how often the cgroup hit its limit. The shard files are dropped from the page cache
+before each run, so the device reads them from disk and the pages it maps are charged to its group.
+The worker shares the machine's 2 cores with the device, so tokens/s is that of the whole model
+either way; what differs is what the device must re-read. Skips, saying why, where no memory cgroup
+can be made.
 
 Run: python bench/memory_limit.py [--shape llama-7b] [--type q4_k_m] [--limit 2GiB] [--tokens 16]
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import sys
 import time
 from multiprocessing.connection import Connection
@@ -107,9 +112,22 @@ def worker_loop(model: Model, first_layer: int, pipe: Connection) -> dict[str, A
         pipe.send(int(np.argmax(model.output_logits(np.ascontiguousarray(x[-1:])))))
 
 
+def drop_cached_pages(shards: Path) -> None:
+    """Evicts the shard files from the page cache, so the device's reads are charged to its cgroup:
+    cgroup v1 charges a cached page to the group that first read it (here: this process, which
+    wrote the shards), and the limit would not see pages that are already cached."""
+    for path in shards.glob("*.gguf"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def run(
     group: MemoryCgroup, shards: Path, budget: int, edge_layers: int | None, tokens: int, threads: int
 ) -> dict[str, Any]:
+    drop_cached_pages(shards)
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
     child = context.Process(target=device, args=(group, str(shards), budget, edge_layers, tokens, threads, ours))

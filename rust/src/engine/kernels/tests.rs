@@ -295,7 +295,7 @@ fn simd_levels() -> Vec<LevelUnderTest> {
                 select: super::avx2::select,
                 select_tile: super::avx2::select_tile,
                 covers: &GgmlType::ALL,
-                tiles: &[GgmlType::Q4K, GgmlType::Q6K],
+                tiles: &[GgmlType::Q6K],
             });
         }
         if super::avx512::available() {
