@@ -76,13 +76,13 @@ unsafe fn f16_pair(p: *const u8) -> __m128 {
 }
 
 #[inline(always)]
-unsafe fn f16_one(p: *const u8) -> f32 {
+pub(super) unsafe fn f16_one(p: *const u8) -> f32 {
     let bits = (p as *const u16).read_unaligned();
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
 }
 
 #[inline(always)]
-unsafe fn horizontal_sum(v: __m256) -> f32 {
+pub(super) unsafe fn horizontal_sum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));

@@ -13,6 +13,7 @@
 use std::arch::x86_64::*;
 
 use super::activation::TokenActivation;
+use super::avx2::{f16_one, horizontal_sum};
 use super::dot::{DotFn, TileDotFn, TOKEN_TILE};
 use super::{GgmlType, QK, QK_K};
 
@@ -88,20 +89,6 @@ tile!(q8_0, q8_0_tile);
 tile!(q4_0, q4_0_tile);
 tile!(q5_0, q5_0_tile);
 tile!(q5_1, q5_1_tile);
-
-#[inline(always)]
-unsafe fn f16_one(p: *const u8) -> f32 {
-    let bits = (p as *const u16).read_unaligned();
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
-}
-
-#[inline(always)]
-unsafe fn horizontal_sum_256(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
-}
 
 #[inline(always)]
 unsafe fn load_512(p: *const u8) -> __m512i {
@@ -235,7 +222,7 @@ unsafe fn q4_k<const N: usize>(w: &[u8], a: [&TokenActivation<'_>; N]) -> [f32; 
             min_acc[t] = _mm256_fmadd_ps(min_sums, _mm256_set1_ps(dmin * dy), min_acc[t]);
         }
     }
-    std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]) - horizontal_sum_256(min_acc[t]))
+    std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]) - horizontal_sum(min_acc[t]))
 }
 
 #[inline(always)]

@@ -438,15 +438,11 @@ fn kernel_benchmark() {
         "µs per matmul, median of 5 interleaved rounds; columns {names:?}; speed-up of the last column \
          over the first and over the one before it"
     );
-    for ty in [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4K,
-        GgmlType::Q6K,
-    ] {
+    // The quantized types with SIMD kernels (Q5_K has none of its own).
+    for ty in GgmlType::ALL
+        .into_iter()
+        .filter(|&t| t.block_len() > 1 && t != GgmlType::Q5K)
+    {
         for (rows, cols) in [(576, 1536), (2048, 2048), (5632, 2048)] {
             let cols = if ty.block_len() == 256 { cols / 256 * 256 } else { cols };
             let data = random_weights(ty, rows, cols, &mut rng);
