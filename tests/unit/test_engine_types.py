@@ -270,12 +270,14 @@ KNOWN_MISSES = {
 }
 
 #: What each known miss must still reach: (max PPL distance from llama.cpp's range, max KL, min
-#: top-1). The worse of the two measured machines (AVX2 here: outside-range 0.0108/0.0039/0/0.0103/
+#: top-1). The worst of the measured machines (AVX2 here: outside-range 0.0108/0.0039/0/0.0103/
 #: 0.0088, KL 0.0079/0.0081/0.0140/0.0115/0.0091, top-1 0.965/0.945/0.934/0.949/0.957; the earlier
-#: CPU's in the module docstring, batched-only PPL) plus ~25% on KL, 0.02 on top-1 and 0.015 on PPL.
+#: CPU's in the module docstring, batched-only PPL; on the AVX-512 VM of 2026-12-02, whose AVX-512
+#: token-tile kernels sum in another order, Q5_1 reached KL 0.0106, top-1 0.941) plus ~25% on KL,
+#: 0.02 on top-1 and 0.015 on PPL.
 MEASURED_BOUNDS = {
     "Q4_0": (0.046, 0.011, 0.945),
-    "Q5_1": (0.040, 0.0105, 0.92),
+    "Q5_1": (0.040, 0.0133, 0.92),
     "Q4_K_M": (0.027, 0.0175, 0.915),
     "Q5_K_M": (0.025, 0.0155, 0.92),
     "Q6_K": (0.035, 0.0115, 0.92),
