@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluation.corpus import english_text
 from evaluation.cpu import cpu_features
 from evaluation.oracle import isolated, llama_cpp_build
+from evaluation.processes import peak_rss_bytes
 from evaluation.random_weights import BENCH_SHAPES, QTYPES, cached_bench_model, decode_bytes_per_token
 from splitwise_core.engine import SIMD_LEVELS, Model, simd_level
 from splitwise_core.tokenizer import Tokenizer, bundled_model_path
@@ -51,22 +52,12 @@ def best_of(rounds: int, fn: Callable[[], float]) -> float:
     return statistics.median(fn() for _ in range(rounds))
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set, VmHWM of /proc/self/status (file pages of a memory-mapped
-    model that were touched count). Not getrusage's ru_maxrss: Linux carries that across exec, so a
-    spawned child would report its parent's peak (the 1 GiB bandwidth array) if that was higher."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
-
-
 def ours(
     model_path: Path, threads: int, simd: str, prompt: list[int], n_decode: int, rounds: int
 ) -> tuple[float, float, int]:
     """Prefill tok/s, decode tok/s and peak RSS with kernels of SIMD level `simd`; run in a child
-    process (`isolated`) so that the peak RSS is this engine's alone and the level, read once per
-    process, is this one."""
-    os.environ[SIMD_LEVEL_ENV] = simd
+    process (`isolated`, started with SPLITWISE_SIMD=simd) so that the peak RSS is this engine's
+    alone and the level, read once per process, is this one."""
     model = Model(str(model_path), threads)
     if simd_level() != simd:
         raise RuntimeError(f"asked for {simd} kernels, the engine runs {simd_level()}")
@@ -259,7 +250,7 @@ def main() -> None:
         mine: dict[str, Measured] = {}
         for level in levels:
             progress(f"ours ({level}), {threads} thread(s)")
-            # Also in the child's environment from its start, in case anything reads it on import.
+            # The child inherits it from its start: the level is read once per process.
             os.environ[SIMD_LEVEL_ENV] = level
             try:
                 mine[level] = isolated(

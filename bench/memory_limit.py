@@ -40,17 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.cgroup import CgroupUnavailable, MemoryCgroup, memory_cgroup
 from evaluation.cpu import cpu_features
+from evaluation.processes import peak_rss_bytes
 from evaluation.random_weights import BENCH_SHAPES, QTYPES, cached_bench_model
 from splitwise_core.engine import Model
 from splitwise_core.shards import parse_size, shard_model
 
 PROMPT = [1, 450, 4996, 17354, 1701, 432, 17204, 975, 278, 17366, 11203, 29889, 450, 4996, 17354, 1701]
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
 
 
 def device(

@@ -85,3 +85,12 @@ def write_toml(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
         )
     )
     return path
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set, VmHWM of /proc/self/status (file pages of a memory-mapped
+    model that were touched count). Not getrusage's ru_maxrss: Linux carries that across exec, so a
+    spawned child would report its parent's peak if that was higher."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024

@@ -22,7 +22,7 @@ mod writer;
 pub use writer::{write_shards, ShardSummary, WrittenShard};
 
 use crate::engine::gguf::GgufFile;
-use crate::engine::model::{Model, ModelConfig, TensorRef, TensorSource, WeightStats};
+use crate::engine::model::{describe_layers, Model, ModelConfig, TensorRef, TensorSource, WeightStats};
 use crate::error::{CoreError, CoreResult};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -525,8 +525,7 @@ impl ModelFiles {
                 wanted[index] = true;
             }
         }
-        let pinned: u64 = self.slots.iter().filter(|s| s.pinned).map(|s| s.bytes).sum();
-        let needed: u64 = pinned
+        let needed: u64 = self.pinned_bytes()
             + (0..self.slots.len())
                 .filter(|&i| wanted[i])
                 .map(|i| self.slots[i].bytes)
@@ -536,7 +535,11 @@ impl ModelFiles {
                 "the files of the {} layers to keep here ({}) and the always-mapped ones need \
                  {needed} bytes; the memory budget is {budget}",
                 layers.len(),
-                describe_layer_list(layers),
+                describe_layers(
+                    &(0..self.config.n_layer)
+                        .map(|l| layers.contains(&l))
+                        .collect::<Vec<_>>()
+                ),
             )));
         }
         {
@@ -553,6 +556,11 @@ impl ModelFiles {
             self.mapped(index)?;
         }
         Ok(())
+    }
+
+    /// Bytes of the files that are never evicted.
+    fn pinned_bytes(&self) -> u64 {
+        self.slots.iter().filter(|s| s.pinned).map(|s| s.bytes).sum()
     }
 
     fn lock(&self) -> MutexGuard<'_, CacheState> {
@@ -615,28 +623,6 @@ impl ModelFiles {
         }
         Ok(())
     }
-}
-
-/// "0-3, 7" for an error message.
-fn describe_layer_list(layers: &[usize]) -> String {
-    let mut sorted = layers.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut runs: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < sorted.len() {
-        let start = sorted[i];
-        while i + 1 < sorted.len() && sorted[i + 1] == sorted[i] + 1 {
-            i += 1;
-        }
-        runs.push(if sorted[i] == start {
-            start.to_string()
-        } else {
-            format!("{start}-{}", sorted[i])
-        });
-        i += 1;
-    }
-    runs.join(", ")
 }
 
 fn check_layers(layers: &[usize], n_layer: usize) -> CoreResult<()> {
@@ -722,7 +708,7 @@ impl TensorSource for ModelFiles {
             budget_bytes: self.budget,
             mapped_bytes: state.mapped_bytes,
             peak_mapped_bytes: state.peak_mapped_bytes,
-            pinned_bytes: self.slots.iter().filter(|s| s.pinned).map(|s| s.bytes).sum(),
+            pinned_bytes: self.pinned_bytes(),
             mapped_files: state.mapped.iter().filter(|m| m.is_some()).count(),
             files: self.slots.len(),
             loads: state.loads,

@@ -12,11 +12,16 @@ use super::dequant::k_scales_mins;
 use super::dot::{self, DotFn, TileDotFn, TOKEN_TILE};
 use super::{GgmlType, QK, QK_K};
 
+/// The CPU features every kernel here is compiled for.
+pub(super) fn available() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+}
+
 pub(super) fn select(ty: GgmlType) -> Option<DotFn> {
-    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")) {
+    if !available() {
         return None;
     }
-    // SAFETY (every wrapper below): reached only when the features above are present.
+    // SAFETY (every wrapper below): reached only when `available()` holds.
     let dot: DotFn = match ty {
         GgmlType::F32 => |w, a| unsafe { f32_row(w, a) },
         GgmlType::F16 => |w, a| unsafe { f16_row(w, a) },
@@ -34,7 +39,7 @@ pub(super) fn select(ty: GgmlType) -> Option<DotFn> {
 }
 
 pub(super) fn select_tile(ty: GgmlType) -> Option<TileDotFn> {
-    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")) {
+    if !available() {
         return None;
     }
     // SAFETY: as in `select`.

@@ -23,9 +23,7 @@ pub(super) fn available() -> bool {
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512vnni")
-        && is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c")
+        && super::avx2::available()
 }
 
 /// Single-token (decode) kernels: only the K-quants, where the wider unpacking measured 1.2-1.9×

@@ -21,17 +21,8 @@ pub(super) type TileDotFn = fn(&[u8], &[TokenActivation<'_>; TOKEN_TILE]) -> [f3
 /// The fastest dot product for `ty` at the SIMD level the kernels run at.
 pub(super) fn select(ty: GgmlType) -> DotFn {
     #[cfg(target_arch = "x86_64")]
-    {
-        let level = simd_level().unwrap_or_else(|_| SimdLevel::detected());
-        let avx512 = || {
-            (level >= SimdLevel::Avx512)
-                .then(|| super::avx512::select(ty))
-                .flatten()
-        };
-        let avx2 = || (level >= SimdLevel::Avx2).then(|| super::avx2::select(ty)).flatten();
-        if let Some(dot) = avx512().or_else(avx2) {
-            return dot;
-        }
+    if let Some(dot) = best_at_level(ty, super::avx512::select, super::avx2::select) {
+        return dot;
     }
     portable(ty)
 }
@@ -40,25 +31,22 @@ pub(super) fn select(ty: GgmlType) -> DotFn {
 /// per token.
 pub(super) fn select_tile(ty: GgmlType) -> Option<TileDotFn> {
     #[cfg(target_arch = "x86_64")]
-    {
-        let level = simd_level().unwrap_or_else(|_| SimdLevel::detected());
-        let avx512 = || {
-            (level >= SimdLevel::Avx512)
-                .then(|| super::avx512::select_tile(ty))
-                .flatten()
-        };
-        let avx2 = || {
-            (level >= SimdLevel::Avx2)
-                .then(|| super::avx2::select_tile(ty))
-                .flatten()
-        };
-        avx512().or_else(avx2)
-    }
+    return best_at_level(ty, super::avx512::select_tile, super::avx2::select_tile);
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = ty;
         None
     }
+}
+
+/// The kernel of the highest family at or below the running level that has one for `ty`.
+#[cfg(target_arch = "x86_64")]
+fn best_at_level<K>(ty: GgmlType, avx512: fn(GgmlType) -> Option<K>, avx2: fn(GgmlType) -> Option<K>) -> Option<K> {
+    let level = simd_level().unwrap_or_else(|_| SimdLevel::detected());
+    [(SimdLevel::Avx512, avx512), (SimdLevel::Avx2, avx2)]
+        .into_iter()
+        .filter(|&(family, _)| level >= family)
+        .find_map(|(_, select)| select(ty))
 }
 
 /// The kernel families, slowest first. ARM64 runs the portable loops (no NEON kernels yet).
@@ -93,7 +81,7 @@ impl SimdLevel {
             if super::avx512::available() {
                 return SimdLevel::Avx512;
             }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+            if super::avx2::available() {
                 return SimdLevel::Avx2;
             }
         }

@@ -289,7 +289,7 @@ fn simd_levels() -> Vec<LevelUnderTest> {
     let mut levels = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+        if super::avx2::available() {
             levels.push(LevelUnderTest {
                 name: "avx2",
                 select: super::avx2::select,
