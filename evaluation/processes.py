@@ -91,6 +91,16 @@ def peak_rss_bytes() -> int:
     """This process's peak resident set, VmHWM of /proc/self/status (file pages of a memory-mapped
     model that were touched count). Not getrusage's ru_maxrss: Linux carries that across exec, so a
     spawned child would report its parent's peak if that was higher."""
+    return _status_bytes("VmHWM:")
+
+
+def rss_bytes() -> int:
+    """This process's resident set now, VmRSS of /proc/self/status (touched pages of mapped files
+    count, pages it unmapped or freed back to the system do not)."""
+    return _status_bytes("VmRSS:")
+
+
+def _status_bytes(key: str) -> int:
     with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
+        line = next(line for line in status if line.startswith(key))
     return int(line.split()[1]) * 1024

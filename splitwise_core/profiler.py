@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from splitwise_core import __version__
 
-__all__ = ["Measurement", "Settings", "machine_info", "measure", "to_profile"]
+__all__ = ["Measurement", "Settings", "machine_info", "measure", "to_profile", "weight_bytes_per_param"]
 
 F32 = npt.NDArray[np.float32]
 Progress = Callable[[int, int, str], None]
@@ -459,6 +459,13 @@ def measure(
     return m
 
 
+def weight_bytes_per_param(path: Path, cfg: dict[str, Any]) -> float:
+    """The model files' bytes per weight (a type mix averaged over every tensor): what the cost
+    model multiplies a plan's parameter count by to predict the device's resident weights."""
+    size = sum(p.stat().st_size for p in path.glob("*.gguf")) if path.is_dir() else path.stat().st_size
+    return size / _param_count(cfg)
+
+
 def _param_count(cfg: dict[str, Any]) -> int:
     d, f, v = int(cfg["n_embd"]), int(cfg["n_ff"]), int(cfg["n_vocab"])
     hd = int(cfg.get("head_dim", d // int(cfg["n_head"])))
@@ -474,7 +481,6 @@ def to_profile(m: Measurement) -> Any:
 
     cfg = m.model["config"]
     path = Path(m.model["path"])
-    size = sum(p.stat().st_size for p in path.glob("*.gguf")) if path.is_dir() else path.stat().st_size
     lengths = sorted(m.prefill_factor)
     info = m.machine
     machine = f"{info['cpu_model']} ({info['logical_cores']} logical cores, {info['threads']} threads)"
@@ -506,7 +512,7 @@ def to_profile(m: Measurement) -> Any:
             },
             "power": {"compute_w": 0.0, "transmit_w": 0.0, "idle_w": 0.0},
             "codec_kl": m.codec_kl,
-            "weight_bytes_per_param": size / _param_count(cfg),
+            "weight_bytes_per_param": weight_bytes_per_param(path, cfg),
             "kv_bytes_per_value": 4.0,
             "base_memory_bytes": 0,
             "provenance": m.provenance,
