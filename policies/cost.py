@@ -370,12 +370,15 @@ class CostModel:
     # -- memory ----------------------------------------------------------------------------------
 
     def layer_memory(self, n_edge_heads: int, n_edge_groups: int, ffn_params: int, all_cloud: bool) -> int:
-        """Edge bytes of one layer: weights of its edge heads, KV groups, FFN parts, norms, and KV."""
+        """Edge bytes of one layer as the engine touches them: the W_q rows of its edge heads, the
+        W_k/W_v rows of their KV groups, all of W_o once any head is on the edge (a head's share is
+        a column slice, and every row of W_o is shorter than a page), FFN parts, norms, and KV."""
         if all_cloud:
             return 0
         d = self.dims.d_model
         hd = d // self.dims.n_head
-        params = n_edge_heads * 2 * d * hd + n_edge_groups * 2 * d * hd + ffn_params + 2 * d
+        w_o = d * self.dims.n_head * hd if n_edge_heads else 0
+        params = n_edge_heads * d * hd + w_o + n_edge_groups * 2 * d * hd + ffn_params + 2 * d
         kv = n_edge_groups * 2 * hd * self.kv_len * self.edge.kv_bytes_per_value
         return math.ceil(params * self.edge.weight_bytes_per_param + kv)
 
@@ -385,7 +388,8 @@ class CostModel:
 
     def fixed_memory(self, lm_head: Side) -> int:
         d, v = self.dims.d_model, self.dims.n_vocab
-        params = v * d + (v * d + d if lm_head is Side.EDGE else 0)
+        head = (0 if self.dims.tied_output else v * d) + d  # the output norm, and its own matrix if untied
+        params = v * d + (head if lm_head is Side.EDGE else 0)
         return self.edge.base_memory_bytes + math.ceil(params * self.edge.weight_bytes_per_param)
 
     # -- totals ----------------------------------------------------------------------------------

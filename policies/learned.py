@@ -228,7 +228,10 @@ class PolicyMetadata:
                 raise ValueError(f"metadata has no {key!r}")
             return raw
 
-        dims = ModelDims(*(integer(k, 1) for k in ("n_layer", "n_head", "n_head_kv", "d_model", "n_ff", "n_vocab")))
+        n_layer, n_head, n_head_kv, d_model, n_ff, n_vocab = (
+            integer(k, 1) for k in ("n_layer", "n_head", "n_head_kv", "d_model", "n_ff", "n_vocab")
+        )
+        dims = ModelDims(n_layer, n_head, n_head_kv, d_model, n_ff, n_vocab)
         drift = text("drift")
         if drift not in ("true", "false"):
             raise ValueError(f"metadata 'drift' = {drift!r} is not true/false")

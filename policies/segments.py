@@ -50,7 +50,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -147,6 +147,9 @@ class ModelDims:
     d_model: int
     n_ff: int
     n_vocab: int
+    # The LM head is the embedding matrix (one tensor in memory). Not part of equality: it changes
+    # no tensor's shape, and a policy trained for the shape (its metadata has no such key) fits.
+    tied_output: bool = field(default=False, compare=False)
 
     @classmethod
     def of_model_file(cls, path: str | os.PathLike[str]) -> ModelDims:
@@ -163,6 +166,7 @@ class ModelDims:
             d_model=int(config["n_embd"]),
             n_ff=int(config["n_ff"]),
             n_vocab=int(config["n_vocab"]),
+            tied_output=bool(config.get("tied_output", False)),
         )
 
     def cols(self, reg: Reg) -> int:
