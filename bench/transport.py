@@ -63,6 +63,7 @@ from policies.plan import parse_plan
 from policies.segments import ModelDims, compile_plan
 from splitwise_core.engine import Engine, model_sha256
 from splitwise_core.ops import Op, OpKind
+from splitwise_core.shutdown import StopRequest
 from splitwise_core.tokenizer import bundled_model_path
 from splitwise_device.executor import CloudLink, RecoveryPolicy, SplitExecutor
 
@@ -330,9 +331,7 @@ def serve_worker(broker_url: str, worker_id: str) -> None:
         bundled_model_path(), worker_id=worker_id, pool=POOL, broker=BrokerSettings.from_url(broker_url), threads=1
     )
     worker.connection.client.on_socket_open = _nodelay
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopRequest()
     worker.start(connect_timeout=None)
     while not stop.wait(1.0):
         pass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 import uuid
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from splitwise_core import __version__
 from splitwise_core.errors import SplitwiseError
+from splitwise_core.shutdown import StopRequest
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,9 +106,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             threads=args.threads,
             profile=profile,
         )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopRequest()
     # READY=1 only once the broker has connected: until then the unit is "activating", as
     # deploy/README.md promises; the MQTT layer logs why it cannot connect.
     connected = threading.Event()

@@ -46,6 +46,7 @@ from splitwise_core import __version__, systemd
 from splitwise_core.engine import Engine, model_sha256
 from splitwise_core.errors import SplitwiseError
 from splitwise_core.profile import Profile
+from splitwise_core.shutdown import StopRequest
 from splitwise_device import app_messages
 from splitwise_device.app_messages import InferRequest
 from splitwise_device.config import FIXED_PLANNER, LEARNED_PLANNER, DeviceConfig
@@ -548,16 +549,12 @@ def _validation_message(err: Exception) -> str:
 
 def run_agent(config_path: str) -> int:
     """`splitwise-device run`: serve until SIGTERM/SIGINT, then drain and exit."""
-    import signal
-
     from splitwise_device.config import load_device_config
 
     config = load_device_config(config_path)
     logging.basicConfig(level=config.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     agent = DeviceAgent(config)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopRequest()
     agent.start(connect_timeout=None)
     while not stop.wait(config.agent.status_interval_s):
         agent._publish_status()

@@ -70,9 +70,21 @@ def wait_for_line(log: Path, fragment: str, timeout: float) -> str:
     raise AssertionError(f"{fragment!r} not in the log within {timeout:g} s:\n{log.read_text(errors='replace')}")
 
 
+@pytest.fixture(autouse=True)
+def thread_dumps_on_abort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The services under test dump every thread's stack on SIGABRT (see sigterm)."""
+    monkeypatch.setenv("PYTHONFAULTHANDLER", "1")
+
+
 def sigterm(popen: subprocess.Popen[bytes], log: Path) -> str:
     popen.send_signal(signal.SIGTERM)
-    code = popen.wait(timeout=30)
+    try:
+        code = popen.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        # A hung shutdown: SIGABRT makes faulthandler write where every thread is to the log.
+        popen.send_signal(signal.SIGABRT)
+        popen.wait(timeout=30)
+        raise AssertionError(f"no exit within 30 s of SIGTERM:\n{log.read_text(errors='replace')}") from None
     text = log.read_text(errors="replace")
     assert code == 0, f"exit {code}:\n{text}"
     assert "Traceback" not in text, text
@@ -91,6 +103,7 @@ def test_agent_sigterm_during_a_broker_outage_exits_0(tmp_path: Path, notify_soc
     finally:
         if popen.poll() is None:
             popen.kill()
+            popen.wait()
     assert not any("READY=1" in m for m in drain(notify_socket)), "READY=1 without a broker"
     warnings = [line for line in text.splitlines() if "WARNING" in line and "broker" in line]
     assert 1 <= len(warnings) <= 3, warnings  # the first failure with its reason, then spaced reminders
@@ -113,6 +126,7 @@ def test_agent_sigterm_when_the_broker_refuses_the_password_exits_0(tmp_path: Pa
         finally:
             if popen.poll() is None:
                 popen.kill()
+                popen.wait()
     finally:
         broker.stop()
 
@@ -141,6 +155,7 @@ def test_cloud_worker_sigterm_during_a_broker_outage_exits_0(tmp_path: Path) -> 
     finally:
         if popen.poll() is None:
             popen.kill()
+            popen.wait()
 
 
 def test_check_config_connect_reports_the_broker(tmp_path: Path) -> None:
@@ -206,6 +221,7 @@ def test_cloud_worker_sends_ready_only_after_the_broker_connects(tmp_path: Path,
     finally:
         if popen.poll() is None:
             popen.kill()
+            popen.wait()
         if broker is not None:
             broker.stop()
 
