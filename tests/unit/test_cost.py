@@ -217,15 +217,21 @@ def test_edge_memory_counts_weights_and_kv_groups() -> None:
     wb = 34 / 32
     fixed = (1 << 20) + math.ceil((49152 * d) * wb)  # embedding; LM head on the cloud
     assert _pred(cloud_only(30, 9), o).edge_memory_bytes == fixed
-    # heads:4 → heads 0..3 = group 0 whole + group 1 split: 4 q heads, 2 KV groups on the edge
-    layer = math.ceil((4 * 2 * d * hd + 2 * 2 * d * hd + 3 * d * 1536 + 2 * d) * wb + 2 * 2 * hd * 16 * 2.0)
+    # heads:4 → heads 0..3 = group 0 whole + group 1 split: 4 W_q heads, 2 KV groups on the edge, and
+    # all of W_o (the engine reads a head's column slice of every row)
+    w_o = d * 9 * hd
+    layer = math.ceil((4 * d * hd + w_o + 2 * 2 * d * hd + 3 * d * 1536 + 2 * d) * wb + 2 * 2 * hd * 16 * 2.0)
     lm = math.ceil((2 * 49152 * d + d) * wb)  # embedding + LM head (+ final norm) on the edge
     assert _pred(heads_plan(4, 30, 9), o).edge_memory_bytes == (1 << 20) + lm + 30 * layer
     # FFN split keeps gate/up only; a whole-cloud layer costs nothing on the edge
     plan = Plan(2, 9, (LayerPlan((), FfnMode.CLOUD), LayerPlan((0,), FfnMode.SPLIT)), Side.CLOUD)
     dims = ModelDims(n_layer=2, n_head=9, n_head_kv=3, d_model=d, n_ff=1536, n_vocab=49152)
-    one = math.ceil((1 * 2 * d * hd + 1 * 2 * d * hd + 2 * d * 1536 + 2 * d) * wb + 1 * 2 * hd * 16 * 2.0)
+    one = math.ceil((1 * d * hd + w_o + 1 * 2 * d * hd + 2 * d * 1536 + 2 * d) * wb + 1 * 2 * hd * 16 * 2.0)
     assert _pred(plan, o, dims).edge_memory_bytes == fixed + one
+    # A tied LM head is the embedding: on the edge it adds the final norm only
+    tied = ModelDims(n_layer=2, n_head=9, n_head_kv=3, d_model=d, n_ff=1536, n_vocab=49152, tied_output=True)
+    on_edge = Plan(2, 9, plan.layers, Side.EDGE)
+    assert _pred(on_edge, o, tied).edge_memory_bytes == (1 << 20) + math.ceil((49152 * d + d) * wb) + one
 
 
 def test_objective_equals_queue_bank_drift_plus_penalty() -> None:
