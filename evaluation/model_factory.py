@@ -271,7 +271,7 @@ def unsupported_types(path: Path) -> set[str]:
 
 @dataclass(frozen=True)
 class Shape:
-    """A synthetic llama shape (head_dim = n_embd / n_head)."""
+    """A synthetic model shape (head_dim = n_embd / n_head) of one of ARCHITECTURES."""
 
     n_layer: int
     n_embd: int
@@ -282,6 +282,11 @@ class Shape:
     seed: int = 0
     logit_scale: float = 2.5
     row_norm_spread: float = 0.3
+    architecture: str = "llama"
+
+
+#: What random_llama writes besides a llama layer: Qwen2's Q/K/V biases, Qwen3's per-head Q/K norms.
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
 #: The shapes the agreement tests use (all 49152-token SmolLM2 vocabulary).
@@ -294,6 +299,13 @@ SHAPES: dict[str, Shape] = {
     "untied_h9": Shape(n_layer=3, n_embd=576, n_head=9, n_head_kv=3, n_ff=1536, tied_output=False, seed=3),
     # every row a multiple of 256 → K-quants without fallback; GQA 4:1, untied output
     "k256": Shape(n_layer=2, n_embd=512, n_head=8, n_head_kv=2, n_ff=1536, tied_output=False, seed=4),
+    # the other architectures, GQA 4:1: Qwen2 (Q/K/V biases) tied, Qwen3 (Q/K norms) untied
+    "qwen2_gqa4": Shape(
+        n_layer=2, n_embd=384, n_head=12, n_head_kv=3, n_ff=1024, tied_output=True, seed=5, architecture="qwen2"
+    ),
+    "qwen3_gqa4": Shape(
+        n_layer=2, n_embd=384, n_head=12, n_head_kv=3, n_ff=1024, tied_output=False, seed=6, architecture="qwen3"
+    ),
 }
 
 
@@ -310,10 +322,12 @@ def random_llama(
     dtype: str = "f32",
     logit_scale: float = 2.5,
     row_norm_spread: float = 0.3,
+    architecture: str = "llama",
     tokenizer_source: Path | None = None,
 ) -> Path:
     """A llama GGUF with random weights and the tokenizer (vocabulary, merges, template) of
-    `tokenizer_source` (default: the bundled SmolLM2).
+    `tokenizer_source` (default: the bundled SmolLM2); `architecture` "qwen2" adds Q/K/V biases
+    (std 0.1), "qwen3" per-head Q/K norm weights, and either names its keys after itself.
 
     Scales: every matrix that reads a normalised vector has std 1/sqrt(fan_in), so q, k, v, gate and
     up have unit-scale entries (attention scores ~N(0,1), neither uniform nor one-hot) and each block
@@ -328,6 +342,8 @@ def random_llama(
     """
     if dtype not in ("f32", "f16"):
         raise ValueError(f"dtype must be 'f32' or 'f16', got {dtype!r}")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
     if n_embd % n_head or n_head % n_head_kv:
         raise ValueError("n_embd must be a multiple of n_head, and n_head of n_head_kv")
     head_dim = n_embd // n_head
@@ -361,6 +377,18 @@ def random_llama(
             (b + "ffn_up.weight", (n_ff, n_embd), mat, 1 / np.sqrt(n_embd), 0.0),
             (b + "ffn_down.weight", (n_embd, n_ff), mat, 1.5 / np.sqrt(n_ff), 0.0),
         ]
+        if architecture == "qwen2":
+            kv = n_head_kv * head_dim
+            layout += [
+                (b + "attn_q.bias", (n_embd,), f32, 0.1, 0.0),
+                (b + "attn_k.bias", (kv,), f32, 0.1, 0.0),
+                (b + "attn_v.bias", (kv,), f32, 0.1, 0.0),
+            ]
+        if architecture == "qwen3":
+            layout += [
+                (b + "attn_q_norm.weight", (head_dim,), f32, 0.1, 1.0),
+                (b + "attn_k_norm.weight", (head_dim,), f32, 0.1, 1.0),
+            ]
 
     def produce(i: int) -> np.ndarray[Any, Any]:
         name, shape, _dtype, std, mean = layout[i]
@@ -370,18 +398,19 @@ def random_llama(
         return values.astype(np.float32)
 
     with _atomic_output(dst) as tmp:
-        writer = gguf.GGUFWriter(tmp, "llama")
-        writer.add_name(f"splitwise-random-L{n_layer}-d{n_embd}-h{n_head}-kv{n_head_kv}-ff{n_ff}-s{seed}")
-        writer.add_uint32("llama.block_count", n_layer)
-        writer.add_uint32("llama.context_length", 2048)
-        writer.add_uint32("llama.embedding_length", n_embd)
-        writer.add_uint32("llama.feed_forward_length", n_ff)
-        writer.add_uint32("llama.attention.head_count", n_head)
-        writer.add_uint32("llama.attention.head_count_kv", n_head_kv)
-        writer.add_float32("llama.rope.freq_base", 100000.0)
-        writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-        writer.add_uint32("llama.rope.dimension_count", head_dim)
-        writer.add_uint32("llama.vocab_size", n_vocab)
+        a = architecture
+        writer = gguf.GGUFWriter(tmp, a)
+        writer.add_name(f"splitwise-random-{a}-L{n_layer}-d{n_embd}-h{n_head}-kv{n_head_kv}-ff{n_ff}-s{seed}")
+        writer.add_uint32(f"{a}.block_count", n_layer)
+        writer.add_uint32(f"{a}.context_length", 2048)
+        writer.add_uint32(f"{a}.embedding_length", n_embd)
+        writer.add_uint32(f"{a}.feed_forward_length", n_ff)
+        writer.add_uint32(f"{a}.attention.head_count", n_head)
+        writer.add_uint32(f"{a}.attention.head_count_kv", n_head_kv)
+        writer.add_float32(f"{a}.rope.freq_base", 100000.0)
+        writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
+        writer.add_uint32(f"{a}.rope.dimension_count", head_dim)
+        writer.add_uint32(f"{a}.vocab_size", n_vocab)
         writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32))
         _copy_metadata(source, writer, keep=lambda key: key.startswith("tokenizer."))
         _write_streaming(writer, tmp, [(n, s, d) for n, s, d, _std, _mean in layout], produce)
@@ -412,7 +441,8 @@ def cached_random_llama(shape: Shape | str, ftype: str = "F32") -> Path:
         shape = SHAPES[shape]
     tok = default_source()
     key = {"kind": "random", "shape": asdict(shape), "tokenizer": source_fingerprint(tok)}
-    tag = f"random-L{shape.n_layer}-d{shape.n_embd}-h{shape.n_head}-kv{shape.n_head_kv}"
+    arch = "" if shape.architecture == "llama" else f"-{shape.architecture}"
+    tag = f"random{arch}-L{shape.n_layer}-d{shape.n_embd}-h{shape.n_head}-kv{shape.n_head_kv}"
     base = _cached(f"{tag}-F32", key, lambda dst: random_llama(dst, tokenizer_source=tok, **asdict(shape)))
     if ftype == "F32":
         return base

@@ -53,7 +53,8 @@ def test_wrong_magic(tmp_path: Path, model_bytes: bytes) -> None:
 def test_unsupported_architecture(tmp_path: Path, model_bytes: bytes) -> None:
     key = string_field("general.architecture") + struct.pack("<I", 8)
     data = patched(model_bytes, key + string_field("llama"), key + string_field("mamba"))
-    with pytest.raises(errors.ModelFileError, match=r"arch\.gguf.*mamba"):
+    expected = r"arch\.gguf.*\"mamba\" is not supported; supported: llama, qwen2, qwen3"
+    with pytest.raises(errors.ModelFileError, match=expected):
         Model(str(write(tmp_path, "arch.gguf", data)))
 
 

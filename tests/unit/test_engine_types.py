@@ -110,6 +110,13 @@ RANDOM_CASES = [
     ("k256", "Q4_K_M"),
     ("k256", "Q5_K_M"),
     ("k256", "Q6_K"),
+    # the other architectures
+    ("qwen2_gqa4", "F32"),
+    ("qwen2_gqa4", "Q8_0"),
+    ("qwen2_gqa4", "Q4_0"),
+    ("qwen3_gqa4", "F32"),
+    ("qwen3_gqa4", "Q8_0"),
+    ("qwen3_gqa4", "Q4_0"),
 ]
 RANDOM_K_TYPES = {
     "Q4_K_M": {"F32": 5, "Q4_K": 13, "Q6_K": 3},

@@ -138,6 +138,21 @@ def test_sharded_model_logits_equal_the_plain_model_bit_for_bit(
     assert big.weight_stats()["evictions"] == 0
 
 
+@pytest.mark.parametrize("shape", ["qwen2_gqa4", "qwen3_gqa4"])
+def test_shards_of_the_other_architectures_carry_their_extra_tensors(shape: str, tmp_path: Path) -> None:
+    """Qwen2's Q/K/V biases and Qwen3's Q/K norms are blk.N tensors: they go to the layer shards."""
+    from evaluation import model_factory as mf
+
+    source = mf.cached_random_llama(shape, "Q8_0")
+    shard_model(source, tmp_path / "shards")
+    extra = {"qwen2_gqa4": "blk.1.attn_k.bias", "qwen3_gqa4": "blk.1.attn_k_norm.weight"}[shape]
+    layer = gguf.GGUFReader(tmp_path / "shards" / "layer-001.gguf")
+    assert extra in {t.name for t in layer.tensors}
+    sharded = Model(str(tmp_path / "shards"), memory_budget_bytes=10**9)
+    assert sharded.config["architecture"] == shape.split("_")[0]
+    assert np.array_equal(forward_logits(sharded), forward_logits(Model(str(source))))
+
+
 def test_budget_of_three_layers_gives_identical_logits_with_evictions(
     shard_dir: Path, plain_logits: np.ndarray[Any, np.dtype[np.float32]]
 ) -> None:

@@ -117,6 +117,7 @@ impl Model {
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let c = self.inner.config();
         let d = PyDict::new(py);
+        d.set_item("architecture", c.arch.name())?;
         d.set_item("n_layer", c.n_layer)?;
         d.set_item("n_embd", c.n_embd)?;
         d.set_item("n_head", c.n_head)?;

@@ -1,4 +1,4 @@
-//! The llama model and its sub-block API.
+//! The model (llama, Qwen2, Qwen3) and its sub-block API.
 //!
 //! Every sub-block (embedding, the two RMSNorms, any subset of attention heads, the two FFN
 //! parts, the LM head) is one call, so a plan can run each on either side of a split.
@@ -8,7 +8,10 @@
 //! in llama.cpp's "normal" mode (rotating pairs `(2i, 2i+1)` of each head by
 //! `pos · theta^(-2i/head_dim)`; the GGUF converter permutes Q/K rows to match), grouped-query
 //! attention with causal mask and `1/sqrt(head_dim)` scale, SwiGLU FFN, and an LM head that is
-//! either `output.weight` or the tied `token_embd.weight`.
+//! either `output.weight` or the tied `token_embd.weight`. The other [`Architecture`]s are this
+//! layer with llama.cpp's differences: Qwen2 adds biases to Q, K and V; Qwen3 RMS-normalises each
+//! query and key head (`attn_q_norm`, `attn_k_norm`, before RoPE); both rotate pairs
+//! `(i, i + head_dim/2)` (llama.cpp's NEOX RoPE; their converter does not permute).
 
 mod session;
 mod source;
@@ -26,9 +29,50 @@ use session::Append;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// Hyper-parameters of a llama model.
+/// The model families the engine runs: GGUF `general.architecture`, which is also the prefix of
+/// their hyper-parameter keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Qwen2,
+    Qwen3,
+}
+
+impl Architecture {
+    pub const ALL: [Architecture; 3] = [Architecture::Llama, Architecture::Qwen2, Architecture::Qwen3];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Architecture> {
+        Architecture::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// RoPE rotates pairs `(i, i + head_dim/2)` (llama.cpp's NEOX mode), not `(2i, 2i+1)`.
+    pub fn rope_neox(self) -> bool {
+        self != Architecture::Llama
+    }
+
+    /// `attn_q.bias`, `attn_k.bias`, `attn_v.bias` are added after the projections.
+    pub fn qkv_bias(self) -> bool {
+        self == Architecture::Qwen2
+    }
+
+    /// Every query and key head is RMS-normalised (`attn_q_norm`, `attn_k_norm`) before RoPE.
+    pub fn qk_norm(self) -> bool {
+        self == Architecture::Qwen3
+    }
+}
+
+/// Hyper-parameters of a model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
+    pub arch: Architecture,
     pub n_layer: usize,
     pub n_embd: usize,
     pub n_head: usize,
@@ -62,8 +106,8 @@ fn optional_u32(f: &GgufFile, key: &str) -> CoreResult<Option<usize>> {
 }
 
 impl ModelConfig {
-    /// Reads the `llama.*` metadata. Errors (`ModelFile`) for another architecture, missing
-    /// keys, or features this engine does not implement (partial RoPE, RoPE scaling).
+    /// Reads the `<arch>.*` metadata. Errors (`ModelFile`) for an architecture the engine does not
+    /// run, missing keys, or features it does not implement (partial RoPE, RoPE scaling).
     pub fn from_gguf(f: &GgufFile) -> CoreResult<Self> {
         ModelConfig::from_metadata(f, &|name| f.tensor(name).map(|t| t.dims.clone()))
     }
@@ -72,18 +116,23 @@ impl ModelConfig {
     /// the one holding the metadata (gguf-split sets): `tensor_dims` finds a tensor's dims.
     pub fn from_metadata(f: &GgufFile, tensor_dims: &dyn Fn(&str) -> Option<Vec<u64>>) -> CoreResult<Self> {
         let origin = f.path().display().to_string();
-        let arch = f.meta_str("general.architecture")?;
-        if arch != "llama" {
+        let name = f.meta_str("general.architecture")?;
+        let Some(arch) = Architecture::from_name(name) else {
+            let supported: Vec<&str> = Architecture::ALL.iter().map(|a| a.name()).collect();
             return Err(file_error(
                 &origin,
-                format!("architecture {arch:?} is not supported; only \"llama\" is"),
+                format!(
+                    "architecture {name:?} is not supported; supported: {}",
+                    supported.join(", ")
+                ),
             ));
-        }
-        let u = |k: &str| f.meta_u32(&format!("llama.{k}")).map(|v| v as usize);
+        };
+        let key = |k: &str| format!("{}.{k}", arch.name());
+        let u = |k: &str| f.meta_u32(&key(k)).map(|v| v as usize);
         let n_embd = u("embedding_length")?;
         let n_head = u("attention.head_count")?;
-        let n_head_kv = optional_u32(f, "llama.attention.head_count_kv")?.unwrap_or(n_head);
-        let head_dim = match optional_u32(f, "llama.attention.key_length")? {
+        let n_head_kv = optional_u32(f, &key("attention.head_count_kv"))?.unwrap_or(n_head);
+        let head_dim = match optional_u32(f, &key("attention.key_length"))? {
             Some(v) => v,
             None if n_head > 0 && n_embd % n_head == 0 => n_embd / n_head,
             None => {
@@ -93,7 +142,7 @@ impl ModelConfig {
                 ))
             }
         };
-        if let Some(vl) = optional_u32(f, "llama.attention.value_length")? {
+        if let Some(vl) = optional_u32(f, &key("attention.value_length"))? {
             if vl != head_dim {
                 return Err(file_error(
                     &origin,
@@ -101,7 +150,7 @@ impl ModelConfig {
                 ));
             }
         }
-        if let Some(rot) = optional_u32(f, "llama.rope.dimension_count")? {
+        if let Some(rot) = optional_u32(f, &key("rope.dimension_count"))? {
             if rot != head_dim {
                 return Err(file_error(
                     &origin,
@@ -109,7 +158,7 @@ impl ModelConfig {
                 ));
             }
         }
-        if let Some(MetaValue::Str(s)) = f.metadata("llama.rope.scaling.type") {
+        if let Some(MetaValue::Str(s)) = f.metadata(&key("rope.scaling.type")) {
             if s != "none" {
                 return Err(file_error(&origin, format!("RoPE scaling {s:?} is not supported")));
             }
@@ -120,19 +169,20 @@ impl ModelConfig {
                 "rope_freqs.weight (llama-3 RoPE frequency factors) is not supported",
             ));
         }
-        let n_vocab = match optional_u32(f, "llama.vocab_size")? {
+        let n_vocab = match optional_u32(f, &key("vocab_size"))? {
             Some(v) => v,
             None => match tensor_dims("token_embd.weight") {
                 Some(dims) if dims.len() == 2 => dims[1] as usize,
                 _ => return Err(file_error(&origin, "token_embd.weight missing or not 2-D")),
             },
         };
-        let rope_theta = if f.metadata("llama.rope.freq_base").is_some() {
-            f.meta_f32("llama.rope.freq_base")?
+        let rope_theta = if f.metadata(&key("rope.freq_base")).is_some() {
+            f.meta_f32(&key("rope.freq_base"))?
         } else {
             10000.0
         };
         let cfg = ModelConfig {
+            arch,
             n_layer: u("block_count")?,
             n_embd,
             n_head,
@@ -141,7 +191,7 @@ impl ModelConfig {
             n_ff: u("feed_forward_length")?,
             n_vocab,
             rope_theta,
-            rms_eps: f.meta_f32("llama.attention.layer_norm_rms_epsilon")?,
+            rms_eps: f.meta_f32(&key("attention.layer_norm_rms_epsilon"))?,
             context_length: u("context_length")?,
             tied_output: tensor_dims("output.weight").is_none(),
         };
@@ -217,11 +267,17 @@ struct LayerNames {
     ffn_gate: String,
     ffn_up: String,
     ffn_down: String,
+    attn_q_bias: String,
+    attn_k_bias: String,
+    attn_v_bias: String,
+    attn_q_norm: String,
+    attn_k_norm: String,
 }
 
 impl LayerNames {
     fn new(l: usize) -> LayerNames {
         let n = |s: &str| format!("blk.{l}.{s}.weight");
+        let b = |s: &str| format!("blk.{l}.{s}.bias");
         LayerNames {
             attn_norm: n("attn_norm"),
             attn_q: n("attn_q"),
@@ -232,11 +288,25 @@ impl LayerNames {
             ffn_gate: n("ffn_gate"),
             ffn_up: n("ffn_up"),
             ffn_down: n("ffn_down"),
+            attn_q_bias: b("attn_q"),
+            attn_k_bias: b("attn_k"),
+            attn_v_bias: b("attn_v"),
+            attn_q_norm: n("attn_q_norm"),
+            attn_k_norm: n("attn_k_norm"),
         }
     }
 }
 
-/// A llama model computed on its stored (possibly quantized) weights.
+/// A layer's per-head extras of the non-llama architectures, read once per attention call.
+struct HeadExtras {
+    q_bias: Option<Vec<f32>>,
+    k_bias: Option<Vec<f32>>,
+    v_bias: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+}
+
+/// A model computed on its stored (possibly quantized) weights.
 pub struct Model {
     cfg: ModelConfig,
     source: Arc<dyn TensorSource>,
@@ -280,7 +350,7 @@ impl std::fmt::Debug for Model {
 }
 
 impl Model {
-    /// Opens a llama GGUF model: reads the config, checks that every tensor is present with
+    /// Opens a GGUF model: reads the config, checks that every tensor is present with
     /// the right shape and byte size. `threads` = 0 lets rayon pick.
     pub fn from_gguf(file: Arc<GgufFile>, threads: usize) -> CoreResult<Model> {
         let cfg = ModelConfig::from_gguf(&file)?;
@@ -398,8 +468,33 @@ impl Model {
         self.matrix(&names.ffn_gate, c.n_ff, d)?;
         self.matrix(&names.ffn_up, c.n_ff, d)?;
         self.matrix(&names.ffn_down, d, c.n_ff)?;
+        self.head_extras(names)?;
         self.checked[layer].store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// The layer's Q/K/V biases and Q/K norms, where its architecture has them.
+    fn head_extras(&self, names: &LayerNames) -> CoreResult<HeadExtras> {
+        let c = &self.cfg;
+        let (q, kv, hd) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.head_dim);
+        let when = |on: bool, name: &str, n: usize| on.then(|| self.vector(name, n)).transpose();
+        let (bias, norm) = (c.arch.qkv_bias(), c.arch.qk_norm());
+        Ok(HeadExtras {
+            q_bias: when(bias, &names.attn_q_bias, q)?,
+            k_bias: when(bias, &names.attn_k_bias, kv)?,
+            v_bias: when(bias, &names.attn_v_bias, kv)?,
+            q_norm: when(norm, &names.attn_q_norm, hd)?,
+            k_norm: when(norm, &names.attn_k_norm, hd)?,
+        })
+    }
+
+    /// RoPE in this architecture's pairing.
+    fn rope(&self, v: &mut [f32], table: &[(f32, f32)]) {
+        if self.cfg.arch.rope_neox() {
+            apply_rope_neox(v, table)
+        } else {
+            apply_rope(v, table)
+        }
     }
 
     fn lookup(&self, name: &str) -> CoreResult<TensorRef> {
@@ -570,6 +665,7 @@ impl Model {
         let wv = self.matrix(&names.attn_v, kv_rows, c.n_embd)?;
         let wo = self.matrix(&names.attn_output, c.n_embd, nq)?;
         let (wq, wk, wv, wo) = (wq.q(), wk.q(), wv.q(), wo.q());
+        let extras = self.head_extras(names)?;
 
         let mut groups: Vec<usize> = heads.iter().map(|&h| c.kv_group_of_head(h)).collect();
         groups.dedup(); // heads are sorted, so groups are too
@@ -588,9 +684,16 @@ impl Model {
             }
             let rows = g * hd..(g + 1) * hd;
             wk.matmul_rows(rows.clone(), x_norm, n_tok, &mut k, &self.pool);
-            wv.matmul_rows(rows, x_norm, n_tok, &mut v, &self.pool);
+            wv.matmul_rows(rows.clone(), x_norm, n_tok, &mut v, &self.pool);
+            if let (Some(kb), Some(vb)) = (&extras.k_bias, &extras.v_bias) {
+                add_rows(&mut k, &kb[rows.clone()]);
+                add_rows(&mut v, &vb[rows]);
+            }
             for (kt, rt) in k.chunks_exact_mut(hd).zip(rope.chunks_exact(hd / 2)) {
-                apply_rope(kt, rt);
+                if let Some(w) = &extras.k_norm {
+                    rms_norm_in_place(kt, w, c.rms_eps);
+                }
+                self.rope(kt, rt);
             }
             session.append(layer, g, positions, &k, &v);
         }
@@ -607,6 +710,9 @@ impl Model {
             let rows = heads[run_start] * hd..(heads[run_end - 1] + 1) * hd;
             let mut qr = vec![0.0; n_tok * rows.len()];
             wq.matmul_rows(rows.clone(), x_norm, n_tok, &mut qr, &self.pool);
+            if let Some(qb) = &extras.q_bias {
+                add_rows(&mut qr, &qb[rows.clone()]);
+            }
             for (t, src) in qr.chunks_exact(rows.len()).enumerate() {
                 q[t * nq + rows.start..t * nq + rows.end].copy_from_slice(src);
             }
@@ -627,7 +733,10 @@ impl Model {
                 .for_each(|(i, (ah, qh))| {
                     let (t, h) = (i / c.n_head, i % c.n_head);
                     let cache = caches[c.kv_group_of_head(h)].expect("group computed above");
-                    apply_rope(qh, &rope[t * hd / 2..(t + 1) * hd / 2]);
+                    if let Some(w) = &extras.q_norm {
+                        rms_norm_in_place(qh, w, c.rms_eps);
+                    }
+                    self.rope(qh, &rope[t * hd / 2..(t + 1) * hd / 2]);
                     let n_vis = cache.pos.partition_point(|&p| p <= positions[t]);
                     let mut scores: Vec<f32> = cache.k[..n_vis * hd]
                         .chunks_exact(hd)
@@ -859,6 +968,11 @@ fn add_in_place(x: &mut [f32], d: &[f32]) {
     x.iter_mut().zip(d).for_each(|(a, b)| *a += b);
 }
 
+/// Adds `bias` to every row of `x` (rows of `bias.len()`).
+fn add_rows(x: &mut [f32], bias: &[f32]) {
+    x.chunks_exact_mut(bias.len()).for_each(|row| add_in_place(row, bias));
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -906,6 +1020,22 @@ pub(crate) fn rope_table(positions: &[u32], head_dim: usize, theta: f32) -> Vec<
             })
         })
         .collect()
+}
+
+/// RMSNorm of one row in place (a query or key head of Qwen3).
+fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let row = x.to_vec();
+    rms_norm(&row, w, eps, x);
+}
+
+/// Rotates pairs `(i, i + head_dim/2)` of one head by the table row (llama.cpp "NEOX" RoPE).
+pub(crate) fn apply_rope_neox(v: &mut [f32], table: &[(f32, f32)]) {
+    let (first, second) = v.split_at_mut(v.len() / 2);
+    for ((x0, x1), &(c, s)) in first.iter_mut().zip(second.iter_mut()).zip(table) {
+        let (a, b) = (*x0, *x1);
+        *x0 = a * c - b * s;
+        *x1 = a * s + b * c;
+    }
 }
 
 /// Rotates pairs `(2i, 2i+1)` of one head by the table row (llama.cpp "normal" RoPE).

@@ -24,6 +24,7 @@ impl Rng {
 
 pub(crate) fn tiny_config(n_head: usize, n_head_kv: usize, tied: bool) -> ModelConfig {
     ModelConfig {
+        arch: Architecture::Llama,
         n_layer: 2,
         n_embd: 24,
         n_head,
@@ -69,12 +70,30 @@ pub(crate) fn tiny_source(cfg: &ModelConfig, seed: u64) -> MemorySource {
         put(&mut s, &n("ffn_gate"), vec![d, f], 0.3, 0.0);
         put(&mut s, &n("ffn_up"), vec![d, f], 0.3, 0.0);
         put(&mut s, &n("ffn_down"), vec![f, d], 0.3, 0.0);
+        if cfg.arch.qkv_bias() {
+            let b = |x: &str| format!("blk.{l}.{x}.bias");
+            put(&mut s, &b("attn_q"), vec![q], 0.5, 0.0);
+            put(&mut s, &b("attn_k"), vec![kv], 0.5, 0.0);
+            put(&mut s, &b("attn_v"), vec![kv], 0.5, 0.0);
+        }
+        if cfg.arch.qk_norm() {
+            let hd = cfg.head_dim as u64;
+            put(&mut s, &n("attn_q_norm"), vec![hd], 0.2, 1.0);
+            put(&mut s, &n("attn_k_norm"), vec![hd], 0.2, 1.0);
+        }
     }
     s
 }
 
 fn tiny_model(n_head: usize, n_head_kv: usize, tied: bool) -> Model {
-    let cfg = tiny_config(n_head, n_head_kv, tied);
+    tiny_model_of(Architecture::Llama, n_head, n_head_kv, tied)
+}
+
+fn tiny_model_of(arch: Architecture, n_head: usize, n_head_kv: usize, tied: bool) -> Model {
+    let cfg = ModelConfig {
+        arch,
+        ..tiny_config(n_head, n_head_kv, tied)
+    };
     let src = tiny_source(&cfg, 7 + n_head as u64 * 31 + n_head_kv as u64);
     Model::from_source(cfg, Arc::new(src), 2).unwrap()
 }
@@ -115,15 +134,31 @@ fn reference_attention(m: &Model, layer: usize, x_norm: &[f32], positions: &[u32
             .map(|r| (0..x.len()).map(|i| w[r * x.len() + i] * x[i]).sum())
             .collect()
     };
+    // The pair RoPE rotates: (2i, 2i+1) for llama, (i, i + hd/2) for NEOX.
+    let pair = |i: usize| {
+        if c.arch.rope_neox() {
+            (i, i + hd / 2)
+        } else {
+            (2 * i, 2 * i + 1)
+        }
+    };
     let rope = |v: &mut [f32], pos: u32| {
         let scale = c.rope_theta.powf(-2.0 / hd as f32);
         let mut theta = pos as f32;
         for i in 0..hd / 2 {
-            let z = (v[2 * i], v[2 * i + 1]);
+            let (a, b) = pair(i);
+            let z = (v[a], v[b]);
             let (s, co) = theta.sin_cos();
-            v[2 * i] = z.0 * co - z.1 * s;
-            v[2 * i + 1] = z.0 * s + z.1 * co;
+            v[a] = z.0 * co - z.1 * s;
+            v[b] = z.0 * s + z.1 * co;
             theta *= scale;
+        }
+    };
+    let head_norm = |v: &mut [f32], w: &[f32]| {
+        let mean_sq = v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32;
+        let inv = 1.0 / (mean_sq + c.rms_eps).sqrt();
+        for i in 0..v.len() {
+            v[i] *= inv * w[i];
         }
     };
     let nm = &m.layers[layer];
@@ -132,22 +167,44 @@ fn reference_attention(m: &Model, layer: usize, x_norm: &[f32], positions: &[u32
     let wk = full(&nm.attn_k, nkv, d);
     let wv = full(&nm.attn_v, nkv, d);
     let wo = full(&nm.attn_output, d, nq);
+    let bias = |name: &str, n: usize| {
+        if c.arch.qkv_bias() {
+            m.vector(name, n).unwrap()
+        } else {
+            vec![0.0; n]
+        }
+    };
+    let (bq, bk, bv) = (
+        bias(&nm.attn_q_bias, nq),
+        bias(&nm.attn_k_bias, nkv),
+        bias(&nm.attn_v_bias, nkv),
+    );
+    let add = |mut v: Vec<f32>, b: &[f32]| {
+        v.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        v
+    };
     let mut qs = vec![];
     let mut ks = vec![];
     let mut vs = vec![];
     for t in 0..t_n {
         let x = &x_norm[t * d..(t + 1) * d];
-        let mut q = mv(&wq, nq, x);
-        let mut k = mv(&wk, nkv, x);
+        let mut q = add(mv(&wq, nq, x), &bq);
+        let mut k = add(mv(&wk, nkv, x), &bk);
         for h in 0..c.n_head {
+            if c.arch.qk_norm() {
+                head_norm(&mut q[h * hd..(h + 1) * hd], &m.vector(&nm.attn_q_norm, hd).unwrap());
+            }
             rope(&mut q[h * hd..(h + 1) * hd], positions[t]);
         }
         for g in 0..c.n_head_kv {
+            if c.arch.qk_norm() {
+                head_norm(&mut k[g * hd..(g + 1) * hd], &m.vector(&nm.attn_k_norm, hd).unwrap());
+            }
             rope(&mut k[g * hd..(g + 1) * hd], positions[t]);
         }
         qs.push(q);
         ks.push(k);
-        vs.push(mv(&wv, nkv, x));
+        vs.push(add(mv(&wv, nkv, x), &bv));
     }
     let mut out = vec![];
     for t in 0..t_n {
@@ -201,8 +258,11 @@ fn rope_matches_complex_rotation_reference() {
 
 #[test]
 fn attention_matches_reference_prefill_and_decode() {
-    for &(nh, nkv) in &[(6, 2), (3, 3), (6, 1)] {
-        let m = tiny_model(nh, nkv, true);
+    let cases = Architecture::ALL
+        .into_iter()
+        .flat_map(|arch| [(6, 2), (3, 3), (6, 1)].map(|(nh, nkv)| (arch, nh, nkv)));
+    for (arch, nh, nkv) in cases {
+        let m = tiny_model_of(arch, nh, nkv, true);
         let c = m.config().clone();
         let mut r = Rng(11);
         let t_n = 5;
@@ -227,7 +287,11 @@ fn attention_matches_reference_prefill_and_decode() {
             )
             .unwrap();
         }
-        assert!(rel_err(&got, &want) < 1e-5, "{nh}:{nkv} {}", rel_err(&got, &want));
+        assert!(
+            rel_err(&got, &want) < 1e-5,
+            "{arch:?} {nh}:{nkv} {}",
+            rel_err(&got, &want)
+        );
         assert_eq!(s.len(1, 0), t_n);
         assert_eq!(s.len(0, 0), 0);
     }
@@ -236,8 +300,12 @@ fn attention_matches_reference_prefill_and_decode() {
 #[test]
 fn disjoint_head_partials_sum_to_full_attention() {
     // GQA 3:1 with 9 heads (not a power of two), GQA 2:1, and no GQA with 5 heads.
-    for &(nh, nkv, split) in &[(9, 3, &[0usize, 4, 8, 5][..]), (6, 3, &[1, 2][..]), (5, 5, &[0, 3][..])] {
-        let m = tiny_model(nh, nkv, false);
+    let shapes = [(9, 3, &[0usize, 4, 8, 5][..]), (6, 3, &[1, 2][..]), (5, 5, &[0, 3][..])];
+    let cases = Architecture::ALL
+        .into_iter()
+        .flat_map(|arch| shapes.map(|(nh, nkv, split)| (arch, nh, nkv, split)));
+    for (arch, nh, nkv, split) in cases {
+        let m = tiny_model_of(arch, nh, nkv, false);
         let c = m.config().clone();
         let d = c.n_embd;
         let a: Vec<usize> = split.to_vec();
@@ -259,7 +327,11 @@ fn disjoint_head_partials_sum_to_full_attention() {
             m.attention(&mut s_a, 0, &a, &x, &pos, &mut pa).unwrap();
             m.attention(&mut s_b, 0, &b, &x, &pos, &mut pb).unwrap();
             let sum: Vec<f32> = pa.iter().zip(&pb).map(|(x, y)| x + y).collect();
-            assert!(rel_err(&sum, &full) < 1e-5, "{nh}:{nkv} {}", rel_err(&sum, &full));
+            assert!(
+                rel_err(&sum, &full) < 1e-5,
+                "{arch:?} {nh}:{nkv} {}",
+                rel_err(&sum, &full)
+            );
             // each partial is a real share, not the whole
             assert!(rel_err(&pa, &full) > 1e-3);
         }
