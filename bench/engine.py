@@ -166,7 +166,7 @@ def decomposition(model_path: Path, prompt: list[int], steps: int, rounds: int) 
             if path == "forward":
                 model.forward(session, [token], [position])
                 continue
-            x = model.embed([token])
+            x = model.embed([token], [position])
             for layer in range(n_layer):
                 if path == "fused":
                     x = model.layer_fused(session, layer, x, [position])

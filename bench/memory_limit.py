@@ -63,7 +63,7 @@ def device(
 
     def step(batch: list[int], start: int) -> int:
         positions = list(range(start, start + len(batch)))
-        x = model.embed(batch)
+        x = model.embed(batch, positions)
         for layer in local:
             x = model.layer_fused(session, layer, x, positions)
         if edge_layers is None:

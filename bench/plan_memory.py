@@ -66,7 +66,7 @@ def run_edge_side(
     batch, position = prompt, 0
     for _ in range(tokens + 1):
         positions = list(range(position, position + len(batch)))
-        x = model.embed(batch)
+        x = model.embed(batch, positions)
         for layer, lp in enumerate(plan.layers):
             if lp.edge_heads:
                 x = x + model.attention(session, layer, list(lp.edge_heads), model.attn_norm(layer, x), positions)

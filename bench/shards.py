@@ -49,7 +49,7 @@ CHILD = textwrap.dedent(
     def step(tokens, positions):
         if args["layers"] is None:
             return model.forward(session, tokens, positions)
-        x = model.embed(tokens)
+        x = model.embed(tokens, positions)
         for layer in args["layers"]:
             x = model.layer_fused(session, layer, x, positions)
         return x

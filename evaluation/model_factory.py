@@ -285,8 +285,41 @@ class Shape:
     architecture: str = "llama"
 
 
-#: What random_llama writes besides a llama layer: Qwen2's Q/K/V biases, Qwen3's per-head Q/K norms.
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+#: What random_llama writes besides a llama layer: Qwen2's Q/K/V biases, Qwen3's per-head Q/K norms;
+#: GPT-2's layer instead (see _gpt2_layout).
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
+CONTEXT_LENGTH = 2048
+
+
+def _gpt2_layout(
+    n_layer: int, n_embd: int, n_ff: int, mat: np.dtype[Any], embd_std: float
+) -> list[tuple[str, tuple[int, ...], np.dtype[Any], float, float]]:
+    """GPT-2's tensors besides the token embedding and the LM head: learned position embeddings
+    (half the token embedding's std, so the token still dominates), LayerNorms with bias, the
+    fused Q/K/V matrix (MHA: n_embd rows each), biases after every linear map (std 0.1), a
+    non-gated FFN."""
+    f32 = np.dtype(np.float32)
+    layout = [
+        ("position_embd.weight", (CONTEXT_LENGTH, n_embd), f32, 0.5 * embd_std, 0.0),
+        ("output_norm.bias", (n_embd,), f32, 0.1, 0.0),
+    ]
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        layout += [
+            (b + "attn_norm.weight", (n_embd,), f32, 0.1, 1.0),
+            (b + "attn_norm.bias", (n_embd,), f32, 0.1, 0.0),
+            (b + "attn_qkv.weight", (3 * n_embd, n_embd), mat, 1 / np.sqrt(n_embd), 0.0),
+            (b + "attn_qkv.bias", (3 * n_embd,), f32, 0.1, 0.0),
+            (b + "attn_output.weight", (n_embd, n_embd), mat, 1 / np.sqrt(n_embd), 0.0),
+            (b + "attn_output.bias", (n_embd,), f32, 0.1, 0.0),
+            (b + "ffn_norm.weight", (n_embd,), f32, 0.1, 1.0),
+            (b + "ffn_norm.bias", (n_embd,), f32, 0.1, 0.0),
+            (b + "ffn_up.weight", (n_ff, n_embd), mat, 1 / np.sqrt(n_embd), 0.0),
+            (b + "ffn_up.bias", (n_ff,), f32, 0.1, 0.0),
+            (b + "ffn_down.weight", (n_embd, n_ff), mat, 1.5 / np.sqrt(n_ff), 0.0),
+            (b + "ffn_down.bias", (n_embd,), f32, 0.1, 0.0),
+        ]
+    return layout
 
 
 #: The shapes the agreement tests use (all 49152-token SmolLM2 vocabulary).
@@ -305,6 +338,11 @@ SHAPES: dict[str, Shape] = {
     ),
     "qwen3_gqa4": Shape(
         n_layer=2, n_embd=384, n_head=12, n_head_kv=3, n_ff=1024, tied_output=False, seed=6, architecture="qwen3"
+    ),
+    # GPT-2 (MHA). Untied: tied (as the released GPT-2 models are) its small random embedding let the
+    # GELU FFN's common offset dominate (42 distinct top-1 of 256; tied outputs run in qwen2_gqa4)
+    "gpt2_h6": Shape(
+        n_layer=2, n_embd=384, n_head=6, n_head_kv=6, n_ff=1536, tied_output=False, seed=7, architecture="gpt2"
     ),
 }
 
@@ -344,6 +382,8 @@ def random_llama(
         raise ValueError(f"dtype must be 'f32' or 'f16', got {dtype!r}")
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+    if architecture == "gpt2" and n_head_kv != n_head:
+        raise ValueError("gpt2 has no grouped-query attention: n_head_kv must equal n_head")
     if n_embd % n_head or n_head % n_head_kv:
         raise ValueError("n_embd must be a multiple of n_head, and n_head of n_head_kv")
     head_dim = n_embd // n_head
@@ -364,7 +404,9 @@ def random_llama(
     ]
     if not tied_output:
         layout.append(("output.weight", (n_vocab, n_embd), mat, out_std, 0.0))
-    for i in range(n_layer):
+    if architecture == "gpt2":
+        layout += _gpt2_layout(n_layer, n_embd, n_ff, mat, embd_std)
+    for i in range(n_layer if architecture != "gpt2" else 0):
         b = f"blk.{i}."
         layout += [
             (b + "attn_norm.weight", (n_embd,), f32, 0.1, 1.0),
@@ -402,14 +444,17 @@ def random_llama(
         writer = gguf.GGUFWriter(tmp, a)
         writer.add_name(f"splitwise-random-{a}-L{n_layer}-d{n_embd}-h{n_head}-kv{n_head_kv}-ff{n_ff}-s{seed}")
         writer.add_uint32(f"{a}.block_count", n_layer)
-        writer.add_uint32(f"{a}.context_length", 2048)
+        writer.add_uint32(f"{a}.context_length", CONTEXT_LENGTH)
         writer.add_uint32(f"{a}.embedding_length", n_embd)
         writer.add_uint32(f"{a}.feed_forward_length", n_ff)
         writer.add_uint32(f"{a}.attention.head_count", n_head)
         writer.add_uint32(f"{a}.attention.head_count_kv", n_head_kv)
-        writer.add_float32(f"{a}.rope.freq_base", 100000.0)
-        writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
-        writer.add_uint32(f"{a}.rope.dimension_count", head_dim)
+        if a == "gpt2":
+            writer.add_float32(f"{a}.attention.layer_norm_epsilon", 1e-5)
+        else:
+            writer.add_float32(f"{a}.rope.freq_base", 100000.0)
+            writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
+            writer.add_uint32(f"{a}.rope.dimension_count", head_dim)
         writer.add_uint32(f"{a}.vocab_size", n_vocab)
         writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32))
         _copy_metadata(source, writer, keep=lambda key: key.startswith("tokenizer."))

@@ -383,8 +383,10 @@ class CostModel:
         return math.ceil(params * self.edge.weight_bytes_per_param + kv)
 
     def ffn_params(self, mode: str) -> int:
+        """Weights of the FFN part a mode keeps on the edge: the split mode keeps W1 (gate and up)."""
         d, f = self.dims.d_model, self.dims.n_ff
-        return {"edge": 3 * d * f, "split": 2 * d * f, "cloud": 0}[mode]
+        w1 = (2 if self.dims.gated_ffn else 1) * d * f
+        return {"edge": w1 + d * f, "split": w1, "cloud": 0}[mode]
 
     def fixed_memory(self, lm_head: Side) -> int:
         d, v = self.dims.d_model, self.dims.n_vocab

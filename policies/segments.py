@@ -147,9 +147,11 @@ class ModelDims:
     d_model: int
     n_ff: int
     n_vocab: int
-    # The LM head is the embedding matrix (one tensor in memory). Not part of equality: it changes
-    # no tensor's shape, and a policy trained for the shape (its metadata has no such key) fits.
+    # The LM head is the embedding matrix (one tensor in memory); the FFN has a gate (SwiGLU: three
+    # matrices; GPT-2's GELU FFN has two). Not part of equality: they change no activation's shape,
+    # and a policy trained for the shape (its metadata has neither key) fits.
     tied_output: bool = field(default=False, compare=False)
+    gated_ffn: bool = field(default=True, compare=False)
 
     @classmethod
     def of_model_file(cls, path: str | os.PathLike[str]) -> ModelDims:
@@ -167,6 +169,7 @@ class ModelDims:
             n_ff=int(config["n_ff"]),
             n_vocab=int(config["n_vocab"]),
             tied_output=bool(config.get("tied_output", False)),
+            gated_ffn=config.get("architecture", "llama") != "gpt2",
         )
 
     def cols(self, reg: Reg) -> int:

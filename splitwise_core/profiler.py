@@ -231,7 +231,7 @@ def measure(
     rng = np.random.default_rng(0)
     n_rows = max(max(contexts), max(prompt_lengths))
     tokens = [int(t) for t in rng.integers(0, n_vocab, n_rows)]
-    x_all = model.embed(tokens)
+    x_all = model.embed(tokens, list(range(len(tokens))))
     xn_all = model.attn_norm(layer, x_all)
 
     steps: list[tuple[str, Callable[[], None]]] = []
@@ -319,7 +319,7 @@ def measure(
         )
         y1 = x_all[1:2].copy()
         m.add_s = _median(lambda: np.add(x1, y1), s.reps)
-        m.embed_s = _median(lambda: model.embed(tokens[:1]), s.reps)
+        m.embed_s = _median(lambda: model.embed(tokens[:1], [0]), s.reps)
         m.lm_head_s = _median(lambda: model.output_logits(x1), s.reps)
 
     steps.append(("ffn, norms, add, embedding, LM head", blocks))
@@ -383,7 +383,7 @@ def measure(
         pos = list(range(len(kl_tokens)))
         bounds = sorted({max(1, round(n_layer * (i + 1) / (s.kl_boundaries + 1))) for i in range(s.kl_boundaries)})
         ref_session = model.new_session()
-        x = model.embed(kl_tokens)
+        x = model.embed(kl_tokens, pos)
         states: dict[int, F32] = {}
         for ell in range(n_layer):
             if ell in bounds:
@@ -470,7 +470,8 @@ def _param_count(cfg: dict[str, Any]) -> int:
     d, f, v = int(cfg["n_embd"]), int(cfg["n_ff"]), int(cfg["n_vocab"])
     hd = int(cfg.get("head_dim", d // int(cfg["n_head"])))
     q, kv = int(cfg["n_head"]) * hd, int(cfg["n_head_kv"]) * hd
-    per_layer = 2 * d * q + 2 * d * kv + 3 * d * f + 2 * d
+    ffn = (2 if cfg.get("architecture") == "gpt2" else 3) * d * f  # GPT-2's FFN has no gate
+    per_layer = 2 * d * q + 2 * d * kv + ffn + 2 * d
     output = 0 if cfg.get("tied_output", False) else v * d
     return v * d + int(cfg["n_layer"]) * per_layer + d + output
 

@@ -616,7 +616,7 @@ class SplitExecutor:
     ) -> Array:
         m, kind = self.model, op.kind
         if kind is EdgeOpKind.EMBED:
-            return m.embed(batch)
+            return m.embed(batch, positions)
         if kind is EdgeOpKind.LAYER:
             return m.layer_fused(session, op.layer, srcs[0], positions)
         if kind is EdgeOpKind.ATTN_NORM:

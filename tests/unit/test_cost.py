@@ -232,6 +232,10 @@ def test_edge_memory_counts_weights_and_kv_groups() -> None:
     tied = ModelDims(n_layer=2, n_head=9, n_head_kv=3, d_model=d, n_ff=1536, n_vocab=49152, tied_output=True)
     on_edge = Plan(2, 9, plan.layers, Side.EDGE)
     assert _pred(on_edge, o, tied).edge_memory_bytes == (1 << 20) + math.ceil((49152 * d + d) * wb) + one
+    # GPT-2's FFN has no gate: the split mode keeps W1 alone on the edge
+    gpt2 = ModelDims(n_layer=2, n_head=9, n_head_kv=3, d_model=d, n_ff=1536, n_vocab=49152, gated_ffn=False)
+    one_gpt2 = math.ceil((1 * d * hd + w_o + 1 * 2 * d * hd + d * 1536 + 2 * d) * wb + 1 * 2 * hd * 16 * 2.0)
+    assert _pred(plan, o, gpt2).edge_memory_bytes == fixed + one_gpt2
 
 
 def test_objective_equals_queue_bank_drift_plus_penalty() -> None:

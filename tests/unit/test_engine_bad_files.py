@@ -53,7 +53,7 @@ def test_wrong_magic(tmp_path: Path, model_bytes: bytes) -> None:
 def test_unsupported_architecture(tmp_path: Path, model_bytes: bytes) -> None:
     key = string_field("general.architecture") + struct.pack("<I", 8)
     data = patched(model_bytes, key + string_field("llama"), key + string_field("mamba"))
-    expected = r"arch\.gguf.*\"mamba\" is not supported; supported: llama, qwen2, qwen3"
+    expected = r"arch\.gguf.*\"mamba\" is not supported; supported: llama, qwen2, qwen3, gpt2"
     with pytest.raises(errors.ModelFileError, match=expected):
         Model(str(write(tmp_path, "arch.gguf", data)))
 
@@ -78,3 +78,20 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
         Model(str(tmp_path / "absent.gguf"))
     with pytest.raises(errors.ModelFileError):
         Model(str(tmp_path))
+
+
+def test_gpt2_embedding_needs_positions_inside_its_context() -> None:
+    """GPT-2 adds a learned embedding per position: without positions, or past the table, it refuses."""
+    from evaluation import model_factory as mf
+
+    model = Model(str(mf.cached_random_llama("gpt2_h6", "F32")))
+    assert model.config["architecture"] == "gpt2"
+    with pytest.raises(errors.InvalidArgumentError, match="embed needs the tokens' positions"):
+        model.embed([1, 2])
+    with pytest.raises(errors.InvalidArgumentError, match="length 1, expected 2"):
+        model.embed([1, 2], [0])
+    n_ctx = model.config["context_length"]
+    with pytest.raises(errors.InvalidArgumentError, match=f"position {n_ctx} is past the model's context length"):
+        model.embed([1], [n_ctx])
+    first, second = model.embed([5, 5], [0, 1])
+    assert not (first == second).all()  # the same token at two positions differs

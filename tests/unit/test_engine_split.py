@@ -1,4 +1,4 @@
-"""Split invariance on the real model and on every other architecture (random Qwen2 and Qwen3 files):
+"""Split invariance on the real model and on every other architecture (random Qwen2, Qwen3, GPT-2 files):
 parts computed in separate engine instances (as the edge and a cloud worker will) add up to the
 local result; the per-sub-block path equals the fused one.
 
@@ -34,7 +34,7 @@ def new_model(path: Path | None = None) -> Model:
 
 
 #: The bundled SmolLM2 (llama) and a Q8_0 file of each other architecture.
-MODELS = ["smollm2", "qwen2_gqa4", "qwen3_gqa4"]
+MODELS = ["smollm2", "qwen2_gqa4", "qwen3_gqa4", "gpt2_h6"]
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -68,7 +68,7 @@ def test_parts_from_two_instances_add_up_to_the_local_result(prompt: list[int], 
     for step in range(DECODE_STEPS + 1):
         batch = tokens if step == 0 else tokens[-1:]
         positions = list(range(position, position + len(batch)))
-        x = local.embed(batch)
+        x = local.embed(batch, positions)
         for layer, (edge_heads, cloud_heads, ffn_mode) in enumerate(plan):
             x_norm = local.attn_norm(layer, x)
             full = local.attention(s_local, layer, list(range(n_head)), x_norm, positions)
@@ -112,7 +112,7 @@ def test_sub_block_path_equals_fused_path(prompt: list[int], model_path: Path) -
     for step in range(11):
         batch = tokens if step == 0 else tokens[-1:]
         positions = list(range(position, position + len(batch)))
-        x_fused = x_parts = fused_model.embed(batch)
+        x_fused = x_parts = fused_model.embed(batch, positions)
         for layer in range(n_layer):
             x_fused = fused_model.layer_fused(s_fused, layer, x_fused, positions)
             h = x_parts + parts_model.attention(
@@ -140,7 +140,7 @@ def test_free_running_split_stays_close_to_local(prompt: list[int]) -> None:
         batch = tokens if step == 0 else tokens[-1:]
         positions = list(range(position, position + len(batch)))
         reference = local.forward(s_local, batch, positions)[-1]
-        x = edge.embed(batch)
+        x = edge.embed(batch, positions)
         for layer, (edge_heads, cloud_heads, ffn_mode) in enumerate(plan):
             x_norm = edge.attn_norm(layer, x)
             h = x + edge.attention(s_edge, layer, edge_heads, x_norm, positions)

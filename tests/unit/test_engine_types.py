@@ -117,6 +117,9 @@ RANDOM_CASES = [
     ("qwen3_gqa4", "F32"),
     ("qwen3_gqa4", "Q8_0"),
     ("qwen3_gqa4", "Q4_0"),
+    ("gpt2_h6", "F32"),
+    ("gpt2_h6", "Q8_0"),
+    ("gpt2_h6", "Q4_0"),
 ]
 RANDOM_K_TYPES = {
     "Q4_K_M": {"F32": 5, "Q4_K": 13, "Q6_K": 3},

@@ -138,14 +138,19 @@ def test_sharded_model_logits_equal_the_plain_model_bit_for_bit(
     assert big.weight_stats()["evictions"] == 0
 
 
-@pytest.mark.parametrize("shape", ["qwen2_gqa4", "qwen3_gqa4"])
+@pytest.mark.parametrize("shape", ["qwen2_gqa4", "qwen3_gqa4", "gpt2_h6"])
 def test_shards_of_the_other_architectures_carry_their_extra_tensors(shape: str, tmp_path: Path) -> None:
-    """Qwen2's Q/K/V biases and Qwen3's Q/K norms are blk.N tensors: they go to the layer shards."""
+    """Qwen2's Q/K/V biases, Qwen3's Q/K norms and GPT-2's fused Q/K/V are blk.N tensors: they go to
+    the layer shards (GPT-2's position embeddings to base.gguf)."""
     from evaluation import model_factory as mf
 
     source = mf.cached_random_llama(shape, "Q8_0")
     shard_model(source, tmp_path / "shards")
-    extra = {"qwen2_gqa4": "blk.1.attn_k.bias", "qwen3_gqa4": "blk.1.attn_k_norm.weight"}[shape]
+    extra = {
+        "qwen2_gqa4": "blk.1.attn_k.bias",
+        "qwen3_gqa4": "blk.1.attn_k_norm.weight",
+        "gpt2_h6": "blk.1.attn_qkv.bias",
+    }[shape]
     layer = gguf.GGUFReader(tmp_path / "shards" / "layer-001.gguf")
     assert extra in {t.name for t in layer.tensors}
     sharded = Model(str(tmp_path / "shards"), memory_budget_bytes=10**9)
@@ -295,15 +300,15 @@ def test_a_shard_replaced_while_evicted_is_caught_when_mapped_again(
 
 
 def test_unsupported_architecture_is_a_model_file_error(tmp_path: Path) -> None:
-    path = tmp_path / "gpt2.gguf"
-    writer = gguf.GGUFWriter(path, "gpt2")
+    path = tmp_path / "falcon.gguf"
+    writer = gguf.GGUFWriter(path, "falcon")
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ModelFileError, match=r"gpt2\.gguf: architecture \"gpt2\" is not supported"):
+    with pytest.raises(ModelFileError, match=r"falcon\.gguf: architecture \"falcon\" is not supported"):
         Model(str(path))
 
 

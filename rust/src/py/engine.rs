@@ -126,7 +126,7 @@ impl Model {
         d.set_item("n_ff", c.n_ff)?;
         d.set_item("n_vocab", c.n_vocab)?;
         d.set_item("rope_theta", c.rope_theta)?;
-        d.set_item("rms_eps", c.rms_eps)?;
+        d.set_item("norm_eps", c.norm_eps)?;
         d.set_item("context_length", c.context_length)?;
         d.set_item("tied_output", c.tied_output)?;
         Ok(d)
@@ -138,10 +138,16 @@ impl Model {
         }
     }
 
-    fn embed<'py>(&self, py: Python<'py>, tokens: Vec<u32>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    #[pyo3(signature = (tokens, positions=None))]
+    fn embed<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: Vec<u32>,
+        positions: Option<Vec<u32>>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let d = self.inner.config().n_embd;
         let mut out = vec![0f32; tokens.len() * d];
-        py.detach(|| self.inner.embed(&tokens, &mut out))?;
+        py.detach(|| self.inner.embed(&tokens, positions.as_deref(), &mut out))?;
         to_array2(py, out, tokens.len(), d)
     }
 

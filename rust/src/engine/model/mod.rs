@@ -1,4 +1,4 @@
-//! The model (llama, Qwen2, Qwen3) and its sub-block API.
+//! The model (llama, Qwen2, Qwen3, GPT-2) and its sub-block API.
 //!
 //! Every sub-block (embedding, the two RMSNorms, any subset of attention heads, the two FFN
 //! parts, the LM head) is one call, so a plan can run each on either side of a split.
@@ -11,7 +11,11 @@
 //! either `output.weight` or the tied `token_embd.weight`. The other [`Architecture`]s are this
 //! layer with llama.cpp's differences: Qwen2 adds biases to Q, K and V; Qwen3 RMS-normalises each
 //! query and key head (`attn_q_norm`, `attn_k_norm`, before RoPE); both rotate pairs
-//! `(i, i + head_dim/2)` (llama.cpp's NEOX RoPE; their converter does not permute).
+//! `(i, i + head_dim/2)` (llama.cpp's NEOX RoPE; their converter does not permute). GPT-2 is the
+//! most different: LayerNorm with bias, learned position embeddings added to the token's, a fused
+//! Q/K/V matrix with bias and no RoPE, a bias after W_o (added by the partial that holds head 0,
+//! so partials still add up), and a non-gated FFN `W2·gelu(W1·x + b1) + b2` whose two maps are
+//! the [`FfnPart::GateUp`] and [`FfnPart::Down`] parts.
 
 mod session;
 mod source;
@@ -36,16 +40,34 @@ pub enum Architecture {
     Llama,
     Qwen2,
     Qwen3,
+    Gpt2,
+}
+
+/// How RoPE pairs a head's dimensions, if the architecture rotates at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rope {
+    /// `(2i, 2i+1)`: llama.cpp's "normal" mode.
+    Adjacent,
+    /// `(i, i + head_dim/2)`: llama.cpp's NEOX mode.
+    Halves,
+    /// No rotary embedding (GPT-2 learns absolute position embeddings instead).
+    None,
 }
 
 impl Architecture {
-    pub const ALL: [Architecture; 3] = [Architecture::Llama, Architecture::Qwen2, Architecture::Qwen3];
+    pub const ALL: [Architecture; 4] = [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+        Architecture::Gpt2,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Architecture::Llama => "llama",
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
+            Architecture::Gpt2 => "gpt2",
         }
     }
 
@@ -53,14 +75,24 @@ impl Architecture {
         Architecture::ALL.into_iter().find(|a| a.name() == name)
     }
 
-    /// RoPE rotates pairs `(i, i + head_dim/2)` (llama.cpp's NEOX mode), not `(2i, 2i+1)`.
-    pub fn rope_neox(self) -> bool {
-        self != Architecture::Llama
+    pub fn rope(self) -> Rope {
+        match self {
+            Architecture::Llama => Rope::Adjacent,
+            Architecture::Qwen2 | Architecture::Qwen3 => Rope::Halves,
+            Architecture::Gpt2 => Rope::None,
+        }
     }
 
-    /// `attn_q.bias`, `attn_k.bias`, `attn_v.bias` are added after the projections.
+    /// Q/K/V biases are added after the projections (GPT-2's is the fused `attn_qkv.bias`).
     pub fn qkv_bias(self) -> bool {
-        self == Architecture::Qwen2
+        matches!(self, Architecture::Qwen2 | Architecture::Gpt2)
+    }
+
+    /// GPT-2: one `attn_qkv` matrix (Q rows, then K, then V) instead of three, and biases after
+    /// W_o and both FFN maps; LayerNorm (with bias) instead of RMSNorm; learned position
+    /// embeddings; a GELU FFN without gate.
+    pub fn is_gpt2(self) -> bool {
+        self == Architecture::Gpt2
     }
 
     /// Every query and key head is RMS-normalised (`attn_q_norm`, `attn_k_norm`) before RoPE.
@@ -81,7 +113,8 @@ pub struct ModelConfig {
     pub n_ff: usize,
     pub n_vocab: usize,
     pub rope_theta: f32,
-    pub rms_eps: f32,
+    /// Epsilon of the RMSNorms (of the LayerNorms for GPT-2).
+    pub norm_eps: f32,
     pub context_length: usize,
     pub tied_output: bool,
 }
@@ -176,6 +209,11 @@ impl ModelConfig {
                 _ => return Err(file_error(&origin, "token_embd.weight missing or not 2-D")),
             },
         };
+        let norm_eps_key = if arch.is_gpt2() {
+            "attention.layer_norm_epsilon"
+        } else {
+            "attention.layer_norm_rms_epsilon"
+        };
         let rope_theta = if f.metadata(&key("rope.freq_base")).is_some() {
             f.meta_f32(&key("rope.freq_base"))?
         } else {
@@ -191,7 +229,7 @@ impl ModelConfig {
             n_ff: u("feed_forward_length")?,
             n_vocab,
             rope_theta,
-            rms_eps: f.meta_f32(&key("attention.layer_norm_rms_epsilon"))?,
+            norm_eps: f.meta_f32(&key(norm_eps_key))?,
             context_length: u("context_length")?,
             tied_output: tensor_dims("output.weight").is_none(),
         };
@@ -225,10 +263,10 @@ impl ModelConfig {
                 self.head_dim
             )));
         }
-        if !(self.rope_theta > 0.0 && self.rms_eps >= 0.0) {
+        if !(self.rope_theta > 0.0 && self.norm_eps >= 0.0) {
             return Err(invalid(format!(
-                "model config: rope_theta {} / rms_eps {} out of range",
-                self.rope_theta, self.rms_eps
+                "model config: rope_theta {} / norm_eps {} out of range",
+                self.rope_theta, self.norm_eps
             )));
         }
         Ok(())
@@ -272,6 +310,14 @@ struct LayerNames {
     attn_v_bias: String,
     attn_q_norm: String,
     attn_k_norm: String,
+    // GPT-2's
+    attn_qkv: String,
+    attn_qkv_bias: String,
+    attn_output_bias: String,
+    attn_norm_bias: String,
+    ffn_norm_bias: String,
+    ffn_up_bias: String,
+    ffn_down_bias: String,
 }
 
 impl LayerNames {
@@ -293,6 +339,13 @@ impl LayerNames {
             attn_v_bias: b("attn_v"),
             attn_q_norm: n("attn_q_norm"),
             attn_k_norm: n("attn_k_norm"),
+            attn_qkv: n("attn_qkv"),
+            attn_qkv_bias: b("attn_qkv"),
+            attn_output_bias: b("attn_output"),
+            attn_norm_bias: b("attn_norm"),
+            ffn_norm_bias: b("ffn_norm"),
+            ffn_up_bias: b("ffn_up"),
+            ffn_down_bias: b("ffn_down"),
         }
     }
 }
@@ -304,6 +357,17 @@ struct HeadExtras {
     v_bias: Option<Vec<f32>>,
     q_norm: Option<Vec<f32>>,
     k_norm: Option<Vec<f32>>,
+    o_bias: Option<Vec<f32>>,
+}
+
+/// The Q, K and V projections: three matrices, or row ranges of GPT-2's fused one. Q's rows start
+/// at row 0, K's (V's) rows start at `k_offset` (`v_offset`) of its matrix.
+struct Projections {
+    q: Matrix,
+    k: Matrix,
+    v: Matrix,
+    k_offset: usize,
+    v_offset: usize,
 }
 
 /// A model computed on its stored (possibly quantized) weights.
@@ -446,6 +510,10 @@ impl Model {
         let d = c.n_embd;
         self.matrix("token_embd.weight", c.n_vocab, d)?;
         self.check_vector("output_norm.weight", d)?;
+        if c.arch.is_gpt2() {
+            self.matrix("position_embd.weight", c.context_length, d)?;
+            self.check_vector("output_norm.bias", d)?;
+        }
         self.matrix(self.lm_head, c.n_vocab, d)?;
         if self.source.all_resident() {
             for layer in (0..c.n_layer).filter(|&l| self.served[l]) {
@@ -457,15 +525,20 @@ impl Model {
 
     fn check_layer_tensors(&self, layer: usize) -> CoreResult<()> {
         let c = &self.cfg;
-        let (d, q, kv) = (c.n_embd, c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
+        let (d, q) = (c.n_embd, c.n_head * c.head_dim);
         let names = &self.layers[layer];
         self.check_vector(&names.attn_norm, d)?;
         self.check_vector(&names.ffn_norm, d)?;
-        self.matrix(&names.attn_q, q, d)?;
-        self.matrix(&names.attn_k, kv, d)?;
-        self.matrix(&names.attn_v, kv, d)?;
+        self.projections(names)?;
         self.matrix(&names.attn_output, d, q)?;
-        self.matrix(&names.ffn_gate, c.n_ff, d)?;
+        if c.arch.is_gpt2() {
+            self.check_vector(&names.attn_norm_bias, d)?;
+            self.check_vector(&names.ffn_norm_bias, d)?;
+            self.check_vector(&names.ffn_up_bias, c.n_ff)?;
+            self.check_vector(&names.ffn_down_bias, d)?;
+        } else {
+            self.matrix(&names.ffn_gate, c.n_ff, d)?;
+        }
         self.matrix(&names.ffn_up, c.n_ff, d)?;
         self.matrix(&names.ffn_down, d, c.n_ff)?;
         self.head_extras(names)?;
@@ -473,27 +546,67 @@ impl Model {
         Ok(())
     }
 
-    /// The layer's Q/K/V biases and Q/K norms, where its architecture has them.
+    /// The layer's Q/K/V biases, Q/K norms and W_o bias, where its architecture has them.
     fn head_extras(&self, names: &LayerNames) -> CoreResult<HeadExtras> {
         let c = &self.cfg;
         let (q, kv, hd) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.head_dim);
         let when = |on: bool, name: &str, n: usize| on.then(|| self.vector(name, n)).transpose();
-        let (bias, norm) = (c.arch.qkv_bias(), c.arch.qk_norm());
+        let (separate_bias, norm, gpt2) = (
+            c.arch.qkv_bias() && !c.arch.is_gpt2(),
+            c.arch.qk_norm(),
+            c.arch.is_gpt2(),
+        );
+        let (mut q_bias, mut k_bias, mut v_bias) = (
+            when(separate_bias, &names.attn_q_bias, q)?,
+            when(separate_bias, &names.attn_k_bias, kv)?,
+            when(separate_bias, &names.attn_v_bias, kv)?,
+        );
+        if let Some(fused) = when(gpt2, &names.attn_qkv_bias, q + 2 * kv)? {
+            (q_bias, k_bias, v_bias) = (
+                Some(fused[..q].to_vec()),
+                Some(fused[q..q + kv].to_vec()),
+                Some(fused[q + kv..].to_vec()),
+            );
+        }
         Ok(HeadExtras {
-            q_bias: when(bias, &names.attn_q_bias, q)?,
-            k_bias: when(bias, &names.attn_k_bias, kv)?,
-            v_bias: when(bias, &names.attn_v_bias, kv)?,
+            q_bias,
+            k_bias,
+            v_bias,
             q_norm: when(norm, &names.attn_q_norm, hd)?,
             k_norm: when(norm, &names.attn_k_norm, hd)?,
+            o_bias: when(gpt2, &names.attn_output_bias, c.n_embd)?,
         })
     }
 
-    /// RoPE in this architecture's pairing.
+    /// The layer's Q, K, V projection matrices (GPT-2: three views of the fused one).
+    fn projections(&self, names: &LayerNames) -> CoreResult<Projections> {
+        let c = &self.cfg;
+        let (d, q, kv) = (c.n_embd, c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
+        if c.arch.is_gpt2() {
+            let fused = || self.matrix(&names.attn_qkv, q + 2 * kv, d);
+            return Ok(Projections {
+                q: fused()?,
+                k: fused()?,
+                v: fused()?,
+                k_offset: q,
+                v_offset: q + kv,
+            });
+        }
+        Ok(Projections {
+            q: self.matrix(&names.attn_q, q, d)?,
+            k: self.matrix(&names.attn_k, kv, d)?,
+            v: self.matrix(&names.attn_v, kv, d)?,
+            k_offset: 0,
+            v_offset: 0,
+        })
+    }
+
+    /// RoPE in this architecture's pairing (none for GPT-2).
     fn rope(&self, v: &mut [f32], table: &[(f32, f32)]) {
-        if self.cfg.arch.rope_neox() {
-            apply_rope_neox(v, table)
-        } else {
-            apply_rope(v, table)
+        match self.cfg.arch.rope() {
+            Rope::Adjacent => apply_rope(v, table),
+            Rope::Halves => apply_rope_neox(v, table),
+            Rope::None => {}
         }
     }
 
@@ -565,8 +678,10 @@ impl Model {
         Ok(len / width)
     }
 
-    /// Token embeddings: `out` is T × d.
-    pub fn embed(&self, tokens: &[u32], out: &mut [f32]) -> CoreResult<()> {
+    /// Token embeddings: `out` is T × d. GPT-2 adds the learned embedding of each token's
+    /// position, so it needs `positions` (one per token, below the context length); the other
+    /// architectures ignore them (RoPE places tokens inside attention).
+    pub fn embed(&self, tokens: &[u32], positions: Option<&[u32]>, out: &mut [f32]) -> CoreResult<()> {
         let d = self.cfg.n_embd;
         check_len("embed output", out.len(), tokens.len() * d)?;
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.cfg.n_vocab) {
@@ -580,27 +695,54 @@ impl Model {
         for (&t, o) in tokens.iter().zip(out.chunks_exact_mut(d)) {
             m.row(t as usize, o);
         }
+        if !self.cfg.arch.is_gpt2() {
+            return Ok(());
+        }
+        let Some(positions) = positions else {
+            return Err(invalid(
+                "this model adds learned position embeddings (gpt2): embed needs the tokens' positions",
+            ));
+        };
+        check_len("embed positions", positions.len(), tokens.len())?;
+        let n_ctx = self.cfg.context_length;
+        if let Some(&p) = positions.iter().find(|&&p| p as usize >= n_ctx) {
+            return Err(invalid(format!(
+                "position {p} is past the model's context length {n_ctx} (it has no embedding for it)"
+            )));
+        }
+        let table = self.matrix("position_embd.weight", n_ctx, d)?;
+        let table = table.q();
+        let mut row = vec![0.0; d];
+        for (&p, o) in positions.iter().zip(out.chunks_exact_mut(d)) {
+            table.row(p as usize, &mut row);
+            add_in_place(o, &row);
+        }
         Ok(())
     }
 
     /// RMSNorm of T tokens (x is T × d) with the layer's attention-norm weight.
     pub fn attn_norm(&self, layer: usize, x: &[f32], out: &mut [f32]) -> CoreResult<()> {
         let names = self.check_layer(layer)?;
-        self.norm(&names.attn_norm, x, out)
+        self.norm(&names.attn_norm, &names.attn_norm_bias, x, out)
     }
 
     /// RMSNorm of T tokens (x is T × d) with the layer's FFN-norm weight.
     pub fn ffn_norm(&self, layer: usize, x: &[f32], out: &mut [f32]) -> CoreResult<()> {
         let names = self.check_layer(layer)?;
-        self.norm(&names.ffn_norm, x, out)
+        self.norm(&names.ffn_norm, &names.ffn_norm_bias, x, out)
     }
 
-    fn norm(&self, weight: &str, x: &[f32], out: &mut [f32]) -> CoreResult<()> {
+    /// RMSNorm with `weight`, or for GPT-2 LayerNorm with `weight` and `bias`.
+    fn norm(&self, weight: &str, bias: &str, x: &[f32], out: &mut [f32]) -> CoreResult<()> {
         let d = self.cfg.n_embd;
         self.tokens_of("norm input", x.len(), d)?;
         check_len("norm output", out.len(), x.len())?;
         let w = self.vector(weight, d)?;
-        rms_norm(x, &w, self.cfg.rms_eps, out);
+        if self.cfg.arch.is_gpt2() {
+            layer_norm(x, &w, &self.vector(bias, d)?, self.cfg.norm_eps, out);
+        } else {
+            rms_norm(x, &w, self.cfg.norm_eps, out);
+        }
         Ok(())
     }
 
@@ -659,12 +801,10 @@ impl Model {
         let names = &self.layers[layer];
         let (hd, n_tok) = (c.head_dim, positions.len());
         let nq = c.n_head * hd;
-        let kv_rows = c.n_head_kv * hd;
-        let wq = self.matrix(&names.attn_q, nq, c.n_embd)?;
-        let wk = self.matrix(&names.attn_k, kv_rows, c.n_embd)?;
-        let wv = self.matrix(&names.attn_v, kv_rows, c.n_embd)?;
+        let proj = self.projections(names)?;
         let wo = self.matrix(&names.attn_output, c.n_embd, nq)?;
-        let (wq, wk, wv, wo) = (wq.q(), wk.q(), wv.q(), wo.q());
+        let (wq, wk, wv, wo) = (proj.q.q(), proj.k.q(), proj.v.q(), wo.q());
+        let (k_at, v_at) = (proj.k_offset, proj.v_offset);
         let extras = self.head_extras(names)?;
 
         let mut groups: Vec<usize> = heads.iter().map(|&h| c.kv_group_of_head(h)).collect();
@@ -683,15 +823,15 @@ impl Model {
                 continue;
             }
             let rows = g * hd..(g + 1) * hd;
-            wk.matmul_rows(rows.clone(), x_norm, n_tok, &mut k, &self.pool);
-            wv.matmul_rows(rows.clone(), x_norm, n_tok, &mut v, &self.pool);
+            wk.matmul_rows(k_at + rows.start..k_at + rows.end, x_norm, n_tok, &mut k, &self.pool);
+            wv.matmul_rows(v_at + rows.start..v_at + rows.end, x_norm, n_tok, &mut v, &self.pool);
             if let (Some(kb), Some(vb)) = (&extras.k_bias, &extras.v_bias) {
                 add_rows(&mut k, &kb[rows.clone()]);
                 add_rows(&mut v, &vb[rows]);
             }
             for (kt, rt) in k.chunks_exact_mut(hd).zip(rope.chunks_exact(hd / 2)) {
                 if let Some(w) = &extras.k_norm {
-                    rms_norm_in_place(kt, w, c.rms_eps);
+                    rms_norm_in_place(kt, w, c.norm_eps);
                 }
                 self.rope(kt, rt);
             }
@@ -734,7 +874,7 @@ impl Model {
                     let (t, h) = (i / c.n_head, i % c.n_head);
                     let cache = caches[c.kv_group_of_head(h)].expect("group computed above");
                     if let Some(w) = &extras.q_norm {
-                        rms_norm_in_place(qh, w, c.rms_eps);
+                        rms_norm_in_place(qh, w, c.norm_eps);
                     }
                     self.rope(qh, &rope[t * hd / 2..(t + 1) * hd / 2]);
                     let n_vis = cache.pos.partition_point(|&p| p <= positions[t]);
@@ -750,7 +890,11 @@ impl Model {
                     }
                 });
         });
-        self.output_projection(&wo, heads, &attn, n_tok, out)
+        self.output_projection(&wo, heads, &attn, n_tok, out)?;
+        if let (Some(bias), Some(0)) = (&extras.o_bias, heads.first()) {
+            add_rows(out, bias); // once over any partition of the heads: with head 0
+        }
+        Ok(())
     }
 
     /// `out = W_o · attn` where `attn` (T × n_head·head_dim) is zero outside `heads`. For a
@@ -817,6 +961,13 @@ impl Model {
     fn ffn_gate_up(&self, layer: usize, x: &[f32], n_tok: usize, out: &mut [f32]) -> CoreResult<()> {
         let (d, f) = (self.cfg.n_embd, self.cfg.n_ff);
         let names = &self.layers[layer];
+        if self.cfg.arch.is_gpt2() {
+            // GPT-2's first map: gelu(W1·x + b1).
+            self.matrix(&names.ffn_up, f, d)?.q().matmul(x, n_tok, out, &self.pool);
+            add_rows(out, &self.vector(&names.ffn_up_bias, f)?);
+            out.iter_mut().for_each(|v| *v = gelu(*v));
+            return Ok(());
+        }
         let gate = self.matrix(&names.ffn_gate, f, d)?;
         let up = self.matrix(&names.ffn_up, f, d)?;
         let (gate, up) = (gate.q(), up.q());
@@ -833,6 +984,9 @@ impl Model {
         let (d, f) = (self.cfg.n_embd, self.cfg.n_ff);
         let down = self.matrix(&self.layers[layer].ffn_down, d, f)?;
         down.q().matmul(h, n_tok, out, &self.pool);
+        if self.cfg.arch.is_gpt2() {
+            add_rows(out, &self.vector(&self.layers[layer].ffn_down_bias, d)?);
+        }
         Ok(())
     }
 
@@ -842,7 +996,7 @@ impl Model {
         check_len("output_logits input", x.len(), n_tokens * d)?;
         check_len("output_logits output", out.len(), n_tokens * nv)?;
         let mut xn = vec![0.0; x.len()];
-        self.norm("output_norm.weight", x, &mut xn)?;
+        self.norm("output_norm.weight", "output_norm.bias", x, &mut xn)?;
         let head = self.matrix(self.lm_head, nv, d)?;
         head.q().matmul(&xn, n_tokens, out, &self.pool);
         Ok(())
@@ -861,10 +1015,10 @@ impl Model {
         let all_heads: Vec<usize> = (0..self.cfg.n_head).collect();
         let mut xn = vec![0.0; x.len()];
         let mut delta = vec![0.0; x.len()];
-        self.norm(&names.attn_norm, x, &mut xn)?;
+        self.norm(&names.attn_norm, &names.attn_norm_bias, x, &mut xn)?;
         self.attention_inner(session, layer, &all_heads, &xn, positions, &mut delta)?;
         add_in_place(x, &delta);
-        self.norm(&names.ffn_norm, x, &mut xn)?;
+        self.norm(&names.ffn_norm, &names.ffn_norm_bias, x, &mut xn)?;
         self.ffn_full(layer, &xn, n_tok, &mut delta)?;
         add_in_place(x, &delta);
         Ok(())
@@ -889,7 +1043,7 @@ impl Model {
         check_positions(positions)?;
         let d = self.cfg.n_embd;
         let mut x = vec![0.0; tokens.len() * d];
-        self.embed(tokens, &mut x)?;
+        self.embed(tokens, Some(positions), &mut x)?;
         for layer in 0..self.cfg.n_layer {
             self.layer_fused(session, layer, &mut x, positions)?;
         }
@@ -981,6 +1135,12 @@ fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+/// GELU, tanh approximation (GPT-2's, and ggml's `ggml_gelu`).
+fn gelu(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
+}
+
 fn softmax(s: &mut [f32]) {
     let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
@@ -1001,6 +1161,20 @@ pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         let scale = 1.0 / ((ss / d as f64) as f32 + eps).sqrt();
         for ((o, &v), &wi) in or.iter_mut().zip(xr).zip(w) {
             *o = v * scale * wi;
+        }
+    }
+}
+
+/// LayerNorm of each row of length `w.len()`: `(x − mean) / sqrt(var + eps) * w + b` (sums in f64
+/// as ggml's `ggml_norm` does).
+pub(crate) fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let mean = (xr.iter().map(|&v| v as f64).sum::<f64>() / d as f64) as f32;
+        let var = (xr.iter().map(|&v| ((v - mean) * (v - mean)) as f64).sum::<f64>() / d as f64) as f32;
+        let scale = 1.0 / (var + eps).sqrt();
+        for (((o, &v), &wi), &bi) in or.iter_mut().zip(xr).zip(w).zip(b) {
+            *o = (v - mean) * scale * wi + bi;
         }
     }
 }

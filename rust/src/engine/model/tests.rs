@@ -33,7 +33,7 @@ pub(crate) fn tiny_config(n_head: usize, n_head_kv: usize, tied: bool) -> ModelC
         n_ff: 40,
         n_vocab: 50,
         rope_theta: 10000.0,
-        rms_eps: 1e-5,
+        norm_eps: 1e-5,
         context_length: 128,
         tied_output: tied,
     }
@@ -58,6 +58,33 @@ pub(crate) fn tiny_source(cfg: &ModelConfig, seed: u64) -> MemorySource {
     put(&mut s, "output_norm.weight", vec![d], 0.2, 1.0);
     if !cfg.tied_output {
         put(&mut s, "output.weight", vec![d, v], 0.3, 0.0);
+    }
+    if cfg.arch.is_gpt2() {
+        put(&mut s, "output_norm.bias", vec![d], 0.2, 0.0);
+        put(
+            &mut s,
+            "position_embd.weight",
+            vec![d, cfg.context_length as u64],
+            0.5,
+            0.0,
+        );
+        for l in 0..cfg.n_layer {
+            let n = |x: &str| format!("blk.{l}.{x}.weight");
+            let b = |x: &str| format!("blk.{l}.{x}.bias");
+            put(&mut s, &n("attn_norm"), vec![d], 0.2, 1.0);
+            put(&mut s, &b("attn_norm"), vec![d], 0.2, 0.0);
+            put(&mut s, &n("attn_qkv"), vec![d, q + 2 * kv], 0.5, 0.0);
+            put(&mut s, &b("attn_qkv"), vec![q + 2 * kv], 0.5, 0.0);
+            put(&mut s, &n("attn_output"), vec![q, d], 0.3, 0.0);
+            put(&mut s, &b("attn_output"), vec![d], 0.3, 0.0);
+            put(&mut s, &n("ffn_norm"), vec![d], 0.2, 1.0);
+            put(&mut s, &b("ffn_norm"), vec![d], 0.2, 0.0);
+            put(&mut s, &n("ffn_up"), vec![d, f], 0.3, 0.0);
+            put(&mut s, &b("ffn_up"), vec![f], 0.3, 0.0);
+            put(&mut s, &n("ffn_down"), vec![f, d], 0.3, 0.0);
+            put(&mut s, &b("ffn_down"), vec![d], 0.3, 0.0);
+        }
+        return s;
     }
     for l in 0..cfg.n_layer {
         let n = |x: &str| format!("blk.{l}.{x}.weight");
@@ -136,13 +163,16 @@ fn reference_attention(m: &Model, layer: usize, x_norm: &[f32], positions: &[u32
     };
     // The pair RoPE rotates: (2i, 2i+1) for llama, (i, i + hd/2) for NEOX.
     let pair = |i: usize| {
-        if c.arch.rope_neox() {
+        if c.arch.rope() == Rope::Halves {
             (i, i + hd / 2)
         } else {
             (2 * i, 2 * i + 1)
         }
     };
     let rope = |v: &mut [f32], pos: u32| {
+        if c.arch.rope() == Rope::None {
+            return;
+        }
         let scale = c.rope_theta.powf(-2.0 / hd as f32);
         let mut theta = pos as f32;
         for i in 0..hd / 2 {
@@ -156,29 +186,46 @@ fn reference_attention(m: &Model, layer: usize, x_norm: &[f32], positions: &[u32
     };
     let head_norm = |v: &mut [f32], w: &[f32]| {
         let mean_sq = v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32;
-        let inv = 1.0 / (mean_sq + c.rms_eps).sqrt();
+        let inv = 1.0 / (mean_sq + c.norm_eps).sqrt();
         for i in 0..v.len() {
             v[i] *= inv * w[i];
         }
     };
     let nm = &m.layers[layer];
     let (nq, nkv) = (c.n_head * hd, c.n_head_kv * hd);
-    let wq = full(&nm.attn_q, nq, d);
-    let wk = full(&nm.attn_k, nkv, d);
-    let wv = full(&nm.attn_v, nkv, d);
+    let (wq, wk, wv, bq, bk, bv, bo);
+    if c.arch.is_gpt2() {
+        // one matrix and one bias: Q rows, then K, then V
+        let w = full(&nm.attn_qkv, nq + 2 * nkv, d);
+        let b = m.vector(&nm.attn_qkv_bias, nq + 2 * nkv).unwrap();
+        (wq, wk, wv) = (
+            w[..nq * d].to_vec(),
+            w[nq * d..(nq + nkv) * d].to_vec(),
+            w[(nq + nkv) * d..].to_vec(),
+        );
+        (bq, bk, bv) = (b[..nq].to_vec(), b[nq..nq + nkv].to_vec(), b[nq + nkv..].to_vec());
+        bo = m.vector(&nm.attn_output_bias, d).unwrap();
+    } else {
+        let bias = |name: &str, n: usize| {
+            if c.arch.qkv_bias() {
+                m.vector(name, n).unwrap()
+            } else {
+                vec![0.0; n]
+            }
+        };
+        (wq, wk, wv) = (
+            full(&nm.attn_q, nq, d),
+            full(&nm.attn_k, nkv, d),
+            full(&nm.attn_v, nkv, d),
+        );
+        (bq, bk, bv) = (
+            bias(&nm.attn_q_bias, nq),
+            bias(&nm.attn_k_bias, nkv),
+            bias(&nm.attn_v_bias, nkv),
+        );
+        bo = vec![0.0; d];
+    }
     let wo = full(&nm.attn_output, d, nq);
-    let bias = |name: &str, n: usize| {
-        if c.arch.qkv_bias() {
-            m.vector(name, n).unwrap()
-        } else {
-            vec![0.0; n]
-        }
-    };
-    let (bq, bk, bv) = (
-        bias(&nm.attn_q_bias, nq),
-        bias(&nm.attn_k_bias, nkv),
-        bias(&nm.attn_v_bias, nkv),
-    );
     let add = |mut v: Vec<f32>, b: &[f32]| {
         v.iter_mut().zip(b).for_each(|(x, y)| *x += y);
         v
@@ -227,7 +274,7 @@ fn reference_attention(m: &Model, layer: usize, x_norm: &[f32], positions: &[u32
                 }
             }
         }
-        out.extend(mv(&wo, d, &att));
+        out.extend(add(mv(&wo, d, &att), &bo));
     }
     out
 }
@@ -444,7 +491,7 @@ fn fused_layer_equals_sub_blocks_over_decode_steps() {
             let pos: Vec<u32> = (p as u32..(p + step_len) as u32).collect();
             p += step_len;
             let mut xf = vec![0.0; step_len * d];
-            m.embed(toks, &mut xf).unwrap();
+            m.embed(toks, None, &mut xf).unwrap();
             let mut xs = xf.clone();
             for layer in 0..c.n_layer {
                 m.layer_fused(&mut s_fused, layer, &mut xf, &pos).unwrap();
@@ -526,7 +573,7 @@ fn bad_arguments_are_rejected() {
     assert!(inv(m.attention(&mut s, 0, &[1], &x, &[], &mut [])));
     assert!(inv(m.attn_norm(0, &x, &mut out[..d - 1])));
     assert!(inv(m.ffn_norm(5, &x, &mut out)));
-    assert!(inv(m.embed(&[50], &mut out)));
+    assert!(inv(m.embed(&[50], None, &mut out)));
     let other = Session::new(&tiny_config(6, 3, true));
     let mut other = other;
     assert!(inv(m.attention(&mut other, 0, &[0], &x, &[0], &mut out)));
@@ -584,7 +631,7 @@ pub(crate) fn tiny_gguf(arch: &str, cfg: &ModelConfig, src: &MemorySource, tag: 
         ("llama.attention.head_count", u(cfg.n_head)),
         ("llama.attention.head_count_kv", u(cfg.n_head_kv)),
         ("llama.rope.freq_base", MetaValue::F32(cfg.rope_theta)),
-        ("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(cfg.rms_eps)),
+        ("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(cfg.norm_eps)),
         ("llama.rope.dimension_count", u(cfg.head_dim)),
         ("llama.attention.key_length", u(cfg.head_dim)),
     ];
@@ -616,12 +663,12 @@ fn from_gguf_reads_config_and_matches_in_memory_model() {
     assert_eq!(a, b);
     std::fs::remove_file(&path).unwrap();
 
-    let path = tiny_gguf("gpt2", &cfg, &src, "arch");
+    let path = tiny_gguf("falcon", &cfg, &src, "arch");
     let file = Arc::new(GgufFile::open(&path).unwrap());
     let err = Model::from_gguf(file, 1).unwrap_err();
     std::fs::remove_file(&path).unwrap();
     assert!(
-        matches!(&err, CoreError::ModelFile { problem, .. } if problem.contains("\"gpt2\"")),
+        matches!(&err, CoreError::ModelFile { problem, .. } if problem.contains("\"falcon\" is not supported; supported: llama, qwen2, qwen3, gpt2")),
         "{err}"
     );
     assert_eq!(err.class_name(), "ModelFileError");
@@ -705,7 +752,7 @@ fn norms_embedding_and_lm_head_match_reference() {
             let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
             row.iter()
                 .zip(w)
-                .map(|(v, w)| v / (ms + c.rms_eps).sqrt() * w)
+                .map(|(v, w)| v / (ms + c.norm_eps).sqrt() * w)
                 .collect()
         };
         let w_attn = m.vector("blk.1.attn_norm.weight", d).unwrap();
@@ -735,7 +782,7 @@ fn norms_embedding_and_lm_head_match_reference() {
         }
 
         let mut e = vec![0.0; 2 * d];
-        m.embed(&[13, 0], &mut e).unwrap();
+        m.embed(&[13, 0], None, &mut e).unwrap();
         let emb = m.matrix("token_embd.weight", c.n_vocab, d).unwrap();
         emb.row(13, &mut row);
         assert_eq!(&e[..d], &row[..]);
@@ -828,7 +875,7 @@ fn quantized_model_partials_gathered_w_o_and_fused_path_agree() {
     for step_len in [3usize, 1, 1, 1] {
         let pos: Vec<u32> = (p as u32..(p + step_len) as u32).collect();
         let mut xf = vec![0.0; step_len * d];
-        m.embed(&tokens[p..p + step_len], &mut xf).unwrap();
+        m.embed(&tokens[p..p + step_len], None, &mut xf).unwrap();
         p += step_len;
         let mut xs = xf.clone();
         for layer in 0..c.n_layer {
@@ -859,7 +906,7 @@ fn split_on_real_model_matches_fused() {
         p += step_len;
         let fused = m.forward(&mut s_fused, toks, &pos, false).unwrap();
         let mut x = vec![0.0; step_len * d];
-        m.embed(toks, &mut x).unwrap();
+        m.embed(toks, None, &mut x).unwrap();
         for layer in 0..c.n_layer {
             layer_by_sub_blocks(&m, &mut s_a, &mut s_b, layer, &mut x, &pos, &[0, 4, 7]);
         }
@@ -867,7 +914,7 @@ fn split_on_real_model_matches_fused() {
         m.output_logits(&x[(step_len - 1) * d..], 1, &mut split).unwrap();
         // fused again, on a copy of the input nudged by one ulp: the size of the noise
         let mut x = vec![0.0; step_len * d];
-        m.embed(toks, &mut x).unwrap();
+        m.embed(toks, None, &mut x).unwrap();
         x.iter_mut().for_each(|v| *v = f32::from_bits(v.to_bits() + 1));
         let mut s_nudged = s_fused.clone();
         s_nudged.truncate(pos[0] as usize);
