@@ -7,21 +7,21 @@ of each block are fixed, so that dequantized weights have std ≈ 1/sqrt(fan_in)
 `LOGIT_SCALE`/sqrt(n_embd); an untied token embedding: 1) and logits stay finite with a spread of a
 few units. Speed does not depend on the values, so these files time an engine as real ones would.
 
-* `BENCH_SHAPES`: smollm2, tinyllama-1.1b, gpt2-1.5b, llama-7b, llama-13b (llama-architecture
-  files; see `BenchShape`). Every file carries the bundled SmolLM2's tokenizer, so the vocabulary is
-  49152 for every shape (the real TinyLlama/Llama-2 have 32000, GPT-2 50257): only token_embd and
-  output.weight differ in size from the real model's. gpt2-1.5b is GPT-2 XL's matrix sizes in a
-  llama-shaped file (MHA, RMSNorm, RoPE, untied output); GPT-2's FFN is not gated, a llama FFN has a
-  gate matrix too, so this file has 1.5× GPT-2's FFN weights.
+* `BENCH_SHAPES`: smollm2, tinyllama-1.1b, gpt2-1.5b, llama-7b, llama-13b (see `BenchShape`).
+  Every file carries the bundled SmolLM2's tokenizer, so the vocabulary is 49152 for every shape
+  (the real TinyLlama/Llama-2 have 32000, GPT-2 50257): only token_embd and output.weight differ in
+  size from the real model's. gpt2-1.5b is a GPT-2 architecture file of GPT-2 XL's sizes (LayerNorm
+  with bias, 1024 learned positions in F32, fused attn_qkv, biases in F32, a non-gated FFN, untied
+  output); the others are llama files.
 * `write_random_quantized(dst, shape, qtype, seed)` writes one file; `cached_bench_model(name,
   qtype, seed)` caches it under `model_factory.cache_dir()` (key: `RANDOM_WEIGHTS_VERSION`, shape,
   type mix, seed, tokenizer), written under a temporary name and renamed into place.
 * `tensor_plan(shape, qtype, n_vocab)` is the type mix, tensor by tensor:
 
-      mix      token_embd   output.weight   attn_q/k/output, ffn_gate/up   attn_v, ffn_down
-      q8_0     Q8_0         Q8_0            Q8_0                           Q8_0
-      q4_0     Q4_0         Q4_0            Q4_0                           Q4_0
-      q4_k_m   Q4_K         Q6_K            Q4_K                           Q6_K in the layers
+      mix      token_embd   output.weight   attn_q/k/output, ffn_gate/up   attn_v, ffn_down   attn_qkv
+      q8_0     Q8_0         Q8_0            Q8_0                           Q8_0               Q8_0
+      q4_0     Q4_0         Q4_0            Q4_0                           Q4_0               Q4_0
+      q4_k_m   Q4_K         Q6_K            Q4_K                           Q6_K in the layers Q5_K
                                                                            `use_more_bits` picks,
                                                                            else Q4_K
 
@@ -30,10 +30,11 @@ few units. Speed does not depend on the values, so these files time an engine as
   token_embd is its output matrix and follows the output.weight rule. K-quants need rows (the
   fan-in, GGML's ne0) that are a multiple of 256; where they are not (d=576 for smollm2, d=1600 for
   gpt2-1.5b: every matrix but ffn_down) the tensor falls back as llama.cpp's quantizer does
-  (model_factory's docstring): Q4_K → Q5_0, Q6_K → Q8_0. On smollm2 this reproduces the counts of
+  (model_factory's docstring): Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0. On smollm2 this reproduces the counts of
   llama.cpp's own SmolLM2 Q4_K_M exactly (tests/unit/test_engine_types.py `SMOLLM2_TYPES`). The q4_0
   mix is pure Q4_0, output and token_embd included (llama.cpp's Q4_0 ftype would keep output.weight
-  in Q6_K). Norm weights are F32, 1 + N(0, 0.1²).
+  in Q6_K). Norm weights are F32, 1 + N(0, 0.1²); GPT-2's biases N(0, 0.1²) and position
+  embeddings N(0, 0.5²), F32.
 
 Block contents: all quant bytes random, then the f16 `d` (and Q4_K's `dmin`) of every block set to
 one magnitude per tensor with a random sign per block (one sign everywhere would give every Q4_0
@@ -73,21 +74,23 @@ _FILE_TYPES = {
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
 }
 #: llama.cpp's fallback for rows that are not a multiple of the 256-element super-block.
-_K_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q6_K: Q.Q8_0}
-#: Byte offsets of the f16 scale fields in a block: (d, dmin or None).
-_SCALE_FIELDS: dict[gguf.GGMLQuantizationType, tuple[int, int | None]] = {
-    Q.Q4_0: (0, None),
-    Q.Q5_0: (0, None),
-    Q.Q8_0: (0, None),
-    Q.Q4_K: (0, 2),
-    Q.Q6_K: (208, None),
+_K_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+#: Byte offsets of the f16 scale fields in a block: (d, the offset field or None), and the offset
+#: as a multiple of d that makes a block's mean zero on average.
+_SCALE_FIELDS: dict[gguf.GGMLQuantizationType, tuple[int, int | None, float]] = {
+    Q.Q4_0: (0, None, 0.0),
+    Q.Q5_0: (0, None, 0.0),
+    Q.Q8_0: (0, None, 0.0),
+    Q.Q5_1: (0, 2, -15.5),  # value = d·q + m with q ∈ 0..31
+    Q.Q4_K: (0, 2, 7.5),  # value = d·sc·q − dmin·m with q ∈ 0..15 and sc, m ∈ 0..63 (mean 31.5 each)
+    Q.Q5_K: (0, 2, 15.5),  # the same with q ∈ 0..31
+    Q.Q6_K: (208, None, 0.0),
 }
-_DMIN_OVER_D = 7.5  # Q4_K: value = d·sc·q − dmin·m with q ∈ 0..15 and sc, m ∈ 0..63 (mean 31.5 each)
 
 
 @dataclass(frozen=True)
 class BenchShape:
-    """A llama-architecture shape (head_dim = n_embd / n_head); the vocabulary is the tokenizer's."""
+    """A model shape (head_dim = n_embd / n_head); the vocabulary is the tokenizer's."""
 
     n_layer: int
     n_embd: int
@@ -95,13 +98,16 @@ class BenchShape:
     n_head_kv: int
     n_ff: int
     tied_output: bool
+    architecture: str = "llama"  # or "gpt2"
 
 
 BENCH_SHAPES: dict[str, BenchShape] = {
     "smollm2": BenchShape(n_layer=30, n_embd=576, n_head=9, n_head_kv=3, n_ff=1536, tied_output=True),
     "tinyllama-1.1b": BenchShape(n_layer=22, n_embd=2048, n_head=32, n_head_kv=4, n_ff=5632, tied_output=False),
-    # GPT-2 XL's matrix sizes as a llama (gated FFN: 1.5× GPT-2's FFN weights)
-    "gpt2-1.5b": BenchShape(n_layer=48, n_embd=1600, n_head=25, n_head_kv=25, n_ff=6400, tied_output=False),
+    # GPT-2 XL
+    "gpt2-1.5b": BenchShape(
+        n_layer=48, n_embd=1600, n_head=25, n_head_kv=25, n_ff=6400, tied_output=False, architecture="gpt2"
+    ),
     "llama-7b": BenchShape(n_layer=32, n_embd=4096, n_head=32, n_head_kv=32, n_ff=11008, tied_output=False),
     "llama-13b": BenchShape(n_layer=40, n_embd=5120, n_head=40, n_head_kv=40, n_ff=13824, tied_output=False),
 }
@@ -130,6 +136,7 @@ class TensorSpec:
     shape: tuple[int, ...]  # numpy order: (rows, fan_in) for a matrix
     qtype: gguf.GGMLQuantizationType
     std: float  # target std of the dequantized values (matrices)
+    mean: float = 1.0  # of an F32 tensor: 1 for norm weights, 0 for biases and position embeddings
 
     @property
     def nbytes(self) -> int:
@@ -153,6 +160,8 @@ def tensor_plan(shape: BenchShape, qtype: str, n_vocab: int) -> list[TensorSpec]
             return Q.Q4_0
         if role == "output" or (role == "more_bits" and use_more_bits(layer, shape.n_layer)):
             return Q.Q6_K
+        if role == "qkv":
+            return Q.Q5_K
         return Q.Q4_K
 
     out_std = LOGIT_SCALE / np.sqrt(d)
@@ -164,6 +173,8 @@ def tensor_plan(shape: BenchShape, qtype: str, n_vocab: int) -> list[TensorSpec]
     ]  # fmt: skip
     if not shape.tied_output:
         plan.append(TensorSpec("output.weight", (n_vocab, d), _fit(pick("output"), d), out_std))
+    if shape.architecture == "gpt2":
+        return plan + _gpt2_layers(shape, pick)
     for i in range(shape.n_layer):
         b = f"blk.{i}."
         plan += [
@@ -180,14 +191,44 @@ def tensor_plan(shape: BenchShape, qtype: str, n_vocab: int) -> list[TensorSpec]
     return plan
 
 
+GPT2_CONTEXT = 1024
+
+
+def _gpt2_layers(shape: BenchShape, pick: Callable[..., gguf.GGMLQuantizationType]) -> list[TensorSpec]:
+    """GPT-2's position embeddings, output-norm bias and layers (the type mix's roles: attn_qkv is
+    Q5_K in q4_k_m, as llama.cpp's rule makes it)."""
+    d, ff, f32 = shape.n_embd, shape.n_ff, Q.F32
+    plan = [
+        TensorSpec("position_embd.weight", (GPT2_CONTEXT, d), f32, 0.5, mean=0.0),
+        TensorSpec("output_norm.bias", (d,), f32, 0.1, mean=0.0),
+    ]
+    for i in range(shape.n_layer):
+        b = f"blk.{i}."
+        plan += [
+            TensorSpec(b + "attn_norm.weight", (d,), f32, 0.1),
+            TensorSpec(b + "attn_norm.bias", (d,), f32, 0.1, mean=0.0),
+            TensorSpec(b + "attn_qkv.weight", (3 * d, d), _fit(pick("qkv"), d), 1 / np.sqrt(d)),
+            TensorSpec(b + "attn_qkv.bias", (3 * d,), f32, 0.1, mean=0.0),
+            TensorSpec(b + "attn_output.weight", (d, d), _fit(pick("plain"), d), 1 / np.sqrt(d)),
+            TensorSpec(b + "attn_output.bias", (d,), f32, 0.1, mean=0.0),
+            TensorSpec(b + "ffn_norm.weight", (d,), f32, 0.1),
+            TensorSpec(b + "ffn_norm.bias", (d,), f32, 0.1, mean=0.0),
+            TensorSpec(b + "ffn_up.weight", (ff, d), _fit(pick("plain"), d), 1 / np.sqrt(d)),
+            TensorSpec(b + "ffn_up.bias", (ff,), f32, 0.1, mean=0.0),
+            TensorSpec(b + "ffn_down.weight", (d, ff), _fit(pick("more_bits", i), ff), 1 / np.sqrt(ff)),
+            TensorSpec(b + "ffn_down.bias", (d,), f32, 0.1, mean=0.0),
+        ]
+    return plan
+
+
 def _set_scales(blocks: np.ndarray[Any, Any], qtype: gguf.GGMLQuantizationType, d: float) -> None:
-    """Writes ±`d` as f16 (and Q4_K's dmin, same sign) into every block (rows of `blocks`), in place.
+    """Writes ±`d` as f16 (and the offset field, same sign) into every block (rows of `blocks`), in place.
     The sign is the low bit of the random byte that `d` overwrites: Q4_0/Q5_0/Q8_0 codes have a mean
     of −0.5, so one sign everywhere would add the same rank-one term to every matrix, which the
     residual stream amplifies until every position predicts the same token."""
-    d_at, dmin_at = _SCALE_FIELDS[qtype]
+    d_at, dmin_at, dmin_over_d = _SCALE_FIELDS[qtype]
     negative = (blocks[:, d_at] & 1).astype(bool)
-    for at, value in ((d_at, d), (dmin_at, d * _DMIN_OVER_D)):
+    for at, value in ((d_at, d), (dmin_at, d * dmin_over_d)):
         if at is None:
             continue
         blocks[:, at : at + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
@@ -231,7 +272,7 @@ def write_random_quantized(
     name: str = "",
     progress: bool = False,
 ) -> Path:
-    """A llama GGUF of `shape` in type mix `qtype` (`QTYPES`) with random weights from `seed` and the
+    """A GGUF of `shape` in type mix `qtype` (`QTYPES`) with random weights from `seed` and the
     tokenizer metadata of `tokenizer_source` (default: the bundled SmolLM2). Streams one tensor at a
     time; written under a temporary name and renamed onto `dst`."""
     tokenizer = _tokenizer_fields(Path(tokenizer_source or default_source()))
@@ -253,18 +294,22 @@ def write_random_quantized(
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"writing {Path(dst).name}")
     head_dim = shape.n_embd // shape.n_head
     with _atomic_output(dst) as tmp:
-        writer = gguf.GGUFWriter(tmp, "llama")
-        writer.add_name(name or f"splitwise-random-{qtype}-L{shape.n_layer}-d{shape.n_embd}-s{seed}")
-        writer.add_uint32("llama.block_count", shape.n_layer)
-        writer.add_uint32("llama.context_length", 4096)
-        writer.add_uint32("llama.embedding_length", shape.n_embd)
-        writer.add_uint32("llama.feed_forward_length", shape.n_ff)
-        writer.add_uint32("llama.attention.head_count", shape.n_head)
-        writer.add_uint32("llama.attention.head_count_kv", shape.n_head_kv)
-        writer.add_float32("llama.rope.freq_base", 10000.0)
-        writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-        writer.add_uint32("llama.rope.dimension_count", head_dim)
-        writer.add_uint32("llama.vocab_size", n_vocab)
+        a = shape.architecture
+        writer = gguf.GGUFWriter(tmp, a)
+        writer.add_name(name or f"splitwise-random-{a}-{qtype}-L{shape.n_layer}-d{shape.n_embd}-s{seed}")
+        writer.add_uint32(f"{a}.block_count", shape.n_layer)
+        writer.add_uint32(f"{a}.context_length", GPT2_CONTEXT if a == "gpt2" else 4096)
+        writer.add_uint32(f"{a}.embedding_length", shape.n_embd)
+        writer.add_uint32(f"{a}.feed_forward_length", shape.n_ff)
+        writer.add_uint32(f"{a}.attention.head_count", shape.n_head)
+        writer.add_uint32(f"{a}.attention.head_count_kv", shape.n_head_kv)
+        if a == "gpt2":
+            writer.add_float32(f"{a}.attention.layer_norm_epsilon", 1e-5)
+        else:
+            writer.add_float32(f"{a}.rope.freq_base", 10000.0)
+            writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
+            writer.add_uint32(f"{a}.rope.dimension_count", head_dim)
+        writer.add_uint32(f"{a}.vocab_size", n_vocab)
         writer.add_file_type(int(_FILE_TYPES[qtype]))
         for key, value, vtype, sub in tokenizer:
             writer.add_key_value(key, value, vtype, sub)
@@ -281,7 +326,8 @@ def write_random_quantized(
         try:
             for spec in plan:
                 if spec.qtype == Q.F32:
-                    data = (1.0 + spec.std * rng.standard_normal(spec.shape, dtype=np.float32)).astype(np.float32)
+                    normal = rng.standard_normal(spec.shape, dtype=np.float32)
+                    data = (spec.mean + spec.std * normal).astype(np.float32)
                 else:
                     data = random_blocks(rng, spec, unit_std)
                 writer.write_tensor_data(data)

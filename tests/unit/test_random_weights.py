@@ -120,6 +120,29 @@ def test_engine_gives_finite_spread_logits(tiny_files: dict[str, Path], qtype: s
     assert len(set(logits.argmax(-1).tolist())) > 1  # not the same prediction everywhere
 
 
+def test_a_gpt2_file_runs_in_the_engine_as_in_llama_cpp(tmp_path: Path) -> None:
+    """The gpt2-1.5b bench file's layout at a small size (rows of 512: Q5_K attn_qkv without
+    fallback): llama.cpp and the engine read it alike."""
+    from evaluation.oracle import llama_cpp_logits
+
+    shape = rw.BenchShape(
+        n_layer=2, n_embd=512, n_head=8, n_head_kv=8, n_ff=1024, tied_output=False, architecture="gpt2"
+    )
+    path = rw.write_random_quantized(tmp_path / "gpt2.gguf", shape, "q4_k_m", seed=3)
+    assert {t.tensor_type.name for t in gguf.GGUFReader(path).tensors} == {"F32", "Q4_K", "Q5_K", "Q6_K"}
+    tokens = [1, 500, 7000, 20000, 49151, 3, 42, 1234]
+    model = Model(str(path), 1)
+    ours = np.asarray(model.forward(model.new_session(), tokens, list(range(len(tokens))), all_logits=True))
+    theirs = llama_cpp_logits(path, tokens, threads=1)
+    assert np.all(np.isfinite(ours)) and ours.std(axis=-1).min() > 0.5
+    p = np.exp(theirs - theirs.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    log_q = ours - ours.max(-1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
+    kl = float((p * (np.log(p + 1e-30) - log_q)).sum(-1).mean())
+    assert kl < 0.01 and (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.75, kl
+
+
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path, tiny_files: dict[str, Path]) -> None:
     again = rw.write_random_quantized(tmp_path / "again.gguf", TINY, "q4_k_m", seed=7)
     other = rw.write_random_quantized(tmp_path / "other.gguf", TINY, "q4_k_m", seed=8)
@@ -139,11 +162,16 @@ def test_plan_of_smollm2_matches_llama_cpp_q4_k_m() -> None:
 
 
 def test_plan_of_gpt2_falls_back_on_1600_wide_rows() -> None:
+    """A GPT-2 layer: fused Q/K/V (Q5_K in Q4_K_M, falling back to Q5_1 on 1600-wide rows), biases
+    and position embeddings in F32, no gate."""
     plan = {s.name: s.qtype.name for s in rw.tensor_plan(rw.BENCH_SHAPES["gpt2-1.5b"], "q4_k_m", N_VOCAB)}
-    assert plan["output.weight"] == plan["blk.0.attn_v.weight"] == "Q8_0"
-    assert plan["token_embd.weight"] == plan["blk.7.attn_q.weight"] == plan["blk.7.attn_v.weight"] == "Q5_0"
-    assert plan["blk.8.attn_v.weight"] == "Q8_0"  # use_more_bits(8, 48): (8 − 6) mod 3 = 2
+    assert plan["output.weight"] == "Q8_0"
+    assert plan["token_embd.weight"] == plan["blk.7.attn_output.weight"] == plan["blk.7.ffn_up.weight"] == "Q5_0"
+    assert plan["blk.0.attn_qkv.weight"] == "Q5_1"
     assert plan["blk.0.ffn_down.weight"] == "Q6_K" and plan["blk.6.ffn_down.weight"] == "Q4_K"  # 6400 = 25 × 256
+    assert plan["blk.8.ffn_down.weight"] == "Q6_K"  # use_more_bits(8, 48): (8 − 6) mod 3 = 2
+    assert plan["position_embd.weight"] == plan["blk.0.attn_qkv.bias"] == "F32"
+    assert not any("ffn_gate" in name or "attn_q." in name for name in plan)
 
 
 def test_paper_sizes() -> None:
