@@ -12,8 +12,9 @@ ffn_norm, ffn full — each a call from Python, as the split executor makes them
 path, and vs one `forward` call.
 
 Models: --model PATH (default: the bundled SmolLM2-135M Q4_1), or --shape NAME [--type MIX]: a
-random-weight llama of a paper-scale shape (evaluation/random_weights.py: smollm2, tinyllama-1.1b,
-gpt2-1.5b, llama-7b, llama-13b; mixes q4_k_m (default), q4_0, q8_0), generated once and cached.
+random-weight model of a paper-scale shape (evaluation/random_weights.py: smollm2, tinyllama-1.1b,
+llama-7b, llama-13b as llama files, gpt2-1.5b as a GPT-2 file; mixes q4_k_m (default), q4_0, q8_0),
+generated once and cached.
 Prompt, decode and round counts default to less for bigger models (see `defaults_for`).
 Ours runs once per kernel level (--simd, default avx2 and every level above it the CPU has: the
 level is forced through SPLITWISE_SIMD in each child), so AVX-512 and AVX2 kernels are compared in
@@ -188,7 +189,10 @@ def main() -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--model", type=Path, default=None, help="GGUF model (default: bundled SmolLM2 Q4_1)")
     which.add_argument(
-        "--shape", choices=list(BENCH_SHAPES), default=None, help="a random-weight llama of this shape, generated once"
+        "--shape",
+        choices=list(BENCH_SHAPES),
+        default=None,
+        help="a random-weight model of this shape (gpt2-1.5b: a GPT-2 file, the others llama), generated once",
     )
     parser.add_argument("--type", choices=QTYPES, default=None, help="type mix of --shape (default q4_k_m)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --shape file's random weights")

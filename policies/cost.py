@@ -375,8 +375,7 @@ class CostModel:
         a column slice, and every row of W_o is shorter than a page), FFN parts, norms, and KV."""
         if all_cloud:
             return 0
-        d = self.dims.d_model
-        hd = d // self.dims.n_head
+        d, hd = self.dims.d_model, self.dims.head_dim
         w_o = d * self.dims.n_head * hd if n_edge_heads else 0
         params = n_edge_heads * d * hd + w_o + n_edge_groups * 2 * d * hd + ffn_params + 2 * d
         kv = n_edge_groups * 2 * hd * self.kv_len * self.edge.kv_bytes_per_value

@@ -148,10 +148,16 @@ class ModelDims:
     n_ff: int
     n_vocab: int
     # The LM head is the embedding matrix (one tensor in memory); the FFN has a gate (SwiGLU: three
-    # matrices; GPT-2's GELU FFN has two). Not part of equality: they change no activation's shape,
-    # and a policy trained for the shape (its metadata has neither key) fits.
+    # matrices; GPT-2's GELU FFN has two); a head's width (0: d_model / n_head; Qwen3's differs).
+    # Not part of equality: they change no tensor that crosses the link, and a policy trained for
+    # the shape (its metadata has none of these keys) fits.
     tied_output: bool = field(default=False, compare=False)
     gated_ffn: bool = field(default=True, compare=False)
+    head_dim: int = field(default=0, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0 and self.n_head > 0:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_head)
 
     @classmethod
     def of_model_file(cls, path: str | os.PathLike[str]) -> ModelDims:
@@ -170,6 +176,7 @@ class ModelDims:
             n_vocab=int(config["n_vocab"]),
             tied_output=bool(config.get("tied_output", False)),
             gated_ffn=config.get("architecture", "llama") != "gpt2",
+            head_dim=int(config.get("head_dim", 0)),
         )
 
     def cols(self, reg: Reg) -> int:

@@ -236,6 +236,14 @@ def test_edge_memory_counts_weights_and_kv_groups() -> None:
     gpt2 = ModelDims(n_layer=2, n_head=9, n_head_kv=3, d_model=d, n_ff=1536, n_vocab=49152, gated_ffn=False)
     one_gpt2 = math.ceil((1 * d * hd + w_o + 1 * 2 * d * hd + d * 1536 + 2 * d) * wb + 1 * 2 * hd * 16 * 2.0)
     assert _pred(plan, o, gpt2).edge_memory_bytes == fixed + one_gpt2
+    # Qwen3-like heads wider than d_model / n_head: W_q, W_o, W_k/W_v and K/V scale with head_dim
+    wide = ModelDims(n_layer=2, n_head=9, n_head_kv=3, d_model=d, n_ff=1536, n_vocab=49152, head_dim=2 * hd)
+    wide_hd = 2 * hd
+    one_wide = math.ceil(
+        (d * wide_hd + d * 9 * wide_hd + 2 * d * wide_hd + 2 * d * 1536 + 2 * d) * wb + 2 * wide_hd * 16 * 2.0
+    )
+    assert _pred(plan, o, wide).edge_memory_bytes == fixed + one_wide
+    assert ModelDims(n_layer=2, n_head=9, n_head_kv=3, d_model=d, n_ff=1536, n_vocab=49152).head_dim == hd
 
 
 def test_objective_equals_queue_bank_drift_plus_penalty() -> None:
