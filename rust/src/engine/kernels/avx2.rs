@@ -43,8 +43,12 @@ pub(super) fn select_tile(ty: GgmlType) -> Option<TileDotFn> {
         return None;
     }
     // SAFETY: as in `select`.
-    // Only Q6_K: its tile measured 1.4-1.7× the per-token kernel, Q4_K's 0.8-1.15× (noise).
+    // Q6_K's tile measured 1.4-1.7× the per-token kernel, Q4_K's 0.8-1.15× (noise, not kept).
     let dot: TileDotFn = match ty {
+        GgmlType::Q4_0 => |w, a| unsafe { q4_0_tile(w, a) },
+        GgmlType::Q4_1 => |w, a| unsafe { q4_1_tile(w, a) },
+        GgmlType::Q5_0 => |w, a| unsafe { q5_0_tile(w, a) },
+        GgmlType::Q5_1 => |w, a| unsafe { q5_1_tile(w, a) },
         GgmlType::Q6K => |w, a| unsafe { q6_k_tile(w, a) },
         _ => return None,
     };
@@ -126,40 +130,65 @@ unsafe fn unsigned_dot(q: __m256i, y: *const i8) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
 }
 
-/// Shared loop of the 32-element formats: `block(b)` returns the block's weight bytes (as
-/// unsigned values), its scale d and its offset m (0 for Q8_0).
+/// Shared loop of the 32-element formats, for N tokens (N = 1: one token's dot product; N =
+/// `TOKEN_TILE`: a prefill tile, each block's weights unpacked once for all N). `block(b)` returns
+/// the block's weight bytes (as unsigned values), its scale d and its offset m. Every token's sum
+/// is formed in the same order whatever N is (even blocks in one accumulator, odd in another, the
+/// offsets in block order), so a prompt computed in tiles equals the same tokens decoded one by
+/// one, bit for bit.
+#[inline(always)]
+unsafe fn offset_blocks_tokens<const N: usize>(
+    n_blocks: usize,
+    a: [&TokenActivation<'_>; N],
+    block: impl Fn(usize) -> (__m256i, f32, f32),
+) -> [f32; N] {
+    // Two accumulators per token so consecutive blocks' FMAs do not wait on each other.
+    let mut even = [_mm256_setzero_ps(); N];
+    let mut odd = [_mm256_setzero_ps(); N];
+    let mut offsets = [0.0f32; N];
+    let mut b = 0;
+    while b + 1 < n_blocks {
+        accumulate_block(block(b), b, &a, &mut even, &mut offsets);
+        accumulate_block(block(b + 1), b + 1, &a, &mut odd, &mut offsets);
+        b += 2;
+    }
+    if b < n_blocks {
+        accumulate_block(block(b), b, &a, &mut even, &mut offsets);
+    }
+    std::array::from_fn(|t| horizontal_sum(_mm256_add_ps(even[t], odd[t])) + offsets[t])
+}
+
+/// Block `b` (its unsigned weight bytes, d and m) into every token's accumulator and offset. A
+/// function, not a closure: a closure here would not inherit the caller's AVX2 target features,
+/// and its intrinsics would become calls (prefill measured 20× slower).
+#[inline(always)]
+unsafe fn accumulate_block<const N: usize>(
+    (q, d, m): (__m256i, f32, f32),
+    b: usize,
+    a: &[&TokenActivation<'_>; N],
+    acc: &mut [__m256; N],
+    offsets: &mut [f32; N],
+) {
+    for t in 0..N {
+        offsets[t] += m * *a[t].scaled_sums.get_unchecked(b);
+        let sums = unsigned_dot(q, a[t].qs.as_ptr().add(b * QK));
+        acc[t] = _mm256_fmadd_ps(sums, _mm256_set1_ps(d * *a[t].scales.get_unchecked(b)), acc[t]);
+    }
+}
+
 #[inline(always)]
 unsafe fn offset_blocks_dot(
     n_blocks: usize,
     a: &TokenActivation<'_>,
     block: impl Fn(usize) -> (__m256i, f32, f32),
 ) -> f32 {
-    let y = a.qs.as_ptr();
-    let scaled_block = |b: usize, offsets: &mut f32| {
-        let (q, d, m) = block(b);
-        *offsets += m * *a.scaled_sums.get_unchecked(b);
-        (
-            unsigned_dot(q, y.add(b * QK)),
-            _mm256_set1_ps(d * *a.scales.get_unchecked(b)),
-        )
-    };
-    // Two accumulators so consecutive blocks' FMAs do not wait on each other.
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
-    let mut offsets = 0.0f32;
-    let mut b = 0;
-    while b + 1 < n_blocks {
-        let (sums, scale) = scaled_block(b, &mut offsets);
-        acc0 = _mm256_fmadd_ps(sums, scale, acc0);
-        let (sums, scale) = scaled_block(b + 1, &mut offsets);
-        acc1 = _mm256_fmadd_ps(sums, scale, acc1);
-        b += 2;
-    }
-    if b < n_blocks {
-        let (sums, scale) = scaled_block(b, &mut offsets);
-        acc0 = _mm256_fmadd_ps(sums, scale, acc0);
-    }
-    horizontal_sum(_mm256_add_ps(acc0, acc1)) + offsets
+    offset_blocks_tokens::<1>(n_blocks, [a], block)[0]
+}
+
+/// The blocks of `w` every token of the tile covers (lengths checked as `n_blocks` does).
+#[inline(always)]
+fn tile_blocks(w: &[u8], block_bytes: usize, a: &[TokenActivation<'_>; TOKEN_TILE]) -> usize {
+    a.iter().map(|a| n_blocks(w, block_bytes, a)).min().unwrap_or(0)
 }
 
 /// Checks the slice lengths the unchecked loops rely on.
@@ -177,6 +206,52 @@ unsafe fn q4_0(w: &[u8], a: &TokenActivation<'_>) -> f32 {
         let blk = p.add(b * 18);
         let d = f16_one(blk);
         (nibbles_to_bytes(blk.add(2)), d, -8.0 * d)
+    })
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0_tile(w: &[u8], a: &[TokenActivation<'_>; TOKEN_TILE]) -> [f32; TOKEN_TILE] {
+    let p = w.as_ptr();
+    offset_blocks_tokens(tile_blocks(w, 18, a), std::array::from_fn(|t| &a[t]), |b| {
+        let blk = p.add(b * 18);
+        let d = f16_one(blk);
+        (nibbles_to_bytes(blk.add(2)), d, -8.0 * d)
+    })
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_1_tile(w: &[u8], a: &[TokenActivation<'_>; TOKEN_TILE]) -> [f32; TOKEN_TILE] {
+    let p = w.as_ptr();
+    offset_blocks_tokens(tile_blocks(w, 20, a), std::array::from_fn(|t| &a[t]), |b| {
+        let blk = p.add(b * 20);
+        let dm = f16_pair(blk);
+        (
+            nibbles_to_bytes(blk.add(4)),
+            _mm_cvtss_f32(dm),
+            _mm_cvtss_f32(_mm_movehdup_ps(dm)),
+        )
+    })
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_0_tile(w: &[u8], a: &[TokenActivation<'_>; TOKEN_TILE]) -> [f32; TOKEN_TILE] {
+    let p = w.as_ptr();
+    offset_blocks_tokens(tile_blocks(w, 22, a), std::array::from_fn(|t| &a[t]), |b| {
+        let blk = p.add(b * 22);
+        let d = f16_one(blk);
+        let q = _mm256_or_si256(nibbles_to_bytes(blk.add(6)), high_bits_to_bytes(blk.add(2)));
+        (q, d, -16.0 * d)
+    })
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_1_tile(w: &[u8], a: &[TokenActivation<'_>; TOKEN_TILE]) -> [f32; TOKEN_TILE] {
+    let p = w.as_ptr();
+    offset_blocks_tokens(tile_blocks(w, 24, a), std::array::from_fn(|t| &a[t]), |b| {
+        let blk = p.add(b * 24);
+        let dm = f16_pair(blk);
+        let q = _mm256_or_si256(nibbles_to_bytes(blk.add(8)), high_bits_to_bytes(blk.add(4)));
+        (q, _mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
     })
 }
 

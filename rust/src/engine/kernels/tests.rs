@@ -295,7 +295,13 @@ fn simd_levels() -> Vec<LevelUnderTest> {
                 select: super::avx2::select,
                 select_tile: super::avx2::select_tile,
                 covers: &GgmlType::ALL,
-                tiles: &[GgmlType::Q6K],
+                tiles: &[
+                    GgmlType::Q4_0,
+                    GgmlType::Q4_1,
+                    GgmlType::Q5_0,
+                    GgmlType::Q5_1,
+                    GgmlType::Q6K,
+                ],
             });
         }
         if super::avx512::available() {
@@ -388,6 +394,12 @@ fn simd_kernels_agree_with_portable_ones() {
                         }
                         if let Some(tiled) = tiled {
                             assert!(close(tiled[t]), "{context}: tile {} portable {want}", tiled[t]);
+                            // A level's tile sums each token as its single-token kernel does, so
+                            // a prompt computed in tiles equals the same tokens decoded one by one.
+                            if let Some(single) = single {
+                                let one = single(weights, token);
+                                assert_eq!(tiled[t].to_bits(), one.to_bits(), "{context}: tile vs single");
+                            }
                         }
                     }
                 }
