@@ -291,6 +291,32 @@ ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
 CONTEXT_LENGTH = 2048
 
 
+def write_hyperparameters(
+    writer: gguf.GGUFWriter,
+    architecture: str,
+    shape: tuple[int, int, int, int, int, int],
+    context_length: int,
+    rope_theta: float,
+) -> None:
+    """The `<architecture>.*` keys of a generated file; `shape` is (n_layer, n_embd, n_head,
+    n_head_kv, n_ff, n_vocab). GPT-2 has a LayerNorm epsilon and no RoPE keys."""
+    a = architecture
+    n_layer, n_embd, n_head, n_head_kv, n_ff, n_vocab = shape
+    writer.add_uint32(f"{a}.block_count", n_layer)
+    writer.add_uint32(f"{a}.context_length", context_length)
+    writer.add_uint32(f"{a}.embedding_length", n_embd)
+    writer.add_uint32(f"{a}.feed_forward_length", n_ff)
+    writer.add_uint32(f"{a}.attention.head_count", n_head)
+    writer.add_uint32(f"{a}.attention.head_count_kv", n_head_kv)
+    if a == "gpt2":
+        writer.add_float32(f"{a}.attention.layer_norm_epsilon", 1e-5)
+    else:
+        writer.add_float32(f"{a}.rope.freq_base", rope_theta)
+        writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
+        writer.add_uint32(f"{a}.rope.dimension_count", n_embd // n_head)
+    writer.add_uint32(f"{a}.vocab_size", n_vocab)
+
+
 def _gpt2_layout(
     n_layer: int, n_embd: int, n_ff: int, mat: np.dtype[Any], embd_std: float
 ) -> list[tuple[str, tuple[int, ...], np.dtype[Any], float, float]]:
@@ -443,19 +469,9 @@ def random_llama(
         a = architecture
         writer = gguf.GGUFWriter(tmp, a)
         writer.add_name(f"splitwise-random-{a}-L{n_layer}-d{n_embd}-h{n_head}-kv{n_head_kv}-ff{n_ff}-s{seed}")
-        writer.add_uint32(f"{a}.block_count", n_layer)
-        writer.add_uint32(f"{a}.context_length", CONTEXT_LENGTH)
-        writer.add_uint32(f"{a}.embedding_length", n_embd)
-        writer.add_uint32(f"{a}.feed_forward_length", n_ff)
-        writer.add_uint32(f"{a}.attention.head_count", n_head)
-        writer.add_uint32(f"{a}.attention.head_count_kv", n_head_kv)
-        if a == "gpt2":
-            writer.add_float32(f"{a}.attention.layer_norm_epsilon", 1e-5)
-        else:
-            writer.add_float32(f"{a}.rope.freq_base", 100000.0)
-            writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
-            writer.add_uint32(f"{a}.rope.dimension_count", head_dim)
-        writer.add_uint32(f"{a}.vocab_size", n_vocab)
+        write_hyperparameters(
+            writer, a, (n_layer, n_embd, n_head, n_head_kv, n_ff, n_vocab), CONTEXT_LENGTH, rope_theta=100000.0
+        )
         writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32))
         _copy_metadata(source, writer, keep=lambda key: key.startswith("tokenizer."))
         _write_streaming(writer, tmp, [(n, s, d) for n, s, d, _std, _mean in layout], produce)

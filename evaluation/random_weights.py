@@ -57,7 +57,14 @@ from typing import Any
 import gguf
 import numpy as np
 
-from evaluation.model_factory import _atomic_output, _cached, _field_value, default_source, source_fingerprint
+from evaluation.model_factory import (
+    _atomic_output,
+    _cached,
+    _field_value,
+    default_source,
+    source_fingerprint,
+    write_hyperparameters,
+)
 
 RANDOM_WEIGHTS_VERSION = 1
 
@@ -292,24 +299,12 @@ def write_random_quantized(
 
         total = sum(spec.nbytes for spec in plan)
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"writing {Path(dst).name}")
-    head_dim = shape.n_embd // shape.n_head
     with _atomic_output(dst) as tmp:
         a = shape.architecture
         writer = gguf.GGUFWriter(tmp, a)
         writer.add_name(name or f"splitwise-random-{a}-{qtype}-L{shape.n_layer}-d{shape.n_embd}-s{seed}")
-        writer.add_uint32(f"{a}.block_count", shape.n_layer)
-        writer.add_uint32(f"{a}.context_length", GPT2_CONTEXT if a == "gpt2" else 4096)
-        writer.add_uint32(f"{a}.embedding_length", shape.n_embd)
-        writer.add_uint32(f"{a}.feed_forward_length", shape.n_ff)
-        writer.add_uint32(f"{a}.attention.head_count", shape.n_head)
-        writer.add_uint32(f"{a}.attention.head_count_kv", shape.n_head_kv)
-        if a == "gpt2":
-            writer.add_float32(f"{a}.attention.layer_norm_epsilon", 1e-5)
-        else:
-            writer.add_float32(f"{a}.rope.freq_base", 10000.0)
-            writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
-            writer.add_uint32(f"{a}.rope.dimension_count", head_dim)
-        writer.add_uint32(f"{a}.vocab_size", n_vocab)
+        dims = (shape.n_layer, shape.n_embd, shape.n_head, shape.n_head_kv, shape.n_ff, n_vocab)
+        write_hyperparameters(writer, a, dims, GPT2_CONTEXT if a == "gpt2" else 4096, rope_theta=10000.0)
         writer.add_file_type(int(_FILE_TYPES[qtype]))
         for key, value, vtype, sub in tokenizer:
             writer.add_key_value(key, value, vtype, sub)

@@ -176,15 +176,6 @@ unsafe fn accumulate_block<const N: usize>(
     }
 }
 
-#[inline(always)]
-unsafe fn offset_blocks_dot(
-    n_blocks: usize,
-    a: &TokenActivation<'_>,
-    block: impl Fn(usize) -> (__m256i, f32, f32),
-) -> f32 {
-    offset_blocks_tokens::<1>(n_blocks, [a], block)[0]
-}
-
 /// The blocks of `w` every token of the tile covers (lengths checked as `n_blocks` does).
 #[inline(always)]
 fn tile_blocks(w: &[u8], block_bytes: usize, a: &[TokenActivation<'_>; TOKEN_TILE]) -> usize {
@@ -199,97 +190,65 @@ fn n_blocks(w: &[u8], block_bytes: usize, a: &TokenActivation<'_>) -> usize {
     n
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_0(w: &[u8], a: &TokenActivation<'_>) -> f32 {
-    let p = w.as_ptr();
-    offset_blocks_dot(n_blocks(w, 18, a), a, |b| {
-        let blk = p.add(b * 18);
-        let d = f16_one(blk);
-        (nibbles_to_bytes(blk.add(2)), d, -8.0 * d)
-    })
+/// Block `b` of each 32-element offset format at `p`: its weights as unsigned bytes, d and m.
+#[inline(always)]
+unsafe fn q4_0_block(p: *const u8, b: usize) -> (__m256i, f32, f32) {
+    let blk = p.add(b * 18);
+    let d = f16_one(blk);
+    (nibbles_to_bytes(blk.add(2)), d, -8.0 * d)
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_0_tile(w: &[u8], a: &[TokenActivation<'_>; TOKEN_TILE]) -> [f32; TOKEN_TILE] {
-    let p = w.as_ptr();
-    offset_blocks_tokens(tile_blocks(w, 18, a), std::array::from_fn(|t| &a[t]), |b| {
-        let blk = p.add(b * 18);
-        let d = f16_one(blk);
-        (nibbles_to_bytes(blk.add(2)), d, -8.0 * d)
-    })
+#[inline(always)]
+unsafe fn q4_1_block(p: *const u8, b: usize) -> (__m256i, f32, f32) {
+    let blk = p.add(b * 20);
+    let dm = f16_pair(blk);
+    (
+        nibbles_to_bytes(blk.add(4)),
+        _mm_cvtss_f32(dm),
+        _mm_cvtss_f32(_mm_movehdup_ps(dm)),
+    )
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_1_tile(w: &[u8], a: &[TokenActivation<'_>; TOKEN_TILE]) -> [f32; TOKEN_TILE] {
-    let p = w.as_ptr();
-    offset_blocks_tokens(tile_blocks(w, 20, a), std::array::from_fn(|t| &a[t]), |b| {
-        let blk = p.add(b * 20);
-        let dm = f16_pair(blk);
-        (
-            nibbles_to_bytes(blk.add(4)),
-            _mm_cvtss_f32(dm),
-            _mm_cvtss_f32(_mm_movehdup_ps(dm)),
-        )
-    })
+#[inline(always)]
+unsafe fn q5_0_block(p: *const u8, b: usize) -> (__m256i, f32, f32) {
+    let blk = p.add(b * 22);
+    let d = f16_one(blk);
+    let q = _mm256_or_si256(nibbles_to_bytes(blk.add(6)), high_bits_to_bytes(blk.add(2)));
+    (q, d, -16.0 * d)
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_0_tile(w: &[u8], a: &[TokenActivation<'_>; TOKEN_TILE]) -> [f32; TOKEN_TILE] {
-    let p = w.as_ptr();
-    offset_blocks_tokens(tile_blocks(w, 22, a), std::array::from_fn(|t| &a[t]), |b| {
-        let blk = p.add(b * 22);
-        let d = f16_one(blk);
-        let q = _mm256_or_si256(nibbles_to_bytes(blk.add(6)), high_bits_to_bytes(blk.add(2)));
-        (q, d, -16.0 * d)
-    })
+#[inline(always)]
+unsafe fn q5_1_block(p: *const u8, b: usize) -> (__m256i, f32, f32) {
+    let blk = p.add(b * 24);
+    let dm = f16_pair(blk);
+    let q = _mm256_or_si256(nibbles_to_bytes(blk.add(8)), high_bits_to_bytes(blk.add(4)));
+    (q, _mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_1_tile(w: &[u8], a: &[TokenActivation<'_>; TOKEN_TILE]) -> [f32; TOKEN_TILE] {
-    let p = w.as_ptr();
-    offset_blocks_tokens(tile_blocks(w, 24, a), std::array::from_fn(|t| &a[t]), |b| {
-        let blk = p.add(b * 24);
-        let dm = f16_pair(blk);
-        let q = _mm256_or_si256(nibbles_to_bytes(blk.add(8)), high_bits_to_bytes(blk.add(4)));
-        (q, _mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
-    })
+/// The one-token kernel and the token tile of an offset format: the same loop, N = 1 and
+/// N = `TOKEN_TILE`. (The closures are defined inside the `target_feature` functions, whose
+/// features they inherit.)
+macro_rules! offset_format {
+    ($block:ident, $block_bytes:expr, $one:ident, $tile:ident) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $one(w: &[u8], a: &TokenActivation<'_>) -> f32 {
+            let p = w.as_ptr();
+            offset_blocks_tokens(n_blocks(w, $block_bytes, a), [a], |b| $block(p, b))[0]
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $tile(w: &[u8], a: &[TokenActivation<'_>; TOKEN_TILE]) -> [f32; TOKEN_TILE] {
+            let p = w.as_ptr();
+            let tokens = std::array::from_fn(|t| &a[t]);
+            offset_blocks_tokens(tile_blocks(w, $block_bytes, a), tokens, |b| $block(p, b))
+        }
+    };
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_1(w: &[u8], a: &TokenActivation<'_>) -> f32 {
-    let p = w.as_ptr();
-    offset_blocks_dot(n_blocks(w, 20, a), a, |b| {
-        let blk = p.add(b * 20);
-        let dm = f16_pair(blk);
-        let d = _mm_cvtss_f32(dm);
-        let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
-        (nibbles_to_bytes(blk.add(4)), d, m)
-    })
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_0(w: &[u8], a: &TokenActivation<'_>) -> f32 {
-    let p = w.as_ptr();
-    offset_blocks_dot(n_blocks(w, 22, a), a, |b| {
-        let blk = p.add(b * 22);
-        let d = f16_one(blk);
-        let q = _mm256_or_si256(nibbles_to_bytes(blk.add(6)), high_bits_to_bytes(blk.add(2)));
-        (q, d, -16.0 * d)
-    })
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_1(w: &[u8], a: &TokenActivation<'_>) -> f32 {
-    let p = w.as_ptr();
-    offset_blocks_dot(n_blocks(w, 24, a), a, |b| {
-        let blk = p.add(b * 24);
-        let dm = f16_pair(blk);
-        let d = _mm_cvtss_f32(dm);
-        let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
-        let q = _mm256_or_si256(nibbles_to_bytes(blk.add(8)), high_bits_to_bytes(blk.add(4)));
-        (q, d, m)
-    })
-}
+offset_format!(q4_0_block, 18, q4_0, q4_0_tile);
+offset_format!(q4_1_block, 20, q4_1, q4_1_tile);
+offset_format!(q5_0_block, 22, q5_0, q5_0_tile);
+offset_format!(q5_1_block, 24, q5_1, q5_1_tile);
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_0(w: &[u8], a: &TokenActivation<'_>) -> f32 {
