@@ -83,9 +83,10 @@ impl Architecture {
         }
     }
 
-    /// Q/K/V biases are added after the projections (GPT-2's is the fused `attn_qkv.bias`).
+    /// `attn_q.bias`, `attn_k.bias`, `attn_v.bias` are added after the projections (GPT-2's
+    /// fused `attn_qkv.bias` goes with [`Architecture::is_gpt2`]).
     pub fn qkv_bias(self) -> bool {
-        matches!(self, Architecture::Qwen2 | Architecture::Gpt2)
+        self == Architecture::Qwen2
     }
 
     /// GPT-2: one `attn_qkv` matrix (Q rows, then K, then V) instead of three, and biases after
@@ -551,11 +552,7 @@ impl Model {
         let c = &self.cfg;
         let (q, kv, hd) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.head_dim);
         let when = |on: bool, name: &str, n: usize| on.then(|| self.vector(name, n)).transpose();
-        let (separate_bias, norm, gpt2) = (
-            c.arch.qkv_bias() && !c.arch.is_gpt2(),
-            c.arch.qk_norm(),
-            c.arch.is_gpt2(),
-        );
+        let (separate_bias, norm, gpt2) = (c.arch.qkv_bias(), c.arch.qk_norm(), c.arch.is_gpt2());
         let (mut q_bias, mut k_bias, mut v_bias) = (
             when(separate_bias, &names.attn_q_bias, q)?,
             when(separate_bias, &names.attn_k_bias, kv)?,
