@@ -12,7 +12,7 @@
 
 use std::arch::x86_64::*;
 
-use super::activation::TokenActivation;
+use super::activation::{ActivationKind, TokenActivation};
 use super::avx2::{f16_one, horizontal_sum};
 use super::dot::{DotFn, TileDotFn, TOKEN_TILE};
 use super::{GgmlType, QK, QK_K};
@@ -24,6 +24,12 @@ pub(super) fn available() -> bool {
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512vnni")
         && super::avx2::available()
+}
+
+/// The activation layout a kernel here reads where it is not `ty.activation_kind()`: Q4_K's
+/// transposed super-blocks (see `q4_k`).
+pub(super) fn activation_kind(ty: GgmlType) -> Option<ActivationKind> {
+    (available() && ty == GgmlType::Q4K).then_some(ActivationKind::Q8KTransposed)
 }
 
 /// Single-token (decode) kernels: only the K-quants, where the wider unpacking measured 1.2-1.9×
@@ -100,18 +106,25 @@ unsafe fn load_two_256(low: *const u8, high: *const u8) -> __m512i {
     _mm512_inserti64x4::<1>(low, _mm256_loadu_si256(high as *const __m256i))
 }
 
-/// For each of 32 i16 lanes, which entry of a 16-entry i16 table it takes: the tables below map
-/// a vector of 64 weights to the scale of the 16- or 32-element group each of its lanes belongs to.
+/// For each of 32 i16 lanes, which entry of an i16 table it takes. The K-quant kernels sum each
+/// 4 weight-activation products into an i32 lane (`dpbusd`) and then multiply every i32 lane by
+/// its group's scale with `dpwssd`, which reads the lane as two i16 halves: the tables put the
+/// scale under the low half and a zero (entry `ZERO`) under the high half, whose bits are only
+/// the sign extension of a sum that fits in 16 bits.
 #[repr(align(64))]
 struct LaneTable([i16; 32]);
 
+/// A table entry that is always zero: the scales fill at most the first 16 of 32 i16 entries.
+const ZERO: i16 = 31;
+
 impl LaneTable {
+    /// i32 lane j of a 64-value vector belongs to group `first + j / lanes_per_group`.
     const fn groups(first: i16, lanes_per_group: usize) -> LaneTable {
-        let mut lanes = [0i16; 32];
-        let mut i = 0;
-        while i < 32 {
-            lanes[i] = first + (i / lanes_per_group) as i16;
-            i += 1;
+        let mut lanes = [ZERO; 32];
+        let mut j = 0;
+        while j < 16 {
+            lanes[2 * j] = first + (j / lanes_per_group) as i16;
+            j += 1;
         }
         LaneTable(lanes)
     }
@@ -122,21 +135,26 @@ impl LaneTable {
     }
 }
 
-/// Q4_K: vector k holds sub-blocks 2k and 2k+1 (16 i16 lanes each after `maddubs`).
-static Q4K_SCALE_LANES: [LaneTable; 4] = [
-    LaneTable::groups(0, 16),
-    LaneTable::groups(2, 16),
-    LaneTable::groups(4, 16),
-    LaneTable::groups(6, 16),
+/// Q4_K with a transposed activation: i32 lanes 2s and 2s+1 of every vector belong to
+/// sub-block s.
+static Q4K_SCALE_LANES: LaneTable = LaneTable::groups(0, 2);
+
+/// Q6_K: vector k holds the 16-element groups 4k..4k+4 (4 i32 lanes each).
+static Q6K_SCALE_LANES: [LaneTable; 4] = [
+    LaneTable::groups(0, 4),
+    LaneTable::groups(4, 4),
+    LaneTable::groups(8, 4),
+    LaneTable::groups(12, 4),
 ];
 
-/// Q6_K: vector k holds the 16-element groups 4k..4k+4 (8 i16 lanes each after `maddubs`).
-static Q6K_SCALE_LANES: [LaneTable; 4] = [
-    LaneTable::groups(0, 8),
-    LaneTable::groups(4, 8),
-    LaneTable::groups(8, 8),
-    LaneTable::groups(12, 8),
-];
+/// Σ weights·activation of 64 values, each group of them multiplied by its scale: `dpbusd` sums
+/// 4 products per i32 lane (at most 4·63·127, so it fits in 16 bits) and `dpwssd` adds lane ×
+/// scale to `acc`.
+#[inline(always)]
+unsafe fn scaled_dot_64(acc: __m512i, weights: __m512i, y: *const u8, scale_lanes: __m512i) -> __m512i {
+    let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), weights, load_512(y));
+    _mm512_dpwssd_epi32(acc, sums, scale_lanes)
+}
 
 /// Q4_K's twelve packed bytes as eight 6-bit scales and eight 6-bit minimums, one per byte,
 /// unpacked four at a time in 32-bit words (the same layout `dequant::k_scales_mins` reads).
@@ -162,7 +180,12 @@ unsafe fn k_scales_mins_words(p: *const u8) -> (u64, u64) {
 fn n_super_blocks<const N: usize>(w: &[u8], block_bytes: usize, a: &[&TokenActivation<'_>; N]) -> usize {
     let n = w.len() / block_bytes;
     for a in a {
-        assert!(a.qs.len() >= n * QK_K && a.scales.len() >= n && a.group_sums.len() >= n * 16);
+        assert!(
+            a.qs.len() >= n * QK_K
+                && a.scales.len() >= n
+                && a.group_sums.len() >= n * 16
+                && a.scaled_sums.len() >= n * 8
+        );
     }
     n
 }
@@ -177,6 +200,12 @@ fn n_blocks<const N: usize>(w: &[u8], block_bytes: usize, a: &[&TokenActivation<
     n
 }
 
+/// Q4_K against a `Q8KTransposed` activation. The 128 bytes of nibbles hold the sub-blocks in
+/// pairs (32 bytes: sub-block 2p in the low nibbles, 2p+1 in the high ones); they are regrouped so
+/// that vector c holds values 8c..8c+8 of every sub-block, qword s from sub-block s, as the
+/// activation does. Then one i32 lane only ever sums one sub-block: four `dpbusd` accumulate the
+/// whole super-block (16 products of at most 15·127 per lane, within 16 bits) and one `madd`
+/// applies the eight scales, where a vector per sub-block pair would need a `madd` each.
 #[inline(always)]
 unsafe fn q4_k<const N: usize>(w: &[u8], a: [&TokenActivation<'_>; N]) -> [f32; N] {
     let n = n_super_blocks(w, 144, &a);
@@ -185,39 +214,43 @@ unsafe fn q4_k<const N: usize>(w: &[u8], a: [&TokenActivation<'_>; N]) -> [f32; 
     let mut min_acc = [_mm256_setzero_ps(); N];
     for b in 0..n {
         let blk = w.as_ptr().add(b * 144);
-        let d = f16_one(blk);
+        let d = _mm512_set1_ps(f16_one(blk));
         let dmin = f16_one(blk.add(2));
         let (scales, mins) = k_scales_mins_words(blk.add(4));
-        let scales16 = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
-        let mins_bytes = _mm_cvtsi64_si128(mins as i64);
-        // Each minimum twice, to pair with the activation's two 16-element sums per sub-block.
-        let mins_pairs = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins_bytes, mins_bytes));
-        // Each 32 bytes of nibbles hold two sub-blocks (low nibbles first); regroup the 64
-        // bytes of two such pairs so every vector's values follow the activation's order.
-        let mut weights = [_mm512_setzero_si512(); 4];
-        let mut scale_lanes = [_mm512_setzero_si512(); 4];
+        let scales16 = _mm512_zextsi256_si512(_mm256_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
+        let scale_lanes = _mm512_permutexvar_epi16(Q4K_SCALE_LANES.load(), scales16);
+        let mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mins as i64)));
+        let mins = _mm256_mul_ps(mins, _mm256_set1_ps(dmin));
+        // Half h's 64 bytes: low nibbles = [sub-block 4h | 4h+2], high = [4h+1 | 4h+3], each
+        // 4 qwords (chunks 0..4). Interleave the qwords of the low and high nibbles, then pick
+        // the 128-bit lanes that hold one chunk of each sub-block.
+        let mut pairs = [_mm512_setzero_si512(); 4];
         for half in 0..2 {
             let q = load_512(blk.add(16 + 64 * half));
             let low = _mm512_and_si512(q, low_mask);
             let high = _mm512_and_si512(_mm512_srli_epi16::<4>(q), low_mask);
-            weights[2 * half] = _mm512_shuffle_i64x2::<0b01_00_01_00>(low, high);
-            weights[2 * half + 1] = _mm512_shuffle_i64x2::<0b11_10_11_10>(low, high);
+            // Even chunks: [s0.c0 s1.c0 | s0.c2 s1.c2 | s2.c0 s3.c0 | s2.c2 s3.c2]; odd likewise.
+            pairs[half] = _mm512_unpacklo_epi64(low, high);
+            pairs[2 + half] = _mm512_unpackhi_epi64(low, high);
         }
-        for (k, lanes) in Q4K_SCALE_LANES.iter().enumerate() {
-            scale_lanes[k] = _mm512_permutexvar_epi16(lanes.load(), scales16);
-        }
+        let weights = [
+            _mm512_shuffle_i64x2::<0b10_00_10_00>(pairs[0], pairs[1]),
+            _mm512_shuffle_i64x2::<0b10_00_10_00>(pairs[2], pairs[3]),
+            _mm512_shuffle_i64x2::<0b11_01_11_01>(pairs[0], pairs[1]),
+            _mm512_shuffle_i64x2::<0b11_01_11_01>(pairs[2], pairs[3]),
+        ];
         for t in 0..N {
-            let dy = *a[t].scales.get_unchecked(b);
             let y = a[t].qs.as_ptr().add(b * QK_K) as *const u8;
             let mut sums = _mm512_setzero_si512();
-            for k in 0..4 {
-                let products = _mm512_maddubs_epi16(weights[k], load_512(y.add(64 * k)));
-                sums = _mm512_add_epi32(sums, _mm512_madd_epi16(products, scale_lanes[k]));
+            for (c, &weights) in weights.iter().enumerate() {
+                sums = _mm512_dpbusd_epi32(sums, weights, load_512(y.add(64 * c)));
             }
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(d * dy), acc[t]);
-            let group_sums = _mm256_loadu_si256(a[t].group_sums.as_ptr().add(b * 16) as *const __m256i);
-            let min_sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(group_sums, mins_pairs));
-            min_acc[t] = _mm256_fmadd_ps(min_sums, _mm256_set1_ps(dmin * dy), min_acc[t]);
+            let sums = _mm512_madd_epi16(sums, scale_lanes);
+            let dy = _mm512_mul_ps(d, _mm512_set1_ps(*a[t].scales.get_unchecked(b)));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), dy, acc[t]);
+            // The minimums: Σ_sub dmin·min · (dy·Σq), the second factor from the activation.
+            let y_sums = _mm256_loadu_ps(a[t].scaled_sums.as_ptr().add(b * 8));
+            min_acc[t] = _mm256_fmadd_ps(mins, y_sums, min_acc[t]);
         }
     }
     std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]) - horizontal_sum(min_acc[t]))
@@ -231,9 +264,9 @@ unsafe fn q6_k<const N: usize>(w: &[u8], a: [&TokenActivation<'_>; N]) -> [f32; 
     let mut acc = [_mm512_setzero_ps(); N];
     for b in 0..n {
         let blk = w.as_ptr().add(b * 210);
-        let d = f16_one(blk.add(208));
+        let d = _mm512_set1_ps(f16_one(blk.add(208)));
         let scales16_256 = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192) as *const __m128i));
-        let scales16 = _mm512_castsi256_si512(scales16_256);
+        let scales16 = _mm512_zextsi256_si512(scales16_256);
         // Half h's 64 bytes of low nibbles are [quarters 0,1 | quarters 2,3 in the high nibbles];
         // its 32 bytes of high bits carry quarter q in bits 2q..2q+2. Vector 2h holds quarters
         // 0 and 1 of the half, vector 2h+1 quarters 2 and 3: values 128h..128h+64, 128h+64..+128.
@@ -259,11 +292,10 @@ unsafe fn q6_k<const N: usize>(w: &[u8], a: [&TokenActivation<'_>; N]) -> [f32; 
             let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(group_sums, scales16_256));
             let mut sums = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_zextsi256_si512(offset));
             for k in 0..4 {
-                let products = _mm512_maddubs_epi16(weights[k], load_512(y.add(64 * k)));
-                sums = _mm512_add_epi32(sums, _mm512_madd_epi16(products, scale_lanes[k]));
+                sums = scaled_dot_64(sums, weights[k], y.add(64 * k), scale_lanes[k]);
             }
-            let dy = *a[t].scales.get_unchecked(b);
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(d * dy), acc[t]);
+            let dy = _mm512_mul_ps(d, _mm512_set1_ps(*a[t].scales.get_unchecked(b)));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), dy, acc[t]);
         }
     }
     std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]))

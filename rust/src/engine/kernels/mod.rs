@@ -16,7 +16,7 @@ use std::cell::Cell;
 use std::ops::Range;
 
 use crate::error::{CoreError, CoreResult};
-use activation::{ActivationKind, QuantizedActivation};
+use activation::{ActivationKind, QuantizedActivation, TokenActivation};
 pub use dot::{simd_level, SimdLevel, SIMD_LEVEL_ENV};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -247,15 +247,14 @@ impl<'a> QMatrix<'a> {
         out: &mut [f32],
         pool: &rayon::ThreadPool,
     ) {
-        let kernels = (dot::select(self.ty), dot::select_tile(self.ty));
-        self.matmul_rows_with(kernels, rows, x, n_tokens, out, pool);
+        self.matmul_rows_with(dot::kernels(self.ty), rows, x, n_tokens, out, pool);
     }
 
     /// `matmul_rows` with the given single-token and tile kernels (tests and benchmarks compare
     /// SIMD levels in one process this way).
     fn matmul_rows_with(
         &self,
-        (dot, tile_dot): (dot::DotFn, Option<dot::TileDotFn>),
+        kernels: dot::Kernels,
         rows: Range<usize>,
         x: &[f32],
         n_tokens: usize,
@@ -275,15 +274,29 @@ impl<'a> QMatrix<'a> {
         }
 
         let mut activation = ACTIVATION_SCRATCH.with(Cell::take);
-        activation.quantize(self.ty.activation_kind(), x, n_tokens, self.cols);
+        activation.quantize(kernels.activation, x, n_tokens, self.cols);
         let shared = SharedOut {
             ptr: out.as_mut_ptr(),
             len: out.len(),
         };
-        let activation_ref = &activation;
+        // Every token's view and every tile, built once per call rather than per row.
+        let tokens: Vec<TokenActivation<'_>> = (0..n_tokens).map(|t| activation.token(x, t)).collect();
+        let mut tiles = Vec::new();
+        let mut first_single = 0;
+        if kernels.tile.is_some() {
+            // A short last tile is padded with its last token (the pad's sums are dropped):
+            // unpacking the row once beats per-token kernels from half a tile.
+            while n_tokens - first_single >= dot::TOKEN_TILE / 2 {
+                let tile: [TokenActivation<'_>; dot::TOKEN_TILE] =
+                    std::array::from_fn(|k| tokens[(first_single + k).min(n_tokens - 1)]);
+                let real = dot::TOKEN_TILE.min(n_tokens - first_single);
+                tiles.push((first_single, real, tile));
+                first_single += real;
+            }
+        }
         // Float weights over several tokens: convert each row once and reuse it for every token,
         // instead of converting it per token inside the dot product.
-        let float_rows = matches!(self.ty.activation_kind(), ActivationKind::Float) && n_tokens > 1;
+        let float_rows = kernels.activation == ActivationKind::Float && n_tokens > 1;
         let run_rows = |local: Range<usize>| {
             if float_rows {
                 let mut row = vec![0f32; self.cols];
@@ -300,19 +313,16 @@ impl<'a> QMatrix<'a> {
             }
             for i in local {
                 let weights = self.row_data(rows.start + i);
-                let mut t = 0;
-                if let Some(tile_dot) = tile_dot {
-                    while t + dot::TOKEN_TILE <= n_tokens {
-                        let tokens = std::array::from_fn(|k| activation_ref.token(x, t + k));
-                        for (k, value) in tile_dot(weights, &tokens).into_iter().enumerate() {
+                if let Some(tile_dot) = kernels.tile {
+                    for (first, real, tile) in &tiles {
+                        for (k, value) in tile_dot(weights, tile).into_iter().take(*real).enumerate() {
                             // SAFETY: row i belongs to exactly one task.
-                            unsafe { shared.write((t + k) * n_rows + i, value) };
+                            unsafe { shared.write((first + k) * n_rows + i, value) };
                         }
-                        t += dot::TOKEN_TILE;
                     }
                 }
-                for t in t..n_tokens {
-                    let value = dot(weights, &activation_ref.token(x, t));
+                for (t, token) in tokens.iter().enumerate().skip(first_single) {
+                    let value = (kernels.dot)(weights, token);
                     // SAFETY: row i belongs to exactly one task.
                     unsafe { shared.write(t * n_rows + i, value) };
                 }
@@ -334,6 +344,7 @@ impl<'a> QMatrix<'a> {
                 });
             });
         }
+        drop((tiles, tokens));
         ACTIVATION_SCRATCH.with(|cell| cell.set(activation));
     }
 }

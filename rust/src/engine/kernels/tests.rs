@@ -210,7 +210,9 @@ fn matmul_matches_float64_reference_for_every_type() {
             let data = random_weights(ty, rows, cols, &mut rng);
             let matrix = QMatrix::new(ty, rows, cols, &data).unwrap();
             let dense = dequantize_matrix(&matrix);
-            for n_tokens in [1, 7] {
+            // 7: one padded tile; 11: a whole tile and three per-token calls; 13: a whole tile
+            // and a padded one.
+            for n_tokens in [1, 7, 11, 13] {
                 let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.normal()).collect();
                 for range in [0..rows, 3..rows - 2, 5..6] {
                     for pool in &pools {
@@ -275,6 +277,8 @@ struct LevelUnderTest {
     name: &'static str,
     select: SimdSelect,
     select_tile: SimdTileSelect,
+    /// The activation layout the level's kernels read where it is not the type's own.
+    activation: fn(GgmlType) -> Option<ActivationKind>,
     /// The types the level must have a single-token kernel for; the others fall through to the
     /// next level.
     covers: &'static [GgmlType],
@@ -294,6 +298,7 @@ fn simd_levels() -> Vec<LevelUnderTest> {
                 name: "avx2",
                 select: super::avx2::select,
                 select_tile: super::avx2::select_tile,
+                activation: |_| None,
                 covers: &GgmlType::ALL,
                 tiles: &[
                     GgmlType::Q4_0,
@@ -309,6 +314,7 @@ fn simd_levels() -> Vec<LevelUnderTest> {
                 name: "avx512",
                 select: super::avx512::select,
                 select_tile: super::avx512::select_tile,
+                activation: super::avx512::activation_kind,
                 covers: &[GgmlType::Q4K, GgmlType::Q6K],
                 tiles: &[
                     GgmlType::Q4_0,
@@ -374,7 +380,11 @@ fn simd_kernels_agree_with_portable_ones() {
                 let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.normal()).collect();
                 let mut activation = QuantizedActivation::default();
                 activation.quantize(ty.activation_kind(), &x, n_tokens, cols);
-                let tokens: [_; dot::TOKEN_TILE] = std::array::from_fn(|t| activation.token(&x, t));
+                let natural: [_; dot::TOKEN_TILE] = std::array::from_fn(|t| activation.token(&x, t));
+                let mut level_activation = QuantizedActivation::default();
+                let level_kind = (level.activation)(ty).unwrap_or(ty.activation_kind());
+                level_activation.quantize(level_kind, &x, n_tokens, cols);
+                let tokens: [_; dot::TOKEN_TILE] = std::array::from_fn(|t| level_activation.token(&x, t));
                 let portable = dot::portable(ty);
                 let mut row = vec![0f32; cols];
                 for r in 0..9 {
@@ -382,7 +392,7 @@ fn simd_kernels_agree_with_portable_ones() {
                     matrix.row(r, &mut row);
                     let tiled = tile.map(|tile| tile(weights, &tokens));
                     for (t, token) in tokens.iter().enumerate() {
-                        let want = portable(weights, token);
+                        let want = portable(weights, &natural[t]);
                         // Σ|w·x|: a different summation order moves the result by a few float32
                         // epsilons of it (2.5e-8 seen), a layout mistake by a sizeable share.
                         let magnitude: f32 = row.iter().zip(&x[t * cols..]).map(|(w, x)| (w * x).abs()).sum();
@@ -405,6 +415,26 @@ fn simd_kernels_agree_with_portable_ones() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn activation_rounding_is_to_nearest_with_ties_to_even() {
+    use super::activation::nearest_int;
+    let cases = [
+        (0.0, 0),
+        (-0.4, 0),
+        (0.6, 1),
+        (2.5, 2),
+        (3.5, 4),
+        (-2.5, -2),
+        (-3.5, -4),
+        (126.6, 127),
+        (-127.2, -127),
+        (127.49, 127),
+    ];
+    for (v, want) in cases {
+        assert_eq!(nearest_int(v), want, "{v}");
     }
 }
 
@@ -450,33 +480,46 @@ fn kernel_benchmark() {
         "µs per matmul, median of 5 interleaved rounds; columns {names:?}; speed-up of the last column \
          over the first and over the one before it"
     );
-    // The quantized types with SIMD kernels (Q5_K has none of its own).
-    for ty in GgmlType::ALL
-        .into_iter()
-        .filter(|&t| t.block_len() > 1 && t != GgmlType::Q5K)
-    {
+    // The quantized types with SIMD kernels (Q5_K has none of its own), or those named by
+    // SPLITWISE_BENCH_TYPES (e.g. "Q4_K,Q6_K") when one looks at a few.
+    let only = std::env::var("SPLITWISE_BENCH_TYPES").ok();
+    for ty in GgmlType::ALL.into_iter().filter(|&t| match &only {
+        Some(names) => names.split(',').any(|name| name.trim() == t.name()),
+        None => t.block_len() > 1 && t != GgmlType::Q5K,
+    }) {
         for (rows, cols) in [(576, 1536), (2048, 2048), (5632, 2048)] {
             let cols = if ty.block_len() == 256 { cols / 256 * 256 } else { cols };
             let data = random_weights(ty, rows, cols, &mut rng);
             let matrix = QMatrix::new(ty, rows, cols, &data).unwrap();
-            for n_tokens in [1, 32] {
+            for n_tokens in [1, 4, 32] {
                 let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.normal()).collect();
                 let mut out = vec![0.0f32; rows * n_tokens];
                 for threads in [1, 2] {
                     let pool = pool(threads);
                     let mut kernels = Vec::new();
+                    let portable = dot::Kernels {
+                        dot: dot::portable(ty),
+                        tile: None,
+                        activation: ty.activation_kind(),
+                    };
                     if n_tokens == 1 {
-                        kernels.push((dot::portable(ty), None));
+                        kernels.push(portable);
                     }
                     if let Some(first) = levels.first() {
-                        kernels.push(((first.select)(ty).unwrap_or_else(|| dot::portable(ty)), None));
+                        kernels.push(dot::Kernels {
+                            dot: (first.select)(ty).unwrap_or(portable.dot),
+                            tile: None,
+                            activation: (first.activation)(ty).unwrap_or(portable.activation),
+                        });
                     }
                     // A level without a kernel for the type runs the levels' below it, as `dot::select` does.
-                    let mut below = (dot::portable(ty), None);
+                    let mut below = portable;
                     for level in &levels {
-                        let single = (level.select)(ty).unwrap_or(below.0);
-                        let tile = (level.select_tile)(ty).or(below.1);
-                        below = (single, tile);
+                        below = dot::Kernels {
+                            dot: (level.select)(ty).unwrap_or(below.dot),
+                            tile: (level.select_tile)(ty).or(below.tile),
+                            activation: (level.activation)(ty).unwrap_or(below.activation),
+                        };
                         kernels.push(below);
                     }
                     let iterations = (500_000_000 / (rows * cols * n_tokens)).clamp(2, 500);
