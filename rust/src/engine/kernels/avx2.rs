@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 
 use super::activation::TokenActivation;
 use super::dequant::k_scales_mins;
-use super::dot::{self, DotFn, TileDotFn, TOKEN_TILE};
+use super::dot::{self, DotFn, TileDotFn, HALF_TILE, TOKEN_TILE};
 use super::{GgmlType, QK, QK_K};
 
 /// The CPU features every kernel here is compiled for.
@@ -45,11 +45,11 @@ pub(super) fn select_tile(ty: GgmlType) -> Option<TileDotFn> {
     // SAFETY: as in `select`.
     // Q6_K's tile measured 1.4-1.7× the per-token kernel, Q4_K's 0.8-1.15× (noise, not kept).
     let dot: TileDotFn = match ty {
-        GgmlType::Q4_0 => |w, a| unsafe { q4_0_tile(w, a) },
-        GgmlType::Q4_1 => |w, a| unsafe { q4_1_tile(w, a) },
-        GgmlType::Q5_0 => |w, a| unsafe { q5_0_tile(w, a) },
-        GgmlType::Q5_1 => |w, a| unsafe { q5_1_tile(w, a) },
-        GgmlType::Q6K => |w, a| unsafe { q6_k_tile(w, a) },
+        GgmlType::Q4_0 => |w, a, out| unsafe { q4_0_tile(w, a, out) },
+        GgmlType::Q4_1 => |w, a, out| unsafe { q4_1_tile(w, a, out) },
+        GgmlType::Q5_0 => |w, a, out| unsafe { q5_0_tile(w, a, out) },
+        GgmlType::Q5_1 => |w, a, out| unsafe { q5_1_tile(w, a, out) },
+        GgmlType::Q6K => |w, a, out| unsafe { q6_k_tile(w, a, out) },
         _ => return None,
     };
     Some(dot)
@@ -84,10 +84,22 @@ unsafe fn f16_pair(p: *const u8) -> __m128 {
     _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))
 }
 
+/// The f16 at `p` as a float. The `vmovd` is written out: from `_mm_cvtsi32_si128` (or a
+/// broadcast) LLVM keeps only the demanded low 16 bits and emits a `vpinsrw` into whatever
+/// register it likes, which was a loop's accumulator, so every block waited for the previous
+/// block's FMA (the Q4_0/Q5_0 one-token kernels ran at half Q4_1's speed).
 #[inline(always)]
 pub(super) unsafe fn f16_one(p: *const u8) -> f32 {
-    let bits = (p as *const u16).read_unaligned();
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    let bits = u32::from((p as *const u16).read_unaligned());
+    let v: __m128i;
+    // SAFETY: a register-to-register move; the callers run with AVX enabled.
+    std::arch::asm!(
+        "vmovd {v}, {bits:e}",
+        v = lateout(xmm_reg) v,
+        bits = in(reg) bits,
+        options(pure, nomem, nostack, preserves_flags)
+    );
+    _mm_cvtss_f32(_mm_cvtph_ps(v))
 }
 
 #[inline(always)]
@@ -178,7 +190,7 @@ unsafe fn accumulate_block<const N: usize>(
 
 /// The blocks of `w` every token of the tile covers (lengths checked as `n_blocks` does).
 #[inline(always)]
-fn tile_blocks(w: &[u8], block_bytes: usize, a: &[TokenActivation<'_>; TOKEN_TILE]) -> usize {
+fn tile_blocks(w: &[u8], block_bytes: usize, a: &[TokenActivation<'_>]) -> usize {
     a.iter().map(|a| n_blocks(w, block_bytes, a)).min().unwrap_or(0)
 }
 
@@ -237,10 +249,22 @@ macro_rules! offset_format {
         }
 
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $tile(w: &[u8], a: &[TokenActivation<'_>; TOKEN_TILE]) -> [f32; TOKEN_TILE] {
+        unsafe fn $tile(w: &[u8], a: &[TokenActivation<'_>], out: &mut [f32]) {
             let p = w.as_ptr();
-            let tokens = std::array::from_fn(|t| &a[t]);
-            offset_blocks_tokens(tile_blocks(w, $block_bytes, a), tokens, |b| $block(p, b))
+            let n_blocks = tile_blocks(w, $block_bytes, a);
+            match a.len() {
+                TOKEN_TILE => out.copy_from_slice(&offset_blocks_tokens::<TOKEN_TILE>(
+                    n_blocks,
+                    std::array::from_fn(|t| &a[t]),
+                    |b| $block(p, b),
+                )),
+                HALF_TILE => out.copy_from_slice(&offset_blocks_tokens::<HALF_TILE>(
+                    n_blocks,
+                    std::array::from_fn(|t| &a[t]),
+                    |b| $block(p, b),
+                )),
+                n => panic!("a tile of {n} tokens"),
+            }
         }
     };
 }
@@ -409,6 +433,10 @@ unsafe fn q6_k(w: &[u8], a: &TokenActivation<'_>) -> f32 {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6_k_tile(w: &[u8], a: &[TokenActivation<'_>; TOKEN_TILE]) -> [f32; TOKEN_TILE] {
-    q6_k_tokens::<TOKEN_TILE>(w, std::array::from_fn(|t| &a[t]))
+unsafe fn q6_k_tile(w: &[u8], a: &[TokenActivation<'_>], out: &mut [f32]) {
+    match a.len() {
+        TOKEN_TILE => out.copy_from_slice(&q6_k_tokens::<TOKEN_TILE>(w, std::array::from_fn(|t| &a[t]))),
+        HALF_TILE => out.copy_from_slice(&q6_k_tokens::<HALF_TILE>(w, std::array::from_fn(|t| &a[t]))),
+        n => panic!("a tile of {n} tokens"),
+    }
 }

@@ -2,19 +2,21 @@
 //! where they measured faster (see `select` and `select_tile`); AVX2's serve the rest.
 //!
 //! The K-quants (the types of the Q4_K_M files people download) are rewritten for 512-bit
-//! vectors: a super-block's weights are unpacked once into four vectors of 64 values whose
-//! activation bytes lie contiguously, and the 6-bit / 8-bit scales are broadcast per 16-bit lane
-//! by one permute, so each 64 values cost one `maddubs` and one `madd` per token. The token-tile
-//! forms unpack a row's weights once for `TOKEN_TILE` tokens (prefill), which is where the
-//! unpacking, not the multiply, dominates. The 32-element formats take two blocks per vector and
-//! VNNI's `dpbusd` (unsigned × signed bytes summed into i32 in one instruction); Q5's fifth bits
-//! are a byte mask.
+//! vectors, where the multiplies (`dpbusd`, `madd`, all on one port) are what limits a tile.
+//! Q4_K reads a transposed activation (`ActivationKind::Q8KTransposed`) so that each i32 lane
+//! stays within one sub-block: a super-block costs four `dpbusd` and one `madd` for its scales
+//! per token. Q6_K unpacks a super-block into four vectors of 64 values whose activation bytes
+//! lie contiguously; each vector's `dpbusd` sums are scaled per 16 values by a `dpwssd` (scales
+//! broadcast per lane by one permute). The token-tile forms unpack a row's weights once for
+//! `TOKEN_TILE` tokens (prefill). The 32-element formats take two blocks per vector and VNNI's
+//! `dpbusd` (unsigned × signed bytes summed into i32 in one instruction); Q5's fifth bits are a
+//! byte mask.
 
 use std::arch::x86_64::*;
 
 use super::activation::{ActivationKind, TokenActivation};
 use super::avx2::{f16_one, horizontal_sum};
-use super::dot::{DotFn, TileDotFn, TOKEN_TILE};
+use super::dot::{DotFn, TileDotFn, HALF_TILE, TOKEN_TILE};
 use super::{GgmlType, QK, QK_K};
 
 /// The CPU features every kernel here is compiled for.
@@ -56,12 +58,12 @@ pub(super) fn select_tile(ty: GgmlType) -> Option<TileDotFn> {
     }
     // SAFETY: as in `select`.
     let dot: TileDotFn = match ty {
-        GgmlType::Q4_0 => |w, a| unsafe { q4_0_tile(w, a) },
-        GgmlType::Q5_0 => |w, a| unsafe { q5_0_tile(w, a) },
-        GgmlType::Q5_1 => |w, a| unsafe { q5_1_tile(w, a) },
-        GgmlType::Q8_0 => |w, a| unsafe { q8_0_tile(w, a) },
-        GgmlType::Q4K => |w, a| unsafe { q4_k_tile(w, a) },
-        GgmlType::Q6K => |w, a| unsafe { q6_k_tile(w, a) },
+        GgmlType::Q4_0 => |w, a, out| unsafe { q4_0_tile(w, a, out) },
+        GgmlType::Q5_0 => |w, a, out| unsafe { q5_0_tile(w, a, out) },
+        GgmlType::Q5_1 => |w, a, out| unsafe { q5_1_tile(w, a, out) },
+        GgmlType::Q8_0 => |w, a, out| unsafe { q8_0_tile(w, a, out) },
+        GgmlType::Q4K => |w, a, out| unsafe { q4_k_tile(w, a, out) },
+        GgmlType::Q6K => |w, a, out| unsafe { q6_k_tile(w, a, out) },
         _ => return None,
     };
     Some(dot)
@@ -79,8 +81,12 @@ macro_rules! one {
 macro_rules! tile {
     ($kernel:ident, $tile:ident) => {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-        unsafe fn $tile(w: &[u8], a: &[TokenActivation<'_>; TOKEN_TILE]) -> [f32; TOKEN_TILE] {
-            $kernel::<TOKEN_TILE>(w, std::array::from_fn(|t| &a[t]))
+        unsafe fn $tile(w: &[u8], a: &[TokenActivation<'_>], out: &mut [f32]) {
+            match a.len() {
+                TOKEN_TILE => out.copy_from_slice(&$kernel::<TOKEN_TILE>(w, std::array::from_fn(|t| &a[t]))),
+                HALF_TILE => out.copy_from_slice(&$kernel::<HALF_TILE>(w, std::array::from_fn(|t| &a[t]))),
+                n => panic!("a tile of {n} tokens"),
+            }
         }
     };
 }
@@ -106,11 +112,11 @@ unsafe fn load_two_256(low: *const u8, high: *const u8) -> __m512i {
     _mm512_inserti64x4::<1>(low, _mm256_loadu_si256(high as *const __m256i))
 }
 
-/// For each of 32 i16 lanes, which entry of an i16 table it takes. The K-quant kernels sum each
-/// 4 weight-activation products into an i32 lane (`dpbusd`) and then multiply every i32 lane by
-/// its group's scale with `dpwssd`, which reads the lane as two i16 halves: the tables put the
-/// scale under the low half and a zero (entry `ZERO`) under the high half, whose bits are only
-/// the sign extension of a sum that fits in 16 bits.
+/// For each of 32 i16 lanes, which entry of an i16 table it takes. The K-quant kernels sum
+/// weight-activation products into i32 lanes (`dpbusd`) and then multiply every i32 lane by its
+/// group's scale with `madd` or `dpwssd`, which read the lane as two i16 halves: the tables put
+/// the scale under the low half and a zero (entry `ZERO`) under the high half, whose bits are
+/// only the sign extension of a sum that fits in 16 bits.
 #[repr(align(64))]
 struct LaneTable([i16; 32]);
 

@@ -16,9 +16,13 @@ pub(super) type DotFn = fn(&[u8], &TokenActivation<'_>) -> f32;
 /// levels (`kernel_benchmark`, 32 tokens: AVX-512 Q4_K 1.3×, Q8_0 1.35×, Q4_0/Q5_0/Q5_1
 /// 1.3-1.4×; AVX2 1.0-1.25×) on the AVX-512 VM of 2026-12-02.
 pub(super) const TOKEN_TILE: usize = 8;
+/// The smaller tile every tile kernel also takes, for the last 4-7 tokens of a prompt: a padded
+/// full tile cost Q4_1 1.6× four per-token calls there.
+pub(super) const HALF_TILE: usize = TOKEN_TILE / 2;
 
-/// One weight row against `TOKEN_TILE` tokens, the row unpacked once.
-pub(super) type TileDotFn = fn(&[u8], &[TokenActivation<'_>; TOKEN_TILE]) -> [f32; TOKEN_TILE];
+/// One weight row against `TOKEN_TILE` or `HALF_TILE` tokens (`a.len()`), the row unpacked once;
+/// writes each token's sum to `out` (as long as `a`).
+pub(super) type TileDotFn = fn(&[u8], &[TokenActivation<'_>], &mut [f32]);
 
 /// What a matmul on one tensor type runs: a single-token kernel, a token-tile kernel where the
 /// level has one, and the activation layout both read.

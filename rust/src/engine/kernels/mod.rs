@@ -281,17 +281,15 @@ impl<'a> QMatrix<'a> {
         };
         // Every token's view and every tile, built once per call rather than per row.
         let tokens: Vec<TokenActivation<'_>> = (0..n_tokens).map(|t| activation.token(x, t)).collect();
+        // Whole tiles, then a half tile for 4-7 left over, then per-token calls.
         let mut tiles = Vec::new();
         let mut first_single = 0;
         if kernels.tile.is_some() {
-            // A short last tile is padded with its last token (the pad's sums are dropped):
-            // unpacking the row once beats per-token kernels from half a tile.
-            while n_tokens - first_single >= dot::TOKEN_TILE / 2 {
-                let tile: [TokenActivation<'_>; dot::TOKEN_TILE] =
-                    std::array::from_fn(|k| tokens[(first_single + k).min(n_tokens - 1)]);
-                let real = dot::TOKEN_TILE.min(n_tokens - first_single);
-                tiles.push((first_single, real, tile));
-                first_single += real;
+            for size in [dot::TOKEN_TILE, dot::HALF_TILE] {
+                while n_tokens - first_single >= size {
+                    tiles.push(first_single..first_single + size);
+                    first_single += size;
+                }
             }
         }
         // Float weights over several tokens: convert each row once and reuse it for every token,
@@ -314,10 +312,13 @@ impl<'a> QMatrix<'a> {
             for i in local {
                 let weights = self.row_data(rows.start + i);
                 if let Some(tile_dot) = kernels.tile {
-                    for (first, real, tile) in &tiles {
-                        for (k, value) in tile_dot(weights, tile).into_iter().take(*real).enumerate() {
+                    let mut sums = [0.0f32; dot::TOKEN_TILE];
+                    for tile in &tiles {
+                        let sums = &mut sums[..tile.len()];
+                        tile_dot(weights, &tokens[tile.clone()], sums);
+                        for (t, &value) in tile.clone().zip(sums.iter()) {
                             // SAFETY: row i belongs to exactly one task.
-                            unsafe { shared.write((first + k) * n_rows + i, value) };
+                            unsafe { shared.write(t * n_rows + i, value) };
                         }
                     }
                 }

@@ -210,9 +210,9 @@ fn matmul_matches_float64_reference_for_every_type() {
             let data = random_weights(ty, rows, cols, &mut rng);
             let matrix = QMatrix::new(ty, rows, cols, &data).unwrap();
             let dense = dequantize_matrix(&matrix);
-            // 7: one padded tile; 11: a whole tile and three per-token calls; 13: a whole tile
-            // and a padded one.
-            for n_tokens in [1, 7, 11, 13] {
+            // 7: a half tile and three per-token calls; 12: a whole tile and a half one; 13: the
+            // same and one per-token call.
+            for n_tokens in [1, 7, 12, 13] {
                 let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.normal()).collect();
                 for range in [0..rows, 3..rows - 2, 5..6] {
                     for pool in &pools {
@@ -390,7 +390,15 @@ fn simd_kernels_agree_with_portable_ones() {
                 for r in 0..9 {
                     let weights = matrix.row_data(r);
                     matrix.row(r, &mut row);
-                    let tiled = tile.map(|tile| tile(weights, &tokens));
+                    let tiled = tile.map(|tile| {
+                        let mut sums = [0.0f32; dot::TOKEN_TILE];
+                        tile(weights, &tokens, &mut sums);
+                        // The half tile's sums must be the whole tile's first ones.
+                        let mut half = [0.0f32; dot::HALF_TILE];
+                        tile(weights, &tokens[..dot::HALF_TILE], &mut half);
+                        assert_eq!(half.map(f32::to_bits), std::array::from_fn(|t| sums[t].to_bits()));
+                        sums
+                    });
                     for (t, token) in tokens.iter().enumerate() {
                         let want = portable(weights, &natural[t]);
                         // Σ|w·x|: a different summation order moves the result by a few float32
