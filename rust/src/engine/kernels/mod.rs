@@ -172,6 +172,28 @@ const MIN_ROWS_PER_TASK: usize = 8;
 /// Tasks per thread: a few, so a thread delayed by another process does not stall the call.
 const TASKS_PER_THREAD: usize = 3;
 
+/// How far ahead of the row it computes a task asks the cache for weight bytes: the hardware
+/// prefetchers stop at page boundaries, and a decode step streams every matrix from memory.
+/// TinyLlama Q4_K_M decode, 1 thread, AVX-512 VM: 92 ms/token without, 85 with 2 rows (2.3 KB)
+/// ahead, 80 with 16 rows (18 KB), 82-83 with 32-64 rows; 16 KiB: 80.6, 32 KiB: 83.6.
+const PREFETCH_BYTES_AHEAD: usize = 16 * 1024;
+
+/// Asks the cache for every line of `bytes` without waiting for them.
+#[inline(always)]
+fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for offset in (0..bytes.len()).step_by(64) {
+        // SAFETY: a prefetch of an address inside the slice; it never faults.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                bytes.as_ptr().add(offset) as *const i8
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
+
 thread_local! {
     /// Reused activation buffers; taken out while in use, so a nested call on the same thread
     /// simply allocates its own.
@@ -309,8 +331,12 @@ impl<'a> QMatrix<'a> {
                 }
                 return;
             }
-            for i in local {
+            let rows_ahead = (PREFETCH_BYTES_AHEAD / self.row_bytes().max(1)).max(1);
+            for i in local.clone() {
                 let weights = self.row_data(rows.start + i);
+                if i + rows_ahead < local.end {
+                    prefetch(self.row_data(rows.start + i + rows_ahead));
+                }
                 if let Some(tile_dot) = kernels.tile {
                     let mut sums = [0.0f32; dot::TOKEN_TILE];
                     for tile in &tiles {
