@@ -447,6 +447,28 @@ fn ffn_gate_up_then_down_equals_full() {
     ));
 }
 
+/// A prefill's GELU / SwiGLU runs on the pool in chunks once there is enough of it: two threads
+/// must give one thread's values exactly, for both FFN forms, on enough tokens for several chunks.
+#[test]
+fn ffn_activation_over_the_pool_equals_one_thread() {
+    for arch in [Architecture::Llama, Architecture::Gpt2] {
+        let cfg = ModelConfig {
+            arch,
+            ..tiny_config(6, 2, true)
+        };
+        let src = Arc::new(tiny_source(&cfg, 21));
+        let one = Model::from_source(cfg.clone(), src.clone(), 1).unwrap();
+        let two = Model::from_source(cfg.clone(), src, 2).unwrap();
+        let t_n = 2000; // 80 000 FFN values: the pool's chunks are 16 384
+        let x = Rng(5).vec(t_n * cfg.n_embd, 1.0);
+        let (mut h1, mut h2) = (vec![0.0; t_n * cfg.n_ff], vec![0.0; t_n * cfg.n_ff]);
+        one.ffn(1, FfnPart::GateUp, &x, t_n, &mut h1).unwrap();
+        two.ffn(1, FfnPart::GateUp, &x, t_n, &mut h2).unwrap();
+        assert!(h1.iter().zip(&h2).all(|(a, b)| a.to_bits() == b.to_bits()), "{arch:?}");
+        assert!(h1.iter().any(|&v| v != 0.0));
+    }
+}
+
 /// Sub-block path of one layer: attention in two disjoint head sets, FFN in two parts.
 fn layer_by_sub_blocks(
     m: &Model,
