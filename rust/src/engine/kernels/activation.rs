@@ -1,5 +1,7 @@
 //! The activation side of a matmul, quantized once per call and shared by every row task.
 
+use rayon::prelude::*;
+
 use super::{QK, QK_K};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -42,11 +44,30 @@ pub(super) struct TokenActivation<'a> {
     pub group_sums: &'a [i16],
 }
 
+/// Below this many values the activation is quantized on the calling thread: a prefill's
+/// (tens of thousands of values per matmul) was 2.9 % of a one-thread TinyLlama prefill, all of
+/// it on one thread while the others waited.
+const MIN_PARALLEL_VALUES: usize = 64 * 1024;
+
 impl QuantizedActivation {
+    /// Quantizes on the calling thread.
     pub fn quantize(&mut self, kind: ActivationKind, x: &[f32], n_tokens: usize, cols: usize) {
+        self.quantize_on(None, kind, x, n_tokens, cols);
+    }
+
+    /// Quantizes, block by block over `pool` when there is enough to share.
+    pub fn quantize_on(
+        &mut self,
+        pool: Option<&rayon::ThreadPool>,
+        kind: ActivationKind,
+        x: &[f32],
+        n_tokens: usize,
+        cols: usize,
+    ) {
         self.kind = kind;
         self.cols = cols;
         let n = n_tokens * cols;
+        let pool = pool.filter(|pool| pool.current_num_threads() > 1 && n >= MIN_PARALLEL_VALUES);
         match kind {
             ActivationKind::Float => {
                 self.qs.clear();
@@ -60,16 +81,24 @@ impl QuantizedActivation {
                 self.scales.resize(n_blocks, 0.0);
                 self.scaled_sums.resize(n_blocks, 0.0);
                 self.group_sums.clear();
-                for (((src, qs), d), s) in x
-                    .chunks_exact(QK)
-                    .zip(self.qs.chunks_exact_mut(QK))
-                    .zip(self.scales.iter_mut())
-                    .zip(self.scaled_sums.iter_mut())
-                {
+                let each = |((src, qs), (d, scaled_sum)): ((&[f32], &mut [i8]), (&mut f32, &mut f32))| {
                     let scale = quantize_block(src, qs);
                     let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
                     *d = scale;
-                    *s = scale * sum as f32;
+                    *scaled_sum = scale * sum as f32;
+                };
+                match pool {
+                    Some(pool) => pool.install(|| {
+                        x.par_chunks_exact(QK)
+                            .zip(self.qs.par_chunks_exact_mut(QK))
+                            .zip(self.scales.par_iter_mut().zip(self.scaled_sums.par_iter_mut()))
+                            .for_each(each)
+                    }),
+                    None => x
+                        .chunks_exact(QK)
+                        .zip(self.qs.chunks_exact_mut(QK))
+                        .zip(self.scales.iter_mut().zip(self.scaled_sums.iter_mut()))
+                        .for_each(each),
                 }
             }
             ActivationKind::Q8K | ActivationKind::Q8KTransposed => {
@@ -78,26 +107,32 @@ impl QuantizedActivation {
                 self.scales.resize(n_blocks, 0.0);
                 self.scaled_sums.resize(n / QK, 0.0);
                 self.group_sums.resize(n / 16, 0);
-                for ((src, qs), d) in x
-                    .chunks_exact(QK_K)
-                    .zip(self.qs.chunks_exact_mut(QK_K))
-                    .zip(self.scales.iter_mut())
-                {
-                    *d = quantize_block(src, qs);
-                }
-                for (qs, sum) in self.qs.chunks_exact(16).zip(self.group_sums.iter_mut()) {
-                    // 16 values of at most 127 in magnitude cannot overflow i16.
-                    *sum = qs.iter().map(|&q| i16::from(q)).sum();
-                }
-                for (b, (sums, d)) in self.group_sums.chunks_exact(QK_K / 16).zip(&self.scales).enumerate() {
-                    for (i, pair) in sums.chunks_exact(2).enumerate() {
-                        self.scaled_sums[b * (QK_K / QK) + i] = d * f32::from(pair[0] + pair[1]);
-                    }
-                }
-                if kind == ActivationKind::Q8KTransposed {
-                    for block in self.qs.chunks_exact_mut(QK_K) {
-                        transpose_sub_block_chunks(block);
-                    }
+                let transposed = kind == ActivationKind::Q8KTransposed;
+                let each = |(((src, qs), d), (group_sums, scaled_sums)): K8Block<'_>| {
+                    quantize_k_block(src, qs, d, group_sums, scaled_sums, transposed)
+                };
+                match pool {
+                    Some(pool) => pool.install(|| {
+                        x.par_chunks_exact(QK_K)
+                            .zip(self.qs.par_chunks_exact_mut(QK_K))
+                            .zip(self.scales.par_iter_mut())
+                            .zip(
+                                self.group_sums
+                                    .par_chunks_exact_mut(QK_K / 16)
+                                    .zip(self.scaled_sums.par_chunks_exact_mut(QK_K / QK)),
+                            )
+                            .for_each(each)
+                    }),
+                    None => x
+                        .chunks_exact(QK_K)
+                        .zip(self.qs.chunks_exact_mut(QK_K))
+                        .zip(self.scales.iter_mut())
+                        .zip(
+                            self.group_sums
+                                .chunks_exact_mut(QK_K / 16)
+                                .zip(self.scaled_sums.chunks_exact_mut(QK_K / QK)),
+                        )
+                        .for_each(each),
                 }
             }
         }
@@ -131,6 +166,31 @@ impl QuantizedActivation {
                 group_sums: &self.group_sums[span(16)],
             },
         }
+    }
+}
+
+/// One Q8_K super-block's input and outputs: values, quantized values, scale, sums per 16 and
+/// scaled sums per 32.
+type K8Block<'a> = (((&'a [f32], &'a mut [i8]), &'a mut f32), (&'a mut [i16], &'a mut [f32]));
+
+fn quantize_k_block(
+    src: &[f32],
+    qs: &mut [i8],
+    d: &mut f32,
+    group_sums: &mut [i16],
+    scaled_sums: &mut [f32],
+    transposed: bool,
+) {
+    *d = quantize_block(src, qs);
+    for (sum, qs) in group_sums.iter_mut().zip(qs.chunks_exact(16)) {
+        // 16 values of at most 127 in magnitude cannot overflow i16.
+        *sum = qs.iter().map(|&q| i16::from(q)).sum();
+    }
+    for (scaled, pair) in scaled_sums.iter_mut().zip(group_sums.chunks_exact(2)) {
+        *scaled = *d * f32::from(pair[0] + pair[1]);
+    }
+    if transposed {
+        transpose_sub_block_chunks(qs);
     }
 }
 

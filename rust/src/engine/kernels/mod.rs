@@ -296,7 +296,7 @@ impl<'a> QMatrix<'a> {
         }
 
         let mut activation = ACTIVATION_SCRATCH.with(Cell::take);
-        activation.quantize(kernels.activation, x, n_tokens, self.cols);
+        activation.quantize_on(Some(pool), kernels.activation, x, n_tokens, self.cols);
         let shared = SharedOut {
             ptr: out.as_mut_ptr(),
             len: out.len(),

@@ -426,6 +426,33 @@ fn simd_kernels_agree_with_portable_ones() {
     }
 }
 
+/// A prefill's activation is quantized over the pool block by block; every kind must come out as
+/// the calling thread alone makes it, bit for bit, on enough values to be shared.
+#[test]
+fn activation_over_the_pool_equals_one_thread() {
+    let mut rng = Rng(17);
+    let (n_tokens, cols) = (40, 2048); // 81 920 values
+    let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.normal()).collect();
+    for kind in [
+        ActivationKind::Q8Blocks,
+        ActivationKind::Q8K,
+        ActivationKind::Q8KTransposed,
+    ] {
+        let (mut one, mut two) = (QuantizedActivation::default(), QuantizedActivation::default());
+        one.quantize(kind, &x, n_tokens, cols);
+        two.quantize_on(Some(&pool(2)), kind, &x, n_tokens, cols);
+        for t in 0..n_tokens {
+            let (a, b) = (one.token(&x, t), two.token(&x, t));
+            assert_eq!(a.qs, b.qs, "{kind:?} token {t}");
+            assert_eq!(a.group_sums, b.group_sums, "{kind:?} token {t}");
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(a.scales), bits(b.scales), "{kind:?} token {t}");
+            assert_eq!(bits(a.scaled_sums), bits(b.scaled_sums), "{kind:?} token {t}");
+            assert!(!a.scales.is_empty() && a.qs.iter().any(|&q| q != 0));
+        }
+    }
+}
+
 #[test]
 fn activation_rounding_is_to_nearest_with_ties_to_even() {
     use super::activation::nearest_int;
