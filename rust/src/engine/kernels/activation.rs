@@ -50,7 +50,8 @@ pub(super) struct TokenActivation<'a> {
 const MIN_PARALLEL_VALUES: usize = 64 * 1024;
 
 impl QuantizedActivation {
-    /// Quantizes on the calling thread.
+    /// Quantizes on the calling thread (the tests' reference for `quantize_on`).
+    #[cfg(test)]
     pub fn quantize(&mut self, kind: ActivationKind, x: &[f32], n_tokens: usize, cols: usize) {
         self.quantize_on(None, kind, x, n_tokens, cols);
     }
@@ -81,7 +82,7 @@ impl QuantizedActivation {
                 self.scales.resize(n_blocks, 0.0);
                 self.scaled_sums.resize(n_blocks, 0.0);
                 self.group_sums.clear();
-                let each = |((src, qs), (d, scaled_sum)): ((&[f32], &mut [i8]), (&mut f32, &mut f32))| {
+                let each = |((src, qs), (d, scaled_sum)): Q8Block<'_>| {
                     let scale = quantize_block(src, qs);
                     let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
                     *d = scale;
@@ -168,6 +169,9 @@ impl QuantizedActivation {
         }
     }
 }
+
+/// One Q8 block's input and outputs: values, quantized values, scale and scaled sum.
+type Q8Block<'a> = ((&'a [f32], &'a mut [i8]), (&'a mut f32, &'a mut f32));
 
 /// One Q8_K super-block's input and outputs: values, quantized values, scale, sums per 16 and
 /// scaled sums per 32.
