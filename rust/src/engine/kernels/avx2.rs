@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 
 use super::activation::TokenActivation;
 use super::dequant::k_scales_mins;
-use super::dot::{self, DotFn, TileDotFn, HALF_TILE, TOKEN_TILE};
+use super::dot::{self, by_tile_size, DotFn, TileDotFn};
 use super::{GgmlType, QK, QK_K};
 
 /// The CPU features every kernel here is compiled for.
@@ -143,11 +143,11 @@ unsafe fn unsigned_dot(q: __m256i, y: *const i8) -> __m256 {
 }
 
 /// Shared loop of the 32-element formats, for N tokens (N = 1: one token's dot product; N =
-/// `TOKEN_TILE`: a prefill tile, each block's weights unpacked once for all N). `block(b)` returns
-/// the block's weight bytes (as unsigned values), its scale d and its offset m. Every token's sum
-/// is formed in the same order whatever N is (even blocks in one accumulator, odd in another, the
-/// offsets in block order), so a prompt computed in tiles equals the same tokens decoded one by
-/// one, bit for bit.
+/// `TOKEN_TILE` or `HALF_TILE`: a prefill tile, each block's weights unpacked once for all N).
+/// `block(b)` returns the block's weight bytes (as unsigned values), its scale d and its offset
+/// m. Every token's sum is formed in the same order whatever N is (even blocks in one accumulator,
+/// odd in another, the offsets in block order), so a prompt computed in tiles equals the same
+/// tokens decoded one by one, bit for bit.
 #[inline(always)]
 unsafe fn offset_blocks_tokens<const N: usize>(
     n_blocks: usize,
@@ -238,8 +238,8 @@ unsafe fn q5_1_block(p: *const u8, b: usize) -> (__m256i, f32, f32) {
 }
 
 /// The one-token kernel and the token tile of an offset format: the same loop, N = 1 and
-/// N = `TOKEN_TILE`. (The closures are defined inside the `target_feature` functions, whose
-/// features they inherit.)
+/// N = `TOKEN_TILE` or `HALF_TILE`. (The closures are defined inside the `target_feature`
+/// functions, whose features they inherit.)
 macro_rules! offset_format {
     ($block:ident, $block_bytes:expr, $one:ident, $tile:ident) => {
         #[target_feature(enable = "avx2,fma,f16c")]
@@ -252,19 +252,11 @@ macro_rules! offset_format {
         unsafe fn $tile(w: &[u8], a: &[TokenActivation<'_>], out: &mut [f32]) {
             let p = w.as_ptr();
             let n_blocks = tile_blocks(w, $block_bytes, a);
-            match a.len() {
-                TOKEN_TILE => out.copy_from_slice(&offset_blocks_tokens::<TOKEN_TILE>(
-                    n_blocks,
-                    std::array::from_fn(|t| &a[t]),
-                    |b| $block(p, b),
-                )),
-                HALF_TILE => out.copy_from_slice(&offset_blocks_tokens::<HALF_TILE>(
-                    n_blocks,
-                    std::array::from_fn(|t| &a[t]),
-                    |b| $block(p, b),
-                )),
-                n => panic!("a tile of {n} tokens"),
-            }
+            by_tile_size!(a, out, |tokens: [_; N]| offset_blocks_tokens::<N>(
+                n_blocks,
+                tokens,
+                |b| $block(p, b)
+            ))
         }
     };
 }
@@ -434,9 +426,5 @@ unsafe fn q6_k(w: &[u8], a: &TokenActivation<'_>) -> f32 {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6_k_tile(w: &[u8], a: &[TokenActivation<'_>], out: &mut [f32]) {
-    match a.len() {
-        TOKEN_TILE => out.copy_from_slice(&q6_k_tokens::<TOKEN_TILE>(w, std::array::from_fn(|t| &a[t]))),
-        HALF_TILE => out.copy_from_slice(&q6_k_tokens::<HALF_TILE>(w, std::array::from_fn(|t| &a[t]))),
-        n => panic!("a tile of {n} tokens"),
-    }
+    by_tile_size!(a, out, |tokens: [_; N]| q6_k_tokens::<N>(w, tokens))
 }

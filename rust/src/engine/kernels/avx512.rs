@@ -16,7 +16,7 @@ use std::arch::x86_64::*;
 
 use super::activation::{ActivationKind, TokenActivation};
 use super::avx2::{f16_one, horizontal_sum};
-use super::dot::{DotFn, TileDotFn, HALF_TILE, TOKEN_TILE};
+use super::dot::{by_tile_size, DotFn, TileDotFn};
 use super::{GgmlType, QK, QK_K};
 
 /// The CPU features every kernel here is compiled for.
@@ -82,11 +82,7 @@ macro_rules! tile {
     ($kernel:ident, $tile:ident) => {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
         unsafe fn $tile(w: &[u8], a: &[TokenActivation<'_>], out: &mut [f32]) {
-            match a.len() {
-                TOKEN_TILE => out.copy_from_slice(&$kernel::<TOKEN_TILE>(w, std::array::from_fn(|t| &a[t]))),
-                HALF_TILE => out.copy_from_slice(&$kernel::<HALF_TILE>(w, std::array::from_fn(|t| &a[t]))),
-                n => panic!("a tile of {n} tokens"),
-            }
+            by_tile_size!(a, out, |tokens: [_; N]| $kernel::<N>(w, tokens))
         }
     };
 }

@@ -24,6 +24,28 @@ pub(super) const HALF_TILE: usize = TOKEN_TILE / 2;
 /// writes each token's sum to `out` (as long as `a`).
 pub(super) type TileDotFn = fn(&[u8], &[TokenActivation<'_>], &mut [f32]);
 
+/// The body of a `TileDotFn`: picks the tile size from `$a.len()`, names it as the const `$n`,
+/// gives `$body` the tile as `$tokens: [&TokenActivation; $n]` and writes its sums to `$out`.
+macro_rules! by_tile_size {
+    ($a:expr, $out:expr, |$tokens:ident: [_; $n:ident]| $body:expr) => {
+        match $a.len() {
+            $crate::engine::kernels::dot::TOKEN_TILE => {
+                const $n: usize = $crate::engine::kernels::dot::TOKEN_TILE;
+                let $tokens: [&_; $n] = std::array::from_fn(|t| &$a[t]);
+                $out.copy_from_slice(&$body)
+            }
+            $crate::engine::kernels::dot::HALF_TILE => {
+                const $n: usize = $crate::engine::kernels::dot::HALF_TILE;
+                let $tokens: [&_; $n] = std::array::from_fn(|t| &$a[t]);
+                $out.copy_from_slice(&$body)
+            }
+            n => panic!("a tile of {n} tokens"),
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(super) use by_tile_size;
+
 /// What a matmul on one tensor type runs: a single-token kernel, a token-tile kernel where the
 /// level has one, and the activation layout both read.
 #[derive(Clone, Copy)]
