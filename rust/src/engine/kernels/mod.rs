@@ -371,7 +371,6 @@ impl<'a> QMatrix<'a> {
                 });
             });
         }
-        drop((tiles, tokens));
         ACTIVATION_SCRATCH.with(|cell| cell.set(activation));
     }
 }

@@ -503,35 +503,19 @@ impl Model {
         }
     }
 
-    /// `f(&mut out[i], &with[i])` for every i (`with` empty: `f(&mut out[i], &0.0)`), over the pool
+    /// `f(start, chunk)` for chunks of `out` (`start`: the chunk's first index), over the pool
     /// when there is enough of it: a prefill's GELU or SiLU is a libm call per FFN value, and on
     /// the calling thread alone GPT-2's GELU held two threads' prefill to 1.5× one thread's.
-    fn elementwise(&self, out: &mut [f32], with: &[f32], f: impl Fn(&mut f32, &f32) + Sync) {
+    fn in_chunks(&self, out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
         const CHUNK: usize = 16 * 1024;
-        let run = |(out, with): (&mut [f32], &[f32])| {
-            if with.is_empty() {
-                out.iter_mut().for_each(|v| f(v, &0.0));
-            } else {
-                out.iter_mut().zip(with).for_each(|(v, w)| f(v, w));
-            }
-        };
-        assert!(
-            with.is_empty() || with.len() == out.len(),
-            "elementwise operands differ in length"
-        );
         if self.pool.current_num_threads() == 1 || out.len() < 2 * CHUNK {
-            run((out, with));
+            f(0, out);
             return;
         }
         self.pool.install(|| {
-            out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, out)| {
-                let with = if with.is_empty() {
-                    with
-                } else {
-                    &with[i * CHUNK..i * CHUNK + out.len()]
-                };
-                run((out, with));
-            });
+            out.par_chunks_mut(CHUNK)
+                .enumerate()
+                .for_each(|(i, chunk)| f(i * CHUNK, chunk));
         });
     }
 
@@ -994,7 +978,7 @@ impl Model {
             // GPT-2's first map: gelu(W1·x + b1).
             self.matrix(&names.ffn_up, f, d)?.q().matmul(x, n_tok, out, &self.pool);
             add_rows(out, &self.vector(&names.ffn_up_bias, f)?);
-            self.elementwise(out, &[], |v, _| *v = gelu(*v));
+            self.in_chunks(out, |_, chunk| chunk.iter_mut().for_each(|v| *v = gelu(*v)));
             return Ok(());
         }
         let gate = self.matrix(&names.ffn_gate, f, d)?;
@@ -1003,7 +987,11 @@ impl Model {
         let mut u = vec![0.0; n_tok * f];
         gate.matmul(x, n_tok, out, &self.pool);
         up.matmul(x, n_tok, &mut u, &self.pool);
-        self.elementwise(out, &u, |g, &u| *g = silu(*g) * u);
+        self.in_chunks(out, |start, chunk| {
+            for (g, &u) in chunk.iter_mut().zip(&u[start..]) {
+                *g = silu(*g) * u;
+            }
+        });
         Ok(())
     }
 
