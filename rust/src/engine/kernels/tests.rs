@@ -370,6 +370,16 @@ fn simd_kernels_agree_with_portable_ones() {
                 level.name,
                 ty.name()
             );
+            // `dot::kernels` takes the layout and each kernel from the best level that has one:
+            // a level that reorders a type's activation must bring both kernels that read it.
+            if (level.activation)(ty).is_some() {
+                assert!(
+                    single.is_some() && tile.is_some(),
+                    "{} reorders the {} activation without both of its kernels",
+                    level.name,
+                    ty.name()
+                );
+            }
             if single.is_none() && tile.is_none() {
                 continue;
             }
