@@ -40,6 +40,20 @@ Generated models for the remaining formats (untied_h9 Q4_0/Q4_1/Q5_0/Q5_1: KL 0.
 0.0022, top-1 0.961/0.973/0.969/0.969; gqa4_h12 F16 KL 0.0000; mha_h6 BF16 KL 0.0003) mean every
 tensor type passes on at least one generated model; the SmolLM2 misses are listed in KNOWN_MISSES.
 
+llama.cpp against itself (batched vs token by token, KL) beside the engine against llama.cpp
+batched, on an AVX-512 + AMX VM (2026-12-02, llama.cpp built without AMX, 256 tokens, 2 threads):
+
+    Q8_0 0.0045 / 0.0053   Q4_1 0.0044 / 0.0056   Q5_1 0.0066 / 0.0099   Q5_K_M 0.0115 / 0.0122
+    Q4_0 0.0056 / 0.0070   Q5_0 0.0052 / 0.0054   Q4_K_M 0.0088 / 0.0115 Q6_K   0.0078 / 0.0081
+    F32, F16 0.0000 / 0.0000, BF16 0.0002 / 0.0002
+
+So the issue's KL ≤ 0.008 on K-quants is below llama.cpp's own spread on Q4_K_M and Q5_K_M (its
+two paths also disagree on top-1 for 8% of Q5_K_M tokens). Matching ggml's activation rounding
+exactly (one `127/amax` multiply, Q8_0/Q8_1 scales rounded to f16, Q8_K's `1/iscale`) moved the
+engine's K-quant KL by −0.0013/+0.0028/+0.0013 (Q4_K_M/Q5_K_M/Q6_K): noise, not a bias, so it was
+not kept. Rounding by truncation instead of to nearest, a real bug, gives KL 0.024-0.042 and fails
+the self-spread check below.
+
 An exact float32 numpy forward of the same files (no activation quantization) scores, against
 llama.cpp (ppl ratio/KL): Q4_0 0.9981/0.0062, Q5_1 0.9691/0.0098, Q4_K_M 1.0043/0.0083, Q5_K_M
 0.9775/0.0114, Q6_K 0.9926/0.0075, and 0.93–0.98 top-1 on the quantized random files. The gap is
@@ -72,6 +86,14 @@ THREADS = 2
 PPL_TOLERANCE = 0.01
 MAX_KL = 0.01
 MIN_TOP1 = 0.93
+
+#: llama.cpp's batched and token-by-token answers on the same quantized file sit KL 0.004-0.012
+#: apart (its kernels sum in different orders, and 8-bit activation quantization turns those 1e-7
+#: differences into flipped roundings layer after layer); the engine's summation order is a third
+#: one. So beside the issue's absolute bounds the engine is held within this factor of llama.cpp's
+#: own spread on the machine at hand: the engine measured 1.0-1.5× of it on every type.
+SELF_KL_FACTOR = 2.0
+SELF_KL_SLACK = 0.002
 
 #: Tensor-type counts llama.cpp's quantizer writes for SmolLM2 (272 tensors: 61 norms, 1 token
 #: embedding = tied output, 30 × 7 matrices). Rows of 576 do not fit K-quant super-blocks, so
@@ -159,11 +181,12 @@ def engine_logits(model: Path, tokens: list[int]) -> np.ndarray[Any, Any]:
     return np.asarray(engine.token_logits(tokens), dtype=np.float32)
 
 
-def record(label: str, stats: dict[str, float], with_ppl: bool) -> None:
+def record(label: str, stats: dict[str, float], with_ppl: bool, llama_self_kl: float | None = None) -> None:
     ppl = f"ppl {stats['ppl_ours']:8.3f} / {stats['ppl_ref']:8.3f} = {stats['ppl_ours'] / stats['ppl_ref']:.4f}  "
+    own = "" if llama_self_kl is None else f"  (llama.cpp batched vs token by token: KL {llama_self_kl:.4f})"
     line = (
         f"{label:<22} {ppl if with_ppl else ''}KL {stats['kl']:.4f}  top-1 {stats['top1']:.3f}  "
-        f"entropy {stats['entropy']:.2f}"
+        f"entropy {stats['entropy']:.2f}{own}"
     )
     RESULTS.append(line)
     print(f"\n{line}")
@@ -268,7 +291,7 @@ class ThresholdMiss(AssertionError):
 #: llama.cpp (Q5_1 PPL ratio 0.969, Q5_K_M KL 0.0114). Per-matmul error of the engine is the same
 #: ~0.8% for every type (checked against dequantized float64 products), so no type-specific bug
 #: shows; what is left is activation-quantization noise on fragile models. Whether a file misses
-#: depends on the CPU, because llama.cpp's kernels do (see `llama_cpp_ppl_range`), so the xfail is
+#: depends on the CPU, because llama.cpp's kernels do (see `llama_cpp_self_agreement`), so the xfail is
 #: not strict (a pass shows as XPASS); raises=ThresholdMiss: a crash, or a result worse than the
 #: measured bound below, fails.
 KNOWN_MISSES = {
@@ -294,15 +317,16 @@ MEASURED_BOUNDS = {
 }
 
 
-def llama_cpp_ppl_range(model: Path, tokens: list[int]) -> tuple[float, float]:
-    """llama.cpp's PPL by its batched and its token-by-token path (different kernels: they differ by
-    up to 2% on these files, and by how much depends on the CPU), lowest first."""
-    targets = np.asarray(tokens[1:])
-    ppl = [
-        math.exp(-log_softmax(logits)[np.arange(targets.size), targets].mean())
-        for logits in (reference(model, N_TOKENS), llama_cpp_logits(model, tokens, threads=THREADS, n_batch=1))
-    ]
-    return min(ppl), max(ppl)
+def llama_cpp_self_agreement(model: Path, tokens: list[int]) -> tuple[tuple[float, float], float]:
+    """llama.cpp against itself: the PPL range its batched and token-by-token paths span (different
+    kernels summing in different orders: they differ by up to 3% on these files, by how much depends
+    on the CPU), lowest first, and KL(batched‖token by token), the distance at which llama.cpp's own
+    two answers sit."""
+    batched = reference(model, N_TOKENS)
+    one_by_one = llama_cpp_logits(model, tokens, threads=THREADS, n_batch=1)
+    stats = agreement(one_by_one, batched, tokens)
+    low, high = sorted((stats["ppl_ours"], stats["ppl_ref"]))
+    return (low, high), stats["kl"]
 
 
 def threshold_misses(
@@ -338,8 +362,12 @@ def test_engine_agrees_with_llama_cpp_on_smollm2(ftype: str, tokens: list[int]) 
     ours = engine_logits(model, tokens)
     assert ours.shape == (N_TOKENS, 49152)
     stats = agreement(ours, reference(model, N_TOKENS), tokens)
-    ppl_range = llama_cpp_ppl_range(model, tokens)
-    record(f"SmolLM2 {ftype}", stats, with_ppl=True)
+    ppl_range, llama_self_kl = llama_cpp_self_agreement(model, tokens)
+    record(f"SmolLM2 {ftype}", stats, with_ppl=True, llama_self_kl=llama_self_kl)
+    # Not an xfail: a wrong scale, minimum or summation shows as KL far past llama.cpp's own spread.
+    assert stats["kl"] <= SELF_KL_FACTOR * llama_self_kl + SELF_KL_SLACK, (
+        f"KL {stats['kl']:.4f} > {SELF_KL_FACTOR} × llama.cpp's own {llama_self_kl:.4f} + {SELF_KL_SLACK}"
+    )
     if ftype in MEASURED_BOUNDS:
         worse = threshold_misses(stats, ppl_range, *MEASURED_BOUNDS[ftype])
         assert not worse, f"{ftype} is worse than its measured bound: {'; '.join(worse)} ({stats})"
