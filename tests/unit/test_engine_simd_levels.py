@@ -1,4 +1,4 @@
-"""Every kernel level this CPU runs computes the same sub-blocks: AVX-512 and AVX2 against the
+"""Every kernel level this CPU runs computes the same sub-blocks: AMX, AVX-512 and AVX2 against the
 portable loops on random K-quant and 32-element-format files (the Rust tests compare single rows).
 
 Sub-blocks on identical inputs, not whole forwards: the levels sum floats in different orders, and a

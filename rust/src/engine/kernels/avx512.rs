@@ -161,7 +161,7 @@ unsafe fn scaled_dot_64(acc: __m512i, weights: __m512i, y: *const u8, scale_lane
 /// Q4_K's twelve packed bytes as eight 6-bit scales and eight 6-bit minimums, one per byte,
 /// unpacked four at a time in 32-bit words (the same layout `dequant::k_scales_mins` reads).
 #[inline(always)]
-unsafe fn k_scales_mins_words(p: *const u8) -> (u64, u64) {
+pub(super) unsafe fn k_scales_mins_words(p: *const u8) -> (u64, u64) {
     let word = |i: usize| (p.add(4 * i) as *const u32).read_unaligned();
     let (w0, w1, w2) = (word(0), word(1), word(2));
     let low6 = 0x3F3F_3F3F;

@@ -53,6 +53,8 @@ pub(super) struct Kernels {
     pub dot: DotFn,
     pub tile: Option<TileDotFn>,
     pub activation: ActivationKind,
+    /// The AMX block kernel (16 rows × 16 tokens) takes prompts of this type.
+    pub amx_blocks: bool,
 }
 
 /// The kernels for `ty` at the SIMD level the kernels run at.
@@ -61,6 +63,7 @@ pub(super) fn kernels(ty: GgmlType) -> Kernels {
         dot: select(ty),
         tile: select_tile(ty),
         activation: activation_kind(ty),
+        amx_blocks: ty == GgmlType::Q4K && simd_level().unwrap_or_else(|_| SimdLevel::detected()) >= SimdLevel::Amx,
     }
 }
 
@@ -113,6 +116,8 @@ pub enum SimdLevel {
     Avx2,
     /// AVX-512 F/BW/VL + VNNI, with AVX2 kernels for the types it has none for.
     Avx512,
+    /// AVX-512, and AMX-INT8 tiles for the prompts of Q4_K matrices.
+    Amx,
 }
 
 /// Names a lower level for the kernels than the CPU's best: for side-by-side benchmarks, and to
@@ -120,13 +125,14 @@ pub enum SimdLevel {
 pub const SIMD_LEVEL_ENV: &str = "SPLITWISE_SIMD";
 
 impl SimdLevel {
-    pub const ALL: [SimdLevel; 3] = [SimdLevel::Portable, SimdLevel::Avx2, SimdLevel::Avx512];
+    pub const ALL: [SimdLevel; 4] = [SimdLevel::Portable, SimdLevel::Avx2, SimdLevel::Avx512, SimdLevel::Amx];
 
     pub fn name(self) -> &'static str {
         match self {
             SimdLevel::Portable => "portable",
             SimdLevel::Avx2 => "avx2",
             SimdLevel::Avx512 => "avx512",
+            SimdLevel::Amx => "amx",
         }
     }
 
@@ -134,6 +140,9 @@ impl SimdLevel {
     pub fn detected() -> SimdLevel {
         #[cfg(target_arch = "x86_64")]
         {
+            if super::amx::available() {
+                return SimdLevel::Amx;
+            }
             if super::avx512::available() {
                 return SimdLevel::Avx512;
             }

@@ -6,6 +6,8 @@
 
 mod activation;
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -177,6 +179,10 @@ const TASKS_PER_THREAD: usize = 3;
 /// TinyLlama Q4_K_M decode, 1 thread, AVX-512 VM: 92 ms/token without, 85 with 2 rows (2.3 KB)
 /// ahead, 80 with 16 rows (18 KB), 82-83 with 32-64 rows; 16 KiB: 80.6, 32 KiB: 83.6.
 const PREFETCH_BYTES_AHEAD: usize = 16 * 1024;
+/// From this many tokens a Q4_K matmul runs on the AMX tiles where the CPU has them (a block of
+/// 16 tokens costs about what a few tokens cost the AVX-512 tiles).
+#[cfg(target_arch = "x86_64")]
+const AMX_MIN_TOKENS: usize = 8;
 
 /// Asks the cache for every line of `bytes` without waiting for them.
 #[inline(always)]
@@ -314,6 +320,12 @@ impl<'a> QMatrix<'a> {
                 }
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        if kernels.amx_blocks && n_tokens >= AMX_MIN_TOKENS {
+            self.matmul_rows_amx(kernels, rows, &tokens, &shared, pool);
+            ACTIVATION_SCRATCH.with(|cell| cell.set(activation));
+            return;
+        }
         // Float weights over several tokens: convert each row once and reuse it for every token,
         // instead of converting it per token inside the dot product.
         let float_rows = kernels.activation == ActivationKind::Float && n_tokens > 1;
@@ -356,23 +368,71 @@ impl<'a> QMatrix<'a> {
             }
         };
 
-        let threads = pool.current_num_threads();
-        let work = n_rows * n_tokens * self.cols;
-        if threads <= 1 || work < MIN_PARALLEL_WORK || n_rows < 2 * MIN_ROWS_PER_TASK {
-            run_rows(0..n_rows);
-        } else {
-            let tasks = (threads * TASKS_PER_THREAD).min(n_rows / MIN_ROWS_PER_TASK);
-            let rows_per_task = n_rows.div_ceil(tasks);
-            pool.install(|| {
-                use rayon::prelude::*;
-                (0..n_rows.div_ceil(rows_per_task)).into_par_iter().for_each(|task| {
-                    let start = task * rows_per_task;
-                    run_rows(start..(start + rows_per_task).min(n_rows));
-                });
-            });
-        }
+        for_row_tasks(pool, n_rows, n_rows * n_tokens * self.cols, 1, run_rows);
         ACTIVATION_SCRATCH.with(|cell| cell.set(activation));
     }
+
+    /// A prompt on a Q4_K matrix through the AMX tiles: the tokens packed once into blocks of 16
+    /// (the last one padded with zeros), the rows taken 16 at a time by each task.
+    #[cfg(target_arch = "x86_64")]
+    fn matmul_rows_amx(
+        &self,
+        kernels: dot::Kernels,
+        rows: Range<usize>,
+        tokens: &[TokenActivation<'_>],
+        shared: &SharedOut,
+        pool: &rayon::ThreadPool,
+    ) {
+        let n_rows = rows.len();
+        let packed: Vec<amx::PackedTokens> = tokens
+            .chunks(amx::BLOCK)
+            .map(|block| amx::PackedTokens::new(block, kernels.activation, self.cols))
+            .collect();
+        let run_rows = |local: Range<usize>| {
+            let mut sums = vec![[[0f32; amx::BLOCK]; amx::BLOCK]; packed.len()];
+            for first in local.clone().step_by(amx::BLOCK) {
+                let group = first..(first + amx::BLOCK).min(local.end);
+                let weights: Vec<&[u8]> = group.clone().map(|i| self.row_data(rows.start + i)).collect();
+                amx::q4_k_rows(&weights, &packed, &mut sums);
+                for (block, sums) in sums.iter().enumerate() {
+                    let first_token = block * amx::BLOCK;
+                    let n = amx::BLOCK.min(tokens.len() - first_token);
+                    for (t, token_sums) in sums.iter().take(n).enumerate() {
+                        for (i, &value) in group.clone().zip(token_sums) {
+                            // SAFETY: row i belongs to exactly one task.
+                            unsafe { shared.write((first_token + t) * n_rows + i, value) };
+                        }
+                    }
+                }
+            }
+        };
+        for_row_tasks(pool, n_rows, n_rows * tokens.len() * self.cols, amx::BLOCK, run_rows);
+    }
+}
+
+/// Runs `run_rows` over `0..n_rows`, split between the pool's threads when there is enough
+/// `work`; every task but the last gets a multiple of `granule` rows.
+fn for_row_tasks(
+    pool: &rayon::ThreadPool,
+    n_rows: usize,
+    work: usize,
+    granule: usize,
+    run_rows: impl Fn(Range<usize>) + Sync,
+) {
+    let threads = pool.current_num_threads();
+    if threads <= 1 || work < MIN_PARALLEL_WORK || n_rows < 2 * MIN_ROWS_PER_TASK.max(granule) {
+        run_rows(0..n_rows);
+        return;
+    }
+    let tasks = (threads * TASKS_PER_THREAD).min(n_rows / MIN_ROWS_PER_TASK.max(granule));
+    let rows_per_task = n_rows.div_ceil(tasks).next_multiple_of(granule);
+    pool.install(|| {
+        use rayon::prelude::*;
+        (0..n_rows.div_ceil(rows_per_task)).into_par_iter().for_each(|task| {
+            let start = task * rows_per_task;
+            run_rows(start..(start + rows_per_task).min(n_rows));
+        });
+    });
 }
 
 #[cfg(test)]

@@ -436,6 +436,72 @@ fn simd_kernels_agree_with_portable_ones() {
     }
 }
 
+/// The AMX block kernel against the AVX-512 tiles it replaces for prompts: the same integer
+/// products, the float scales applied in another order. Row groups and token blocks that do not
+/// fill 16, a row range not starting at 0, natural and transposed Q8_K, one and two threads.
+#[cfg_attr(not(target_arch = "x86_64"), ignore = "AMX is an x86-64 extension")]
+#[test]
+fn amx_blocks_agree_with_the_avx512_tiles() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !super::amx::available() {
+            eprintln!("SKIPPED: this CPU (or OS) has no AMX-INT8 tiles");
+            return;
+        }
+        let mut rng = Rng(23);
+        let ty = GgmlType::Q4K;
+        let tiles = dot::Kernels {
+            dot: super::avx512::select(ty).unwrap(),
+            tile: super::avx512::select_tile(ty),
+            activation: super::avx512::activation_kind(ty).unwrap(),
+            amx_blocks: false,
+        };
+        let natural = dot::Kernels {
+            dot: super::avx2::select(ty).unwrap(),
+            tile: None,
+            activation: ActivationKind::Q8K,
+            amx_blocks: false,
+        };
+        for (rows, cols) in [(16, 256), (37, 768), (160, 2048)] {
+            let data = random_weights(ty, rows, cols, &mut rng);
+            let matrix = QMatrix::new(ty, rows, cols, &data).unwrap();
+            for n_tokens in [8, 16, 21, 40] {
+                let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.normal()).collect();
+                for range in [0..rows, 3..rows] {
+                    let n_rows = range.len();
+                    for threads in [1, 2] {
+                        let pool = pool(threads);
+                        for reference in [tiles, natural] {
+                            let amx = dot::Kernels {
+                                amx_blocks: true,
+                                ..reference
+                            };
+                            let (mut want, mut got) = (vec![0f32; n_rows * n_tokens], vec![0f32; n_rows * n_tokens]);
+                            matrix.matmul_rows_with(reference, range.clone(), &x, n_tokens, &mut want, &pool);
+                            matrix.matmul_rows_with(amx, range.clone(), &x, n_tokens, &mut got, &pool);
+                            let mut row = vec![0f32; cols];
+                            for (i, r) in range.clone().enumerate() {
+                                matrix.row(r, &mut row);
+                                for t in 0..n_tokens {
+                                    let magnitude: f32 =
+                                        row.iter().zip(&x[t * cols..]).map(|(w, x)| (w * x).abs()).sum();
+                                    let (want, got) = (want[t * n_rows + i], got[t * n_rows + i]);
+                                    assert!(
+                                        (got - want).abs() <= 1e-5 * want.abs().max(1.0) + 1e-6 * magnitude,
+                                        "{rows}×{cols} rows {range:?} tokens {n_tokens} threads {threads} \
+                                         {:?} row {r} token {t}: amx {got} tiles {want}",
+                                        reference.activation
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A prefill's activation is quantized over the pool block by block; every kind must come out as
 /// the calling thread alone makes it, bit for bit, on enough values to be shared.
 #[test]
@@ -521,6 +587,12 @@ fn kernel_benchmark() {
     if let Some(first) = levels.first() {
         names.insert(1, format!("{} without tiles", first.name));
     }
+    #[cfg(target_arch = "x86_64")]
+    let with_amx = super::amx::available();
+    #[cfg(target_arch = "x86_64")]
+    if with_amx {
+        names.push("amx (Q4_K prompts of 8+ tokens)".to_string());
+    }
     println!(
         "µs per matmul, median of 5 interleaved rounds; columns {names:?}; speed-up of the last column \
          over the first and over the one before it"
@@ -546,6 +618,7 @@ fn kernel_benchmark() {
                         dot: dot::portable(ty),
                         tile: None,
                         activation: ty.activation_kind(),
+                        amx_blocks: false,
                     };
                     if n_tokens == 1 {
                         kernels.push(portable);
@@ -555,6 +628,7 @@ fn kernel_benchmark() {
                             dot: (first.select)(ty).unwrap_or(portable.dot),
                             tile: None,
                             activation: (first.activation)(ty).unwrap_or(portable.activation),
+                            amx_blocks: false,
                         });
                     }
                     // A level without a kernel for the type runs the levels' below it, as `dot::select` does.
@@ -564,8 +638,16 @@ fn kernel_benchmark() {
                             dot: (level.select)(ty).unwrap_or(below.dot),
                             tile: (level.select_tile)(ty).or(below.tile),
                             activation: (level.activation)(ty).unwrap_or(below.activation),
+                            amx_blocks: false,
                         };
                         kernels.push(below);
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    if with_amx {
+                        kernels.push(dot::Kernels {
+                            amx_blocks: ty == GgmlType::Q4K,
+                            ..below
+                        });
                     }
                     let iterations = (500_000_000 / (rows * cols * n_tokens)).clamp(2, 500);
                     let mut samples = vec![Vec::new(); kernels.len()];
