@@ -1,16 +1,16 @@
-//! AMX-INT8 tiles for Q4_K prompts (Intel Sapphire Rapids and later): 16 weight rows × 16 tokens
-//! per block, one `tdpbusd` per 32-value sub-block.
+//! AMX-INT8 tiles for Q4_K and Q6_K prompts (Intel Sapphire Rapids and later): 16 weight rows ×
+//! 16 tokens per block, one `tdpbusd` per scale group (32 values in Q4_K, 16 in Q6_K).
 //!
 //! Why: the AVX-512 tile kernel spends six port-0 instructions on every 256 values of every token
 //! (four `dpbusd`, the scale `madd`, the conversion), and that port limits a prompt. A `tdpbusd`
 //! does a sub-block for 16 rows × 16 tokens at once; what is left on the vector units is applying
 //! each sub-block's scale and minimum, once per row and 16 tokens.
 //!
-//! The weights' nibbles are unpacked into a 16 × 32-byte A tile per sub-block (unsigned, 0..15);
-//! the activation's Q8_K bytes are repacked once per matmul into B tiles in the pair-of-four
-//! layout `tdpbusd` reads (row k/4 holds values 4(k/4)..4(k/4)+4 of every token). The products
-//! are exact 32-bit integers, so the sums differ from the AVX-512 kernel's only in the order the
-//! float scales are applied.
+//! The weights are unpacked into one A tile per scale group (16 rows × group bytes, unsigned:
+//! Q4_K's nibbles 0..15, Q6_K's 6-bit values 0..63 before their offset of 32); the activation's
+//! Q8_K bytes are repacked once per matmul into B tiles in the layout `tdpbusd` reads (row k/4
+//! holds values 4(k/4)..4(k/4)+4 of every token). The products are exact 32-bit integers, so the
+//! sums differ from the AVX-512 kernels' only in the order the float scales are applied.
 //!
 //! The tile instructions are written in `asm!` (Rust's AMX intrinsics are unstable) and run only
 //! where `available()` says the CPU has AMX-TILE and AMX-INT8 and Linux granted this process the
@@ -23,15 +23,19 @@ use std::sync::OnceLock;
 use super::activation::{ActivationKind, TokenActivation};
 use super::avx2::f16_one;
 use super::avx512::k_scales_mins_words;
-use super::{QK, QK_K};
+use super::{GgmlType, QK, QK_K};
 
 /// Rows and tokens of one block: the tile shape (16 rows of at most 64 bytes).
 pub(super) const BLOCK: usize = 16;
 const SUB_BLOCKS: usize = QK_K / QK;
 /// Q4_K super-block: f16 d, f16 dmin, 12 bytes of 6-bit scales and minimums, 128 bytes of nibbles.
 const Q4K_BYTES: usize = 144;
-/// B tile of one sub-block: 8 rows (32 values / 4) × 16 tokens × 4 bytes.
-const B_TILE_BYTES: usize = QK / 4 * BLOCK * 4;
+/// Q6_K super-block: 128 bytes of low nibbles, 64 of high bit pairs, 16 i8 scales, f16 d.
+const Q6K_BYTES: usize = 210;
+/// Q6_K's scale groups are 16 values.
+const Q6K_GROUP: usize = 16;
+/// A tile of sums: 16 rows × 16 i32.
+const C_TILE_BYTES: usize = BLOCK * BLOCK * 4;
 
 /// Whether this CPU and OS run the tile kernels: CPUID leaf 7 reports AMX-TILE and AMX-INT8 and
 /// `arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)` succeeds (Linux 5.16+ refuses the tile state to a
@@ -77,43 +81,62 @@ fn request_tile_state() -> bool {
     false
 }
 
-/// One block of up to 16 tokens of a Q8_K activation, repacked for `tdpbusd`: per super-block b
-/// and sub-block s, the B tile; per b and s the 16 tokens' `d·Σq` (for the minimums); per b the
-/// tokens' scales. Missing tokens of a short block are zeros, so their sums are 0.
+/// One block of up to 16 tokens of a Q8_K activation, repacked for `tdpbusd` with scale groups of
+/// `group` values: per super-block b and group g the B tile; per b the tokens' scales; for
+/// Q4_K's minimums (groups of 32) per b and g the tokens' `d·Σq`; for Q6_K's offset of 32 (groups
+/// of 16) per b and g the tokens' `32·Σq`. Missing tokens of a short block are zeros, so their
+/// sums are 0.
 pub(super) struct PackedTokens {
+    group: usize,
     tiles: Vec<u8>,
-    scaled_sums: Vec<f32>,
     scales: Vec<f32>,
+    scaled_sums: Vec<f32>,
+    offsets: Vec<i32>,
 }
 
 impl PackedTokens {
-    /// Packs `tokens` (at most `BLOCK`, `kind` Q8K or Q8KTransposed, `cols` values each).
-    pub fn new(tokens: &[TokenActivation<'_>], kind: ActivationKind, cols: usize) -> PackedTokens {
-        assert!(tokens.len() <= BLOCK && cols.is_multiple_of(QK_K));
+    /// Packs `tokens` (at most `BLOCK`, `kind` Q8K or Q8KTransposed, `cols` values each) for groups
+    /// of `group` (32 or 16) values.
+    pub fn new(tokens: &[TokenActivation<'_>], kind: ActivationKind, cols: usize, group: usize) -> PackedTokens {
+        assert!(tokens.len() <= BLOCK && cols.is_multiple_of(QK_K) && (group == QK || group == Q6K_GROUP));
         let transposed = match kind {
             ActivationKind::Q8K => false,
             ActivationKind::Q8KTransposed => true,
             other => panic!("AMX tiles read a Q8_K activation, not {other:?}"),
         };
         let n_super = cols / QK_K;
-        let mut tiles = vec![0u8; n_super * SUB_BLOCKS * B_TILE_BYTES];
-        let mut scaled_sums = vec![0f32; n_super * SUB_BLOCKS * BLOCK];
+        let groups = QK_K / group;
+        let tile_bytes = group * BLOCK;
+        let mut tiles = vec![0u8; n_super * groups * tile_bytes];
         let mut scales = vec![0f32; n_super * BLOCK];
+        let mut scaled_sums = vec![0f32; if group == QK { n_super * groups * BLOCK } else { 0 }];
+        let mut offsets = vec![
+            0i32;
+            if group == Q6K_GROUP {
+                n_super * groups * BLOCK
+            } else {
+                0
+            }
+        ];
         for (n, token) in tokens.iter().enumerate() {
-            assert!(token.qs.len() >= cols && token.scales.len() >= n_super && token.scaled_sums.len() >= cols / QK);
+            assert!(token.qs.len() >= cols && token.scales.len() >= n_super);
             for b in 0..n_super {
                 scales[b * BLOCK + n] = token.scales[b];
                 let qs = &token.qs[b * QK_K..(b + 1) * QK_K];
-                for s in 0..SUB_BLOCKS {
-                    scaled_sums[(b * SUB_BLOCKS + s) * BLOCK + n] = token.scaled_sums[b * SUB_BLOCKS + s];
-                    let tile = &mut tiles[(b * SUB_BLOCKS + s) * B_TILE_BYTES..][..B_TILE_BYTES];
-                    for k4 in 0..QK / 4 {
-                        // Values 4·k4..4·k4+4 of sub-block s; in the transposed layout value
-                        // 32s + 8c + j sits at 64c + 8s + j (activation.rs).
+                for g in 0..groups {
+                    if group == QK {
+                        scaled_sums[(b * groups + g) * BLOCK + n] = token.scaled_sums[b * groups + g];
+                    } else {
+                        offsets[(b * groups + g) * BLOCK + n] = 32 * i32::from(token.group_sums[b * groups + g]);
+                    }
+                    let tile = &mut tiles[(b * groups + g) * tile_bytes..][..tile_bytes];
+                    for k4 in 0..group / 4 {
+                        // Values 4·k4..4·k4+4 of the group; in the transposed layout (Q4_K only)
+                        // value 32s + 8c + j sits at 64c + 8s + j (activation.rs).
                         let at = if transposed {
-                            64 * (k4 / 2) + 8 * s + 4 * (k4 % 2)
+                            64 * (k4 / 2) + 8 * g + 4 * (k4 % 2)
                         } else {
-                            QK * s + 4 * k4
+                            group * g + 4 * k4
                         };
                         for i in 0..4 {
                             tile[k4 * BLOCK * 4 + n * 4 + i] = qs[at + i] as u8;
@@ -123,25 +146,28 @@ impl PackedTokens {
             }
         }
         PackedTokens {
+            group,
             tiles,
-            scaled_sums,
             scales,
+            scaled_sums,
+            offsets,
         }
     }
 }
 
-/// The tile configuration: palette 1; tmm0 and tmm6 hold weights (16 rows × 32 bytes), tmm1 and
-/// tmm7 activations (8 rows × 64 bytes), tmm2..tmm5 sums (16 rows × 16 i32). Two of each operand
-/// and four sums let the loads of one sub-block overlap the product of the previous one.
+/// The tile configuration for scale groups of `group` values: palette 1; tmm0 and tmm6 hold
+/// weights (16 rows × `group` bytes), tmm1 and tmm7 activations (`group`/4 rows × 64 bytes),
+/// tmm2..tmm5 sums (16 rows × 16 i32). Two of each operand and four sums let the loads of one
+/// group overlap the product of the previous one.
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
 impl TileConfig {
-    fn q4_k() -> TileConfig {
+    fn for_group(group: usize) -> TileConfig {
         let mut config = [0u8; 64];
         config[0] = 1;
-        let weights = (BLOCK, QK);
-        let activation = (QK / 4, 4 * BLOCK);
+        let weights = (BLOCK, group);
+        let activation = (group / 4, 4 * BLOCK);
         let sums = (BLOCK, 4 * BLOCK);
         let shapes = [weights, activation, sums, sums, sums, sums, weights, activation];
         for (tile, (rows, bytes_per_row)) in shapes.into_iter().enumerate() {
@@ -155,65 +181,120 @@ impl TileConfig {
 #[repr(C, align(64))]
 struct Aligned<T>(T);
 
-/// `out[k][n][r]` = row r of `rows` (each the same length, up to 16 of them) against token n of
-/// token block k (token-major, as a matmul's output is). Each super-block's weights are unpacked once for all the blocks.
-pub(super) fn q4_k_rows(rows: &[&[u8]], blocks: &[PackedTokens], out: &mut [[[f32; BLOCK]; BLOCK]]) {
-    assert!(available(), "AMX kernels called on a CPU without them");
-    assert!(!rows.is_empty() && rows.len() <= BLOCK && out.len() == blocks.len());
-    let row_bytes = rows[0].len();
-    assert!(row_bytes.is_multiple_of(Q4K_BYTES) && rows.iter().all(|r| r.len() == row_bytes));
-    let n_super = row_bytes / Q4K_BYTES;
-    for block in blocks {
-        assert_eq!(block.scales.len(), n_super * BLOCK, "tokens packed for another width");
-    }
-    // SAFETY: AVX-512 and AMX checked above; every pointer below stays inside the checked slices.
-    unsafe { q4_k_rows_unchecked(rows, n_super, blocks, out) }
-}
-
-/// Four sub-blocks `first..first + 4` of one token block: products into tmm2..tmm5, stored to
-/// `sums` (16 × 16 i32 each, in sub-block order).
+/// Groups `first..first + 4` of one token block: `weights` holds each group's A tile (16 rows ×
+/// `group` bytes), `activation` each group's B tile; the four products go to `sums` (one C tile
+/// each, in group order).
 #[inline(always)]
-unsafe fn four_sub_blocks(weights: *const u8, activation: *const u8, sums: *mut u8) {
-    const A: usize = BLOCK * QK;
-    const C: usize = BLOCK * BLOCK * 4;
+unsafe fn four_groups(weights: *const u8, activation: *const u8, sums: *mut u8, group: usize) {
+    let a = |k: usize| weights.add(k * BLOCK * group);
+    let t = |k: usize| activation.add(k * BLOCK * group);
     asm!(
         "tilezero tmm2",
         "tilezero tmm3",
         "tilezero tmm4",
         "tilezero tmm5",
-        "tileloadd tmm0, [{a} + {a_stride}*1]",
-        "tileloadd tmm1, [{t} + {t_stride}*1]",
+        "tileloadd tmm0, [{a0} + {a_stride}*1]",
+        "tileloadd tmm1, [{t0} + {t_stride}*1]",
         "tdpbusd tmm2, tmm0, tmm1",
-        "tileloadd tmm6, [{a} + {a_stride}*1 + {a1}]",
-        "tileloadd tmm7, [{t} + {t_stride}*1 + {t1}]",
+        "tileloadd tmm6, [{a1} + {a_stride}*1]",
+        "tileloadd tmm7, [{t1} + {t_stride}*1]",
         "tdpbusd tmm3, tmm6, tmm7",
-        "tileloadd tmm0, [{a} + {a_stride}*1 + {a2}]",
-        "tileloadd tmm1, [{t} + {t_stride}*1 + {t2}]",
+        "tileloadd tmm0, [{a2} + {a_stride}*1]",
+        "tileloadd tmm1, [{t2} + {t_stride}*1]",
         "tdpbusd tmm4, tmm0, tmm1",
-        "tileloadd tmm6, [{a} + {a_stride}*1 + {a3}]",
-        "tileloadd tmm7, [{t} + {t_stride}*1 + {t3}]",
+        "tileloadd tmm6, [{a3} + {a_stride}*1]",
+        "tileloadd tmm7, [{t3} + {t_stride}*1]",
         "tdpbusd tmm5, tmm6, tmm7",
-        "tilestored [{c} + {c_stride}*1], tmm2",
-        "tilestored [{c} + {c_stride}*1 + {c1}], tmm3",
-        "tilestored [{c} + {c_stride}*1 + {c2}], tmm4",
-        "tilestored [{c} + {c_stride}*1 + {c3}], tmm5",
-        a = in(reg) weights,
-        a_stride = in(reg) QK,
-        a1 = const A,
-        a2 = const 2 * A,
-        a3 = const 3 * A,
-        t = in(reg) activation,
+        a0 = in(reg) a(0),
+        a1 = in(reg) a(1),
+        a2 = in(reg) a(2),
+        a3 = in(reg) a(3),
+        a_stride = in(reg) group,
+        t0 = in(reg) t(0),
+        t1 = in(reg) t(1),
+        t2 = in(reg) t(2),
+        t3 = in(reg) t(3),
         t_stride = in(reg) 4 * BLOCK,
-        t1 = const B_TILE_BYTES,
-        t2 = const 2 * B_TILE_BYTES,
-        t3 = const 3 * B_TILE_BYTES,
+        options(nostack, readonly),
+    );
+    asm!(
+        "tilestored [{c} + {stride}*1], tmm2",
+        "tilestored [{c} + {stride}*1 + {c1}], tmm3",
+        "tilestored [{c} + {stride}*1 + {c2}], tmm4",
+        "tilestored [{c} + {stride}*1 + {c3}], tmm5",
         c = in(reg) sums,
-        c_stride = in(reg) 4 * BLOCK,
-        c1 = const C,
-        c2 = const 2 * C,
-        c3 = const 3 * C,
+        stride = in(reg) 4 * BLOCK,
+        c1 = const C_TILE_BYTES,
+        c2 = const 2 * C_TILE_BYTES,
+        c3 = const 3 * C_TILE_BYTES,
         options(nostack),
     );
+}
+
+/// `out[k][n][r]`: row r of up to 16 rows against token n of token block k.
+pub(super) type RowsKernel = fn(&[&[u8]], &[PackedTokens], &mut [[[f32; BLOCK]; BLOCK]]);
+
+/// The block kernel for `ty` and the scale group its tokens are packed for.
+pub(super) fn kernel(ty: GgmlType) -> Option<(RowsKernel, usize)> {
+    match ty {
+        GgmlType::Q4K => Some((q4_k_rows, QK)),
+        GgmlType::Q6K => Some((q6_k_rows, Q6K_GROUP)),
+        _ => None,
+    }
+}
+
+/// The checks both kernels share; returns the super-blocks per row.
+fn check(rows: &[&[u8]], block_bytes: usize, blocks: &[PackedTokens], group: usize, out_blocks: usize) -> usize {
+    assert!(available(), "AMX kernels called on a CPU without them");
+    assert!(!rows.is_empty() && rows.len() <= BLOCK && out_blocks == blocks.len());
+    let row_bytes = rows[0].len();
+    assert!(row_bytes.is_multiple_of(block_bytes) && rows.iter().all(|r| r.len() == row_bytes));
+    let n_super = row_bytes / block_bytes;
+    for block in blocks {
+        assert!(
+            block.group == group,
+            "tokens packed for groups of {}, not {group}",
+            block.group
+        );
+        assert_eq!(block.scales.len(), n_super * BLOCK, "tokens packed for another width");
+    }
+    n_super
+}
+
+/// Prefetches super-block `b + 2` of every row: 16 rows are 16 streams, more than the hardware
+/// prefetcher follows well.
+#[inline(always)]
+unsafe fn prefetch_ahead(block: *const u8, block_bytes: usize, b: usize, n_super: usize) {
+    if b + 2 < n_super {
+        for line in (0..block_bytes).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(block.add(2 * block_bytes + line) as *const i8);
+        }
+    }
+}
+
+/// Writes `acc[k][r]` (row r, 16 tokens of block k) to `out[k][n][r]`.
+#[inline(always)]
+unsafe fn store_token_major(acc: &[[__m512; BLOCK]], out: &mut [[[f32; BLOCK]; BLOCK]]) {
+    for (out, acc) in out.iter_mut().zip(acc) {
+        let mut by_row = [[0f32; BLOCK]; BLOCK];
+        for (row, acc) in by_row.iter_mut().zip(acc) {
+            _mm512_storeu_ps(row.as_mut_ptr(), *acc);
+        }
+        for (n, token) in out.iter_mut().enumerate() {
+            for (r, value) in token.iter_mut().enumerate() {
+                *value = by_row[r][n];
+            }
+        }
+    }
+}
+
+/// `out[k][n][r]` = Q4_K row r of `rows` (each the same length, up to 16 of them) against token n
+/// of token block k (token-major, as a matmul's output is). Each super-block's weights are
+/// unpacked once for all the blocks.
+pub(super) fn q4_k_rows(rows: &[&[u8]], blocks: &[PackedTokens], out: &mut [[[f32; BLOCK]; BLOCK]]) {
+    let n_super = check(rows, Q4K_BYTES, blocks, QK, out.len());
+    // SAFETY: AVX-512 and AMX checked; every pointer below stays inside the checked slices.
+    unsafe { q4_k_rows_unchecked(rows, n_super, blocks, out) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
@@ -223,10 +304,10 @@ unsafe fn q4_k_rows_unchecked(
     blocks: &[PackedTokens],
     out: &mut [[[f32; BLOCK]; BLOCK]],
 ) {
-    let config = TileConfig::q4_k();
+    let config = TileConfig::for_group(QK);
     // Sub-block s of the 16 rows, 32 bytes each; rows past the end stay zero.
     let mut weights = Aligned([0u8; SUB_BLOCKS * BLOCK * QK]);
-    let mut sums = Aligned([0u8; SUB_BLOCKS * BLOCK * BLOCK * 4]);
+    let mut sums = Aligned([0u8; SUB_BLOCKS * C_TILE_BYTES]);
     let mut acc = vec![[_mm512_setzero_ps(); BLOCK]; blocks.len()];
     let low_mask = _mm512_set1_epi8(0x0F);
     asm!("ldtilecfg [{0}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
@@ -236,12 +317,7 @@ unsafe fn q4_k_rows_unchecked(
         let mut d = [0f32; BLOCK];
         for (r, row) in rows.iter().enumerate() {
             let block = row.as_ptr().add(b * Q4K_BYTES);
-            if b + 2 < n_super {
-                // 16 rows are 16 streams, more than the hardware prefetcher follows well.
-                for line in (0..Q4K_BYTES).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(block.add(2 * Q4K_BYTES + line) as *const i8);
-                }
-            }
+            prefetch_ahead(block, Q4K_BYTES, b, n_super);
             d[r] = f16_one(block);
             let dmin = f16_one(block.add(2));
             let (scale_bytes, min_bytes) = k_scales_mins_words(block.add(4));
@@ -266,12 +342,13 @@ unsafe fn q4_k_rows_unchecked(
             }
         }
         for (tokens, acc) in blocks.iter().zip(acc.iter_mut()) {
-            let activation = tokens.tiles.as_ptr().add(b * SUB_BLOCKS * B_TILE_BYTES);
+            let activation = tokens.tiles.as_ptr().add(b * SUB_BLOCKS * QK * BLOCK);
             for first in [0, 4] {
-                four_sub_blocks(
+                four_groups(
                     weights.0.as_ptr().add(first * BLOCK * QK),
-                    activation.add(first * B_TILE_BYTES),
-                    sums.0.as_mut_ptr().add(first * BLOCK * BLOCK * 4),
+                    activation.add(first * QK * BLOCK),
+                    sums.0.as_mut_ptr().add(first * C_TILE_BYTES),
+                    QK,
                 );
             }
             let dy = _mm512_loadu_ps(tokens.scales.as_ptr().add(b * BLOCK));
@@ -283,7 +360,7 @@ unsafe fn q4_k_rows_unchecked(
                 let mut block_sums = [_mm512_setzero_ps(); 2];
                 let mut min_sums = [_mm512_setzero_ps(); 2];
                 for s in 0..SUB_BLOCKS {
-                    let c = sums.0.as_ptr().add((s * BLOCK + r) * BLOCK * 4) as *const __m512i;
+                    let c = sums.0.as_ptr().add(s * C_TILE_BYTES + r * BLOCK * 4) as *const __m512i;
                     let products = _mm512_cvtepi32_ps(_mm512_load_si512(c));
                     block_sums[s % 2] = _mm512_fmadd_ps(products, _mm512_set1_ps(scales[r][s]), block_sums[s % 2]);
                     min_sums[s % 2] = _mm512_fmadd_ps(y_sums[s], _mm512_set1_ps(mins[r][s]), min_sums[s % 2]);
@@ -296,15 +373,96 @@ unsafe fn q4_k_rows_unchecked(
         }
     }
     asm!("tilerelease", options(nostack, nomem));
-    for (out, acc) in out.iter_mut().zip(&acc) {
-        let mut by_row = [[0f32; BLOCK]; BLOCK];
-        for (row, acc) in by_row.iter_mut().zip(acc) {
-            _mm512_storeu_ps(row.as_mut_ptr(), *acc);
+    store_token_major(&acc, out);
+}
+
+/// `q4_k_rows` for Q6_K rows: groups of 16, i8 scales, values stored with an offset of 32.
+pub(super) fn q6_k_rows(rows: &[&[u8]], blocks: &[PackedTokens], out: &mut [[[f32; BLOCK]; BLOCK]]) {
+    let n_super = check(rows, Q6K_BYTES, blocks, Q6K_GROUP, out.len());
+    // SAFETY: AVX-512 and AMX checked; every pointer below stays inside the checked slices.
+    unsafe { q6_k_rows_unchecked(rows, n_super, blocks, out) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn q6_k_rows_unchecked(
+    rows: &[&[u8]],
+    n_super: usize,
+    blocks: &[PackedTokens],
+    out: &mut [[[f32; BLOCK]; BLOCK]],
+) {
+    const GROUPS: usize = QK_K / Q6K_GROUP;
+    let config = TileConfig::for_group(Q6K_GROUP);
+    // Group g of the 16 rows, 16 bytes each; rows past the end stay zero.
+    let mut weights = Aligned([0u8; GROUPS * BLOCK * Q6K_GROUP]);
+    let mut sums = Aligned([0u8; GROUPS * C_TILE_BYTES]);
+    let mut acc = vec![[_mm512_setzero_ps(); BLOCK]; blocks.len()];
+    let low_mask = _mm512_set1_epi8(0x0F);
+    let high_mask = _mm512_set1_epi8(0x30);
+    asm!("ldtilecfg [{0}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
+    for b in 0..n_super {
+        let mut scales = [[0f32; GROUPS]; BLOCK];
+        let mut d = [0f32; BLOCK];
+        for (r, row) in rows.iter().enumerate() {
+            let block = row.as_ptr().add(b * Q6K_BYTES);
+            prefetch_ahead(block, Q6K_BYTES, b, n_super);
+            d[r] = f16_one(block.add(208));
+            for (g, scale) in scales[r].iter_mut().enumerate() {
+                *scale = f32::from(*(block.add(192 + g) as *const i8));
+            }
+            // As the AVX-512 kernel: vector 2h holds values 128h..128h+64, 2h+1 the next 64.
+            for half in 0..2 {
+                let low_bits = _mm512_loadu_si512(block.add(64 * half) as *const __m512i);
+                let high_bits = _mm256_loadu_si256(block.add(128 + 32 * half) as *const __m256i);
+                let high_bits =
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(high_bits), _mm256_srli_epi16::<2>(high_bits));
+                let first = _mm512_and_si512(low_bits, low_mask);
+                let second = _mm512_and_si512(_mm512_srli_epi16::<4>(low_bits), low_mask);
+                let values = [
+                    _mm512_or_si512(first, _mm512_and_si512(_mm512_slli_epi16::<4>(high_bits), high_mask)),
+                    _mm512_or_si512(second, _mm512_and_si512(high_bits, high_mask)),
+                ];
+                for (k, value) in values.into_iter().enumerate() {
+                    // 64 values: groups 4(2h+k)..4(2h+k)+4, 16 bytes each.
+                    let first_group = 4 * (2 * half + k);
+                    let parts = [
+                        _mm512_extracti32x4_epi32::<0>(value),
+                        _mm512_extracti32x4_epi32::<1>(value),
+                        _mm512_extracti32x4_epi32::<2>(value),
+                        _mm512_extracti32x4_epi32::<3>(value),
+                    ];
+                    for (j, part) in parts.into_iter().enumerate() {
+                        let at = weights.0.as_mut_ptr().add(((first_group + j) * BLOCK + r) * Q6K_GROUP);
+                        _mm_store_si128(at as *mut __m128i, part);
+                    }
+                }
+            }
         }
-        for (n, token) in out.iter_mut().enumerate() {
-            for (r, value) in token.iter_mut().enumerate() {
-                *value = by_row[r][n];
+        for (tokens, acc) in blocks.iter().zip(acc.iter_mut()) {
+            let activation = tokens.tiles.as_ptr().add(b * GROUPS * Q6K_GROUP * BLOCK);
+            for first in (0..GROUPS).step_by(4) {
+                four_groups(
+                    weights.0.as_ptr().add(first * BLOCK * Q6K_GROUP),
+                    activation.add(first * Q6K_GROUP * BLOCK),
+                    sums.0.as_mut_ptr().add(first * C_TILE_BYTES),
+                    Q6K_GROUP,
+                );
+            }
+            let dy = _mm512_loadu_ps(tokens.scales.as_ptr().add(b * BLOCK));
+            let offsets = tokens.offsets.as_ptr().add(b * GROUPS * BLOCK);
+            for r in 0..rows.len() {
+                let mut block_sums = [_mm512_setzero_ps(); 2];
+                for g in 0..GROUPS {
+                    let c = sums.0.as_ptr().add(g * C_TILE_BYTES + r * BLOCK * 4) as *const __m512i;
+                    // Σ(q − 32)·y = Σq·y − 32·Σy, exactly, before the float scale.
+                    let offset = _mm512_loadu_si512(offsets.add(g * BLOCK) as *const __m512i);
+                    let products = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c), offset));
+                    block_sums[g % 2] = _mm512_fmadd_ps(products, _mm512_set1_ps(scales[r][g]), block_sums[g % 2]);
+                }
+                let dd = _mm512_mul_ps(dy, _mm512_set1_ps(d[r]));
+                acc[r] = _mm512_fmadd_ps(_mm512_add_ps(block_sums[0], block_sums[1]), dd, acc[r]);
             }
         }
     }
+    asm!("tilerelease", options(nostack, nomem));
+    store_token_major(&acc, out);
 }

@@ -63,7 +63,19 @@ pub(super) fn kernels(ty: GgmlType) -> Kernels {
         dot: select(ty),
         tile: select_tile(ty),
         activation: activation_kind(ty),
-        amx_blocks: ty == GgmlType::Q4K && simd_level().unwrap_or_else(|_| SimdLevel::detected()) >= SimdLevel::Amx,
+        amx_blocks: amx_blocks(ty),
+    }
+}
+
+/// Whether prompts on `ty` run on the AMX block kernels at the running level.
+fn amx_blocks(ty: GgmlType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return simd_level().unwrap_or_else(|_| SimdLevel::detected()) >= SimdLevel::Amx
+        && super::amx::kernel(ty).is_some();
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        false
     }
 }
 
@@ -116,7 +128,7 @@ pub enum SimdLevel {
     Avx2,
     /// AVX-512 F/BW/VL + VNNI, with AVX2 kernels for the types it has none for.
     Avx512,
-    /// AVX-512, and AMX-INT8 tiles for the prompts of Q4_K matrices.
+    /// AVX-512, and AMX-INT8 tiles for the prompts of Q4_K and Q6_K matrices.
     Amx,
 }
 

@@ -179,7 +179,7 @@ const TASKS_PER_THREAD: usize = 3;
 /// TinyLlama Q4_K_M decode, 1 thread, AVX-512 VM: 92 ms/token without, 85 with 2 rows (2.3 KB)
 /// ahead, 80 with 16 rows (18 KB), 82-83 with 32-64 rows; 16 KiB: 80.6, 32 KiB: 83.6.
 const PREFETCH_BYTES_AHEAD: usize = 16 * 1024;
-/// From this many tokens a Q4_K matmul runs on the AMX tiles where the CPU has them (a block of
+/// From this many tokens a Q4_K or Q6_K matmul runs on the AMX tiles where the CPU has them (a block of
 /// 16 tokens costs about what a few tokens cost the AVX-512 tiles).
 #[cfg(target_arch = "x86_64")]
 const AMX_MIN_TOKENS: usize = 8;
@@ -372,7 +372,7 @@ impl<'a> QMatrix<'a> {
         ACTIVATION_SCRATCH.with(|cell| cell.set(activation));
     }
 
-    /// A prompt on a Q4_K matrix through the AMX tiles: the tokens packed once into blocks of 16
+    /// A prompt on a Q4_K or Q6_K matrix through the AMX tiles: the tokens packed once into blocks of 16
     /// (the last one padded with zeros), the rows taken 16 at a time by each task.
     #[cfg(target_arch = "x86_64")]
     fn matmul_rows_amx(
@@ -384,16 +384,17 @@ impl<'a> QMatrix<'a> {
         pool: &rayon::ThreadPool,
     ) {
         let n_rows = rows.len();
+        let (kernel, group) = amx::kernel(self.ty).expect("amx_blocks is set only for types with an AMX kernel");
         let packed: Vec<amx::PackedTokens> = tokens
             .chunks(amx::BLOCK)
-            .map(|block| amx::PackedTokens::new(block, kernels.activation, self.cols))
+            .map(|block| amx::PackedTokens::new(block, kernels.activation, self.cols, group))
             .collect();
         let run_rows = |local: Range<usize>| {
             let mut sums = vec![[[0f32; amx::BLOCK]; amx::BLOCK]; packed.len()];
             for first in local.clone().step_by(amx::BLOCK) {
                 let group = first..(first + amx::BLOCK).min(local.end);
                 let weights: Vec<&[u8]> = group.clone().map(|i| self.row_data(rows.start + i)).collect();
-                amx::q4_k_rows(&weights, &packed, &mut sums);
+                kernel(&weights, &packed, &mut sums);
                 for (block, sums) in sums.iter().enumerate() {
                     let first_token = block * amx::BLOCK;
                     let n = amx::BLOCK.min(tokens.len() - first_token);

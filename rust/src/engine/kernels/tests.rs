@@ -436,9 +436,9 @@ fn simd_kernels_agree_with_portable_ones() {
     }
 }
 
-/// The AMX block kernel against the AVX-512 tiles it replaces for prompts: the same integer
+/// The AMX block kernels against the AVX-512 tiles they replace for prompts: the same integer
 /// products, the float scales applied in another order. Row groups and token blocks that do not
-/// fill 16, a row range not starting at 0, natural and transposed Q8_K, one and two threads.
+/// fill 16, a row range not starting at 0, natural and (Q4_K) transposed Q8_K, one and two threads.
 #[cfg_attr(not(target_arch = "x86_64"), ignore = "AMX is an x86-64 extension")]
 #[test]
 fn amx_blocks_agree_with_the_avx512_tiles() {
@@ -449,49 +449,52 @@ fn amx_blocks_agree_with_the_avx512_tiles() {
             return;
         }
         let mut rng = Rng(23);
-        let ty = GgmlType::Q4K;
-        let tiles = dot::Kernels {
-            dot: super::avx512::select(ty).unwrap(),
-            tile: super::avx512::select_tile(ty),
-            activation: super::avx512::activation_kind(ty).unwrap(),
-            amx_blocks: false,
-        };
-        let natural = dot::Kernels {
-            dot: super::avx2::select(ty).unwrap(),
-            tile: None,
-            activation: ActivationKind::Q8K,
-            amx_blocks: false,
-        };
-        for (rows, cols) in [(16, 256), (37, 768), (160, 2048)] {
-            let data = random_weights(ty, rows, cols, &mut rng);
-            let matrix = QMatrix::new(ty, rows, cols, &data).unwrap();
-            for n_tokens in [8, 16, 21, 40] {
-                let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.normal()).collect();
-                for range in [0..rows, 3..rows] {
-                    let n_rows = range.len();
-                    for threads in [1, 2] {
-                        let pool = pool(threads);
-                        for reference in [tiles, natural] {
-                            let amx = dot::Kernels {
-                                amx_blocks: true,
-                                ..reference
-                            };
-                            let (mut want, mut got) = (vec![0f32; n_rows * n_tokens], vec![0f32; n_rows * n_tokens]);
-                            matrix.matmul_rows_with(reference, range.clone(), &x, n_tokens, &mut want, &pool);
-                            matrix.matmul_rows_with(amx, range.clone(), &x, n_tokens, &mut got, &pool);
-                            let mut row = vec![0f32; cols];
-                            for (i, r) in range.clone().enumerate() {
-                                matrix.row(r, &mut row);
-                                for t in 0..n_tokens {
-                                    let magnitude: f32 =
-                                        row.iter().zip(&x[t * cols..]).map(|(w, x)| (w * x).abs()).sum();
-                                    let (want, got) = (want[t * n_rows + i], got[t * n_rows + i]);
-                                    assert!(
-                                        (got - want).abs() <= 1e-5 * want.abs().max(1.0) + 1e-6 * magnitude,
-                                        "{rows}×{cols} rows {range:?} tokens {n_tokens} threads {threads} \
-                                         {:?} row {r} token {t}: amx {got} tiles {want}",
-                                        reference.activation
-                                    );
+        for ty in [GgmlType::Q4K, GgmlType::Q6K] {
+            let tiles = dot::Kernels {
+                dot: super::avx512::select(ty).unwrap(),
+                tile: super::avx512::select_tile(ty),
+                activation: super::avx512::activation_kind(ty).unwrap_or(ty.activation_kind()),
+                amx_blocks: false,
+            };
+            let natural = dot::Kernels {
+                dot: super::avx2::select(ty).unwrap(),
+                tile: None,
+                activation: ActivationKind::Q8K,
+                amx_blocks: false,
+            };
+            for (rows, cols) in [(16, 256), (37, 768), (160, 2048)] {
+                let data = random_weights(ty, rows, cols, &mut rng);
+                let matrix = QMatrix::new(ty, rows, cols, &data).unwrap();
+                for n_tokens in [8, 16, 21, 40] {
+                    let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.normal()).collect();
+                    for range in [0..rows, 3..rows] {
+                        let n_rows = range.len();
+                        for threads in [1, 2] {
+                            let pool = pool(threads);
+                            for reference in [tiles, natural] {
+                                let amx = dot::Kernels {
+                                    amx_blocks: true,
+                                    ..reference
+                                };
+                                let mut want = vec![0f32; n_rows * n_tokens];
+                                let mut got = vec![0f32; n_rows * n_tokens];
+                                matrix.matmul_rows_with(reference, range.clone(), &x, n_tokens, &mut want, &pool);
+                                matrix.matmul_rows_with(amx, range.clone(), &x, n_tokens, &mut got, &pool);
+                                let mut row = vec![0f32; cols];
+                                for (i, r) in range.clone().enumerate() {
+                                    matrix.row(r, &mut row);
+                                    for t in 0..n_tokens {
+                                        let magnitude: f32 =
+                                            row.iter().zip(&x[t * cols..]).map(|(w, x)| (w * x).abs()).sum();
+                                        let (want, got) = (want[t * n_rows + i], got[t * n_rows + i]);
+                                        assert!(
+                                            (got - want).abs() <= 1e-5 * want.abs().max(1.0) + 1e-6 * magnitude,
+                                            "{} {rows}×{cols} rows {range:?} tokens {n_tokens} threads {threads} \
+                                             {:?} row {r} token {t}: amx {got} tiles {want}",
+                                            ty.name(),
+                                            reference.activation
+                                        );
+                                    }
                                 }
                             }
                         }
@@ -591,7 +594,7 @@ fn kernel_benchmark() {
     let with_amx = super::amx::available();
     #[cfg(target_arch = "x86_64")]
     if with_amx {
-        names.push("amx (Q4_K prompts of 8+ tokens)".to_string());
+        names.push("amx (Q4_K/Q6_K prompts of 8+ tokens)".to_string());
     }
     println!(
         "µs per matmul, median of 5 interleaved rounds; columns {names:?}; speed-up of the last column \
@@ -645,7 +648,7 @@ fn kernel_benchmark() {
                     #[cfg(target_arch = "x86_64")]
                     if with_amx {
                         kernels.push(dot::Kernels {
-                            amx_blocks: ty == GgmlType::Q4K,
+                            amx_blocks: super::amx::kernel(ty).is_some(),
                             ..below
                         });
                     }
