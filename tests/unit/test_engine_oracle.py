@@ -19,7 +19,7 @@ import pytest
 
 from evaluation.corpus import english_text
 from evaluation.oracle import llama_cpp_logits
-from splitwise_core.engine import Engine, log_softmax, mean_nll
+from splitwise_core.engine import Engine, log_softmax, mean_nll, simd_level
 from splitwise_core.tokenizer import bundled_model_path
 
 N_TOKENS = 320
@@ -61,12 +61,22 @@ def test_smollm2_agrees_with_llama_cpp(engine: Engine, tokens: list[int]) -> Non
 
 
 def test_decode_steps_equal_prefill(engine: Engine, tokens: list[int]) -> None:
+    """Up to the AVX-512 level a prompt's token tiles sum each token as the one-token kernels do,
+    so a prefill equals the same tokens decoded one by one. The AMX level's block kernels (prompts
+    of 8+ tokens) apply the scales in another order, and a few 8-bit activation roundings flip, as
+    between llama.cpp's own batched and token-by-token paths (KL 0.0044 on this file): measured
+    there, mean KL 0.0034, max 0.019, the same greedy token at all 40 positions."""
     prefix = tokens[:40]
     prefill = engine.token_logits(prefix)
     session = engine.model.new_session()
-    for position, token in enumerate(prefix):
-        step = engine.model.forward(session, [token], [position])[-1]
-        np.testing.assert_allclose(step, prefill[position], rtol=1e-3, atol=1e-3)
+    steps = np.stack([engine.model.forward(session, [token], [position])[-1] for position, token in enumerate(prefix)])
+    if simd_level() != "amx":
+        np.testing.assert_allclose(steps, prefill, rtol=1e-3, atol=1e-3)
+        return
+    p_prefill, p_steps = log_softmax(prefill), log_softmax(steps)
+    kl = (np.exp(p_prefill) * (p_prefill - p_steps)).sum(axis=-1)
+    assert kl.mean() <= 0.01 and kl.max() <= 0.05, (kl.mean(), kl.max())
+    assert (prefill.argmax(-1) == steps.argmax(-1)).mean() >= 0.95
 
 
 def test_greedy_generation_is_deterministic(engine: Engine) -> None:

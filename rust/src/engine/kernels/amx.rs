@@ -81,13 +81,14 @@ fn request_tile_state() -> bool {
     false
 }
 
-/// One block of up to 16 tokens of a Q8_K activation, repacked for `tdpbusd` with scale groups of
-/// `group` values: per super-block b and group g the B tile; per b the tokens' scales; for
-/// Q4_K's minimums (groups of 32) per b and g the tokens' `d·Σq`; for Q6_K's offset of 32 (groups
-/// of 16) per b and g the tokens' `32·Σq`. Missing tokens of a short block are zeros, so their
-/// sums are 0.
+/// One block of up to 16 tokens of a quantized activation, repacked for `tdpbusd` with scale
+/// groups of `group` values: per group g of the row the B tile; the tokens' scales (per 256
+/// values for Q8_K, per 32 for Q8 blocks); per 32 values the tokens' `d·Σq` (Q4_K's minimums and
+/// the 32-element formats' offsets); for Q6_K's offset of 32 (groups of 16) per group the tokens'
+/// `32·Σq`. Missing tokens of a short block are zeros, so their sums are 0.
 pub(super) struct PackedTokens {
     group: usize,
+    kind: ActivationKind,
     tiles: Vec<u8>,
     scales: Vec<f32>,
     scaled_sums: Vec<f32>,
@@ -95,58 +96,54 @@ pub(super) struct PackedTokens {
 }
 
 impl PackedTokens {
-    /// Packs `tokens` (at most `BLOCK`, `kind` Q8K or Q8KTransposed, `cols` values each) for groups
-    /// of `group` (32 or 16) values.
+    /// Packs `tokens` (at most `BLOCK`, `cols` values each, quantized as `kind`: Q8K or
+    /// Q8KTransposed for the K-quants, Q8Blocks for the 32-element formats) for groups of
+    /// `group` (32 or 16) values.
     pub fn new(tokens: &[TokenActivation<'_>], kind: ActivationKind, cols: usize, group: usize) -> PackedTokens {
-        assert!(tokens.len() <= BLOCK && cols.is_multiple_of(QK_K) && (group == QK || group == Q6K_GROUP));
-        let transposed = match kind {
-            ActivationKind::Q8K => false,
-            ActivationKind::Q8KTransposed => true,
-            other => panic!("AMX tiles read a Q8_K activation, not {other:?}"),
+        assert!(tokens.len() <= BLOCK && (group == QK || group == Q6K_GROUP));
+        let (scale_span, transposed) = match kind {
+            ActivationKind::Q8K => (QK_K, false),
+            ActivationKind::Q8KTransposed => (QK_K, true),
+            ActivationKind::Q8Blocks => (QK, false),
+            ActivationKind::Float => panic!("AMX tiles read a quantized activation"),
         };
-        let n_super = cols / QK_K;
-        let groups = QK_K / group;
+        assert!(cols.is_multiple_of(scale_span) && !(transposed && group != QK));
+        let n_groups = cols / group;
         let tile_bytes = group * BLOCK;
-        let mut tiles = vec![0u8; n_super * groups * tile_bytes];
-        let mut scales = vec![0f32; n_super * BLOCK];
-        let mut scaled_sums = vec![0f32; if group == QK { n_super * groups * BLOCK } else { 0 }];
-        let mut offsets = vec![
-            0i32;
-            if group == Q6K_GROUP {
-                n_super * groups * BLOCK
-            } else {
-                0
-            }
-        ];
+        let mut tiles = vec![0u8; n_groups * tile_bytes];
+        let mut scales = vec![0f32; cols / scale_span * BLOCK];
+        let mut scaled_sums = vec![0f32; if group == QK { cols / QK * BLOCK } else { 0 }];
+        let mut offsets = vec![0i32; if group == Q6K_GROUP { n_groups * BLOCK } else { 0 }];
         for (n, token) in tokens.iter().enumerate() {
-            assert!(token.qs.len() >= cols && token.scales.len() >= n_super);
-            for b in 0..n_super {
-                scales[b * BLOCK + n] = token.scales[b];
-                let qs = &token.qs[b * QK_K..(b + 1) * QK_K];
-                for g in 0..groups {
-                    if group == QK {
-                        scaled_sums[(b * groups + g) * BLOCK + n] = token.scaled_sums[b * groups + g];
+            assert!(token.qs.len() >= cols && token.scales.len() >= cols / scale_span);
+            for (unit, &scale) in token.scales[..cols / scale_span].iter().enumerate() {
+                scales[unit * BLOCK + n] = scale;
+            }
+            for g in 0..n_groups {
+                if group == QK {
+                    scaled_sums[g * BLOCK + n] = token.scaled_sums[g];
+                } else {
+                    offsets[g * BLOCK + n] = 32 * i32::from(token.group_sums[g]);
+                }
+                // Group g's values: in the transposed layout (Q4_K) value 32s + 8c + j of a
+                // super-block sits at 64c + 8s + j (activation.rs).
+                let (super_block, s) = (g * group / QK_K, g % (QK_K / group));
+                let tile = &mut tiles[g * tile_bytes..][..tile_bytes];
+                for k4 in 0..group / 4 {
+                    let at = if transposed {
+                        super_block * QK_K + 64 * (k4 / 2) + 8 * s + 4 * (k4 % 2)
                     } else {
-                        offsets[(b * groups + g) * BLOCK + n] = 32 * i32::from(token.group_sums[b * groups + g]);
-                    }
-                    let tile = &mut tiles[(b * groups + g) * tile_bytes..][..tile_bytes];
-                    for k4 in 0..group / 4 {
-                        // Values 4·k4..4·k4+4 of the group; in the transposed layout (Q4_K only)
-                        // value 32s + 8c + j sits at 64c + 8s + j (activation.rs).
-                        let at = if transposed {
-                            64 * (k4 / 2) + 8 * g + 4 * (k4 % 2)
-                        } else {
-                            group * g + 4 * k4
-                        };
-                        for i in 0..4 {
-                            tile[k4 * BLOCK * 4 + n * 4 + i] = qs[at + i] as u8;
-                        }
+                        g * group + 4 * k4
+                    };
+                    for i in 0..4 {
+                        tile[k4 * BLOCK * 4 + n * 4 + i] = token.qs[at + i] as u8;
                     }
                 }
             }
         }
         PackedTokens {
             group,
+            kind,
             tiles,
             scales,
             scaled_sums,
@@ -239,26 +236,61 @@ pub(super) fn kernel(ty: GgmlType) -> Option<(RowsKernel, usize)> {
     match ty {
         GgmlType::Q4K => Some((q4_k_rows, QK)),
         GgmlType::Q6K => Some((q6_k_rows, Q6K_GROUP)),
+        GgmlType::Q4_0 => Some((|rows, blocks, out| small_blocks_rows(Q4_0, rows, blocks, out), QK)),
+        GgmlType::Q4_1 => Some((|rows, blocks, out| small_blocks_rows(Q4_1, rows, blocks, out), QK)),
+        GgmlType::Q5_0 => Some((|rows, blocks, out| small_blocks_rows(Q5_0, rows, blocks, out), QK)),
+        GgmlType::Q5_1 => Some((|rows, blocks, out| small_blocks_rows(Q5_1, rows, blocks, out), QK)),
+        GgmlType::Q8_0 => Some((|rows, blocks, out| small_blocks_rows(Q8_0, rows, blocks, out), QK)),
         _ => None,
     }
 }
 
-/// The checks both kernels share; returns the super-blocks per row.
-fn check(rows: &[&[u8]], block_bytes: usize, blocks: &[PackedTokens], group: usize, out_blocks: usize) -> usize {
+/// `four_groups` for one group: its product to one C tile at `sums`.
+#[inline(always)]
+unsafe fn one_group(weights: *const u8, activation: *const u8, sums: *mut u8, group: usize) {
+    asm!(
+        "tilezero tmm2",
+        "tileloadd tmm0, [{a} + {a_stride}*1]",
+        "tileloadd tmm1, [{t} + {t_stride}*1]",
+        "tdpbusd tmm2, tmm0, tmm1",
+        "tilestored [{c} + {t_stride}*1], tmm2",
+        a = in(reg) weights,
+        a_stride = in(reg) group,
+        t = in(reg) activation,
+        t_stride = in(reg) 4 * BLOCK,
+        c = in(reg) sums,
+        options(nostack),
+    );
+}
+
+/// The checks every kernel shares: up to 16 rows of whole `block_bytes` blocks, tokens packed
+/// for `group` from a `kind` activation of the rows' width. Returns the blocks per row.
+fn check(
+    rows: &[&[u8]],
+    block_bytes: usize,
+    block_len: usize,
+    blocks: &[PackedTokens],
+    group: usize,
+    kind: fn(ActivationKind) -> bool,
+    out_blocks: usize,
+) -> usize {
     assert!(available(), "AMX kernels called on a CPU without them");
     assert!(!rows.is_empty() && rows.len() <= BLOCK && out_blocks == blocks.len());
     let row_bytes = rows[0].len();
     assert!(row_bytes.is_multiple_of(block_bytes) && rows.iter().all(|r| r.len() == row_bytes));
-    let n_super = row_bytes / block_bytes;
+    let n_blocks = row_bytes / block_bytes;
     for block in blocks {
         assert!(
-            block.group == group,
-            "tokens packed for groups of {}, not {group}",
-            block.group
+            block.group == group && kind(block.kind),
+            "tokens packed for another kernel"
         );
-        assert_eq!(block.scales.len(), n_super * BLOCK, "tokens packed for another width");
+        assert_eq!(
+            block.tiles.len(),
+            n_blocks * block_len * BLOCK,
+            "tokens packed for another width"
+        );
     }
-    n_super
+    n_blocks
 }
 
 /// Prefetches super-block `b + 2` of every row: 16 rows are 16 streams, more than the hardware
@@ -292,7 +324,15 @@ unsafe fn store_token_major(acc: &[[__m512; BLOCK]], out: &mut [[[f32; BLOCK]; B
 /// of token block k (token-major, as a matmul's output is). Each super-block's weights are
 /// unpacked once for all the blocks.
 pub(super) fn q4_k_rows(rows: &[&[u8]], blocks: &[PackedTokens], out: &mut [[[f32; BLOCK]; BLOCK]]) {
-    let n_super = check(rows, Q4K_BYTES, blocks, QK, out.len());
+    let n_super = check(
+        rows,
+        Q4K_BYTES,
+        QK_K,
+        blocks,
+        QK,
+        |kind| kind != ActivationKind::Q8Blocks,
+        out.len(),
+    );
     // SAFETY: AVX-512 and AMX checked; every pointer below stays inside the checked slices.
     unsafe { q4_k_rows_unchecked(rows, n_super, blocks, out) }
 }
@@ -378,7 +418,15 @@ unsafe fn q4_k_rows_unchecked(
 
 /// `q4_k_rows` for Q6_K rows: groups of 16, i8 scales, values stored with an offset of 32.
 pub(super) fn q6_k_rows(rows: &[&[u8]], blocks: &[PackedTokens], out: &mut [[[f32; BLOCK]; BLOCK]]) {
-    let n_super = check(rows, Q6K_BYTES, blocks, Q6K_GROUP, out.len());
+    let n_super = check(
+        rows,
+        Q6K_BYTES,
+        QK_K,
+        blocks,
+        Q6K_GROUP,
+        |kind| kind == ActivationKind::Q8K,
+        out.len(),
+    );
     // SAFETY: AVX-512 and AMX checked; every pointer below stays inside the checked slices.
     unsafe { q6_k_rows_unchecked(rows, n_super, blocks, out) }
 }
@@ -460,6 +508,169 @@ unsafe fn q6_k_rows_unchecked(
                 }
                 let dd = _mm512_mul_ps(dy, _mm512_set1_ps(d[r]));
                 acc[r] = _mm512_fmadd_ps(_mm512_add_ps(block_sums[0], block_sums[1]), dd, acc[r]);
+            }
+        }
+    }
+    asm!("tilerelease", options(nostack, nomem));
+    store_token_major(&acc, out);
+}
+
+/// A 32-element format: where its parts sit and how its stored values map to unsigned bytes.
+/// Every weight is `d·u + m` for the unsigned value u the tile multiplies, with m the format's
+/// minimum (Q4_1, Q5_1) or `-centre·d` (Q4_0: 8, Q5_0: 16, Q8_0: 128 once its signed bytes are
+/// moved to 0..255).
+#[derive(Clone, Copy)]
+struct SmallBlocks {
+    block_bytes: usize,
+    qs_at: usize,
+    /// Q5: the u32 of fifth bits.
+    qh_at: Option<usize>,
+    /// Q4_1, Q5_1: the f16 minimum.
+    min_at: Option<usize>,
+    centre: f32,
+    /// Q8_0: 32 signed bytes instead of 16 bytes of nibbles.
+    bytes: bool,
+}
+
+const Q4_0: SmallBlocks = SmallBlocks {
+    block_bytes: 18,
+    qs_at: 2,
+    qh_at: None,
+    min_at: None,
+    centre: 8.0,
+    bytes: false,
+};
+const Q4_1: SmallBlocks = SmallBlocks {
+    block_bytes: 20,
+    qs_at: 4,
+    qh_at: None,
+    min_at: Some(2),
+    centre: 0.0,
+    bytes: false,
+};
+const Q5_0: SmallBlocks = SmallBlocks {
+    block_bytes: 22,
+    qs_at: 6,
+    qh_at: Some(2),
+    min_at: None,
+    centre: 16.0,
+    bytes: false,
+};
+const Q5_1: SmallBlocks = SmallBlocks {
+    block_bytes: 24,
+    qs_at: 8,
+    qh_at: Some(4),
+    min_at: Some(2),
+    centre: 0.0,
+    bytes: false,
+};
+const Q8_0: SmallBlocks = SmallBlocks {
+    block_bytes: 34,
+    qs_at: 2,
+    qh_at: None,
+    min_at: None,
+    centre: 128.0,
+    bytes: true,
+};
+
+/// `q4_k_rows` for the 32-element formats (Q8 block activation): one group per block.
+fn small_blocks_rows(format: SmallBlocks, rows: &[&[u8]], blocks: &[PackedTokens], out: &mut [[[f32; BLOCK]; BLOCK]]) {
+    let n_blocks = check(
+        rows,
+        format.block_bytes,
+        QK,
+        blocks,
+        QK,
+        |kind| kind == ActivationKind::Q8Blocks,
+        out.len(),
+    );
+    // SAFETY: AVX-512 and AMX checked; every pointer below stays inside the checked slices.
+    unsafe { small_blocks_rows_unchecked(format, rows, n_blocks, blocks, out) }
+}
+
+/// Blocks taken at once: the A tiles of 8 blocks (16 rows × 32 bytes each) are unpacked, then
+/// multiplied with every token block.
+const SMALL_BLOCKS_AT_ONCE: usize = 8;
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn small_blocks_rows_unchecked(
+    format: SmallBlocks,
+    rows: &[&[u8]],
+    n_blocks: usize,
+    blocks: &[PackedTokens],
+    out: &mut [[[f32; BLOCK]; BLOCK]],
+) {
+    let config = TileConfig::for_group(QK);
+    let mut weights = Aligned([0u8; SMALL_BLOCKS_AT_ONCE * BLOCK * QK]);
+    let mut sums = Aligned([0u8; SMALL_BLOCKS_AT_ONCE * C_TILE_BYTES]);
+    let mut acc = vec![[_mm512_setzero_ps(); BLOCK]; blocks.len()];
+    let low_mask = _mm_set1_epi8(0x0F);
+    let fifth_bit = _mm_set1_epi8(0x10);
+    let sign_flip = _mm256_set1_epi8(i8::MIN);
+    asm!("ldtilecfg [{0}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
+    for first in (0..n_blocks).step_by(SMALL_BLOCKS_AT_ONCE) {
+        let count = SMALL_BLOCKS_AT_ONCE.min(n_blocks - first);
+        let mut d = [[0f32; SMALL_BLOCKS_AT_ONCE]; BLOCK];
+        let mut m = [[0f32; SMALL_BLOCKS_AT_ONCE]; BLOCK];
+        for (r, row) in rows.iter().enumerate() {
+            let start = row.as_ptr().add(first * format.block_bytes);
+            if first + 2 * SMALL_BLOCKS_AT_ONCE <= n_blocks {
+                for line in (0..SMALL_BLOCKS_AT_ONCE * format.block_bytes).step_by(64) {
+                    let ahead = start.add(SMALL_BLOCKS_AT_ONCE * format.block_bytes + line);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                }
+            }
+            for j in 0..count {
+                let block = start.add(j * format.block_bytes);
+                let scale = f16_one(block);
+                d[r][j] = scale;
+                m[r][j] = match format.min_at {
+                    Some(at) => f16_one(block.add(at)),
+                    None => -format.centre * scale,
+                };
+                let at = weights.0.as_mut_ptr().add((j * BLOCK + r) * QK) as *mut __m256i;
+                let values = if format.bytes {
+                    _mm256_xor_si256(_mm256_loadu_si256(block.add(format.qs_at) as *const __m256i), sign_flip)
+                } else {
+                    let q = _mm_loadu_si128(block.add(format.qs_at) as *const __m128i);
+                    let mut low = _mm_and_si128(q, low_mask);
+                    let mut high = _mm_and_si128(_mm_srli_epi16::<4>(q), low_mask);
+                    if let Some(qh_at) = format.qh_at {
+                        let bits = (block.add(qh_at) as *const u32).read_unaligned();
+                        low = _mm_or_si128(low, _mm_maskz_mov_epi8(bits as u16, fifth_bit));
+                        high = _mm_or_si128(high, _mm_maskz_mov_epi8((bits >> 16) as u16, fifth_bit));
+                    }
+                    _mm256_set_m128i(high, low)
+                };
+                _mm256_store_si256(at, values);
+            }
+        }
+        for (tokens, acc) in blocks.iter().zip(acc.iter_mut()) {
+            let activation = tokens.tiles.as_ptr().add(first * QK * BLOCK);
+            let mut j = 0;
+            while j < count {
+                let (a, t, c) = (
+                    weights.0.as_ptr().add(j * BLOCK * QK),
+                    activation.add(j * QK * BLOCK),
+                    sums.0.as_mut_ptr().add(j * C_TILE_BYTES),
+                );
+                if j + 4 <= count {
+                    four_groups(a, t, c, QK);
+                    j += 4;
+                } else {
+                    one_group(a, t, c, QK);
+                    j += 1;
+                }
+            }
+            for j in 0..count {
+                let dy = _mm512_loadu_ps(tokens.scales.as_ptr().add((first + j) * BLOCK));
+                let y_sums = _mm512_loadu_ps(tokens.scaled_sums.as_ptr().add((first + j) * BLOCK));
+                for r in 0..rows.len() {
+                    let c = sums.0.as_ptr().add(j * C_TILE_BYTES + r * BLOCK * 4) as *const __m512i;
+                    let products = _mm512_cvtepi32_ps(_mm512_load_si512(c));
+                    let scaled = _mm512_fmadd_ps(products, _mm512_mul_ps(dy, _mm512_set1_ps(d[r][j])), acc[r]);
+                    acc[r] = _mm512_fmadd_ps(y_sums, _mm512_set1_ps(m[r][j]), scaled);
+                }
             }
         }
     }

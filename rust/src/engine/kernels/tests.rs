@@ -436,9 +436,11 @@ fn simd_kernels_agree_with_portable_ones() {
     }
 }
 
-/// The AMX block kernels against the AVX-512 tiles they replace for prompts: the same integer
-/// products, the float scales applied in another order. Row groups and token blocks that do not
-/// fill 16, a row range not starting at 0, natural and (Q4_K) transposed Q8_K, one and two threads.
+/// The AMX block kernels against the tiles they replace for prompts (every type with an AMX kernel:
+/// the K-quants and the 32-element formats): the same integer products, the float scales applied
+/// in another order. Row groups and token blocks that do not fill 16, block counts that leave
+/// partial groups, a row range not starting at 0, natural and (Q4_K) transposed Q8_K, one and two
+/// threads.
 #[cfg_attr(not(target_arch = "x86_64"), ignore = "AMX is an x86-64 extension")]
 #[test]
 fn amx_blocks_agree_with_the_avx512_tiles() {
@@ -449,20 +451,27 @@ fn amx_blocks_agree_with_the_avx512_tiles() {
             return;
         }
         let mut rng = Rng(23);
-        for ty in [GgmlType::Q4K, GgmlType::Q6K] {
+        for ty in GgmlType::ALL.into_iter().filter(|&ty| super::amx::kernel(ty).is_some()) {
+            // What the AVX-512 level runs for the type (its own kernels, else AVX2's).
             let tiles = dot::Kernels {
-                dot: super::avx512::select(ty).unwrap(),
-                tile: super::avx512::select_tile(ty),
+                dot: super::avx512::select(ty).or(super::avx2::select(ty)).unwrap(),
+                tile: super::avx512::select_tile(ty).or(super::avx2::select_tile(ty)),
                 activation: super::avx512::activation_kind(ty).unwrap_or(ty.activation_kind()),
                 amx_blocks: false,
             };
             let natural = dot::Kernels {
                 dot: super::avx2::select(ty).unwrap(),
                 tile: None,
-                activation: ActivationKind::Q8K,
+                activation: ty.activation_kind(),
                 amx_blocks: false,
             };
-            for (rows, cols) in [(16, 256), (37, 768), (160, 2048)] {
+            // 3 and 18 blocks of 32 leave partial groups of 8 and 4 blocks for the small formats.
+            let shapes = if ty.block_len() == QK_K {
+                [(16, 256), (37, 768), (160, 2048)]
+            } else {
+                [(16, 96), (37, 576), (160, 2048)]
+            };
+            for (rows, cols) in shapes {
                 let data = random_weights(ty, rows, cols, &mut rng);
                 let matrix = QMatrix::new(ty, rows, cols, &data).unwrap();
                 for n_tokens in [8, 16, 21, 40] {
