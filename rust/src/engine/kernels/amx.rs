@@ -86,6 +86,7 @@ fn request_tile_state() -> bool {
 /// values for Q8_K, per 32 for Q8 blocks); per 32 values the tokens' `d·Σq` (Q4_K's minimums and
 /// the 32-element formats' offsets); for Q6_K's offset of 32 (groups of 16) per group the tokens'
 /// `32·Σq`. Missing tokens of a short block are zeros, so their sums are 0.
+#[derive(Default)]
 pub(super) struct PackedTokens {
     group: usize,
     kind: ActivationKind,
@@ -98,8 +99,10 @@ pub(super) struct PackedTokens {
 impl PackedTokens {
     /// Packs `tokens` (at most `BLOCK`, `cols` values each, quantized as `kind`: Q8K or
     /// Q8KTransposed for the K-quants, Q8Blocks for the 32-element formats) for groups of
-    /// `group` (32 or 16) values.
-    pub fn new(tokens: &[TokenActivation<'_>], kind: ActivationKind, cols: usize, group: usize) -> PackedTokens {
+    /// `group` (32 or 16) values, into this block's buffers: they keep their capacity from one
+    /// matmul to the next (a prompt's tiles are hundreds of KiB; fresh ones cost page faults and
+    /// zeroing every call).
+    pub fn pack(&mut self, tokens: &[TokenActivation<'_>], kind: ActivationKind, cols: usize, group: usize) {
         assert!(tokens.len() <= BLOCK && (group == QK || group == Q6K_GROUP));
         let (scale_span, transposed) = match kind {
             ActivationKind::Q8K => (QK_K, false),
@@ -110,10 +113,21 @@ impl PackedTokens {
         assert!(cols.is_multiple_of(scale_span) && !(transposed && group != QK));
         let n_groups = cols / group;
         let tile_bytes = group * BLOCK;
-        let mut tiles = vec![0u8; n_groups * tile_bytes];
-        let mut scales = vec![0f32; cols / scale_span * BLOCK];
-        let mut scaled_sums = vec![0f32; if group == QK { cols / QK * BLOCK } else { 0 }];
-        let mut offsets = vec![0i32; if group == Q6K_GROUP { n_groups * BLOCK } else { 0 }];
+        self.group = group;
+        self.kind = kind;
+        // clear + resize: zeros (the padding tokens') without giving the capacity back.
+        self.tiles.clear();
+        self.tiles.resize(n_groups * tile_bytes, 0);
+        self.scales.clear();
+        self.scales.resize(cols / scale_span * BLOCK, 0.0);
+        self.scaled_sums.clear();
+        self.scaled_sums
+            .resize(if group == QK { cols / QK * BLOCK } else { 0 }, 0.0);
+        self.offsets.clear();
+        self.offsets
+            .resize(if group == Q6K_GROUP { n_groups * BLOCK } else { 0 }, 0);
+        let (tiles, scales) = (&mut self.tiles, &mut self.scales);
+        let (scaled_sums, offsets) = (&mut self.scaled_sums, &mut self.offsets);
         for (n, token) in tokens.iter().enumerate() {
             assert!(token.qs.len() >= cols && token.scales.len() >= cols / scale_span);
             for (unit, &scale) in token.scales[..cols / scale_span].iter().enumerate() {
@@ -140,14 +154,6 @@ impl PackedTokens {
                     }
                 }
             }
-        }
-        PackedTokens {
-            group,
-            kind,
-            tiles,
-            scales,
-            scaled_sums,
-            offsets,
         }
     }
 }

@@ -204,6 +204,9 @@ thread_local! {
     /// Reused activation buffers; taken out while in use, so a nested call on the same thread
     /// simply allocates its own.
     static ACTIVATION_SCRATCH: Cell<QuantizedActivation> = Cell::new(QuantizedActivation::default());
+    /// Reused AMX token blocks, likewise.
+    #[cfg(target_arch = "x86_64")]
+    static AMX_SCRATCH: Cell<Vec<amx::PackedTokens>> = const { Cell::new(Vec::new()) };
 }
 
 /// The output pointer shared by the row tasks of one matmul.
@@ -385,10 +388,17 @@ impl<'a> QMatrix<'a> {
     ) {
         let n_rows = rows.len();
         let (kernel, group) = amx::kernel(self.ty).expect("amx_blocks is set only for types with an AMX kernel");
-        let packed: Vec<amx::PackedTokens> = tokens
-            .chunks(amx::BLOCK)
-            .map(|block| amx::PackedTokens::new(block, kernels.activation, self.cols, group))
-            .collect();
+        // Block by block over the pool (on the calling thread alone it held back a two-thread
+        // prompt), into buffers kept from the last call.
+        let mut packed = AMX_SCRATCH.with(Cell::take);
+        packed.resize_with(tokens.len().div_ceil(amx::BLOCK), Default::default);
+        pool.install(|| {
+            use rayon::prelude::*;
+            packed
+                .par_iter_mut()
+                .zip(tokens.par_chunks(amx::BLOCK))
+                .for_each(|(packed, block)| packed.pack(block, kernels.activation, self.cols, group))
+        });
         let run_rows = |local: Range<usize>| {
             let mut sums = vec![[[0f32; amx::BLOCK]; amx::BLOCK]; packed.len()];
             for first in local.clone().step_by(amx::BLOCK) {
@@ -408,6 +418,7 @@ impl<'a> QMatrix<'a> {
             }
         };
         for_row_tasks(pool, n_rows, n_rows * tokens.len() * self.cols, amx::BLOCK, run_rows);
+        AMX_SCRATCH.with(|cell| cell.set(packed));
     }
 }
 
