@@ -1,5 +1,6 @@
-//! AMX-INT8 tiles for Q4_K and Q6_K prompts (Intel Sapphire Rapids and later): 16 weight rows ×
-//! 16 tokens per block, one `tdpbusd` per scale group (32 values in Q4_K, 16 in Q6_K).
+//! AMX-INT8 tiles for prompts on Q4_K, Q6_K and the 32-element formats (Intel Sapphire Rapids and
+//! later): 16 weight rows × 16 tokens per block, one `tdpbusd` per scale group (32 values: a
+//! Q4_K sub-block or a block of the 32-element formats; 16 in Q6_K).
 //!
 //! Why: the AVX-512 tile kernel spends six port-0 instructions on every 256 values of every token
 //! (four `dpbusd`, the scale `madd`, the conversion), and that port limits a prompt. A `tdpbusd`
@@ -7,8 +8,8 @@
 //! each sub-block's scale and minimum, once per row and 16 tokens.
 //!
 //! The weights are unpacked into one A tile per scale group (16 rows × group bytes, unsigned:
-//! Q4_K's nibbles 0..15, Q6_K's 6-bit values 0..63 before their offset of 32); the activation's
-//! Q8_K bytes are repacked once per matmul into B tiles in the layout `tdpbusd` reads (row k/4
+//! Q4_K's nibbles 0..15, Q6_K's 6-bit values 0..63 before their offset of 32, Q8_0's bytes moved
+//! to 0..255); the activation's Q8_K or Q8 block bytes are repacked once per matmul into B tiles in the layout `tdpbusd` reads (row k/4
 //! holds values 4(k/4)..4(k/4)+4 of every token). The products are exact 32-bit integers, so the
 //! sums differ from the AVX-512 kernels' only in the order the float scales are applied.
 //!
@@ -97,20 +98,19 @@ pub(super) struct PackedTokens {
 }
 
 impl PackedTokens {
-    /// Packs `tokens` (at most `BLOCK`, `cols` values each, quantized as `kind`: Q8K or
-    /// Q8KTransposed for the K-quants, Q8Blocks for the 32-element formats) for groups of
+    /// Packs `tokens` (at most `BLOCK`, `cols` values each, quantized as `kind`: Q8K for the
+    /// K-quants, Q8Blocks for the 32-element formats) for groups of
     /// `group` (32 or 16) values, into this block's buffers: they keep their capacity from one
     /// matmul to the next (a prompt's tiles are hundreds of KiB; fresh ones cost page faults and
     /// zeroing every call).
     pub fn pack(&mut self, tokens: &[TokenActivation<'_>], kind: ActivationKind, cols: usize, group: usize) {
         assert!(tokens.len() <= BLOCK && (group == QK || group == Q6K_GROUP));
-        let (scale_span, transposed) = match kind {
-            ActivationKind::Q8K => (QK_K, false),
-            ActivationKind::Q8KTransposed => (QK_K, true),
-            ActivationKind::Q8Blocks => (QK, false),
-            ActivationKind::Float => panic!("AMX tiles read a quantized activation"),
+        let scale_span = match kind {
+            ActivationKind::Q8K => QK_K,
+            ActivationKind::Q8Blocks => QK,
+            other => panic!("AMX tiles read a Q8_K or Q8-block activation, not {other:?}"),
         };
-        assert!(cols.is_multiple_of(scale_span) && !(transposed && group != QK));
+        assert!(cols.is_multiple_of(scale_span));
         let n_groups = cols / group;
         let tile_bytes = group * BLOCK;
         self.group = group;
@@ -139,16 +139,9 @@ impl PackedTokens {
                 } else {
                     offsets[g * BLOCK + n] = 32 * i32::from(token.group_sums[g]);
                 }
-                // Group g's values: in the transposed layout (Q4_K) value 32s + 8c + j of a
-                // super-block sits at 64c + 8s + j (activation.rs).
-                let (super_block, s) = (g * group / QK_K, g % (QK_K / group));
                 let tile = &mut tiles[g * tile_bytes..][..tile_bytes];
                 for k4 in 0..group / 4 {
-                    let at = if transposed {
-                        super_block * QK_K + 64 * (k4 / 2) + 8 * s + 4 * (k4 % 2)
-                    } else {
-                        g * group + 4 * k4
-                    };
+                    let at = g * group + 4 * k4;
                     for i in 0..4 {
                         tile[k4 * BLOCK * 4 + n * 4 + i] = token.qs[at + i] as u8;
                     }
@@ -299,17 +292,6 @@ fn check(
     n_blocks
 }
 
-/// Prefetches super-block `b + 2` of every row: 16 rows are 16 streams, more than the hardware
-/// prefetcher follows well.
-#[inline(always)]
-unsafe fn prefetch_ahead(block: *const u8, block_bytes: usize, b: usize, n_super: usize) {
-    if b + 2 < n_super {
-        for line in (0..block_bytes).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(block.add(2 * block_bytes + line) as *const i8);
-        }
-    }
-}
-
 /// Writes `acc[k][r]` (row r, 16 tokens of block k) to `out[k][n][r]`.
 #[inline(always)]
 unsafe fn store_token_major(acc: &[[__m512; BLOCK]], out: &mut [[[f32; BLOCK]; BLOCK]]) {
@@ -336,7 +318,7 @@ pub(super) fn q4_k_rows(rows: &[&[u8]], blocks: &[PackedTokens], out: &mut [[[f3
         QK_K,
         blocks,
         QK,
-        |kind| kind != ActivationKind::Q8Blocks,
+        |kind| kind == ActivationKind::Q8K,
         out.len(),
     );
     // SAFETY: AVX-512 and AMX checked; every pointer below stays inside the checked slices.
@@ -362,8 +344,11 @@ unsafe fn q4_k_rows_unchecked(
         let mut mins = [[0f32; SUB_BLOCKS]; BLOCK];
         let mut d = [0f32; BLOCK];
         for (r, row) in rows.iter().enumerate() {
+            // 16 rows are 16 streams, more than the hardware prefetcher follows well.
+            if let Some(ahead) = row.get((b + 2) * Q4K_BYTES..(b + 3) * Q4K_BYTES) {
+                super::prefetch(ahead);
+            }
             let block = row.as_ptr().add(b * Q4K_BYTES);
-            prefetch_ahead(block, Q4K_BYTES, b, n_super);
             d[r] = f16_one(block);
             let dmin = f16_one(block.add(2));
             let (scale_bytes, min_bytes) = k_scales_mins_words(block.add(4));
@@ -457,8 +442,10 @@ unsafe fn q6_k_rows_unchecked(
         let mut scales = [[0f32; GROUPS]; BLOCK];
         let mut d = [0f32; BLOCK];
         for (r, row) in rows.iter().enumerate() {
+            if let Some(ahead) = row.get((b + 2) * Q6K_BYTES..(b + 3) * Q6K_BYTES) {
+                super::prefetch(ahead);
+            }
             let block = row.as_ptr().add(b * Q6K_BYTES);
-            prefetch_ahead(block, Q6K_BYTES, b, n_super);
             d[r] = f16_one(block.add(208));
             for (g, scale) in scales[r].iter_mut().enumerate() {
                 *scale = f32::from(*(block.add(192 + g) as *const i8));
@@ -619,13 +606,12 @@ unsafe fn small_blocks_rows_unchecked(
         let mut d = [[0f32; SMALL_BLOCKS_AT_ONCE]; BLOCK];
         let mut m = [[0f32; SMALL_BLOCKS_AT_ONCE]; BLOCK];
         for (r, row) in rows.iter().enumerate() {
-            let start = row.as_ptr().add(first * format.block_bytes);
-            if first + 2 * SMALL_BLOCKS_AT_ONCE <= n_blocks {
-                for line in (0..SMALL_BLOCKS_AT_ONCE * format.block_bytes).step_by(64) {
-                    let ahead = start.add(SMALL_BLOCKS_AT_ONCE * format.block_bytes + line);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                }
+            let chunk_bytes = SMALL_BLOCKS_AT_ONCE * format.block_bytes;
+            let next = (first + SMALL_BLOCKS_AT_ONCE) * format.block_bytes;
+            if let Some(ahead) = row.get(next..next + chunk_bytes) {
+                super::prefetch(ahead);
             }
+            let start = row.as_ptr().add(first * format.block_bytes);
             for j in 0..count {
                 let block = start.add(j * format.block_bytes);
                 let scale = f16_one(block);

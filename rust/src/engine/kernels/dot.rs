@@ -128,7 +128,7 @@ pub enum SimdLevel {
     Avx2,
     /// AVX-512 F/BW/VL + VNNI, with AVX2 kernels for the types it has none for.
     Avx512,
-    /// AVX-512, and AMX-INT8 tiles for the prompts of Q4_K and Q6_K matrices.
+    /// AVX-512, and AMX-INT8 tiles for the prompts of the K-quant and 32-element-format matrices.
     Amx,
 }
 

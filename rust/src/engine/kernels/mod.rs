@@ -179,8 +179,8 @@ const TASKS_PER_THREAD: usize = 3;
 /// TinyLlama Q4_K_M decode, 1 thread, AVX-512 VM: 92 ms/token without, 85 with 2 rows (2.3 KB)
 /// ahead, 80 with 16 rows (18 KB), 82-83 with 32-64 rows; 16 KiB: 80.6, 32 KiB: 83.6.
 const PREFETCH_BYTES_AHEAD: usize = 16 * 1024;
-/// From this many tokens a Q4_K or Q6_K matmul runs on the AMX tiles where the CPU has them (a block of
-/// 16 tokens costs about what a few tokens cost the AVX-512 tiles).
+/// From this many tokens a matmul on a type with an AMX kernel runs on the tiles where the CPU has
+/// them (a block of 16 tokens costs about what a few tokens cost the AVX-512 tiles).
 #[cfg(target_arch = "x86_64")]
 const AMX_MIN_TOKENS: usize = 8;
 
@@ -304,14 +304,30 @@ impl<'a> QMatrix<'a> {
             return;
         }
 
+        #[cfg(target_arch = "x86_64")]
+        let amx = kernels.amx_blocks && n_tokens >= AMX_MIN_TOKENS;
+        #[cfg(not(target_arch = "x86_64"))]
+        let amx = false;
+        // The AMX blocks repack the activation themselves, from the type's own layout.
+        let kind = if amx {
+            self.ty.activation_kind()
+        } else {
+            kernels.activation
+        };
         let mut activation = ACTIVATION_SCRATCH.with(Cell::take);
-        activation.quantize_on(Some(pool), kernels.activation, x, n_tokens, self.cols);
+        activation.quantize_on(Some(pool), kind, x, n_tokens, self.cols);
         let shared = SharedOut {
             ptr: out.as_mut_ptr(),
             len: out.len(),
         };
         // Every token's view and every tile, built once per call rather than per row.
         let tokens: Vec<TokenActivation<'_>> = (0..n_tokens).map(|t| activation.token(x, t)).collect();
+        #[cfg(target_arch = "x86_64")]
+        if amx {
+            self.matmul_rows_amx(kind, rows, &tokens, &shared, pool);
+            ACTIVATION_SCRATCH.with(|cell| cell.set(activation));
+            return;
+        }
         // Whole tiles, then a half tile for 4-7 left over, then per-token calls.
         let mut tiles = Vec::new();
         let mut first_single = 0;
@@ -322,12 +338,6 @@ impl<'a> QMatrix<'a> {
                     first_single += size;
                 }
             }
-        }
-        #[cfg(target_arch = "x86_64")]
-        if kernels.amx_blocks && n_tokens >= AMX_MIN_TOKENS {
-            self.matmul_rows_amx(kernels, rows, &tokens, &shared, pool);
-            ACTIVATION_SCRATCH.with(|cell| cell.set(activation));
-            return;
         }
         // Float weights over several tokens: convert each row once and reuse it for every token,
         // instead of converting it per token inside the dot product.
@@ -375,12 +385,12 @@ impl<'a> QMatrix<'a> {
         ACTIVATION_SCRATCH.with(|cell| cell.set(activation));
     }
 
-    /// A prompt on a Q4_K or Q6_K matrix through the AMX tiles: the tokens packed once into blocks of 16
-    /// (the last one padded with zeros), the rows taken 16 at a time by each task.
+    /// A prompt through the AMX tiles: the tokens (quantized as `kind`) packed once into blocks of
+    /// 16 (the last one padded with zeros), the rows taken 16 at a time by each task.
     #[cfg(target_arch = "x86_64")]
     fn matmul_rows_amx(
         &self,
-        kernels: dot::Kernels,
+        kind: ActivationKind,
         rows: Range<usize>,
         tokens: &[TokenActivation<'_>],
         shared: &SharedOut,
@@ -397,7 +407,7 @@ impl<'a> QMatrix<'a> {
             packed
                 .par_iter_mut()
                 .zip(tokens.par_chunks(amx::BLOCK))
-                .for_each(|(packed, block)| packed.pack(block, kernels.activation, self.cols, group))
+                .for_each(|(packed, block)| packed.pack(block, kind, self.cols, group))
         });
         let run_rows = |local: Range<usize>| {
             let mut sums = vec![[[0f32; amx::BLOCK]; amx::BLOCK]; packed.len()];

@@ -439,8 +439,8 @@ fn simd_kernels_agree_with_portable_ones() {
 /// The AMX block kernels against the tiles they replace for prompts (every type with an AMX kernel:
 /// the K-quants and the 32-element formats): the same integer products, the float scales applied
 /// in another order. Row groups and token blocks that do not fill 16, block counts that leave
-/// partial groups, a row range not starting at 0, natural and (Q4_K) transposed Q8_K, one and two
-/// threads.
+/// partial groups, a row range not starting at 0, one and two threads; for Q4_K against both the
+/// AVX-512 tile (transposed activation) and the AVX2 kernel (natural).
 #[cfg_attr(not(target_arch = "x86_64"), ignore = "AMX is an x86-64 extension")]
 #[test]
 fn amx_blocks_agree_with_the_avx512_tiles() {
